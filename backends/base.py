@@ -1,0 +1,98 @@
+"""The backend interface: what the daemon asks of vxlan, host-gw, udp and alloc.
+
+A backend owns one kind of kernel state. The daemon calls, in this order:
+``prepare()`` (devices exist, lease attributes known) → the lease is acquired →
+``activate(own_lease)`` (address the device) → ``sync(peers, changed=...)`` on every change and
+on the drift-repair timer → ``shutdown()`` (leaves kernel state in place so restarts don't
+interrupt traffic).
+
+Inside a backend, desired state is computed by a pure render function from
+(config, own lease, peers, host facts) into frozen dataclasses; an applier reads the kernel back,
+diffs and applies only the difference. ``sync`` must never raise for one bad peer: it skips it,
+reports it in :class:`SyncReport`, and retries next cycle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from pathlib import Path
+from typing import ClassVar
+
+from netagent.config import NetworkConfig
+from netagent.lease import Lease
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """Local facts a backend renders from; found once at start by the daemon."""
+
+    iface: str
+    iface_index: int
+    iface_mtu: int
+    iface_addr: IPv4Address
+    public_ip: IPv4Address
+    state_dir: Path
+    public_ipv6: IPv6Address | None = None
+
+
+@dataclass(frozen=True)
+class LeaseContribution:
+    """What the backend puts in our lease value and in subnet.env."""
+
+    backend_type: str  # "" for udp (flannel's udp lease has no BackendType)
+    backend_data: str  # canonical compact JSON, "" when absent
+    mtu: int
+    backend_v6_data: str = ""
+
+
+@dataclass
+class SyncReport:
+    """Outcome of one sync, for logs, metrics and `netagent status`."""
+
+    added: int = 0
+    removed: int = 0
+    failed: int = 0
+    #: kernel entries we own after the sync, by kind ("route", "neigh", "fdb", ...)
+    entries: dict[str, int] = field(default_factory=dict)
+    #: peers skipped (wrong backend type, malformed data, unreachable), subnet -> reason
+    skipped: dict[IPv4Network, str] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> int:
+        return self.added + self.removed
+
+
+class Backend(ABC):
+    """One backend instance per daemon run."""
+
+    #: the config's Backend.Type this class implements
+    type_name: ClassVar[str]
+
+    def __init__(self, config: NetworkConfig, host: HostFacts) -> None:
+        self.config = config
+        self.host = host
+
+    @abstractmethod
+    def prepare(self) -> LeaseContribution:
+        """Create or reuse devices; return the lease attributes. Called before the lease."""
+
+    @abstractmethod
+    def activate(self, own: Lease) -> None:
+        """Configure what depends on our own subnet (device address, overlay route)."""
+
+    @abstractmethod
+    def sync(
+        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+    ) -> SyncReport:
+        """Make the kernel match `peers` (all peer leases, own lease excluded).
+
+        `changed` = None asks for a full compare against a fresh kernel read-back (first sync,
+        drift repair), sweeping our own entries that no lease justifies. A set names the only
+        subnets whose leases changed since the last sync, so the backend may limit its work.
+        """
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work. Kernel state stays so a restart doesn't interrupt traffic."""

@@ -1,0 +1,281 @@
+"""The flannel network config (`<prefix>/config`): one typed model, one parser.
+
+Pure: no I/O. Mirrors flannel's `CheckNetworkConfig` (case-insensitive keys, unknown keys
+ignored, same defaults) but every rejection is a :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+#: Backend used when the config has no `Backend` key. flannel's code falls back to udp while its
+#: documentation says vxlan (flannel #1221); we follow the documentation and log the choice.
+DEFAULT_BACKEND = "vxlan"
+
+#: Backend types whose leases we recognise. Only some are implemented (see backends.BACKENDS).
+KNOWN_BACKENDS = frozenset(
+    {"vxlan", "host-gw", "udp", "alloc", "wireguard", "ipip", "ipsec", "extension", "tencent-vpc"}
+)
+
+
+class ConfigError(ValueError):
+    """A network config was rejected; `field` names the offending key."""
+
+    def __init__(self, field_name: str, reason: str) -> None:
+        super().__init__(f"{field_name}: {reason}")
+        self.field = field_name
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    type: str
+    vni: int = 1
+    port: int = 0
+    direct_routing: bool = False
+    mtu: int = 0
+    gbp: bool = False
+    learning: bool = False
+    #: every key as given (original spelling), for backends with options of their own
+    raw: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    enable_ipv4: bool
+    enable_ipv6: bool
+    network: IPv4Network | None
+    subnet_len: int
+    subnet_min: IPv4Address | None
+    subnet_max: IPv4Address | None
+    ipv6_network: IPv6Network | None
+    ipv6_subnet_len: int
+    ipv6_subnet_min: IPv6Address | None
+    ipv6_subnet_max: IPv6Address | None
+    backend: BackendConfig
+    backend_defaulted: bool = False
+    enable_nftables: bool = False
+    extra: tuple[str, ...] = field(default=())
+
+    def candidate_subnets(self) -> list[IPv4Network]:
+        """Every leasable IPv4 subnet from SubnetMin to SubnetMax, in order."""
+        if self.network is None or self.subnet_min is None or self.subnet_max is None:
+            return []
+        size = 1 << (32 - self.subnet_len)
+        start, stop = int(self.subnet_min), int(self.subnet_max)
+        return [
+            IPv4Network((addr, self.subnet_len)) for addr in range(start, stop + 1, size)
+        ]
+
+    def contains_subnet(self, subnet: IPv4Network) -> bool:
+        """flannel's isSubnetConfigCompat for the IPv4 side."""
+        if self.subnet_min is None or self.subnet_max is None:
+            return False
+        return (
+            subnet.prefixlen == self.subnet_len
+            and self.subnet_min <= subnet.network_address <= self.subnet_max
+        )
+
+    def contains_ipv6_subnet(self, subnet: IPv6Network | None) -> bool:
+        if not self.enable_ipv6:
+            return subnet is None
+        if subnet is None or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
+            return False
+        return (
+            subnet.prefixlen == self.ipv6_subnet_len
+            and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max
+        )
+
+
+def _lower_keys(obj: dict[str, Any], where: str) -> dict[str, tuple[str, Any]]:
+    """Case-insensitive key lookup table, like Go's encoding/json."""
+    out: dict[str, tuple[str, Any]] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str):  # pragma: no cover - json keys are always str
+            raise ConfigError(where, "keys must be strings")
+        out.setdefault(key.lower(), (key, value))
+    return out
+
+
+def _get(table: dict[str, tuple[str, Any]], name: str, default: Any = None) -> Any:
+    return table[name.lower()][1] if name.lower() in table else default
+
+
+def _bool(table: dict[str, tuple[str, Any]], name: str, default: bool, where: str = "") -> bool:
+    value = _get(table, name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}{name}", f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
+def _int(table: dict[str, tuple[str, Any]], name: str, where: str = "") -> int:
+    value = _get(table, name, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{name}", f"must be a whole number, got {json.dumps(value)}")
+    return value
+
+
+def _parse_backend(raw: Any) -> tuple[BackendConfig, bool]:
+    if raw is None:
+        return BackendConfig(type=DEFAULT_BACKEND), True
+    if not isinstance(raw, dict):
+        raise ConfigError("Backend", f"must be a JSON object, got {json.dumps(raw)}")
+    table = _lower_keys(raw, "Backend")
+    btype = _get(table, "Type")
+    if not isinstance(btype, str) or not btype:
+        raise ConfigError("Backend.Type", "missing: name a backend (vxlan, host-gw or udp)")
+    btype = btype.lower()
+    if btype not in KNOWN_BACKENDS:
+        raise ConfigError(
+            "Backend.Type", f"unknown backend type {btype!r} (expected vxlan, host-gw or udp)"
+        )
+    vni = _int(table, "VNI", "Backend.")
+    port = _int(table, "Port", "Backend.")
+    mtu = _int(table, "MTU", "Backend.")
+    if "vni" in table and not 0 <= vni < (1 << 24):
+        raise ConfigError("Backend.VNI", f"must be between 0 and 16777215, got {vni}")
+    if not 0 <= port <= 65535:
+        raise ConfigError("Backend.Port", f"must be between 0 and 65535, got {port}")
+    if mtu and not 576 <= mtu <= 65535:
+        raise ConfigError("Backend.MTU", f"must be between 576 and 65535, got {mtu}")
+    return (
+        BackendConfig(
+            type=btype,
+            vni=vni if "vni" in table else 1,
+            port=port,
+            direct_routing=_bool(table, "DirectRouting", False, "Backend."),
+            mtu=mtu,
+            gbp=_bool(table, "GBP", False, "Backend."),
+            learning=_bool(table, "Learning", False, "Backend."),
+            raw=tuple(sorted((k, v) for k, v in raw.items() if isinstance(k, str))),
+        ),
+        False,
+    )
+
+
+def _addr_in(
+    table: dict[str, tuple[str, Any]],
+    name: str,
+    net: IPv4Network | IPv6Network,
+    sublen: int,
+    default: IPv4Address | IPv6Address,
+) -> Any:
+    raw = _get(table, name)
+    if raw is None or raw == "":
+        return default
+    if not isinstance(raw, str):
+        raise ConfigError(name, f"must be an IP address string, got {json.dumps(raw)}")
+    try:
+        addr = ipaddress.ip_address(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not an IP address") from None
+    if addr.version != net.version or addr not in net:
+        raise ConfigError(name, f"{raw} is not in the range of the Network {net}")
+    hostbits = net.max_prefixlen - sublen
+    if int(addr) & ((1 << hostbits) - 1):
+        raise ConfigError(name, f"{raw} is not on a SubnetLen boundary (/{sublen})")
+    return addr
+
+
+def _family(
+    table: dict[str, tuple[str, Any]],
+    version: int,
+) -> tuple[Any, int, Any, Any]:
+    """Validate one address family; returns (network, subnet_len, min, max)."""
+    p = "" if version == 4 else "IPv6"
+    net_key, len_key = f"{p}Network", f"{p}SubnetLen"
+    raw_net = _get(table, net_key)
+    if not isinstance(raw_net, str) or not raw_net:
+        raise ConfigError(net_key, "missing: please define a correct Network parameter")
+    try:
+        net = ipaddress.ip_network(raw_net, strict=False)
+    except ValueError:
+        raise ConfigError(net_key, f"{raw_net!r} is not a CIDR (like 10.5.0.0/16)") from None
+    if net.version != version:
+        raise ConfigError(net_key, f"{raw_net!r} is not an IPv{version} CIDR")
+    if net.network_address != ipaddress.ip_network(raw_net, strict=False).network_address:
+        raise ConfigError(net_key, f"{raw_net!r} is not a network address")  # pragma: no cover
+    sublen = _int(table, len_key)
+    maxlen = net.max_prefixlen
+    if version == 4:
+        max_sub, too_small = 30, 28
+        default_len = 24 if net.prefixlen <= 22 else net.prefixlen + 2
+    else:
+        max_sub, too_small = 126, 124
+        default_len = 64 if net.prefixlen <= 62 else net.prefixlen + 2
+    if net.prefixlen > too_small:
+        raise ConfigError(
+            net_key, f"network is too small: minimum useful network prefix is /{too_small}"
+        )
+    if len_key.lower() in table and _get(table, len_key) is not None:
+        if sublen > max_sub:
+            raise ConfigError(len_key, f"must be at most /{max_sub}, got {sublen}")
+        if sublen < net.prefixlen + 2:
+            raise ConfigError(
+                len_key,
+                f"/{sublen} leaves fewer than four subnets in {net}: "
+                f"use at least /{net.prefixlen + 2}",
+            )
+    else:
+        sublen = default_len
+    size = 1 << (maxlen - sublen)
+    first = ipaddress.ip_address(int(net.network_address) + size)
+    last = ipaddress.ip_address(int(net.broadcast_address) + 1 - size)
+    smin = _addr_in(table, f"{p}SubnetMin", net, sublen, first)
+    smax = _addr_in(table, f"{p}SubnetMax", net, sublen, last)
+    if smin > smax:
+        raise ConfigError(f"{p}SubnetMin", f"{smin} is above {p}SubnetMax {smax}")
+    return net, sublen, smin, smax
+
+
+def parse_network_config(raw: str | bytes) -> NetworkConfig:
+    """Parse and validate the config JSON; raise ConfigError naming the field on any mistake."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError("(json)", f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError("(json)", "the config must be a JSON object")
+    table = _lower_keys(doc, "(json)")
+    enable4 = _bool(table, "EnableIPv4", True)
+    enable6 = _bool(table, "EnableIPv6", False)
+    if not enable4 and not enable6:
+        raise ConfigError("EnableIPv4", "both IPv4 and IPv6 are disabled")
+    net4 = min4 = max4 = None
+    len4 = 0
+    if enable4:
+        net4, len4, min4, max4 = _family(table, 4)
+    net6 = min6 = max6 = None
+    len6 = 0
+    if enable6:
+        net6, len6, min6, max6 = _family(table, 6)
+    backend, defaulted = _parse_backend(_get(table, "Backend"))
+    known = {
+        "network", "subnetlen", "subnetmin", "subnetmax", "enableipv4", "enableipv6",
+        "ipv6network", "ipv6subnetlen", "ipv6subnetmin", "ipv6subnetmax", "backend",
+        "enablenftables",
+    }
+    return NetworkConfig(
+        enable_ipv4=enable4,
+        enable_ipv6=enable6,
+        network=net4,
+        subnet_len=len4,
+        subnet_min=min4,
+        subnet_max=max4,
+        ipv6_network=net6,
+        ipv6_subnet_len=len6,
+        ipv6_subnet_min=min6,
+        ipv6_subnet_max=max6,
+        backend=backend,
+        backend_defaulted=defaulted,
+        enable_nftables=_bool(table, "EnableNFTables", False),
+        extra=tuple(sorted(orig for low, (orig, _) in table.items() if low not in known)),
+    )

@@ -1,0 +1,250 @@
+"""Subnet leases: key/value codec (byte-compatible with flannel) and the pure allocation choice.
+
+No I/O here. The registry reads and writes bytes; this module turns them into :class:`Lease`
+and back, and decides which subnet to ask for.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+from netagent.config import NetworkConfig
+
+#: flannel's etcd lease TTL: 24 h.
+DEFAULT_LEASE_TTL = 24 * 3600
+#: how many free subnets flannel collects before picking one at random.
+CANDIDATE_POOL = 100
+
+_KEY_RE = re.compile(
+    r"^(?P<v4>\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})-(?P<len4>\d{1,2})"
+    r"(?:&(?P<v6>[0-9a-fA-F:]+)-(?P<len6>\d{1,3}))?$"
+)
+
+
+class LeaseError(ValueError):
+    """A lease key or value could not be understood."""
+
+
+class OutOfSubnets(RuntimeError):
+    """No free subnet is left between SubnetMin and SubnetMax."""
+
+
+@dataclass(frozen=True)
+class LeaseAttrs:
+    """The lease value (flannel's LeaseAttrs)."""
+
+    public_ip: IPv4Address
+    public_ipv6: IPv6Address | None = None
+    backend_type: str = ""
+    #: BackendData / BackendV6Data as canonical JSON text ("" = absent) so the dataclass is
+    #: hashable and a re-encode is byte-identical.
+    backend_data: str = ""
+    backend_v6_data: str = ""
+
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.backend_data) if self.backend_data else {}
+
+    def v6_data(self) -> dict[str, Any]:
+        return json.loads(self.backend_v6_data) if self.backend_v6_data else {}
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Network
+    attrs: LeaseAttrs
+    ipv6_subnet: IPv6Network | None = None
+    #: etcd lease id; 0 means a reservation (a key with no TTL)
+    lease_id: int = 0
+    mod_revision: int = 0
+    #: seconds left (None when not known)
+    ttl: int | None = field(default=None, compare=False)
+
+    @property
+    def reserved(self) -> bool:
+        return self.lease_id == 0
+
+    @property
+    def key(self) -> str:
+        return subnet_key(self.subnet, self.ipv6_subnet)
+
+
+def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+    """`10.5.52.0-24` or `10.5.1.0-24&fc00::-64`, as flannel names the key under subnets/."""
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    if ipv6_subnet is not None:
+        key += f"&{ipv6_subnet.network_address.compressed}-{ipv6_subnet.prefixlen}"
+    return key
+
+
+def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None]:
+    """Inverse of :func:`subnet_key`; raises LeaseError for anything off the grammar."""
+    m = _KEY_RE.match(name)
+    if not m:
+        raise LeaseError(f"subnet key {name!r} does not look like a.b.c.d-N")
+    try:
+        v4 = IPv4Network(f"{m['v4']}/{m['len4']}", strict=True)
+        v6 = IPv6Network(f"{m['v6']}/{m['len6']}", strict=True) if m["v6"] else None
+    except ValueError as exc:
+        raise LeaseError(f"subnet key {name!r}: {exc}") from None
+    return v4, v6
+
+
+def encode_attrs(attrs: LeaseAttrs) -> str:
+    """Compact JSON in flannel's field order (PublicIP, PublicIPv6, BackendType, BackendData…)."""
+    parts = [f'"PublicIP":{json.dumps(str(attrs.public_ip))}']
+    parts.append(
+        '"PublicIPv6":' + (json.dumps(str(attrs.public_ipv6)) if attrs.public_ipv6 else "null")
+    )
+    if attrs.backend_type:
+        parts.append(f'"BackendType":{json.dumps(attrs.backend_type)}')
+    if attrs.backend_data:
+        parts.append(f'"BackendData":{attrs.backend_data}')
+    if attrs.backend_v6_data:
+        parts.append(f'"BackendV6Data":{attrs.backend_v6_data}')
+    return "{" + ",".join(parts) + "}"
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact JSON keeping key order (Go marshals struct fields in declaration order)."""
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def decode_attrs(raw: str | bytes) -> LeaseAttrs:
+    """Tolerant reader: missing BackendData, null PublicIPv6 and unknown fields are fine."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LeaseError(f"lease value is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise LeaseError("lease value is not a JSON object")
+    low = {k.lower(): v for k, v in doc.items() if isinstance(k, str)}
+    pub = low.get("publicip")
+    if not isinstance(pub, str):
+        raise LeaseError("lease value has no PublicIP")
+    try:
+        public_ip = IPv4Address(pub)
+    except ValueError:
+        raise LeaseError(f"lease PublicIP {pub!r} is not an IPv4 address") from None
+    pub6 = low.get("publicipv6")
+    public_ipv6 = None
+    if pub6 not in (None, ""):
+        if not isinstance(pub6, str):
+            raise LeaseError("lease PublicIPv6 is not a string")
+        try:
+            public_ipv6 = IPv6Address(pub6)
+        except ValueError:
+            raise LeaseError(f"lease PublicIPv6 {pub6!r} is not an IPv6 address") from None
+    btype = low.get("backendtype") or ""
+    if not isinstance(btype, str):
+        raise LeaseError("lease BackendType is not a string")
+
+    def data(name: str) -> str:
+        value = low.get(name)
+        if value is None:
+            return ""
+        if not isinstance(value, dict):
+            raise LeaseError(f"lease {name} is not a JSON object")
+        return canonical_json(value) if value else ""
+
+    return LeaseAttrs(
+        public_ip=public_ip,
+        public_ipv6=public_ipv6,
+        backend_type=btype,
+        backend_data=data("backenddata"),
+        backend_v6_data=data("backendv6data"),
+    )
+
+
+def decode_lease(
+    name: str, raw: str | bytes, lease_id: int = 0, mod_revision: int = 0
+) -> Lease:
+    """Build a Lease from the key's last path element and its value."""
+    v4, v6 = parse_subnet_key(name)
+    return Lease(v4, decode_attrs(raw), v6, lease_id, mod_revision)
+
+
+def choose_subnet(
+    config: NetworkConfig,
+    taken: Iterable[IPv4Network],
+    *,
+    rng: random.Random | None = None,
+    pool: int = CANDIDATE_POOL,
+) -> IPv4Network:
+    """flannel's allocation: walk Min→Max, collect up to `pool` free subnets, pick one at random.
+
+    Raises OutOfSubnets when none is free.
+    """
+    taken_list = list(taken)
+    free: list[IPv4Network] = []
+    for cand in config.candidate_subnets():
+        if any(cand.overlaps(t) for t in taken_list):
+            continue
+        free.append(cand)
+        if len(free) >= pool:
+            break
+    if not free:
+        raise OutOfSubnets(
+            f"out of subnets: every /{config.subnet_len} between {config.subnet_min} and "
+            f"{config.subnet_max} is leased or reserved"
+        )
+    return (rng or random.Random()).choice(free)
+
+
+@dataclass(frozen=True)
+class LeasePlan:
+    """What to do to get a lease: reuse an existing key, or create one."""
+
+    subnet: IPv4Network
+    reuse: Lease | None = None
+    #: stale own keys (same PublicIP, incompatible with the config) to delete first
+    delete: tuple[Lease, ...] = ()
+    reason: str = ""
+
+
+def plan_lease(
+    config: NetworkConfig,
+    existing: Mapping[str, Lease],
+    public_ip: IPv4Address,
+    previous_subnet: IPv4Network | None,
+    *,
+    rng: random.Random | None = None,
+) -> LeasePlan:
+    """Decide which subnet to ask for, in flannel's order.
+
+    1. a lease whose PublicIP is ours and that fits the config;
+    2. the subnet recorded in the old subnet.env, if free and compatible;
+    3. random among the first free subnets.
+    """
+    stale: list[Lease] = []
+    for lease in sorted(existing.values(), key=lambda lz: lz.subnet):
+        if lease.attrs.public_ip != public_ip:
+            continue
+        if config.contains_subnet(lease.subnet) and config.contains_ipv6_subnet(
+            lease.ipv6_subnet
+        ):
+            return LeasePlan(lease.subnet, reuse=lease, delete=tuple(stale),
+                             reason=f"found lease {lease.key} for {public_ip}, reusing")
+        if not lease.reserved:
+            stale.append(lease)
+    stale_keys = {s.key for s in stale}
+    taken = [lz.subnet for lz in existing.values() if lz.key not in stale_keys]
+    if previous_subnet is not None:
+        if config.contains_subnet(previous_subnet) and not any(
+            previous_subnet.overlaps(t) for t in taken
+        ):
+            return LeasePlan(previous_subnet, delete=tuple(stale),
+                             reason=f"reusing {previous_subnet} from the subnet file")
+    subnet = choose_subnet(config, taken, rng=rng)
+    return LeasePlan(subnet, delete=tuple(stale), reason=f"allocated free subnet {subnet}")
+
+
+def gateway_address(subnet: IPv4Network | IPv6Network) -> Any:
+    """First address of a subnet (FLANNEL_SUBNET's address, the bridge gateway)."""
+    return ipaddress.ip_address(int(subnet.network_address) + 1)

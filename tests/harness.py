@@ -1,0 +1,332 @@
+"""Test harness: a real etcd and namespace "hosts" joined by an underlay bridge.
+
+Everything gets names unique to the run (``RUN_ID``) so two test runs never collide, and is
+removed by name/PID, never by a broad pattern.
+
+Topology made by :class:`Lab`::
+
+    netns <lab>-ul   (underlay: bridge "ul0", etcd listening on 10.U.V.1)
+        | veth
+    netns <lab>-h1 ... <lab>-hN   (host i: "eth0" = 10.U.V.(10+i)/24, default route via .1)
+
+Hosts reach etcd at http://10.U.V.1:<port>. The test process (root namespace) talks to etcd
+through ``etcdctl`` run inside the underlay namespace, just as an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_ID = os.environ.get("NETAGENT_TEST_RUN_ID") or f"{os.getpid() % 10000:04d}{random.randrange(16**2):02x}"
+_REQUIRE = os.environ.get("NETAGENT_REQUIRE_PRIVILEGED", "") not in ("", "0", "false")
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip when a privileged prerequisite is missing; fail instead under CI."""
+    import pytest
+
+    if condition:
+        return
+    if _REQUIRE:
+        pytest.fail(f"NETAGENT_REQUIRE_PRIVILEGED is set but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0, "needs root")
+    need(shutil.which("ip") is not None, "needs iproute2")
+
+
+def need_etcd() -> None:
+    need(shutil.which("etcd") is not None and shutil.which("etcdctl") is not None,
+         "needs etcd-server and etcd-client (apt-get install etcd-server etcd-client)")
+
+
+def sh(*args: str, check: bool = True, ns: str | None = None, timeout: float = 30,
+       input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = list(args)
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def add_netns(name: str) -> None:
+    sh("ip", "netns", "add", name)
+    sh("ip", "link", "set", "lo", "up", ns=name)
+
+
+def del_netns(name: str) -> None:
+    # kill what still runs inside (only processes in *this* namespace), then delete it
+    pids = sh("ip", "netns", "pids", name, check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    sh("ip", "netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
+def netns(name: str) -> Iterator[str]:
+    add_netns(name)
+    try:
+        yield name
+    finally:
+        del_netns(name)
+
+
+# --------------------------------------------------------------------------- etcd
+
+
+@dataclass
+class Etcd:
+    """One etcd member started by PID, on free ports, with a temp data dir."""
+
+    host: str = "127.0.0.1"
+    ns: str | None = None
+    enable_v2: bool = False
+    extra: Sequence[str] = ()
+    name: str = field(default_factory=lambda: f"t{RUN_ID}")
+    client_port: int = 0
+    peer_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    data_dir: str = ""
+    scheme: str = "http"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.client_port}"
+
+    def start(self) -> Etcd:
+        need_etcd()
+        if not self.client_port:
+            self.client_port = free_port() if self.ns is None else random.randrange(20000, 30000)
+            self.peer_port = self.client_port + 1 if self.ns else free_port()
+        if not self.data_dir:
+            self.data_dir = tempfile.mkdtemp(prefix=f"na-etcd-{RUN_ID}-")
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [
+            "etcd", "--name", self.name, "--data-dir", self.data_dir,
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--log-level", "error",
+        ]
+        if self.enable_v2:
+            cmd.append("--enable-v2=true")
+        cmd += list(self.extra)
+        if self.ns:
+            cmd = ["ip", "netns", "exec", self.ns, *cmd]
+        log = open(Path(self.data_dir) / "etcd.log", "wb")  # noqa: SIM115 - lives with proc
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited: {(Path(self.data_dir) / 'etcd.log').read_text()}")
+            if self.ctl("endpoint", "health", check=False).returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("etcd did not become healthy in 20 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def ctl(self, *args: str, check: bool = True, api: int = 3,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, ETCDCTL_API=str(api))
+        if api == 2:
+            cmd = ["etcdctl", "--endpoints", self.endpoint, *args]
+        else:
+            cmd = ["etcdctl", "--endpoints", self.endpoint, "--dial-timeout", "3s", *args]
+        return sh(*cmd, check=check, ns=self.ns, input=input, env=env)
+
+    def put(self, key: str, value: str) -> None:
+        self.ctl("put", key, "--", value) if value.startswith("-") else self.ctl("put", key, value)
+
+    def get(self, key: str) -> str | None:
+        out = self.ctl("get", key, "--print-value-only").stdout
+        return out[:-1] if out.endswith("\n") else (out or None)
+
+    def get_prefix(self, prefix: str) -> dict[str, str]:
+        out = self.ctl("get", "--prefix", prefix, "-w", "json").stdout
+        doc = json.loads(out)
+        import base64
+
+        return {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
+            for kv in doc.get("kvs", [])
+        }
+
+    def get_json(self, key: str) -> dict[str, object]:
+        out = self.ctl("get", key, "-w", "json").stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- lab
+
+
+@dataclass
+class Host:
+    name: str  # namespace
+    ip: str  # underlay address
+    index: int
+    subnet_file: Path
+    state_dir: Path
+    agent: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return sh(*args, ns=self.name, check=check, timeout=timeout)
+
+
+class Lab:
+    """A run-unique underlay namespace with a bridge, etcd on it, and N host namespaces."""
+
+    def __init__(self, tmp: Path, tag: str = "") -> None:
+        need_root()
+        self.tag = f"na{RUN_ID}{tag}"
+        self.tmp = tmp
+        self.ul = f"{self.tag}-ul"
+        third = random.randrange(1, 250)
+        self.prefix = f"10.{random.randrange(200, 250)}.{third}"
+        self.etcd_ip = f"{self.prefix}.1"
+        self.hosts: list[Host] = []
+        self.etcd: Etcd | None = None
+        self._made: list[str] = []
+        add_netns(self.ul)
+        self._made.append(self.ul)
+        sh("ip", "link", "add", "ul0", "type", "bridge", ns=self.ul)
+        sh("ip", "addr", "add", f"{self.etcd_ip}/24", "dev", "ul0", ns=self.ul)
+        sh("ip", "link", "set", "ul0", "up", ns=self.ul)
+
+    def start_etcd(self, **kw: object) -> Etcd:
+        self.etcd = Etcd(host=self.etcd_ip, ns=self.ul, **kw).start()  # type: ignore[arg-type]
+        return self.etcd
+
+    def add_host(self, mtu: int = 1500) -> Host:
+        i = len(self.hosts) + 1
+        name = f"{self.tag}-h{i}"
+        add_netns(name)
+        self._made.append(name)
+        peer = f"ulp{i}"
+        sh("ip", "link", "add", "eth0", "mtu", str(mtu), "netns", name, "type", "veth", "peer",
+           "name", peer, "mtu", str(mtu), "netns", self.ul)
+        sh("ip", "link", "set", peer, "master", "ul0", "up", ns=self.ul)
+        ip = f"{self.prefix}.{10 + i}"
+        sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=name)
+        sh("ip", "link", "set", "eth0", "up", ns=name)
+        sh("ip", "route", "add", "default", "via", self.etcd_ip, ns=name)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=name)
+        d = self.tmp / name
+        d.mkdir(parents=True, exist_ok=True)
+        host = Host(name, ip, i, d / "subnet.env", d / "state")
+        self.hosts.append(host)
+        return host
+
+    def agent_cmd(self, host: Host, *extra: str) -> list[str]:
+        assert self.etcd is not None
+        return [
+            sys.executable, "-m", "netagent", "run",
+            "--etcd-endpoints", self.etcd.endpoint,
+            "--subnet-file", str(host.subnet_file),
+            "--state-dir", str(host.state_dir),
+            "--iface", "eth0",
+            *extra,
+        ]
+
+    def start_agent(self, host: Host, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        host.log_path = self.tmp / f"{host.name}.log"
+        log = open(host.log_path, "ab")  # noqa: SIM115 - closed with the process
+        full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+        host.agent = subprocess.Popen(
+            ["ip", "netns", "exec", host.name, *self.agent_cmd(host, *extra)],
+            stdout=log, stderr=subprocess.STDOUT, env=full_env,
+        )
+        return host.agent
+
+    def stop_agent(self, host: Host, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if host.agent is None:
+            return None
+        if host.agent.poll() is None:
+            host.agent.send_signal(sig)
+            try:
+                host.agent.wait(timeout)
+            except subprocess.TimeoutExpired:
+                host.agent.kill()
+                host.agent.wait(5)
+        rc = host.agent.returncode
+        host.agent = None
+        return rc
+
+    def log(self, host: Host) -> str:
+        return host.log_path.read_text(errors="replace") if host.log_path else ""
+
+    def close(self) -> None:
+        for h in self.hosts:
+            with contextlib.suppress(Exception):
+                self.stop_agent(h, signal.SIGKILL)
+        if self.etcd is not None:
+            self.etcd.cleanup()
+        for name in reversed(self._made):
+            del_netns(name)
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll `pred` until it returns a truthy value; raise AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line:
+            k, _, v = line.partition("=")
+            out[k] = v
+    return out
