@@ -62,7 +62,7 @@ class Lease:
     ipv6_subnet: IPv6Network | None = None
     #: etcd lease id; 0 means a reservation (a key with no TTL)
     lease_id: int = 0
-    mod_revision: int = 0
+    mod_revision: int = field(default=0, compare=False)
     #: seconds left (None when not known)
     ttl: int | None = field(default=None, compare=False)
 

@@ -1,0 +1,193 @@
+"""The `netagent` command. `main` only parses and composes; each command lives in one function.
+
+Heavy imports (etcd3/grpc, pyroute2) happen inside the commands that need them, so `--help`,
+`docker-opts` and `config validate FILE` start fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from netagent import __version__  # noqa: E402
+
+EXAMPLES = {
+    "run": "example:\n  netagent run --etcd-endpoints http://10.0.0.1:2379 --iface eth0",
+    "docker-opts": "example:\n  netagent docker-opts -k DOCKER_NETWORK_OPTIONS -d /run/flannel/docker",
+    "config": "example:\n  netagent config validate net.json\n  echo '{\"Network\":\"10.5.0.0/16\"}' | "
+              "netagent config validate -",
+    "config validate": "example:\n  netagent config validate /etc/netagent/net.json",
+}
+
+
+def _fmt(parser_name: str) -> dict[str, object]:
+    return {
+        "epilog": EXAMPLES.get(parser_name, ""),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from netagent.settings import SettingsError, load_settings, read_config_file
+
+    try:
+        settings = load_settings(args, os.environ, read_config_file(args.config))
+    except SettingsError as exc:
+        print(f"netagent: {exc}", file=sys.stderr)
+        return 1
+    setup_logging(settings.log_level)
+    from netagent.daemon import Daemon
+    from netagent.registry import RegistryError
+
+    try:
+        daemon = Daemon(settings)
+    except RegistryError as exc:
+        logging.getLogger("netagent").error("%s", exc)
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("netagent").info("received %s", signal.Signals(signum).name)
+        daemon.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return daemon.run()
+
+
+# --------------------------------------------------------------------------- docker-opts
+
+
+def cmd_docker_opts(args: argparse.Namespace) -> int:
+    from netagent.files import (
+        DockerOptsError,
+        FileError,
+        read_env_file,
+        render_docker_opts,
+        write_docker_opts,
+    )
+
+    try:
+        env = read_env_file(args.f) if Path(args.f).is_file() else {}
+        text = render_docker_opts(
+            env, individual=args.i, combined=args.c, combined_key=args.k, omit_ipmasq=args.m,
+            existing_combined=os.environ.get(args.k, ""),
+        )
+    except (DockerOptsError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        write_docker_opts(args.d, text)
+    except FileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    subnet = env.get("FLANNEL_SUBNET", "")
+    if subnet:
+        from netagent.iface import routes_via_for
+
+        clash = routes_via_for(subnet)
+        if clash:
+            print(f"Your routing table already contains the subnet: {clash}", file=sys.stderr)
+            return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    from netagent.config import ConfigError, parse_network_config
+
+    try:
+        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        print(f"netagent: {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        cfg = parse_network_config(raw)
+    except ConfigError as exc:
+        print(f"invalid network config: {exc}", file=sys.stderr)
+        return 1
+    n = len(cfg.candidate_subnets())
+    print(f"valid: network {cfg.network}, /{cfg.subnet_len} subnets {cfg.subnet_min} - "
+          f"{cfg.subnet_max} ({n} leasable), backend {cfg.backend.type}"
+          + (" (default)" if cfg.backend_defaulted else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from netagent.settings import add_flags
+
+    parser = argparse.ArgumentParser(
+        prog="netagent",
+        description="flannel-compatible overlay networking agent",
+        epilog="example:\n  netagent run --etcd-endpoints http://127.0.0.1:2379\n"
+               "  netagent config validate net.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"netagent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (lease a subnet, program the backend)",
+                         **_fmt("run"))  # type: ignore[arg-type]
+    add_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    dopts = sub.add_parser(
+        "docker-opts", help="write docker_opts.env from subnet.env (mk-docker-opts.sh)",
+        **_fmt("docker-opts"),  # type: ignore[arg-type]
+    )
+    dopts.add_argument("-f", default="/run/flannel/subnet.env", metavar="FLANNEL-ENV-FILE",
+                       help="flannel env file to read (default /run/flannel/subnet.env)")
+    dopts.add_argument("-d", default="/run/docker_opts.env", metavar="DOCKER-ENV-FILE",
+                       help="docker env file to write (default /run/docker_opts.env)")
+    dopts.add_argument("-i", action="store_true", help="write individual DOCKER_OPT_* variables")
+    dopts.add_argument("-c", action="store_true", help="write the combined variable")
+    dopts.add_argument("-k", default="DOCKER_OPTS", metavar="COMBINED-KEY",
+                       help="name of the combined variable (default DOCKER_OPTS)")
+    dopts.add_argument("-m", action="store_true", help="omit --ip-masq (old Docker)")
+    dopts.set_defaults(func=cmd_docker_opts)
+
+    config = sub.add_parser("config", help="validate, read or write the network config",
+                            **_fmt("config"))  # type: ignore[arg-type]
+    csub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    validate = csub.add_parser("validate", help="check a network config file (- = stdin)",
+                               **_fmt("config validate"))  # type: ignore[arg-type]
+    validate.add_argument("file", metavar="FILE|-")
+    validate.set_defaults(func=cmd_config_validate)
+    config.set_defaults(func=lambda a: (config.print_help(), 2)[1])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""`netagent run`: compose config, registry, lease, peer table and backend, then loop.
+
+Threads: a watch thread and a keepalive thread only put items on one queue; the main thread is
+the single writer of state and the only caller of the backend, so the kernel is touched in one
+place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sync first").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from backends import backend_class
+from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from netagent import systemd
+from netagent.config import ConfigError, NetworkConfig, parse_network_config
+from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
+from netagent.iface import IfaceError, find_iface
+from netagent.lease import LeaseAttrs, LeaseError, OutOfSubnets, decode_lease
+from netagent.leasing import LeaseLost, LeaseManager
+from netagent.peers import PeerChanges, PeerTable, RawLease
+from netagent.registry import (
+    BACKOFF_MAX,
+    BACKOFF_START,
+    EtcdSettings,
+    Registry,
+    RegistryError,
+    WatchEvent,
+    WatchResync,
+)
+from netagent.settings import AgentSettings
+
+log = logging.getLogger("netagent")
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_OUT_OF_SUBNETS = 2
+
+_LEASE_GONE = object()
+
+
+def etcd_settings(s: AgentSettings) -> EtcdSettings:
+    return EtcdSettings(
+        endpoints=s.etcd_endpoints, prefix=s.etcd_prefix, cafile=s.etcd_cafile,
+        certfile=s.etcd_certfile, keyfile=s.etcd_keyfile, username=s.etcd_username,
+        password=s.etcd_password,
+    )
+
+
+def missing_config_message(registry: Registry) -> str:
+    key = registry.key("config")
+    v2 = registry.find_v2_value(key)
+    if v2 is not None:
+        return (
+            f"network config {key} is missing from the etcd v3 store, but the v2 store has it "
+            f"(written with ETCDCTL_API=2 etcdctl set). netagent reads only v3: run "
+            f"`netagent migrate-v2` or `etcdctl put {key} '<json>'` to copy it"
+        )
+    return (
+        f"network config {key} not found in etcd (v3 API); create it with: etcdctl put {key} "
+        "'{\"Network\": \"10.5.0.0/16\", \"Backend\": {\"Type\": \"vxlan\"}}'"
+    )
+
+
+@dataclass
+class AgentStatus:
+    """What the agent knows about itself; written to <state-dir>/status.json for the CLI."""
+
+    phase: str = "starting"
+    ready: bool = False
+    subnet_file_written: bool = False
+    backend: str = ""
+    subnet: str = ""
+    lease_key: str = ""
+    public_ip: str = ""
+    mtu: int = 0
+    peers: int = 0
+    last_reconcile: float = 0.0
+    reconciles: int = 0
+    drift_repairs: int = 0
+    reacquired: int = 0
+    kernel_entries: dict[str, int] = field(default_factory=dict)
+    skipped_peers: dict[str, str] = field(default_factory=dict)
+    invalid_leases: dict[str, str] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, settings: AgentSettings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or Registry(etcd_settings(settings))
+        self.status = AgentStatus()
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.stop = threading.Event()
+        self.config: NetworkConfig | None = None
+        self.backend: Backend | None = None
+        self.leases: LeaseManager | None = None
+        self.peers = PeerTable()
+        self.contribution: LeaseContribution | None = None
+        self._threads: list[threading.Thread] = []
+        self._subnets_prefix = self.registry.key("subnets/")
+        self._last_status = ""
+        #: problems already logged, so a retry loop logs each once
+        self._warned: set[str] = set()
+        self.last_sync_seconds = 0.0
+
+    # ------------------------------------------------------------------ start-up steps
+
+    def _phase(self, phase: str) -> None:
+        self.status.phase = phase
+        systemd.notify(f"STATUS={phase}")
+        self._write_status()
+
+    def _retry(self, what: str, fn: Any) -> Any:
+        """Call fn until it succeeds or we are stopped, backing off 100 ms → 5 s."""
+        delay = BACKOFF_START
+        while not self.stop.is_set():
+            try:
+                return fn()
+            except RegistryError as exc:
+                if exc.kind == "config":
+                    raise
+                log.warning("%s: %s (retrying in %.1f s)", what, exc, delay)
+            self.stop.wait(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+        return None
+
+    def load_config(self) -> NetworkConfig | None:
+        """Read <prefix>/config; retry every second until present and valid (like flannel)."""
+        key = self.registry.key("config")
+        last_msg = ""
+        while not self.stop.is_set():
+            msg = ""
+            try:
+                kv = self.registry.get(key)
+                if kv is None:
+                    msg = missing_config_message(self.registry)
+                else:
+                    return parse_network_config(kv.value)
+            except ConfigError as exc:
+                msg = f"network config {key} is invalid: {exc}"
+            except RegistryError as exc:
+                if exc.kind == "config":
+                    raise
+                msg = f"cannot read {key}: {exc}"
+            if msg != last_msg:
+                log.error("%s (retrying every second)", msg)
+                last_msg = msg
+            self.stop.wait(1.0)
+        return None
+
+    def host_facts(self) -> HostFacts:
+        s = self.settings
+        iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip)
+        log.info("using interface %s (index %d, MTU %d, address %s), public IP %s",
+                 iface.name, iface.index, iface.mtu, addr, public)
+        return HostFacts(iface.name, iface.index, iface.mtu, addr, public, Path(s.state_dir))
+
+    def subnet_env(self) -> SubnetEnv:
+        assert self.config is not None and self.leases is not None
+        assert self.contribution is not None
+        return SubnetEnv(self.config.network, self.leases.lease.subnet, self.contribution.mtu,
+                         self.settings.ip_masq)
+
+    def write_subnet_env(self) -> bool:
+        """(Re)write subnet.env when its content differs; False (and logged) on failure."""
+        path = Path(self.settings.subnet_file)
+        text = render_subnet_env(self.subnet_env())
+        try:
+            if path.exists() and path.read_text() == text:
+                self.status.subnet_file_written = True
+                return True
+        except OSError:
+            pass
+        try:
+            write_atomic(path, text)
+        except FileError as exc:
+            if str(exc) not in self._warned:
+                log.error("%s (previous file left as it was; retrying)", exc)
+                self._warned.add(str(exc))
+            return False
+        self._warned = {w for w in self._warned if str(path) not in w}
+        self.status.subnet_file_written = True
+        log.info("wrote %s", path)
+        return True
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        except RegistryError as exc:
+            log.error("etcd: %s", exc)
+            return EXIT_FATAL
+        except (IfaceError, KeyError) as exc:
+            log.error("%s", exc.args[0] if exc.args else exc)
+            return EXIT_FATAL
+        finally:
+            self.stop.set()
+            systemd.notify("STOPPING=1")
+            for t in self._threads:
+                t.join(timeout=5)
+            if self.backend is not None:
+                self.backend.shutdown()
+            self.registry.close()
+
+    def _run(self) -> int:
+        self._phase("waiting for network config")
+        self.config = self.load_config()
+        if self.config is None:
+            return EXIT_OK
+        cfg = self.config
+        if cfg.backend_defaulted:
+            log.info("no Backend in the network config: using %s (netagent's default)",
+                     cfg.backend.type)
+        log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
+                 cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend.type)
+        host = self.host_facts()
+        self.status.public_ip = str(host.public_ip)
+        self.backend = backend_class(cfg.backend.type)(cfg, host)
+        self.status.backend = cfg.backend.type
+        self._phase("preparing backend")
+        self.contribution = self.backend.prepare()
+        attrs = LeaseAttrs(public_ip=host.public_ip, backend_type=self.contribution.backend_type,
+                           backend_data=self.contribution.backend_data)
+        previous, _ = previous_subnets(self.settings.subnet_file)
+        self.leases = LeaseManager(self.registry, cfg, attrs, ttl=self.settings.subnet_lease_ttl,
+                                   previous_subnet=previous)
+        self._phase("acquiring lease")
+        try:
+            lease = self._retry("acquiring a subnet lease", self.leases.acquire)
+        except OutOfSubnets as exc:
+            log.error("%s; not writing %s", exc, self.settings.subnet_file)
+            return EXIT_OUT_OF_SUBNETS
+        if lease is None:
+            return EXIT_OK
+        self._lease_changed()
+        # full snapshot before any kernel write
+        self._phase("loading peer leases")
+        listed = self._retry("listing leases", lambda: self.registry.list_prefix(self._subnets_prefix))
+        if listed is None:
+            return EXIT_OK
+        items, revision = listed
+        self.peers = PeerTable(lease.subnet)
+        self._log_rejected(self.peers.reset(self._raw(items)))
+        self._phase("programming backend")
+        self._sync(None)
+        self.write_subnet_env()
+        self._start_threads(revision + 1)
+        self._loop()
+        log.info("stopping; kernel state and lease left in place")
+        return EXIT_OK
+
+    def _lease_changed(self) -> None:
+        assert self.leases is not None and self.backend is not None
+        lease = self.leases.lease
+        self.backend.activate(lease)
+        self.status.subnet = str(lease.subnet)
+        self.status.lease_key = self.leases.key
+        self.status.mtu = self.contribution.mtu if self.contribution else 0
+        self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
+
+    def _raw(self, items: Any) -> list[RawLease]:
+        out = []
+        for kv in items:
+            if not kv.key.startswith(self._subnets_prefix):
+                continue
+            out.append(RawLease(kv.key[len(self._subnets_prefix):], kv.value, kv.lease_id,
+                                kv.mod_revision))
+        return out
+
+    def _start_threads(self, start_revision: int) -> None:
+        def watch() -> None:
+            for item in self.registry.watch_prefix(self._subnets_prefix, start_revision, self.stop):
+                self.events.put(item)
+
+        def keepalive() -> None:
+            assert self.leases is not None
+            while not self.stop.wait(self.leases.keepalive_interval()):
+                if not self.leases.renew():
+                    self.events.put(_LEASE_GONE)
+
+        for name, target in (("watch", watch), ("keepalive", keepalive)):
+            t = threading.Thread(target=target, name=f"netagent-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _loop(self) -> None:
+        assert self.leases is not None
+        interval = self.settings.repair_interval
+        next_repair = time.monotonic() + interval
+        while not self.stop.is_set():
+            if not self.status.ready and self.status.subnet_file_written:
+                self.status.ready = True
+                self._phase("running")
+                systemd.notify("READY=1")
+                log.info("ready: subnet %s, %d peers", self.leases.lease.subnet,
+                         len(self.peers.peers))
+            timeout = max(0.0, next_repair - time.monotonic())
+            try:
+                item = self.events.get(timeout=min(timeout, 1.0))
+            except queue.Empty:
+                item = None
+            changed: set[IPv4Network] = set()
+            full = False
+            # squash everything queued into one sync
+            while item is not None:
+                res = self._handle(item)
+                if res is None:
+                    full = True
+                else:
+                    changed |= res
+                try:
+                    item = self.events.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.stop.is_set():
+                break
+            if time.monotonic() >= next_repair:
+                full = True
+                next_repair = time.monotonic() + interval
+                if not self.status.subnet_file_written or not Path(self.settings.subnet_file).exists():
+                    self.status.subnet_file_written = False
+                    self.write_subnet_env()
+            if full:
+                self._sync(None)
+            elif changed:
+                self._sync(frozenset(changed))
+
+    def _handle(self, item: Any) -> set[IPv4Network] | None:
+        """Apply one queued item to state; return changed subnets (None = needs a full sync)."""
+        assert self.leases is not None
+        if item is _LEASE_GONE:
+            return self._recover("our etcd lease expired or was revoked")
+        if isinstance(item, WatchResync):
+            raws = self._raw(item.items)
+            own_name = self.leases.key[len(self._subnets_prefix):]
+            if not any(r.name == own_name for r in raws):
+                self._recover("our lease key is missing after a re-list")
+            changes = self.peers.reset(raws)
+            self._log_rejected(changes)
+            return None
+        if isinstance(item, WatchEvent):
+            name = item.key[len(self._subnets_prefix):]
+            if item.key == self.leases.key:
+                return self._own_key_event(item)
+            if item.kind == "put":
+                changes = self.peers.put(RawLease(name, item.value, item.lease_id, item.revision))
+                self._log_rejected(changes)
+            else:
+                changes = self.peers.delete(name)
+            return set(changes.changed)
+        return set()
+
+    def _own_key_event(self, ev: WatchEvent) -> set[IPv4Network] | None:
+        assert self.leases is not None
+        if ev.kind == "delete":
+            return self._recover("our lease key was deleted")
+        try:
+            seen = decode_lease(ev.key[len(self._subnets_prefix):], ev.value, ev.lease_id)
+        except LeaseError as exc:
+            log.error("our lease key was overwritten with an unreadable value (%s); restoring", exc)
+            self.registry.put(self.leases.key, self._own_value(), self.leases.lease.lease_id)
+            return set()
+        if seen.attrs.public_ip != self.leases.public_ip:
+            log.error("our lease key %s was overwritten by %s", ev.key, seen.attrs.public_ip)
+            return self._recover("our subnet was taken over")
+        if self.leases.state is not None and seen.lease_id != self.leases.lease.lease_id:
+            kind = "a reservation" if seen.reserved else f"etcd lease {seen.lease_id:x}"
+            log.info("our lease key is now %s; following it", kind)
+            self.leases.state.lease = seen
+        return set()
+
+    def _own_value(self) -> str:
+        from netagent.lease import encode_attrs
+
+        assert self.leases is not None
+        return encode_attrs(self.leases.attrs)
+
+    def _recover(self, why: str) -> set[IPv4Network] | None:
+        assert self.leases is not None
+        log.warning("%s; re-acquiring subnet %s", why, self.leases.lease.subnet)
+        old = self.leases.lease.subnet
+        try:
+            self._retry("re-acquiring our lease", self.leases.reacquire)
+        except LeaseLost as exc:
+            log.error("%s", exc)
+        except OutOfSubnets as exc:
+            log.error("lost subnet %s and %s", old, exc)
+            self.status.ready = False
+            return set()
+        if self.leases.lease.subnet != old:
+            self.peers.set_own(self.leases.lease.subnet)
+            self._lease_changed()
+            self.write_subnet_env()
+            return None
+        self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
+        return set()
+
+    def _log_rejected(self, changes: PeerChanges) -> None:
+        for name, why in changes.rejected.items():
+            log.warning("skipping malformed lease subnets/%s: %s", name, why)
+
+    def _sync(self, changed: frozenset[IPv4Network] | None) -> None:
+        assert self.backend is not None
+        start = time.monotonic()
+        try:
+            report = self.backend.sync(self.peers.peers, changed)
+        except Exception:  # a backend bug must not kill the agent; retried next cycle
+            log.exception("backend sync failed")
+            report = SyncReport(failed=1)
+        self.status.reconciles += 1
+        if changed is None and report.changes and self.status.reconciles > 1:
+            self.status.drift_repairs += report.changes
+            log.warning("drift repair: %d kernel entries restored, %d removed", report.added,
+                        report.removed)
+        elif report.changes:
+            log.info("reconciled: %d added, %d removed", report.added, report.removed)
+        self.status.last_reconcile = time.time()
+        self.status.peers = len(self.peers.peers)
+        self.status.kernel_entries = dict(report.entries)
+        self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
+        self.status.invalid_leases = dict(self.peers.invalid)
+        self.last_sync_seconds = time.monotonic() - start
+        self._write_status()
+
+    def _write_status(self) -> None:
+        text = json.dumps(self.status.__dict__, sort_keys=True, indent=1)
+        if text == self._last_status:
+            return
+        self._last_status = text
+        try:
+            write_atomic(Path(self.settings.state_dir) / "status.json", text)
+        except FileError as exc:
+            if "status" not in self._warned:
+                log.warning("cannot write status: %s", exc)
+                self._warned.add("status")

@@ -1,0 +1,163 @@
+"""Files netagent writes: subnet.env and docker_opts.env (all file I/O lives here).
+
+Writes are atomic (temp file in the same directory, fsync, rename), so a reader never sees a
+half-written file and a failed write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from pathlib import Path
+
+
+class FileError(OSError):
+    """A file could not be written; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class SubnetEnv:
+    network: IPv4Network | None
+    subnet: IPv4Network | None
+    mtu: int
+    ipmasq: bool
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet: IPv6Network | None = None
+
+
+def render_subnet_env(env: SubnetEnv) -> str:
+    """flannel's exact variable names and order; FLANNEL_SUBNET is network+1 with the prefix."""
+    lines = []
+    if env.network is not None and env.subnet is not None:
+        lines.append(f"FLANNEL_NETWORK={env.network}")
+        gw = IPv4Interface((int(env.subnet.network_address) + 1, env.subnet.prefixlen))
+        lines.append(f"FLANNEL_SUBNET={gw}")
+    if env.ipv6_network is not None and env.ipv6_subnet is not None:
+        lines.append(f"FLANNEL_IPV6_NETWORK={env.ipv6_network}")
+        gw6 = IPv6Interface((int(env.ipv6_subnet.network_address) + 1, env.ipv6_subnet.prefixlen))
+        lines.append(f"FLANNEL_IPV6_SUBNET={gw6}")
+    lines.append(f"FLANNEL_MTU={env.mtu}")
+    lines.append(f"FLANNEL_IPMASQ={'true' if env.ipmasq else 'false'}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_env_text(text: str) -> dict[str, str]:
+    """NAME=value lines (shell-style quotes stripped); comments and blanks ignored."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    return parse_env_text(Path(path).read_text())
+
+
+def previous_subnets(path: str | Path) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """The subnets recorded in an existing subnet.env (for lease reuse); None when unusable.
+
+    Like flanneld, a value with more than one comma-separated entry is not reused.
+    """
+    try:
+        env = read_env_file(path)
+    except (OSError, UnicodeDecodeError):
+        return None, None
+
+    def one(name: str, cls: type[IPv4Interface] | type[IPv6Interface]) -> object:
+        raw = env.get(name, "")
+        if not raw or "," in raw:
+            return None
+        try:
+            return cls(raw).network
+        except ValueError:
+            return None
+
+    return one("FLANNEL_SUBNET", IPv4Interface), one("FLANNEL_IPV6_SUBNET", IPv6Interface)  # type: ignore[return-value]
+
+
+def write_atomic(path: str | Path, content: str, mode: int = 0o644) -> None:
+    """Write `content` to `path` via temp file + fsync + rename; FileError says what failed."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise FileError(exc.errno, f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise FileError(exc.errno, f"cannot write {target}: {exc.strerror or exc}") from exc
+
+
+def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
+    write_atomic(path, render_subnet_env(env))
+
+
+# --------------------------------------------------------------------------- docker opts
+
+
+class DockerOptsError(ValueError):
+    pass
+
+
+def render_docker_opts(
+    env: Mapping[str, str],
+    *,
+    individual: bool = False,
+    combined: bool = False,
+    combined_key: str = "DOCKER_OPTS",
+    omit_ipmasq: bool = False,
+    existing_combined: str = "",
+) -> str:
+    """mk-docker-opts.sh's output for a subnet.env.
+
+    Neither -i nor -c means both. The combined value is any existing value of the key plus a
+    space, then every DOCKER_OPT_* value in alphabetical order, each preceded by a space (so it
+    starts with one). An empty FLANNEL_IPMASQ gives no ip-masq option; any value other than
+    true/false is an error, as in the script.
+    """
+    if not individual and not combined:
+        individual = combined = True
+    opts: dict[str, str] = {}
+    if env.get("FLANNEL_SUBNET"):
+        opts["DOCKER_OPT_BIP"] = f"--bip={env['FLANNEL_SUBNET']}"
+    masq = env.get("FLANNEL_IPMASQ", "")
+    if masq and not omit_ipmasq:
+        if masq == "true":
+            opts["DOCKER_OPT_IPMASQ"] = "--ip-masq=false"
+        elif masq == "false":
+            opts["DOCKER_OPT_IPMASQ"] = "--ip-masq=true"
+        else:
+            raise DockerOptsError(f"Invalid value of FLANNEL_IPMASQ: {masq}")
+    if env.get("FLANNEL_MTU"):
+        opts["DOCKER_OPT_MTU"] = f"--mtu={env['FLANNEL_MTU']}"
+    lines = []
+    if individual:
+        lines += [f'{k}="{v}"' for k, v in sorted(opts.items())]
+    if combined:
+        prefix = f"{existing_combined} " if existing_combined else ""
+        value = prefix + "".join(f" {opts[k]}" for k in sorted(opts))
+        lines.append(f'{combined_key}="{value}"')
+    return "\n".join(lines) + "\n"
+
+
+def write_docker_opts(path: str | Path, content: str) -> None:
+    write_atomic(path, content)

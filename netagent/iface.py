@@ -1,0 +1,141 @@
+"""Choose the external interface and public IP (read-only netlink).
+
+flannel's rules (flannel-compat.md §15): `--iface` names or IPs tried in order, then
+`--iface-regex` on IPs then names, else the interface of the IPv4 default route; `--public-ip`
+overrides the advertised address (and without iface flags selects the interface owning it).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, ip_address
+
+
+class IfaceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Iface:
+    name: str
+    index: int
+    mtu: int
+    addrs: tuple[IPv4Address, ...]
+
+
+def list_ifaces() -> list[Iface]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        links = {link["index"]: link for link in ipr.get_links()}
+        addrs: dict[int, list[IPv4Address]] = {}
+        for msg in ipr.get_addr(family=socket.AF_INET):
+            addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+    out = []
+    for index, link in sorted(links.items()):
+        out.append(
+            Iface(link.get_attr("IFLA_IFNAME"), index, int(link.get_attr("IFLA_MTU") or 1500),
+                  tuple(addrs.get(index, ())))
+        )
+    return out
+
+
+def default_route_ifindex() -> int | None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        routes = ipr.get_default_routes(family=socket.AF_INET)
+        best = None
+        for r in routes:
+            oif = r.get_attr("RTA_OIF")
+            prio = r.get_attr("RTA_PRIORITY") or 0
+            if oif and (best is None or prio < best[0]):
+                best = (prio, oif)
+        return best[1] if best else None
+
+
+def choose_iface(
+    ifaces: Sequence[Iface],
+    names: Sequence[str] = (),
+    regexes: Sequence[str] = (),
+    public_ip: str = "",
+    default_index: int | None = None,
+) -> tuple[Iface, IPv4Address, IPv4Address]:
+    """Pure selection; returns (interface, its address, public IP)."""
+    chosen: Iface | None = None
+    addr: IPv4Address | None = None
+    for spec in names:
+        try:
+            want = ip_address(spec)
+        except ValueError:
+            want = None
+        for i in ifaces:
+            if (want is not None and want in i.addrs) or (want is None and i.name == spec):
+                chosen, addr = i, (want if want is not None else (i.addrs[0] if i.addrs else None))
+                break
+        if chosen:
+            break
+    if chosen is None and names:
+        raise IfaceError(f"none of --iface {', '.join(names)} exists with an IPv4 address")
+    if chosen is None and regexes:
+        for rx in regexes:
+            pat = re.compile(rx)
+            for i in ifaces:
+                hit = next((a for a in i.addrs if pat.search(str(a))), None)
+                if hit is not None:
+                    chosen, addr = i, hit
+                    break
+                if pat.search(i.name) and i.addrs:
+                    chosen, addr = i, i.addrs[0]
+                    break
+            if chosen:
+                break
+        if chosen is None:
+            raise IfaceError(f"no interface matches --iface-regex {', '.join(regexes)}")
+    if chosen is None and public_ip:
+        want = IPv4Address(public_ip)
+        chosen = next((i for i in ifaces if want in i.addrs), None)
+        addr = want if chosen else None
+    if chosen is None and default_index is not None:
+        chosen = next((i for i in ifaces if i.index == default_index), None)
+        addr = chosen.addrs[0] if chosen and chosen.addrs else None
+    if chosen is None:
+        raise IfaceError(
+            "cannot find the external interface: no IPv4 default route; use --iface or --public-ip"
+        )
+    if addr is None:
+        raise IfaceError(f"interface {chosen.name} has no IPv4 address")
+    public = IPv4Address(public_ip) if public_ip else addr
+    return chosen, addr, public
+
+
+def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str
+               ) -> tuple[Iface, IPv4Address, IPv4Address]:
+    ifaces = list_ifaces()
+    default = None if (names or regexes) else default_route_ifindex()
+    try:
+        return choose_iface(ifaces, names, regexes, public_ip, default)
+    except ValueError as exc:
+        raise IfaceError(str(exc)) from None
+
+
+def routes_via_for(subnet_text: str) -> str:
+    """A route through a gateway for the network of `subnet_text` (mk-docker-opts' last check).
+
+    Returns a description of the clashing route, or "" when there is none.
+    """
+    from ipaddress import IPv4Interface
+
+    from pyroute2 import IPRoute
+
+    net = IPv4Interface(subnet_text).network
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET, table=254):
+            dst = r.get_attr("RTA_DST")
+            gw = r.get_attr("RTA_GATEWAY")
+            if dst and gw and dst == str(net.network_address) and r["dst_len"] == net.prefixlen:
+                return f"{net} via {gw}"
+    return ""

@@ -1,0 +1,234 @@
+"""Acquire, keep and recover our subnet lease in etcd.
+
+Differences from flannel (flannel-compat.md §5, §6): renewal is an etcd KeepAlive on the lease
+attached to the key (no orphan leases, no cluster-wide PUT every 23 h); a reused key whose value
+did not change is not written at all (a restart causes no watch event on peers); losing our key
+re-creates the *same* subnet instead of exiting (flannel #904).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+
+from netagent.config import NetworkConfig
+from netagent.lease import (
+    Lease,
+    LeaseAttrs,
+    LeaseError,
+    OutOfSubnets,
+    decode_lease,
+    encode_attrs,
+    plan_lease,
+    subnet_key,
+)
+from netagent.registry import Registry, RegistryError
+
+log = logging.getLogger("netagent.lease")
+
+MAX_ATTEMPTS = 10
+
+
+class LeaseLost(RuntimeError):
+    """Our subnet is now held by another host; we had to take a different one."""
+
+
+@dataclass
+class LeaseState:
+    lease: Lease
+    ttl: int
+    renewals: int = 0
+    renew_failures: int = 0
+    reacquired: int = 0
+    #: monotonic time of the last successful keepalive (or acquisition)
+    last_renew: float = 0.0
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        registry: Registry,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        *,
+        ttl: int,
+        previous_subnet: IPv4Network | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.attrs = attrs
+        self.ttl = ttl
+        self.previous_subnet = previous_subnet
+        self.rng = rng or random.Random()
+        self.state: LeaseState | None = None
+
+    @property
+    def subnets_prefix(self) -> str:
+        return self.registry.key("subnets/")
+
+    def _key(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key(subnet)
+
+    @property
+    def public_ip(self) -> IPv4Address:
+        return self.attrs.public_ip
+
+    def list_leases(self) -> tuple[dict[str, Lease], int]:
+        items, revision = self.registry.list_prefix(self.subnets_prefix)
+        leases: dict[str, Lease] = {}
+        for kv in items:
+            name = kv.key[len(self.subnets_prefix):]
+            try:
+                leases[name] = decode_lease(name, kv.value, kv.lease_id, kv.mod_revision)
+            except LeaseError as exc:
+                log.warning("ignoring subnets/%s: %s", name, exc)
+        return leases, revision
+
+    def acquire(self) -> Lease:
+        """Get a lease (reuse, previous subnet, or a free one). Raises OutOfSubnets."""
+        value = encode_attrs(self.attrs)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            existing, _ = self.list_leases()
+            plan = plan_lease(self.config, existing, self.public_ip, self.previous_subnet,
+                              rng=self.rng)
+            for stale in plan.delete:
+                log.info("deleting our old lease %s: it no longer fits the network config",
+                         stale.key)
+                self.registry.delete(self.subnets_prefix + stale.key)
+            key = self._key(plan.subnet)
+            if plan.reuse is not None:
+                lease = self._reuse(plan.reuse, key, value)
+                if lease is not None:
+                    log.info("%s", plan.reason)
+                    return lease
+                continue
+            created, lease_id, holder = self.registry.create(key, value, self.ttl)
+            if created:
+                log.info("%s; leased %s (etcd lease %x, TTL %d s)", plan.reason, plan.subnet,
+                         lease_id, self.ttl)
+                return self._hold(Lease(plan.subnet, self.attrs, None, lease_id), self.ttl)
+            log.info("subnet %s was taken by another host meanwhile (attempt %d/%d)",
+                     plan.subnet, attempt, MAX_ATTEMPTS)
+            if plan.subnet == self.previous_subnet:
+                self.previous_subnet = None
+        raise RegistryError(f"max retries ({MAX_ATTEMPTS}) reached trying to acquire a subnet")
+
+    def _reuse(self, old: Lease, key: str, value: str) -> Lease | None:
+        """Take over our own existing key, rewriting it only when its value changed."""
+        if old.reserved:
+            if encode_attrs(old.attrs) != value:
+                self.registry.put(key, value)  # stays a reservation: no lease attached
+            return self._hold(replace(old, attrs=self.attrs), ttl=-1)
+        ttl = self.registry.keepalive(old.lease_id)
+        if ttl > 0:
+            if encode_attrs(old.attrs) != value:
+                self.registry.put(key, value, lease_id=old.lease_id)
+            return self._hold(replace(old, attrs=self.attrs), ttl)
+        # the etcd lease is gone (the key will vanish with it): create the key afresh
+        self.registry.delete(key)
+        created, lease_id, _ = self.registry.create(key, value, self.ttl)
+        if not created:
+            return None
+        return self._hold(Lease(old.subnet, self.attrs, None, lease_id), self.ttl)
+
+    def _hold(self, lease: Lease, ttl: int) -> Lease:
+        prev = self.state
+        self.state = LeaseState(lease, ttl, last_renew=time.monotonic())
+        if prev is not None:
+            self.state.renewals = prev.renewals
+            self.state.renew_failures = prev.renew_failures
+            self.state.reacquired = prev.reacquired
+        self.previous_subnet = lease.subnet
+        return lease
+
+    @property
+    def lease(self) -> Lease:
+        assert self.state is not None, "no lease held"
+        return self.state.lease
+
+    @property
+    def key(self) -> str:
+        return self._key(self.lease.subnet)
+
+    def keepalive_interval(self) -> float:
+        """Keepalives run often (a third of the TTL, at most every 5 min) so the TTL stays full."""
+        return max(0.5, min(self.ttl / 3.0, 300.0))
+
+    def renew(self) -> bool:
+        """One keepalive. True = still held; False = the etcd lease is gone (re-acquire)."""
+        state = self.state
+        if state is None or state.lease.reserved:
+            return True
+        try:
+            ttl = self.registry.keepalive(state.lease.lease_id)
+        except RegistryError as exc:
+            state.renew_failures += 1
+            log.warning("lease keepalive failed (will retry): %s", exc)
+            return True
+        if ttl <= 0:
+            log.warning("our etcd lease %x has expired or was revoked", state.lease.lease_id)
+            return False
+        state.ttl = ttl
+        state.renewals += 1
+        state.last_renew = time.monotonic()
+        return True
+
+    def seconds_left(self) -> float | None:
+        state = self.state
+        if state is None or state.lease.reserved:
+            return None
+        return max(0.0, state.ttl - (time.monotonic() - state.last_renew))
+
+    def reacquire(self) -> Lease:
+        """Our key vanished: re-create the same subnet key; renumber only if another host has it.
+
+        Raises LeaseLost (after acquiring a new subnet) when renumbering was forced.
+        """
+        state = self.state
+        assert state is not None
+        old = state.lease
+        key = self._key(old.subnet)
+        value = encode_attrs(self.attrs)
+        lease_id = old.lease_id
+        if lease_id:
+            try:
+                if self.registry.keepalive(lease_id) <= 0:
+                    lease_id = 0
+            except RegistryError:
+                lease_id = 0
+        if lease_id:
+            # etcd lease alive, only the key was deleted: put it back on the same lease
+            created, _, holder = self.registry.create(key, value, None, lease_id=lease_id)
+            ttl = state.ttl
+        else:
+            created, lease_id, holder = self.registry.create(key, value, self.ttl)
+            ttl = self.ttl
+        if created:
+            state.reacquired += 1
+            log.warning("our lease key %s was gone; re-created it for the same subnet", key)
+            self._hold(Lease(old.subnet, self.attrs, None, lease_id), ttl)
+            assert self.state is not None
+            self.state.reacquired = state.reacquired
+            return self.lease
+        if holder is not None:
+            try:
+                other = decode_lease(key[len(self.subnets_prefix):], holder.value)
+                if other.attrs.public_ip == self.public_ip:
+                    # ours after all (e.g. written back by an operator): adopt it
+                    return self._hold(
+                        Lease(old.subnet, other.attrs, None, holder.lease_id), state.ttl
+                    )
+            except LeaseError:
+                pass
+        log.error("SUBNET LOST: %s is now held by another host; acquiring a new subnet. Pods on "
+                  "this host must be re-attached.", old.subnet)
+        self.previous_subnet = None
+        self.acquire()
+        raise LeaseLost(f"subnet {old.subnet} was taken by another host; now {self.lease.subnet}")
+
+
+__all__ = ["LeaseManager", "LeaseLost", "OutOfSubnets", "LeaseState"]

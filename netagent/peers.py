@@ -1,0 +1,109 @@
+"""The peer table: a pure fold of lease snapshots and watch events into subnet -> Lease.
+
+Like flannel's LeaseWatcher (snapshot diff, upsert by subnet) but testable on its own: no I/O,
+no clock. Malformed values are skipped with a reason and never remove a peer that was valid
+before (its kernel entries keep serving traffic until a valid value or a delete arrives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+
+from netagent.lease import Lease, LeaseError, decode_lease
+
+
+@dataclass(frozen=True)
+class RawLease:
+    """A subnets/ key as read from etcd: last path element, value, lease id, revision."""
+
+    name: str
+    value: bytes
+    lease_id: int = 0
+    revision: int = 0
+
+
+@dataclass
+class PeerChanges:
+    added: set[IPv4Network] = field(default_factory=set)
+    removed: set[IPv4Network] = field(default_factory=set)
+    #: key name -> why it was skipped
+    rejected: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> frozenset[IPv4Network]:
+        return frozenset(self.added | self.removed)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+class PeerTable:
+    """subnet -> Lease for every lease in etcd except our own subnet."""
+
+    def __init__(self, own_subnet: IPv4Network | None = None) -> None:
+        self.own_subnet = own_subnet
+        self.peers: dict[IPv4Network, Lease] = {}
+        #: key name -> reason, for keys currently holding an unusable value
+        self.invalid: dict[str, str] = {}
+
+    def _decode(self, raw: RawLease, changes: PeerChanges) -> Lease | None:
+        try:
+            return decode_lease(raw.name, raw.value, raw.lease_id, raw.revision)
+        except LeaseError as exc:
+            self.invalid[raw.name] = str(exc)
+            changes.rejected[raw.name] = str(exc)
+            return None
+
+    def reset(self, snapshot: Iterable[RawLease]) -> PeerChanges:
+        """Replace the table with a full listing; report what was added and removed."""
+        changes = PeerChanges()
+        new: dict[IPv4Network, Lease] = {}
+        self.invalid = {}
+        for raw in snapshot:
+            lease = self._decode(raw, changes)
+            if lease is None:
+                continue
+            if lease.subnet == self.own_subnet:
+                continue
+            new[lease.subnet] = lease
+        # a key whose value is now malformed keeps its last good lease
+        for subnet, old in self.peers.items():
+            if subnet not in new and old.key in self.invalid:
+                new[subnet] = old
+        for subnet, lease in new.items():
+            if self.peers.get(subnet) != lease:
+                changes.added.add(subnet)
+        changes.removed = set(self.peers) - set(new)
+        self.peers = new
+        return changes
+
+    def put(self, raw: RawLease) -> PeerChanges:
+        changes = PeerChanges()
+        lease = self._decode(raw, changes)
+        if lease is None or lease.subnet == self.own_subnet:
+            return changes
+        self.invalid.pop(raw.name, None)
+        if self.peers.get(lease.subnet) != lease:
+            self.peers[lease.subnet] = lease
+            changes.added.add(lease.subnet)
+        return changes
+
+    def delete(self, name: str) -> PeerChanges:
+        changes = PeerChanges()
+        self.invalid.pop(name, None)
+        for subnet, lease in list(self.peers.items()):
+            if lease.key == name:
+                del self.peers[subnet]
+                changes.removed.add(subnet)
+        return changes
+
+    def set_own(self, subnet: IPv4Network | None) -> PeerChanges:
+        """Our subnet changed (renumbering): it stops or starts being a peer entry."""
+        changes = PeerChanges()
+        self.own_subnet = subnet
+        if subnet is not None and subnet in self.peers:
+            del self.peers[subnet]
+            changes.removed.add(subnet)
+        return changes

@@ -1,0 +1,470 @@
+"""All etcd access: one module, so the client library can be swapped (see DESIGN.md).
+
+Wraps ``etcd3==0.12.0`` and adds what it lacks (shared/reference/etcd.md §3.5): endpoint
+rotation on connection errors, re-authentication on an expired token, a refusal of
+user/password without TLS, a keepalive call that reports lease loss, and a prefix watch that
+resumes from the last revision + 1 and re-lists after compaction.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import queue  # noqa: E402
+import ssl  # noqa: E402
+import threading  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import etcd3  # noqa: E402
+    import etcd3.exceptions as etcd_exc  # noqa: E402
+    import grpc  # noqa: E402
+
+log = logging.getLogger("netagent.registry")
+
+_default_excepthook = threading.excepthook
+
+
+def _quiet_closed_watch(args: threading.ExceptHookArgs) -> None:
+    """etcd3's watch thread dies with ValueError when we close its channel; that is expected."""
+    name = args.thread.name if args.thread is not None else ""
+    if name.startswith("etcd3_watch_") and isinstance(args.exc_value, ValueError):
+        return
+    _default_excepthook(args)
+
+
+threading.excepthook = _quiet_closed_watch
+
+T = TypeVar("T")
+
+DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+class RegistryError(RuntimeError):
+    """etcd refused or failed a request; the message says what and why."""
+
+    def __init__(self, message: str, kind: str = "other") -> None:
+        super().__init__(message)
+        #: metric label: unavailable, timeout, auth, permission, compacted, other
+        self.kind = kind
+
+
+class RegistryConfigError(RegistryError):
+    """The etcd settings themselves are wrong (retrying will not help)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "config")
+
+
+class Compacted(RegistryError):
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"watch revision compacted (now at {revision})", "compacted")
+        self.revision = revision
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
+    prefix: str = "/coreos.com/network"
+    cafile: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+    username: str = ""
+    password: str = ""
+    timeout: float = 5.0
+
+    @property
+    def tls(self) -> bool:
+        return any(urlsplit(e).scheme == "https" for e in self.endpoints) or bool(
+            self.certfile or self.keyfile or self.cafile
+        )
+
+    def validate(self) -> None:
+        if not self.endpoints:
+            raise RegistryConfigError("no etcd endpoint given (--etcd-endpoints)")
+        for ep in self.endpoints:
+            parts = urlsplit(ep if "://" in ep else f"http://{ep}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise RegistryConfigError(f"etcd endpoint {ep!r} is not an http(s)://host:port URL")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise RegistryConfigError(
+                "--etcd-certfile and --etcd-keyfile must be given together"
+            )
+        if (self.username or self.password) and not self.tls:
+            raise RegistryConfigError(
+                "refusing to send the etcd user name and password over plaintext: use https:// "
+                "endpoints with --etcd-cafile (gRPC will not send call credentials without TLS)"
+            )
+        if bool(self.username) != bool(self.password):
+            raise RegistryConfigError("--etcd-username and --etcd-password must be given together")
+        for name, path in (("cafile", self.cafile), ("certfile", self.certfile),
+                           ("keyfile", self.keyfile)):
+            if path and not os.path.isfile(path):
+                raise RegistryConfigError(f"--etcd-{name} {path}: no such file")
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    lease_id: int
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched prefix (`value` is b"" for deletes)."""
+
+    kind: str  # "put" | "delete"
+    key: str
+    value: bytes
+    lease_id: int
+    revision: int
+    prev_value: bytes = b""
+
+
+@dataclass(frozen=True)
+class WatchResync:
+    """The watch lost its place (compaction): here is the whole prefix at `revision`."""
+
+    items: tuple[KeyValue, ...]
+    revision: int
+
+
+@dataclass
+class RegistryStats:
+    errors: dict[str, int] = field(default_factory=dict)
+    watch_reconnects: int = 0
+    failovers: int = 0
+
+    def count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, etcd_exc.ConnectionTimeoutError):
+        return "timeout", "etcd did not answer in time"
+    if isinstance(exc, etcd_exc.ConnectionFailedError):
+        return "unavailable", "cannot reach etcd"
+    if isinstance(exc, etcd_exc.RevisionCompactedError):
+        return "compacted", "revision compacted"
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if hasattr(exc, "code") else None
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return "auth", f"etcd rejected our credentials: {detail}"
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            return "permission", f"etcd denied access: {detail}"
+        if code in (grpc.StatusCode.UNAVAILABLE,):
+            return "unavailable", f"cannot reach etcd: {detail}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "timeout", "etcd did not answer in time"
+        return "other", f"etcd error {code}: {detail}"
+    if isinstance(exc, ValueError) and "closed channel" in str(exc):
+        return "unavailable", "connection closed"
+    if isinstance(exc, ssl.SSLError | OSError):
+        return "tls", f"cannot set up TLS: {exc}"
+    return "other", f"{type(exc).__name__}: {exc}"
+
+
+class Registry:
+    """Thread-safe facade over one etcd client; rotates endpoints on connection failure."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.prefix = settings.prefix.rstrip("/")
+        self.stats = RegistryStats()
+        self._lock = threading.RLock()
+        self._client: Any = None
+        self._index = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.endpoints[self._index % len(self.settings.endpoints)]
+
+    def _connect(self) -> Any:
+        ep = self.endpoint
+        parts = urlsplit(ep if "://" in ep else f"http://{ep}")
+        s = self.settings
+        kwargs: dict[str, Any] = {"timeout": s.timeout}
+        if s.tls:
+            ca = s.cafile or ssl.get_default_verify_paths().cafile or \
+                "/etc/ssl/certs/ca-certificates.crt"
+            kwargs["ca_cert"] = ca
+            if s.certfile:
+                kwargs["cert_cert"] = s.certfile
+                kwargs["cert_key"] = s.keyfile
+        if s.username:
+            kwargs["user"] = s.username
+            kwargs["password"] = s.password
+        try:
+            return etcd3.client(parts.hostname, parts.port or 2379, **kwargs)
+        except Exception as exc:  # auth happens at construction
+            kind, msg = _classify(exc)
+            self.stats.count(kind)
+            raise RegistryError(f"{ep}: {msg}", kind) from None
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._closed:
+                raise RegistryError("registry closed", "closed")
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _drop(self, rotate: bool) -> None:
+        with self._lock:
+            old, self._client = self._client, None
+            if rotate and len(self.settings.endpoints) > 1:
+                self._index += 1
+                self.stats.failovers += 1
+                log.warning("switching to etcd endpoint %s", self.endpoint)
+        if old is not None:
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - closing a broken channel
+                pass
+
+    def call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run `fn(client)`; on connection loss try each other endpoint once; re-auth once."""
+        attempts = max(1, len(self.settings.endpoints)) + 1
+        last: RegistryError | None = None
+        reauthed = False
+        for _ in range(attempts):
+            try:
+                return fn(self.client())
+            except RegistryError as exc:
+                last = exc
+                if exc.kind in ("unavailable", "timeout"):
+                    self._drop(rotate=True)
+                    continue
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped below
+                kind, msg = _classify(exc)
+                self.stats.count(kind)
+                last = RegistryError(f"{what}: {msg} ({self.endpoint})", kind)
+                if kind == "auth" and self.settings.username and not reauthed:
+                    reauthed = True
+                    self._drop(rotate=False)
+                    continue
+                if kind in ("unavailable", "timeout"):
+                    self._drop(rotate=True)
+                    continue
+                raise last from None
+        assert last is not None
+        raise last
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._drop(rotate=False)
+
+    # ------------------------------------------------------------------ keys
+
+    def key(self, suffix: str) -> str:
+        return f"{self.prefix}/{suffix.lstrip('/')}"
+
+    def get(self, key: str) -> KeyValue | None:
+        def op(c: Any) -> KeyValue | None:
+            value, meta = c.get(key)
+            if meta is None:
+                return None
+            return KeyValue(key, value, meta.lease_id, meta.mod_revision)
+
+        return self.call(f"get {key}", op)
+
+    def put(self, key: str, value: bytes | str, lease_id: int = 0) -> None:
+        self.call(f"put {key}", lambda c: c.put(key, value, lease=lease_id or None))
+
+    def delete(self, key: str) -> bool:
+        return bool(self.call(f"delete {key}", lambda c: c.delete(key)))
+
+    def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """All keys under `prefix` and the store revision of that read (one range request)."""
+
+        def op(c: Any) -> tuple[list[KeyValue], int]:
+            resp = c.get_prefix_response(prefix)
+            items = [
+                KeyValue(kv.key.decode(), kv.value, kv.lease, kv.mod_revision) for kv in resp.kvs
+            ]
+            return items, int(resp.header.revision)
+
+        return self.call(f"list {prefix}", op)
+
+    def create(
+        self, key: str, value: bytes | str, ttl: int | None, lease_id: int = 0
+    ) -> tuple[bool, int, KeyValue | None]:
+        """Create `key` only if absent, on etcd lease `lease_id` or a fresh one of `ttl` seconds
+        (ttl None and no lease_id = a reservation).
+
+        Returns (created, lease_id, existing). On failure a lease granted here is revoked so
+        no orphan lease is left behind.
+        """
+        given = lease_id
+
+        def op(c: Any) -> tuple[bool, int, KeyValue | None]:
+            lease_id = given
+            if not lease_id and ttl is not None:
+                lease_id = int(c.lease(ttl).id)
+            try:
+                ok, responses = c.transaction(
+                    compare=[c.transactions.version(key) == 0],
+                    success=[c.transactions.put(key, value, lease=lease_id or None)],
+                    failure=[c.transactions.get(key)],
+                )
+            except Exception:
+                if lease_id and not given:
+                    try:
+                        c.revoke_lease(lease_id)
+                    except Exception:  # noqa: BLE001 - best effort, the TTL will end it
+                        pass
+                raise
+            if ok:
+                return True, lease_id, None
+            if lease_id and not given:
+                c.revoke_lease(lease_id)
+            existing = None
+            if responses and responses[0]:
+                v, meta = responses[0][0]
+                existing = KeyValue(key, v, meta.lease_id, meta.mod_revision)
+            return False, 0, existing
+
+        return self.call(f"create {key}", op)
+
+    def grant(self, ttl: int) -> int:
+        return int(self.call("grant lease", lambda c: c.lease(ttl).id))
+
+    def revoke(self, lease_id: int) -> None:
+        self.call("revoke lease", lambda c: c.revoke_lease(lease_id))
+
+    def keepalive(self, lease_id: int) -> int:
+        """Send one keepalive; returns the new TTL (0 means the lease is gone)."""
+
+        def op(c: Any) -> int:
+            responses = list(c.refresh_lease(lease_id))
+            return int(responses[0].TTL) if responses else 0
+
+        return self.call("keepalive", op)
+
+    def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on an etcd lease (-1 when it no longer exists)."""
+        return int(self.call("lease ttl", lambda c: c.get_lease_info(lease_id).TTL))
+
+    def lease_ttls(self, lease_ids: list[int]) -> dict[int, int]:
+        return {lid: self.lease_ttl(lid) for lid in set(lease_ids) if lid}
+
+    def compact(self, revision: int) -> None:
+        self.call("compact", lambda c: c.compact(revision, physical=True))
+
+    # ------------------------------------------------------------------ v2 store
+
+    def find_v2_value(self, key: str) -> str | None:
+        """The value of `key` in etcd's separate v2 store, if the server has one (else None)."""
+        for ep in self.settings.endpoints:
+            url = f"{ep.rstrip('/')}/v2/keys{key}"
+            ctx = None
+            if url.startswith("https"):
+                ctx = ssl.create_default_context(cafile=self.settings.cafile or None)
+                if self.settings.certfile:
+                    ctx.load_cert_chain(self.settings.certfile, self.settings.keyfile)
+            try:
+                with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:  # noqa: S310
+                    doc = json.loads(resp.read())
+                value = doc.get("node", {}).get("value")
+                return str(value) if value is not None else None
+            except (urllib.error.URLError, OSError, ValueError):
+                continue
+        return None
+
+    # ------------------------------------------------------------------ watch
+
+    def watch_prefix(
+        self,
+        prefix: str,
+        start_revision: int,
+        stop: threading.Event,
+        on_reconnect: Callable[[], None] | None = None,
+    ) -> Iterator[WatchEvent | WatchResync]:
+        """Yield changes under `prefix` from `start_revision`, forever, until `stop` is set.
+
+        Resumes at last revision + 1 after any error, backing off 100 ms → 5 s; after a
+        compaction it re-lists the prefix and yields a :class:`WatchResync`.
+        """
+        rev = start_revision
+        backoff = BACKOFF_START
+        while not stop.is_set():
+            items: queue.Queue[Any] = queue.Queue()
+            watch_id = None
+            client = None
+            try:
+                client = self.client()
+                watch_id = client.add_watch_prefix_callback(
+                    prefix, items.put, start_revision=rev, prev_kv=True
+                )
+                backoff = BACKOFF_START
+                while not stop.is_set():
+                    try:
+                        resp = items.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    if isinstance(resp, BaseException):
+                        raise resp
+                    for ev in resp.events:
+                        kind = "put" if isinstance(ev, etcd3.events.PutEvent) else "delete"
+                        prev = b""
+                        if ev._event.HasField("prev_kv"):
+                            prev = ev._event.prev_kv.value
+                        yield WatchEvent(kind, ev.key.decode(), ev.value if kind == "put" else b"",
+                                         int(ev._event.kv.lease), int(ev.mod_revision), prev)
+                        rev = max(rev, int(ev.mod_revision) + 1)
+                    rev = max(rev, int(resp.header.revision) + 1)
+            except etcd_exc.RevisionCompactedError as exc:
+                self.stats.count("compacted")
+                log.warning("watch on %s: revision %d compacted (at %d), re-listing", prefix, rev,
+                            exc.compacted_revision)
+                try:
+                    listed, at = self.list_prefix(prefix)
+                except RegistryError as lexc:
+                    log.warning("re-list failed: %s", lexc)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                yield WatchResync(tuple(listed), at)
+                rev = at + 1
+            except Exception as exc:  # noqa: BLE001 - every failure means: resume later
+                if stop.is_set():
+                    break
+                kind, msg = _classify(exc)
+                self.stats.count(kind)
+                self.stats.watch_reconnects += 1
+                if on_reconnect is not None:
+                    on_reconnect()
+                log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
+                            prefix, msg, rev, backoff)
+                if kind in ("unavailable", "timeout", "other", "auth"):
+                    self._drop(rotate=kind in ("unavailable", "timeout"))
+                stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            finally:
+                if watch_id is not None and client is not None:
+                    try:
+                        client.cancel_watch(watch_id)
+                    except Exception:  # noqa: BLE001 - channel may be gone already
+                        pass

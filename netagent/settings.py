@@ -1,0 +1,178 @@
+"""Agent settings: flannel's flags, from the command line, `NETAGENT_*`/`FLANNELD_*`, or YAML.
+
+Precedence: command-line flag > `NETAGENT_<FLAG>` > `FLANNELD_<FLAG>` > `--config FILE.yaml` >
+default. Empty environment values are ignored (as flannel does). Pure apart from reading the
+environment mapping and the YAML file it is handed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # command-line name without dashes
+    default: Any
+    help: str
+    kind: type = str  # str, int, bool, list (repeatable / comma-separated)
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("etcd-endpoints", ["http://127.0.0.1:4001", "http://127.0.0.1:2379"],
+         "comma-separated etcd URLs; several give failover", list),
+    Flag("etcd-prefix", "/coreos.com/network", "etcd key prefix of the network"),
+    Flag("etcd-cafile", "", "CA bundle to verify etcd (TLS even without a client cert)"),
+    Flag("etcd-certfile", "", "TLS client certificate for etcd"),
+    Flag("etcd-keyfile", "", "TLS client key for etcd"),
+    Flag("etcd-username", "", "etcd user (only over TLS)"),
+    Flag("etcd-password", "", "etcd password (only over TLS)"),
+    Flag("iface", [], "interface name or IP to use (repeatable, tried in order)", list),
+    Flag("iface-regex", [], "regex on interface IPs, then names (repeatable)", list),
+    Flag("public-ip", "", "IPv4 address peers use to reach this host"),
+    Flag("subnet-file", "/run/flannel/subnet.env", "where to write subnet.env"),
+    Flag("subnet-lease-renew-margin", 60,
+         "minutes before expiry by which the lease must be renewed (1-1439)", int),
+    Flag("subnet-lease-ttl", 86400, "etcd lease TTL in seconds (flannel: fixed 86400)", int),
+    Flag("ip-masq", False, "install masquerade rules for traffic leaving the overlay", bool),
+    Flag("healthz-ip", "0.0.0.0", "address of the health server"),
+    Flag("healthz-port", 0, "port of the health server (0 = off)", int),
+    Flag("metrics-port", 0, "port of the Prometheus metrics server (0 = off)", int),
+    Flag("state-dir", "/var/lib/netagent", "where netagent keeps its own state (VTEP MAC, status)"),
+    Flag("repair-interval", 10.0, "seconds between full kernel compares (drift repair)", float),
+    Flag("log-level", "info", "debug, info, warning or error"),
+)
+
+_BY_DEST = {f.name.replace("-", "_"): f for f in FLAGS}
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    etcd_endpoints: tuple[str, ...]
+    etcd_prefix: str
+    etcd_cafile: str
+    etcd_certfile: str
+    etcd_keyfile: str
+    etcd_username: str
+    etcd_password: str
+    iface: tuple[str, ...]
+    iface_regex: tuple[str, ...]
+    public_ip: str
+    subnet_file: str
+    subnet_lease_renew_margin: int
+    subnet_lease_ttl: int
+    ip_masq: bool
+    healthz_ip: str
+    healthz_port: int
+    metrics_port: int
+    state_dir: str
+    repair_interval: float
+    log_level: str
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every flag with default None, so we can tell 'not given' from a value."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of these flags")
+    for f in FLAGS:
+        opt = f"--{f.name}"
+        if f.kind is bool:
+            parser.add_argument(opt, nargs="?", const="true", default=None, metavar="BOOL",
+                                help=f"{f.help} (default {str(f.default).lower()})")
+        elif f.kind is list:
+            parser.add_argument(opt, action="append", default=None, help=f.help)
+        else:
+            parser.add_argument(opt, default=None, help=f"{f.help} (default {f.default!r})")
+
+
+def _coerce(flag: Flag, value: Any, origin: str) -> Any:
+    try:
+        if flag.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on", "t"):
+                return True
+            if text in ("0", "false", "no", "off", "f"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if flag.kind is int:
+            if isinstance(value, bool):
+                raise ValueError(f"not a whole number: {value!r}")
+            return int(value)
+        if flag.kind is float:
+            return float(value)
+        if flag.kind is list:
+            items = value if isinstance(value, list) else [value]
+            out: list[str] = []
+            for item in items:
+                out += [p.strip() for p in str(item).split(",") if p.strip()]
+            return tuple(out)
+        return str(value)
+    except ValueError as exc:
+        raise SettingsError(f"{origin}: {exc}") from None
+
+
+def load_settings(
+    args: argparse.Namespace, environ: Mapping[str, str], config_text: str | None = None
+) -> AgentSettings:
+    """Merge the sources; raise SettingsError naming the source of a bad value."""
+    file_values: dict[str, Any] = {}
+    if config_text is not None:
+        try:
+            doc = yaml.safe_load(config_text) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"--config: not valid YAML: {exc}") from None
+        if not isinstance(doc, dict):
+            raise SettingsError("--config: the file must be a mapping of flag: value")
+        for key, value in doc.items():
+            dest = str(key).replace("-", "_").lower()
+            if dest not in _BY_DEST:
+                raise SettingsError(f"--config: unknown setting {key!r}")
+            file_values[dest] = value
+    values: dict[str, Any] = {}
+    for dest, flag in _BY_DEST.items():
+        env_name = dest.upper()
+        cli = getattr(args, dest, None)
+        if cli is not None:
+            values[dest] = _coerce(flag, cli, f"--{flag.name}")
+        elif environ.get(f"NETAGENT_{env_name}"):
+            values[dest] = _coerce(flag, environ[f"NETAGENT_{env_name}"], f"NETAGENT_{env_name}")
+        elif environ.get(f"FLANNELD_{env_name}"):
+            values[dest] = _coerce(flag, environ[f"FLANNELD_{env_name}"], f"FLANNELD_{env_name}")
+        elif dest in file_values:
+            values[dest] = _coerce(flag, file_values[dest], f"--config {flag.name}")
+        else:
+            values[dest] = _coerce(flag, flag.default, flag.name)
+    settings = AgentSettings(**values)
+    if not 1 <= settings.subnet_lease_renew_margin <= 1439:
+        raise SettingsError(
+            "Invalid subnet-lease-renew-margin option, out of acceptable range (1-1439 minutes)"
+        )
+    if settings.subnet_lease_ttl < 3:
+        raise SettingsError("--subnet-lease-ttl must be at least 3 seconds")
+    if settings.repair_interval <= 0:
+        raise SettingsError("--repair-interval must be positive")
+    return settings
+
+
+def read_config_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: {exc.strerror or exc}") from None
+
+
+def settings_fields() -> Sequence[str]:
+    return [f.name for f in fields(AgentSettings)]
