@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 BACKENDS: dict[str, str] = {
     "alloc": "backends.alloc:AllocBackend",
+    "vxlan": "backends.vxlan:VxlanBackend",
+    "host-gw": "backends.hostgw:HostGwBackend",
 }
 
 

@@ -1,0 +1,172 @@
+"""Shared pieces of the reconciling backends (vxlan, host-gw).
+
+The top half is pure: MAC helpers and the :class:`Rendered` result of a backend's render
+function. The bottom half, :class:`ReconcilingBackend`, is the thin shell every such backend
+shares: it asks the kernel the few facts a render needs (route lookups), calls the backend's pure
+render for the peers that need it, hands the entries to the :class:`~netagent.dataplane.Reconciler`
+and turns the outcome into a :class:`~backends.base.SyncReport`. It talks to the kernel only
+through :class:`~netagent.dataplane.Kernel`, so the fake kernel can stand in for netlink.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from backends.base import Backend, HostFacts, SyncReport
+from netagent.config import NetworkConfig
+from netagent.dataplane import (
+    Entry,
+    Kernel,
+    Reconciler,
+    RouteLookup,
+    lookup_all,
+    route_owner,
+)
+from netagent.lease import Lease
+
+log = logging.getLogger(__name__)
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def parse_unicast_mac(text: object) -> str:
+    """A MAC usable as a VTEP address, lower-cased; ValueError says why not."""
+    if not isinstance(text, str):
+        raise ValueError(f"VtepMAC must be a string, got {text!r}")
+    mac = text.strip().lower().replace("-", ":")
+    if not _MAC_RE.match(mac):
+        raise ValueError(f"VtepMAC {text!r} is not a MAC address")
+    first = int(mac[:2], 16)
+    if first & 0x01:
+        raise ValueError(f"VtepMAC {text!r} is a multicast address")
+    if mac == "00:00:00:00:00:00":
+        raise ValueError("VtepMAC is all zeros")
+    return mac
+
+
+def generate_vtep_mac(randbytes: Callable[[int], bytes] = secrets.token_bytes) -> str:
+    """Random MAC with the locally administered bit set and the multicast bit clear."""
+    raw = bytearray(randbytes(6))
+    raw[0] = (raw[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A render's output: entries per peer, and peers left out with the reason."""
+
+    entries: Mapping[IPv4Network, tuple[Entry, ...]] = field(default_factory=dict)
+    skipped: Mapping[IPv4Network, str] = field(default_factory=dict)
+
+
+def is_direct(lookup: RouteLookup | None, iface_index: int | None = None) -> bool:
+    """flannel's same-L2 test: the kernel reaches the address without a gateway (on iface)."""
+    if lookup is None or lookup.gateway is not None or lookup.oif is None:
+        return False
+    return iface_index is None or lookup.oif == iface_index
+
+
+# --------------------------------------------------------------------------- shared shell
+
+
+class ReconcilingBackend(Backend):
+    """sync() for backends whose per-peer state is rendered by a pure function."""
+
+    def __init__(self, config: NetworkConfig, host: HostFacts, *,
+                 kernel: Kernel | None = None) -> None:
+        super().__init__(config, host)
+        self._kernel = kernel
+        self.own: Lease | None = None
+        self.reconciler: Reconciler | None = None
+        #: peers the render left out, and peers whose routes the apply held back
+        self._skipped: dict[IPv4Network, str] = {}
+        self._blocked: dict[IPv4Network, str] = {}
+
+    @property
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            from netagent.dataplane import NetlinkKernel
+
+            self._kernel = NetlinkKernel()
+        return self._kernel
+
+    def _new_reconciler(self, device: int | None) -> Reconciler:
+        return Reconciler(
+            self.kernel,
+            route_owner(self.config.network, lambda: self.own.subnet if self.own else None),
+            device=device,
+        )
+
+    # hooks for the concrete backends
+
+    @abstractmethod
+    def render(self, peers: Mapping[IPv4Network, Lease],
+               lookups: Mapping[IPv4Address, RouteLookup | None]) -> Rendered:
+        """The backend's pure render, with its parameters bound."""
+
+    def wants_lookup(self, lease: Lease) -> bool:
+        """Whether rendering this peer needs ``ip route get <PublicIP>``."""
+        return False
+
+    def repair_devices(self) -> bool:
+        """Full sync only: make devices right; True when every peer must be re-rendered."""
+        return False
+
+    # the driver
+
+    def sync(
+        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+    ) -> SyncReport:
+        full = changed is None or self.reconciler is None or not self.reconciler.synced
+        if self.reconciler is None:
+            self.reconciler = self._new_reconciler(None)
+        if full:
+            self.repair_devices()
+            todo = set(peers) | set(self.reconciler.peers()) | set(self._skipped)
+        else:
+            assert changed is not None
+            todo = set(changed)
+        if self.own is not None:
+            todo.discard(self.own.subnet)
+        subset = {s: peers[s] for s in todo if s in peers}
+        lookups = lookup_all(self.kernel, (lz.attrs.public_ip for lz in subset.values()
+                                           if self.wants_lookup(lz)))
+        rendered = self.render(subset, lookups)
+        for subnet in todo:
+            self.reconciler.set_peer(subnet, rendered.entries.get(subnet))
+            if subnet in peers:
+                self._note_skip(self._skipped, subnet, rendered.skipped.get(subnet))
+            else:
+                self._skipped.pop(subnet, None)
+                self._blocked.pop(subnet, None)
+        if full:
+            self.reconciler.resync()
+        result = self.reconciler.apply()
+        # held-back routes stay dirty, so every apply re-evaluates all of them
+        for subnet in set(self._blocked) | set(result.blocked):
+            self._note_skip(self._blocked, subnet, result.blocked.get(subnet))
+        skipped = {**self._blocked, **self._skipped}
+        return SyncReport(added=result.added, removed=result.removed, failed=len(result.failed),
+                          entries=self.reconciler.counts(), skipped=skipped)
+
+    @staticmethod
+    def _note_skip(table: dict[IPv4Network, str], subnet: IPv4Network, why: str | None) -> None:
+        """Log a skipped peer once per reason, not on every sync."""
+        before = table.get(subnet)
+        if why is None:
+            if before is not None:
+                del table[subnet]
+                log.info("peer %s is no longer skipped", subnet)
+            return
+        if why != before:
+            log.warning("skipping peer %s: %s", subnet, why)
+        table[subnet] = why
