@@ -1,0 +1,191 @@
+"""An in-memory kernel for the reconciler and backend tests, able to fail on demand.
+
+It mimics the netlink semantics the backends rely on, no more: neighbours keyed by
+(ifindex, IP), vxlan FDB by (ifindex, MAC) with one dst (replace overwrites it), routes by
+(table, dst, metric) where replace overwrites whatever is there (any proto) and delete with a
+proto only removes a route of that proto. Deleting a link takes its entries with it.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from netagent.dataplane import (
+    Fdb,
+    KernelError,
+    LinkInfo,
+    Neigh,
+    Op,
+    Route,
+    RouteLookup,
+    VxlanSpec,
+)
+
+
+@dataclass
+class FakeKernel:
+    links: dict[str, LinkInfo] = field(default_factory=dict)
+    neighs: dict[tuple[int, IPv4Address], Neigh] = field(default_factory=dict)
+    fdb: dict[tuple[int, str], Fdb] = field(default_factory=dict)
+    routes: dict[tuple[int, IPv4Network, int], Route] = field(default_factory=dict)
+    #: underlay address -> answer of `ip route get` (missing = unreachable)
+    lookups: dict[IPv4Address, RouteLookup] = field(default_factory=dict)
+    #: every write, as (action, entry); link/addr changes as ("link", description)
+    log: list[tuple[str, Any]] = field(default_factory=list)
+    dumps: list[str] = field(default_factory=list)
+    _rules: list[tuple[Callable[[Op], bool], int]] = field(default_factory=list)
+    _next_index: int = 10
+    csum_off: set[str] = field(default_factory=set)
+
+    # -- failure injection
+
+    def fail(self, pred: Callable[[Op], bool], times: int = 1) -> None:
+        """The next `times` writes matching `pred` fail with EBUSY."""
+        self._rules.append((pred, times))
+
+    def _should_fail(self, op: Op) -> bool:
+        for i, (pred, times) in enumerate(self._rules):
+            if times > 0 and pred(op):
+                self._rules[i] = (pred, times - 1)
+                return True
+        return False
+
+    def writes(self) -> int:
+        return len(self.log)
+
+    def clear_log(self) -> None:
+        self.log.clear()
+        self.dumps.clear()
+
+    # -- links
+
+    def add_plain_link(self, name: str, mtu: int = 1500) -> int:
+        index = self._next_index
+        self._next_index += 1
+        self.links[name] = LinkInfo(index, name, "veth", "02:00:00:00:00:01", mtu, True)
+        return index
+
+    def link(self, name: str) -> LinkInfo | None:
+        return self.links.get(name)
+
+    def _by_index(self, index: int) -> LinkInfo:
+        for link in self.links.values():
+            if link.index == index:
+                return link
+        raise KernelError(errno.ENODEV, f"no link {index}")
+
+    def create_vxlan(self, spec: VxlanSpec, mac: str) -> None:
+        if spec.name in self.links:
+            raise KernelError(errno.EEXIST, "exists")
+        index = self._next_index
+        self._next_index += 1
+        self.links[spec.name] = LinkInfo(
+            index, spec.name, "vxlan", mac, spec.mtu, False, (), spec.vni, spec.port,
+            spec.local, spec.underlay_index, spec.learning, spec.gbp)
+        self.log.append(("link", f"create {spec.name}"))
+
+    def delete_link(self, index: int) -> None:
+        link = self._by_index(index)
+        del self.links[link.name]
+        self.neighs = {k: v for k, v in self.neighs.items() if k[0] != index}
+        self.fdb = {k: v for k, v in self.fdb.items() if k[0] != index}
+        self.routes = {k: v for k, v in self.routes.items() if v.oif != index}
+        self.log.append(("link", f"delete {link.name}"))
+
+    def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
+                 mac: str | None = None) -> None:
+        link = self._by_index(index)
+        self.links[link.name] = replace(
+            link, mtu=link.mtu if mtu is None else mtu, up=link.up if up is None else up,
+            mac=link.mac if mac is None else mac)
+        self.log.append(("link", f"set {link.name} mtu={mtu} up={up} mac={mac}"))
+
+    def add_addr(self, index: int, addr: IPv4Interface) -> None:
+        link = self._by_index(index)
+        self.links[link.name] = replace(link, addrs=(*link.addrs, addr))
+        self.log.append(("link", f"addr add {addr} {link.name}"))
+
+    def del_addr(self, index: int, addr: IPv4Interface) -> None:
+        link = self._by_index(index)
+        self.links[link.name] = replace(link, addrs=tuple(a for a in link.addrs if a != addr))
+        self.log.append(("link", f"addr del {addr} {link.name}"))
+
+    def disable_tx_checksum(self, ifname: str) -> str:
+        if ifname in self.csum_off:
+            return ""
+        self.csum_off.add(ifname)
+        self.log.append(("link", f"csum off {ifname}"))
+        return "fake"
+
+    # -- dumps
+
+    def dump_neighs(self, ifindex: int) -> list[Neigh]:
+        self.dumps.append("neigh")
+        return [n for k, n in self.neighs.items() if k[0] == ifindex]
+
+    def dump_fdb(self, ifindex: int) -> list[Fdb]:
+        self.dumps.append("fdb")
+        return [f for k, f in self.fdb.items() if k[0] == ifindex]
+
+    def dump_routes(self, table: int) -> list[Route]:
+        self.dumps.append("route")
+        return [r for r in self.routes.values() if r.table == table]
+
+    def lookup_route(self, dst: IPv4Address) -> RouteLookup | None:
+        return self.lookups.get(dst)
+
+    # -- writes
+
+    def write(self, ops: Sequence[Op]) -> list[Exception | None]:
+        out: list[Exception | None] = []
+        for op in ops:
+            if self._should_fail(op):
+                out.append(KernelError(errno.EBUSY, f"injected failure for {op}"))
+                continue
+            try:
+                self._write(op)
+                self.log.append((op.action, op.entry))
+                out.append(None)
+            except KernelError as exc:
+                out.append(exc)
+        return out
+
+    def _write(self, op: Op) -> None:
+        e = op.entry
+        if isinstance(e, Neigh):
+            key = (e.ifindex, e.dst)
+            if op.action == "replace":
+                self._by_index(e.ifindex)
+                self.neighs[key] = e
+            elif self.neighs.pop(key, None) is None:
+                raise KernelError(errno.ENOENT, "no such neighbour")
+        elif isinstance(e, Fdb):
+            key2 = (e.ifindex, e.lladdr)
+            if op.action == "replace":
+                self._by_index(e.ifindex)
+                self.fdb[key2] = e
+            else:
+                have = self.fdb.get(key2)
+                if have is None:
+                    raise KernelError(errno.ENOENT, "no such fdb entry")
+                if have.dst == e.dst:
+                    del self.fdb[key2]
+        else:
+            key3 = (e.table, e.dst, e.metric)
+            if op.action == "replace":
+                self.routes[key3] = e
+            else:
+                have_r = self.routes.get(key3)
+                if have_r is None or have_r.proto != e.proto:
+                    raise KernelError(errno.ESRCH, "no such route")
+                del self.routes[key3]
+
+    # -- state for assertions
+
+    def state(self) -> tuple[frozenset[Any], ...]:
+        return (frozenset(self.neighs.values()), frozenset(self.fdb.values()),
+                frozenset(self.routes.values()))
