@@ -1,0 +1,834 @@
+"""The ``netagent`` CNI plugin: bridge + veth + built-in host-local IPAM from ``subnet.env``.
+
+Run once per container and verb by the runtime (env + stdin in, JSON on stdout). Design rules,
+each measured (bench/README.md, CNI section):
+
+- start-up path is stdlib C modules only (no ``json``/``typing``/``dataclasses``/``ipaddress``/
+  ``subprocess``/pyroute2): `cni.fast` and `cni.link`; the daemon package is never imported;
+- one deadline for the whole call (SIGALRM → code 11), so a wedged lock or kernel call never
+  hangs the runtime;
+- every failure is a CNI error object on stdout with a non-zero exit, and a failed ADD undoes
+  what it did (veth, reservation, masquerade) before answering;
+- DEL needs nothing but the container ID and ifname: the host veth name and the masquerade
+  chain are derived from them, so DEL works without the netns, prevResult or subnet.env.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cni.errors import (
+    CHECK_FAILED,
+    DECODE,
+    INCOMPATIBLE_VERSION,
+    INTERFACE_EXISTS,
+    INTERNAL,
+    INVALID_CONFIG,
+    INVALID_ENV,
+    NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+    CniError,
+)
+from cni.fast import digest, dumps, int_to_ip, loads, parse_cidr
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from cni.link import Netlink
+    from cni.subnet import SubnetEnv
+
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+LATEST = "1.1.0"
+DEFAULT_BRIDGE = "cni0"
+DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+DEFAULT_TIMEOUT = 20.0
+DEFAULT_SUBNET_WAIT = 3.0
+KNOWN_ARGS = {"IP", "IgnoreUnknown", "K8S_POD_NAME", "K8S_POD_NAMESPACE",
+              "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"}
+SIGALRM = 14
+
+
+def _log(msg: str) -> None:
+    """Diagnostics go to stderr: libcni parses stdout as the result."""
+    sys.stderr.write(f"netagent-cni: {msg}\n")
+
+
+# --------------------------------------------------------------------------- input
+
+
+def _valid_container_id(cid: str) -> bool:
+    if not cid or not cid[0].isascii() or not cid[0].isalnum():
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "_.-") for c in cid)
+
+
+def _valid_ifname(name: str) -> str:
+    """'' when usable as a Linux interface name, else why not."""
+    if not name:
+        return "interface name is empty"
+    if len(name) > 15:
+        return "interface name is too long"
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        return "interface name contains an invalid character"
+    return ""
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """``K=V;K2=V2``; unknown keys are an error unless ``IgnoreUnknown`` is set (as in Go)."""
+    out: dict[str, str] = {}
+    for item in raw.split(";"):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CniError(INVALID_ENV, "CNI_ARGS: invalid item (want K=V)", item)
+        out[key] = value
+    ignore = out.get("IgnoreUnknown", "").lower() in ("1", "true")
+    unknown = sorted(k for k in out if k not in KNOWN_ARGS)
+    if unknown and not ignore:
+        raise CniError(INVALID_ENV, f"CNI_ARGS: unknown args {unknown}", raw)
+    return out
+
+
+class Env:
+    """The CNI_* variables of one call, validated for its verb."""
+
+    def __init__(self, environ: dict[str, str] | os._Environ[str]) -> None:
+        self.command = environ.get("CNI_COMMAND", "")
+        self.container_id = environ.get("CNI_CONTAINERID", "")
+        self.netns = environ.get("CNI_NETNS_OVERRIDE") or environ.get("CNI_NETNS", "")
+        self.ifname = environ.get("CNI_IFNAME", "")
+        self.args_raw = environ.get("CNI_ARGS", "")
+        self.path = environ.get("CNI_PATH", "")
+        self.args: dict[str, str] = {}
+
+    def validate(self) -> None:
+        cmd = self.command
+        if cmd not in ("ADD", "DEL", "CHECK"):
+            return
+        required = ["CNI_CONTAINERID", "CNI_IFNAME"]
+        if cmd != "DEL":
+            required.append("CNI_NETNS")
+        values = {"CNI_CONTAINERID": self.container_id, "CNI_IFNAME": self.ifname,
+                  "CNI_NETNS": self.netns}
+        missing = [k for k in required if not values[k]]
+        if missing:
+            raise CniError(INVALID_ENV, f"required env variables [{', '.join(missing)}] missing")
+        if not _valid_container_id(self.container_id):
+            raise CniError(INVALID_ENV, "invalid characters in containerID", self.container_id)
+        why = _valid_ifname(self.ifname)
+        if why:
+            raise CniError(INVALID_ENV, why, self.ifname)
+        self.args = parse_cni_args(self.args_raw)
+
+
+def _bool(conf: dict[str, Any], key: str, default: bool | None) -> bool | None:
+    value = conf.get(key, default)
+    if value is not None and not isinstance(value, bool):
+        raise CniError(INVALID_CONFIG, f"{key} must be a boolean", repr(value))
+    return value
+
+
+def _str(conf: dict[str, Any], key: str, default: str) -> str:
+    value = conf.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise CniError(INVALID_CONFIG, f"{key} must be a non-empty string", repr(value))
+    return value
+
+
+class Config:
+    """The network config on stdin, checked once so the verbs can trust it."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        version = raw.get("cniVersion")
+        if version not in SUPPORTED_VERSIONS:
+            raise CniError(INCOMPATIBLE_VERSION, "incompatible CNI versions",
+                           f"config is {dumps(version)}, plugin supports "
+                           f"{dumps(SUPPORTED_VERSIONS)}")
+        self.version: str = version
+        name = raw.get("name")
+        if not isinstance(name, str) or not _valid_container_id(name):
+            raise CniError(INVALID_CONFIG, "name must be alphanumerics plus '_', '.', '-'",
+                           repr(name))
+        self.name = name
+        self.bridge = _str(raw, "bridge", DEFAULT_BRIDGE)
+        why = _valid_ifname(self.bridge)
+        if why:
+            raise CniError(INVALID_CONFIG, f"bridge: {why}", self.bridge)
+        self.subnet_file = _str(raw, "subnetFile", "/run/flannel/subnet.env")
+        self.data_dir = _str(raw, "dataDir", f"{DEFAULT_DATA_DIR}/{name}")
+        self.is_default_gateway = bool(_bool(raw, "isDefaultGateway", True))
+        self.hairpin = bool(_bool(raw, "hairpinMode", False))
+        self.ip_masq = _bool(raw, "ipMasq", None)  # None: the inverse of FLANNEL_IPMASQ
+        mtu = raw.get("mtu")
+        if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool)
+                                or not 68 <= mtu <= 65535):
+            raise CniError(INVALID_CONFIG, "mtu must be an integer in 68..65535", repr(mtu))
+        self.mtu: int | None = mtu
+        self.timeout = float(raw.get("timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
+        self.subnet_wait = float(raw.get("subnetFileWait", DEFAULT_SUBNET_WAIT))
+        ipam = raw.get("ipam") or {}
+        if not isinstance(ipam, dict):
+            raise CniError(INVALID_CONFIG, "ipam must be an object")
+        ipam_type = ipam.get("type", "")
+        if not isinstance(ipam_type, str):
+            raise CniError(INVALID_CONFIG, "ipam.type must be a string")
+        self.ipam_type = ipam_type
+        dns = raw.get("dns")
+        self.dns: dict[str, Any] | None = dns if isinstance(dns, dict) and dns else None
+        prev = raw.get("prevResult")
+        if prev is not None and not isinstance(prev, dict):
+            raise CniError(INVALID_CONFIG, "prevResult must be an object")
+        self.prev: dict[str, Any] | None = prev
+        rc = raw.get("runtimeConfig")
+        self.runtime_config: dict[str, Any] = rc if isinstance(rc, dict) else {}
+
+    def masq_enabled(self, sub: SubnetEnv | None) -> bool:
+        """Explicit ipMasq wins; else do what the daemon does not (flannel's rule)."""
+        if self.ip_masq is not None:
+            return self.ip_masq
+        return sub is None or not sub.ipmasq
+
+    def requested_ip(self, env: Env) -> str:
+        """The static address asked for: CNI_ARGS IP=, then args.cni.ips, then runtimeConfig.ips."""
+        candidates: list[str] = []
+        if env.args.get("IP"):
+            candidates += env.args["IP"].split(",")
+        args = self.raw.get("args")
+        if isinstance(args, dict) and isinstance(args.get("cni"), dict):
+            candidates += [str(x) for x in args["cni"].get("ips") or []]
+        candidates += [str(x) for x in self.runtime_config.get("ips") or []]
+        for cand in candidates:
+            ip = cand.strip().partition("/")[0]
+            if ip and ":" not in ip:
+                return ip
+        return ""
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic host-side name (13 chars) so DEL/GC find it with nothing but the IDs."""
+    return "na" + digest(f"{container_id}/{ifname}")[:11]
+
+
+# --------------------------------------------------------------------------- results
+
+
+def render_result(version: str, prev: dict[str, Any] | None, interfaces: list[dict[str, Any]],
+                  ips: list[dict[str, Any]], routes: list[dict[str, Any]],
+                  dns: dict[str, Any] | None) -> dict[str, Any]:
+    """A result of the requested version; our entries appended to a chained ``prevResult``."""
+    prev = prev or {}
+    base_ifaces = [dict(i) for i in prev.get("interfaces") or []]
+    offset = len(base_ifaces)
+    old = version in ("0.3.0", "0.3.1", "0.4.0")
+    out_ifaces = base_ifaces
+    for iface in interfaces:
+        item = {k: v for k, v in iface.items() if k != "mtu" or version == "1.1.0"}
+        out_ifaces.append(item)
+    out_ips = []
+    for ip in prev.get("ips") or []:
+        ip = dict(ip)
+        if old:
+            ip.setdefault("version", "6" if ":" in ip.get("address", "") else "4")
+        else:
+            ip.pop("version", None)
+        out_ips.append(ip)
+    for ip in ips:
+        item = dict(ip)
+        if "interface" in item:
+            item["interface"] = item["interface"] + offset
+        if old:
+            item["version"] = "4"
+        out_ips.append(item)
+    result: dict[str, Any] = {"cniVersion": version, "interfaces": out_ifaces, "ips": out_ips}
+    all_routes = [dict(r) for r in prev.get("routes") or []] + routes
+    if all_routes:
+        result["routes"] = all_routes
+    result["dns"] = dns if dns is not None else (prev.get("dns") or {})
+    return result
+
+
+# --------------------------------------------------------------------------- IPAM
+
+
+class IpamLease:
+    """What IPAM gave one attachment: address, prefix, gateway, routes, and how to undo it."""
+
+    def __init__(self, ip: str, plen: int, gateway: str, routes: list[dict[str, Any]],
+                 created: bool, dns: dict[str, Any] | None = None) -> None:
+        self.ip, self.plen, self.gateway, self.routes = ip, plen, gateway, routes
+        self.created = created
+        self.dns = dns
+
+
+def _find_plugin(name: str, path: str) -> str:
+    if not path:
+        raise CniError(INVALID_ENV, "required env variables [CNI_PATH] missing",
+                       f"needed to find the IPAM plugin {name!r}")
+    if "/" in name:
+        raise CniError(INVALID_CONFIG, "ipam.type must be a plugin name, not a path", name)
+    for d in path.split(":"):
+        cand = os.path.join(d, name)
+        if d and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise CniError(INVALID_CONFIG, f"failed to find plugin {name!r} in path [{path}]")
+
+
+def exec_delegate(cfg: Config, env: Env, command: str, stdin: dict[str, Any],
+                  timeout: float) -> dict[str, Any] | None:
+    """Run the IPAM plugin named by ipam.type with our env and the whole config (spec §IPAM)."""
+    import subprocess
+
+    exe = _find_plugin(cfg.ipam_type, env.path)
+    child_env = dict(os.environ, CNI_COMMAND=command)
+    try:
+        proc = subprocess.run([exe], input=dumps(stdin).encode(), stdout=subprocess.PIPE,
+                              env=child_env, timeout=max(timeout, 1.0), check=False)
+    except subprocess.TimeoutExpired:
+        raise CniError(TRY_AGAIN_LATER, f"IPAM plugin {cfg.ipam_type} timed out") from None
+    out = proc.stdout.decode(errors="replace").strip()
+    parsed: Any = None
+    if out:
+        try:
+            parsed = loads(out)
+        except ValueError:
+            parsed = None
+    if proc.returncode != 0:
+        if isinstance(parsed, dict) and "code" in parsed:
+            raise CniError(int(parsed.get("code") or INTERNAL),
+                           f"{cfg.ipam_type}: {parsed.get('msg', '')}",
+                           str(parsed.get("details", "")))
+        raise CniError(INTERNAL, f"IPAM plugin {cfg.ipam_type} failed (exit {proc.returncode})",
+                       out[:500])
+    if command == "ADD":
+        if not isinstance(parsed, dict):
+            raise CniError(DECODE, f"IPAM plugin {cfg.ipam_type} returned no result", out[:500])
+        return parsed
+    return None
+
+
+def _delegate_config(cfg: Config, sub: SubnetEnv | None) -> dict[str, Any]:
+    """The whole config for the delegate; host-local gets our subnet if it names none."""
+    conf = dict(cfg.raw)
+    ipam = dict(conf.get("ipam") or {})
+    if (sub is not None and ipam.get("type") == "host-local" and "subnet" not in ipam
+            and "ranges" not in ipam):
+        ipam["ranges"] = [[{"subnet": sub.subnet_cidr, "gateway": sub.gateway_ip}]]
+    conf["ipam"] = ipam
+    return conf
+
+
+def ipam_add(cfg: Config, env: Env, sub: SubnetEnv, timeout: float) -> IpamLease:
+    if not cfg.ipam_type:
+        from cni.ipam import Store
+
+        with Store(cfg.data_dir) as store:
+            ip, created = store.reserve(env.container_id, env.ifname, sub.subnet, sub.plen,
+                                        sub.gateway, cfg.requested_ip(env))
+        return IpamLease(ip, sub.plen, sub.gateway_ip, [], created)
+    conf = _delegate_config(cfg, sub)
+    conf.pop("prevResult", None)
+    res = exec_delegate(cfg, env, "ADD", conf, timeout) or {}
+    for entry in res.get("ips") or []:
+        addr = str(entry.get("address", ""))
+        if ":" in addr:
+            continue
+        try:
+            ip_int, plen = parse_cidr(addr)
+        except ValueError:
+            continue
+        routes = [r for r in res.get("routes") or [] if ":" not in str(r.get("dst", ""))]
+        dns = res.get("dns") if isinstance(res.get("dns"), dict) and res.get("dns") else None
+        return IpamLease(int_to_ip(ip_int), plen, str(entry.get("gateway") or sub.gateway_ip),
+                         routes, True, dns)
+    # the delegate reserved something we cannot use: give it back before failing
+    _ipam_del_quiet(cfg, env, sub, timeout)
+    raise CniError(INVALID_CONFIG, f"IPAM plugin {cfg.ipam_type} returned no IPv4 address")
+
+
+def ipam_del(cfg: Config, env: Env, sub: SubnetEnv | None, timeout: float) -> None:
+    if not cfg.ipam_type:
+        from cni.ipam import Store
+
+        with Store(cfg.data_dir) as store:
+            store.release(env.container_id, env.ifname)
+        return
+    exec_delegate(cfg, env, "DEL", _delegate_config(cfg, sub), timeout)
+
+
+def _ipam_del_quiet(cfg: Config, env: Env, sub: SubnetEnv | None, timeout: float) -> None:
+    try:
+        ipam_del(cfg, env, sub, timeout)
+    except Exception as e:  # noqa: BLE001 - rollback is best effort, the first error wins
+        _log(f"rollback: IPAM release failed: {e}")
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+class Namespaces:
+    """Netlink sockets for the host namespace and (optionally) the container's.
+
+    The process enters the container namespace only long enough to open a socket there; the
+    socket stays bound to that namespace, so every later call is a plain send/recv.
+    """
+
+    def __init__(self, netns_path: str) -> None:
+        from cni.fast import setns
+        from cni.link import Netlink
+
+        self.host: Netlink = Netlink()
+        self.cont: Netlink | None = None
+        self.netns_fd = -1
+        if not netns_path:
+            return
+        try:
+            self.netns_fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CniError(INVALID_ENV, f"failed to open netns {netns_path!r}: {e.strerror}",
+                           "CNI_NETNS") from None
+        host_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                setns(self.netns_fd)
+            except OSError as e:
+                raise CniError(INVALID_ENV, f"{netns_path!r} is not a network namespace: "
+                               f"{e.strerror}", "CNI_NETNS") from None
+            try:
+                self.cont = Netlink()
+            finally:
+                setns(host_fd)
+        finally:
+            os.close(host_fd)
+
+    def close(self) -> None:
+        self.host.close()
+        if self.cont is not None:
+            self.cont.close()
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
+
+
+def _ensure_bridge(nl: Netlink, name: str, gateway: str, plen: int, mtu: int) -> Any:
+    """Create (or adopt) the bridge with the gateway address; safe when ADDs race."""
+    import errno
+
+    from cni.link import NetlinkError
+
+    br = nl.link(name)
+    created = False
+    if br is None:
+        created = True
+        # 0a:58 + the gateway address: locally administered, stable across re-creation
+        mac = "0a:58:" + ":".join(f"{int(o):02x}" for o in gateway.split("."))
+        try:
+            nl.add_bridge(name, mac)
+        except NetlinkError as e:
+            if e.errno != errno.EEXIST:
+                raise
+        br = nl.link(name)
+        if br is None:
+            raise CniError(INTERNAL, f"bridge {name} vanished after creation")
+    if br.kind != "bridge":
+        raise CniError(INVALID_CONFIG, f"{name} exists and is not a bridge (kind {br.kind!r})")
+    if (gateway, plen) not in nl.addrs(br.index):
+        try:
+            nl.add_addr(br.index, gateway, plen)
+        except NetlinkError as e:
+            if e.errno != errno.EEXIST:
+                raise
+    if created or br.mtu != mtu or not br.up:
+        # setting the MTU after creation pins it (the kernel otherwise follows its ports and
+        # falls back to 1500 when the last one leaves)
+        nl.set_link(br.index, up=True, mtu=mtu)
+    return br
+
+
+def _enable_forwarding() -> None:
+    """The bridge is the pods' gateway, so the host must forward (bridge's isGateway does too)."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    try:
+        with open(path) as f:
+            if f.read().strip() == "1":
+                return
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        _log(f"cannot enable {path}: {e}")
+
+
+def _container_routes(cfg: Config, sub: SubnetEnv, lease: IpamLease) -> list[dict[str, Any]]:
+    if lease.routes:
+        return [{"dst": str(r["dst"]), "gw": str(r.get("gw") or lease.gateway)}
+                for r in lease.routes if r.get("dst")]
+    dst = "0.0.0.0/0" if cfg.is_default_gateway else sub.network_cidr
+    return [{"dst": dst, "gw": lease.gateway}]
+
+
+# --------------------------------------------------------------------------- verbs
+
+
+def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
+    import errno
+
+    from cni.link import NetlinkError
+    from cni.subnet import read_subnet_env
+
+    sub = read_subnet_env(cfg.subnet_file, cfg.subnet_wait)
+    mtu = cfg.mtu or sub.mtu
+    ns = Namespaces(env.netns)
+    assert ns.cont is not None
+    undo: list[tuple[str, Any]] = []
+    try:
+        if ns.cont.link(env.ifname) is not None:
+            raise CniError(INTERFACE_EXISTS,
+                           f"container interface {env.ifname} already exists in {env.netns}")
+        lease = ipam_add(cfg, env, sub, deadline_left)
+        if lease.created:
+            undo.append(("ipam", None))
+        br = _ensure_bridge(ns.host, cfg.bridge, sub.gateway_ip, sub.plen, mtu)
+        _enable_forwarding()
+        hname = host_veth_name(env.container_id, env.ifname)
+        if ns.host.del_link_by_name(hname):
+            _log(f"removed stale host veth {hname} of an earlier attachment")
+        try:
+            ns.host.add_veth(hname, env.ifname, ns.netns_fd, mtu)
+        except NetlinkError as e:
+            if e.errno == errno.EEXIST:
+                raise CniError(INTERFACE_EXISTS, f"container interface {env.ifname} already "
+                               f"exists in {env.netns}") from None
+            raise
+        undo.append(("veth", hname))
+        hv = ns.host.link(hname)
+        if hv is None:
+            raise CniError(INTERNAL, f"host veth {hname} vanished after creation")
+        ns.host.set_link(hv.index, master=br.index, up=True)
+        if cfg.hairpin:
+            ns.host.set_hairpin(hv.index, True)
+        cv = ns.cont.link(env.ifname)
+        if cv is None:
+            raise CniError(INTERNAL, f"container veth {env.ifname} vanished after creation")
+        ns.cont.add_addr(cv.index, lease.ip, lease.plen)
+        ns.cont.set_link(cv.index, up=True)
+        routes = _container_routes(cfg, sub, lease)
+        for r in routes:
+            dst_int, dst_plen = parse_cidr(r["dst"])
+            try:
+                ns.cont.add_route(int_to_ip(dst_int), dst_plen, r["gw"], cv.index)
+            except NetlinkError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+        if cfg.masq_enabled(sub):
+            from cni import masq
+
+            undo.append(("masq", None))
+            masq.add(cfg.name, env.container_id, env.ifname, lease.ip, sub.network_cidr)
+        br = ns.host.link(cfg.bridge) or br
+        interfaces = [
+            {"name": br.name, "mac": br.mac},
+            {"name": hv.name, "mac": hv.mac},
+            {"name": cv.name, "mac": cv.mac, "sandbox": env.netns, "mtu": mtu},
+        ]
+        ips = [{"address": f"{lease.ip}/{lease.plen}", "gateway": lease.gateway,
+                "interface": 2}]
+        return render_result(cfg.version, cfg.prev, interfaces, ips, routes,
+                             cfg.dns or lease.dns)
+    except BaseException as exc:
+        _disarm_deadline()
+        _rollback(undo, cfg, env, sub, ns)
+        if isinstance(exc, NetlinkError):
+            raise CniError(INTERNAL, f"netlink: {exc.strerror}", str(exc)) from None
+        raise
+    finally:
+        ns.close()
+
+
+def _rollback(undo: list[tuple[str, Any]], cfg: Config, env: Env, sub: SubnetEnv,
+              ns: Namespaces) -> None:
+    """Undo a failed ADD in reverse order; each step is independent and best effort."""
+    for kind, arg in reversed(undo):
+        try:
+            if kind == "masq":
+                from cni import masq
+
+                masq.delete(cfg.name, env.container_id, env.ifname)
+            elif kind == "veth":
+                ns.host.del_link_by_name(arg)  # takes the container end with it
+            elif kind == "ipam":
+                ipam_del(cfg, env, sub, 10.0)
+        except Exception as e:  # noqa: BLE001
+            _log(f"rollback of {kind} failed: {e}")
+
+
+def cmd_del(cfg: Config, env: Env, deadline_left: float) -> None:
+    """Best effort, idempotent: every step runs even if an earlier one failed."""
+    from cni.link import Netlink
+    from cni.subnet import read_subnet_env
+
+    sub: SubnetEnv | None
+    try:
+        sub = read_subnet_env(cfg.subnet_file, 0)
+    except CniError:
+        sub = None
+    errors: list[CniError] = []
+    if cfg.masq_enabled(sub):
+        try:
+            from cni import masq
+
+            masq.delete(cfg.name, env.container_id, env.ifname)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e if isinstance(e, CniError) else CniError(INTERNAL, str(e)))
+    try:
+        with Netlink() as nl:
+            nl.del_link_by_name(host_veth_name(env.container_id, env.ifname))
+    except OSError as e:
+        errors.append(CniError(INTERNAL, f"netlink: {e.strerror}"))
+    try:
+        ipam_del(cfg, env, sub, deadline_left)
+    except CniError as e:
+        errors.append(e)
+    if errors:
+        # the kernel side is gone; only report what the runtime may want to retry
+        raise errors[0]
+
+
+def cmd_check(cfg: Config, env: Env, deadline_left: float) -> None:
+    from cni.subnet import read_subnet_env
+
+    prev = cfg.prev
+    if not prev:
+        raise CniError(INVALID_CONFIG, "CHECK needs prevResult")
+    sub = read_subnet_env(cfg.subnet_file, 0)
+    ifaces = prev.get("interfaces") or []
+    idx = next((i for i, it in enumerate(ifaces)
+                if it.get("name") == env.ifname and it.get("sandbox")), None)
+    if idx is None:
+        raise CniError(CHECK_FAILED, f"prevResult has no interface {env.ifname} in a sandbox")
+    ns = Namespaces(env.netns)
+    assert ns.cont is not None
+    try:
+        cv = ns.cont.link(env.ifname)
+        if cv is None:
+            raise CniError(CHECK_FAILED, f"interface {env.ifname} not found in {env.netns}")
+        want_mac = str(ifaces[idx].get("mac") or "").lower()
+        if want_mac and cv.mac != want_mac:
+            raise CniError(CHECK_FAILED, f"{env.ifname} has MAC {cv.mac}, expected {want_mac}")
+        if not cv.up:
+            raise CniError(CHECK_FAILED, f"{env.ifname} is down")
+        have = ns.cont.addrs(cv.index)
+        mine = [ip for ip in prev.get("ips") or [] if ip.get("interface") == idx]
+        if not mine:
+            raise CniError(CHECK_FAILED, f"prevResult has no address for {env.ifname}")
+        for ip in mine:
+            ip_int, plen = parse_cidr(str(ip.get("address", "")))
+            if (int_to_ip(ip_int), plen) not in have:
+                raise CniError(CHECK_FAILED, f"address {ip['address']} not on {env.ifname}")
+        gw_default = str(mine[0].get("gateway") or sub.gateway_ip)
+        routes = ns.cont.routes()
+        for r in prev.get("routes") or []:
+            dst_int, dst_plen = parse_cidr(str(r.get("dst", "")))
+            dst = f"{int_to_ip(dst_int)}/{dst_plen}"
+            gw = str(r.get("gw") or gw_default)
+            if not any(x.dst == dst and x.oif == cv.index and x.gw in (gw, "")
+                       for x in routes):
+                raise CniError(CHECK_FAILED, f"route {dst} via {gw} not found in {env.netns}")
+        hname = host_veth_name(env.container_id, env.ifname)
+        hv = ns.host.link(hname)
+        br = ns.host.link(cfg.bridge)
+        if hv is None or br is None or hv.master != br.index:
+            raise CniError(CHECK_FAILED, f"host veth {hname} is not a port of {cfg.bridge}")
+        if cfg.hairpin and not ns.host.hairpin(hv.index):
+            raise CniError(CHECK_FAILED, f"hairpin mode is off on {hname}")
+        if not cfg.ipam_type:
+            from cni.ipam import Store
+
+            with Store(cfg.data_dir) as store:
+                res = store.find(env.container_id, env.ifname)
+            addr = str(mine[0].get("address", "")).partition("/")[0]
+            if res is None or res.ip != addr:
+                raise CniError(CHECK_FAILED, f"no IPAM reservation of {addr} for "
+                               f"{env.container_id}/{env.ifname}")
+        else:
+            exec_delegate(cfg, env, "CHECK", _delegate_config(cfg, sub), deadline_left)
+    finally:
+        ns.close()
+
+
+def _attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+        items = raw.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            raise CniError(INVALID_CONFIG, f"{key} must be a list")
+        out = set()
+        for it in items:
+            if not isinstance(it, dict):
+                raise CniError(INVALID_CONFIG, f"{key} entries must be objects")
+            out.add((str(it.get("containerID", "")), str(it.get("ifname", ""))))
+        return out
+    raise CniError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments")
+
+
+def cmd_gc(cfg: Config, env: Env, deadline_left: float) -> None:
+    from cni.link import Netlink
+    from cni.subnet import read_subnet_env
+
+    valid = _attachments(cfg.raw)
+    try:
+        sub: SubnetEnv | None = read_subnet_env(cfg.subnet_file, 0)
+    except CniError:
+        sub = None
+    if cfg.ipam_type:
+        exec_delegate(cfg, env, "GC", _delegate_config(cfg, sub), deadline_left)
+        return
+    from cni.ipam import Store
+
+    with Store(cfg.data_dir) as store:
+        stale = store.gc(valid)
+    if not stale:
+        return
+    with Netlink() as nl:
+        for r in stale:
+            try:
+                nl.del_link_by_name(host_veth_name(r.container_id, r.ifname))
+            except OSError as e:
+                _log(f"GC: cannot delete host veth of {r.container_id}: {e}")
+    if cfg.masq_enabled(sub):
+        from cni import masq
+
+        for r in stale:
+            try:
+                masq.delete(cfg.name, r.container_id, r.ifname)
+            except Exception as e:  # noqa: BLE001 - GC goes on past errors
+                _log(f"GC: cannot delete masquerade chain of {r.container_id}: {e}")
+
+
+def cmd_status(cfg: Config, env: Env, deadline_left: float) -> None:
+    from cni.subnet import read_subnet_env
+
+    try:
+        read_subnet_env(cfg.subnet_file, 0)
+    except CniError as e:
+        raise CniError(NOT_AVAILABLE, f"netagent cannot serve ADD: {e.msg}", e.details) from None
+    if cfg.ipam_type:
+        exec_delegate(cfg, env, "STATUS", _delegate_config(cfg, None), deadline_left)
+
+
+VERBS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _Deadline(BaseException):
+    """Raised from SIGALRM; a BaseException so no ``except Exception`` swallows it."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _Deadline()
+
+
+def _arm_deadline(seconds: float) -> None:
+    try:
+        import _signal as sig
+    except ImportError:  # pragma: no cover
+        import signal as sig  # type: ignore[no-redef]
+    sig.signal(SIGALRM, _on_alarm)
+    sig.setitimer(0, seconds)  # ITIMER_REAL
+
+
+def _disarm_deadline() -> None:
+    try:
+        import _signal as sig
+    except ImportError:  # pragma: no cover
+        import signal as sig  # type: ignore[no-redef]
+    sig.setitimer(0, 0)
+
+
+def _remaining(start: float, total: float) -> float:
+    import time
+
+    return max(total - (time.monotonic() - start), 0.5)
+
+
+def run(environ: dict[str, str] | os._Environ[str], stdin: str) -> dict[str, Any] | None:
+    """One plugin call: returns the object to print (None for no output) or raises CniError."""
+    import time
+
+    env = Env(environ)
+    if not env.command:
+        raise CniError(INVALID_ENV, "required env variables [CNI_COMMAND] missing")
+    if env.command == "VERSION":
+        version = LATEST
+        if stdin.strip():
+            try:
+                doc = loads(stdin)
+            except ValueError as e:
+                raise CniError(DECODE, f"error decoding version request: {e}") from None
+            if isinstance(doc, dict) and isinstance(doc.get("cniVersion"), str):
+                version = doc["cniVersion"]
+        return {"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}
+    verb = VERBS.get(env.command)
+    if verb is None:
+        raise CniError(INVALID_ENV, f"unknown CNI_COMMAND: {env.command}")
+    try:
+        raw = loads(stdin)
+    except ValueError as e:
+        raise CniError(DECODE, f"error decoding network config: {e}") from None
+    if not isinstance(raw, dict):
+        raise CniError(DECODE, "network config must be a JSON object")
+    env.validate()
+    cfg = Config(raw)
+    start = time.monotonic()
+    _arm_deadline(cfg.timeout)
+    try:
+        return verb(cfg, env, _remaining(start, cfg.timeout))  # type: ignore[no-any-return,operator]
+    except _Deadline:
+        raise CniError(TRY_AGAIN_LATER, f"{env.command} did not finish within "
+                       f"{cfg.timeout:g} s", "deadline") from None
+    finally:
+        _disarm_deadline()
+
+
+def _error_version(stdin: str) -> str:
+    try:
+        doc = loads(stdin)
+        if isinstance(doc, dict) and isinstance(doc.get("cniVersion"), str):
+            return doc["cniVersion"]
+    except ValueError:
+        pass
+    return LATEST
+
+
+def main() -> int:
+    """Console entry point: never lets a traceback reach stdout, always CNI-shaped."""
+    stdin = ""
+    try:
+        if os.environ.get("CNI_COMMAND") != "VERSION" or not sys.stdin.isatty():
+            stdin = sys.stdin.buffer.read().decode("utf-8", errors="replace") \
+                if sys.stdin is not None else ""
+        out = run(os.environ, stdin)
+    except CniError as e:
+        sys.stdout.write(dumps(e.to_json(_error_version(stdin))))
+        sys.stdout.flush()
+        return 1
+    except BaseException as e:  # noqa: BLE001 - the runtime must get JSON, whatever happened
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        err = CniError(INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        sys.stdout.write(dumps(err.to_json(_error_version(stdin))))
+        sys.stdout.flush()
+        return 1
+    if out is not None:
+        sys.stdout.write(dumps(out))
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
