@@ -146,7 +146,7 @@ def decode_attrs(raw: str | bytes) -> LeaseAttrs:
         raise LeaseError("lease BackendType is not a string")
 
     def data(name: str) -> str:
-        value = low.get(name)
+        value = low.get(name.lower())
         if value is None:
             return ""
         if not isinstance(value, dict):
@@ -157,8 +157,8 @@ def decode_attrs(raw: str | bytes) -> LeaseAttrs:
         public_ip=public_ip,
         public_ipv6=public_ipv6,
         backend_type=btype,
-        backend_data=data("backenddata"),
-        backend_v6_data=data("backendv6data"),
+        backend_data=data("BackendData"),
+        backend_v6_data=data("BackendV6Data"),
     )
 
 
