@@ -54,8 +54,14 @@ try:
             i += 1
         try:
             obj, end = _scan(text, i)
-        except StopIteration as e:
-            raise ValueError(f"expecting value at char {e.value}") from None
+        except (StopIteration, SystemError):
+            # The C scanner reports syntax errors through ``json.decoder.JSONDecodeError`` and
+            # fails with SystemError when that module is not loaded: let the stdlib parser
+            # produce the real message (the slow import is paid on this error path only).
+            import json
+
+            json.loads(text)
+            raise ValueError("invalid JSON") from None  # pragma: no cover
         while end < n and text[end] in _WS:
             end += 1
         if end != n:

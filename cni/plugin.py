@@ -170,7 +170,9 @@ class Config:
         self.mtu: int | None = mtu
         self.timeout = float(raw.get("timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT)
         self.subnet_wait = float(raw.get("subnetFileWait", DEFAULT_SUBNET_WAIT))
-        ipam = raw.get("ipam") or {}
+        ipam = raw.get("ipam")
+        if ipam is None:
+            ipam = {}
         if not isinstance(ipam, dict):
             raise CniError(INVALID_CONFIG, "ipam must be an object")
         ipam_type = ipam.get("type", "")

@@ -1,0 +1,192 @@
+"""Drive CNI plugins the way libcni does (env + stdin in, JSON on stdout) in test namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from harness import RUN_ID, add_netns, del_netns, sh
+
+REF_PLUGINS = "/usr/lib/cni"
+
+
+class CniCall:
+    """Outcome of one plugin execution."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.rc = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.json: Any = json.loads(proc.stdout) if proc.stdout.strip() else None
+
+    def __repr__(self) -> str:
+        return f"CniCall(rc={self.rc}, stdout={self.stdout!r}, stderr={self.stderr[-800:]!r})"
+
+    def ok(self) -> Any:
+        assert self.rc == 0, self
+        return self.json
+
+    def error(self, code: int) -> dict[str, Any]:
+        """Assert a spec-shaped error with ``code`` (non-zero exit, JSON on stdout)."""
+        assert self.rc != 0, self
+        assert isinstance(self.json, dict), self
+        assert self.json.get("code") == code, self
+        assert isinstance(self.json.get("msg"), str) and self.json["msg"], self
+        return self.json  # type: ignore[no-any-return]
+
+
+def cni_env(command: str, *, cid: str = "", netns: str = "", ifname: str = "eth0",
+            args: str = "", path: str = "", extra: dict[str, str] | None = None
+            ) -> dict[str, str]:
+    """Environment as libcni builds it (plus PATH so iptables etc. resolve)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+           "CNI_COMMAND": command}
+    if cid:
+        env["CNI_CONTAINERID"] = cid
+    if netns:
+        env["CNI_NETNS"] = netns
+    if ifname:
+        env["CNI_IFNAME"] = ifname
+    if args:
+        env["CNI_ARGS"] = args
+    if path:
+        env["CNI_PATH"] = path
+    env.update(extra or {})
+    return env
+
+
+def run_plugin(exe: str, command: str, conf: dict[str, Any] | str | None, *,
+               host_ns: str | None = None, timeout: float = 60, **env_kw: Any) -> CniCall:
+    """Execute ``exe`` once; ``host_ns`` runs it inside that namespace (the test "host")."""
+    stdin = conf if isinstance(conf, str) else ("" if conf is None else json.dumps(conf))
+    cmd = [exe] if host_ns is None else ["ip", "netns", "exec", host_ns, exe]
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=cni_env(command, **env_kw), check=False)
+    return CniCall(proc)
+
+
+def write_subnet_env(path: Path, network: str, subnet: str, mtu: int = 1450,
+                     ipmasq: bool = True) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={subnet}\n"
+                    f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
+    return path
+
+
+def random_subnet() -> tuple[str, str, str]:
+    """(overlay network /16, host subnet /24 with .1, prefix "a.b.c") unlikely to collide."""
+    a = random.randrange(100, 199)
+    c = random.randrange(1, 250)
+    return f"10.{a}.0.0/16", f"10.{a}.{c}.1/24", f"10.{a}.{c}"
+
+
+class CniHost:
+    """A run-unique test "host" namespace with its own subnet.env, IPAM dir and bridge name."""
+
+    def __init__(self, tmp: Path, tag: str, *, mtu: int = 1450, ipmasq: bool = True) -> None:
+        self.tag = tag
+        self.ns = f"na{RUN_ID}{tag}"
+        self.bridge = f"nb{RUN_ID}{tag}"[:15]
+        self.network, self.subnet, self.prefix = random_subnet()
+        self.gateway = f"{self.prefix}.1"
+        self.mtu = mtu
+        self.dir = tmp / f"cni-{tag}"
+        self.subnet_file = write_subnet_env(self.dir / "subnet.env", self.network, self.subnet,
+                                            mtu, ipmasq)
+        self.data_dir = self.dir / "ipam"
+        self.name = f"nanet{RUN_ID}{tag}"
+        self.pods: list[str] = []
+        add_netns(self.ns)
+
+    def pod(self, i: int | str) -> str:
+        """Create pod namespace ``i``; returns its /run/netns path."""
+        name = f"{self.ns}p{i}"
+        add_netns(name)
+        self.pods.append(name)
+        return f"/run/netns/{name}"
+
+    def drop_pod(self, path: str) -> None:
+        name = Path(path).name
+        del_netns(name)
+        if name in self.pods:
+            self.pods.remove(name)
+
+    def conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "cniVersion": version, "name": self.name, "type": "netagent",
+            "bridge": self.bridge, "subnetFile": str(self.subnet_file),
+            "dataDir": str(self.data_dir), "hairpinMode": True, "ipMasq": False,
+            "subnetFileWait": 0,
+        }
+        conf.update(extra)
+        return conf
+
+    def reservations(self) -> dict[str, str]:
+        """IP → "cid/ifname" of every address file in the IPAM dir."""
+        out = {}
+        if self.data_dir.is_dir():
+            for f in self.data_dir.iterdir():
+                if f.name[0].isdigit():
+                    cid, _, ifname = f.read_bytes().decode().partition("\r\n")
+                    out[f.name] = f"{cid}/{ifname}"
+        return out
+
+    def host_veths(self) -> list[str]:
+        out = sh("ip", "-o", "link", "show", "type", "veth", ns=self.ns).stdout
+        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line]
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh(*args, ns=self.ns, check=check)
+
+    def close(self) -> None:
+        for name in list(self.pods):
+            del_netns(name)
+        del_netns(self.ns)  # takes the bridge, veths and nat rules of this namespace with it
+
+
+@contextlib.contextmanager
+def cni_host(tmp: Path, tag: str, **kw: Any) -> Iterator[CniHost]:
+    host = CniHost(tmp, tag, **kw)
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+def pod_addrs(netns_path: str, ifname: str = "eth0") -> list[str]:
+    out = sh("ip", "-o", "-4", "addr", "show", "dev", ifname, ns=Path(netns_path).name).stdout
+    return [line.split()[3] for line in out.splitlines()]
+
+
+def pod_routes(netns_path: str) -> list[str]:
+    out = sh("ip", "-4", "route", "show", ns=Path(netns_path).name).stdout
+    return [" ".join(line.split()) for line in out.splitlines()]
+
+
+def _install_plugin(tmp_path_factory: Any) -> str:
+    from cni.install import install_cni
+
+    d = tmp_path_factory.mktemp("cni-bin")
+    return install_cni(str(d / "bin"), str(d / "net.d"))[0]
+
+
+def plugin_fixture() -> Any:
+    """The plugin installed by install_cni into a temp bin dir (exactly what runtimes exec)."""
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def plugin_exe(tmp_path_factory: Any) -> str:
+        return _install_plugin(tmp_path_factory)
+
+    return plugin_exe
+
+
+def cni_path(exe: str) -> str:
+    """CNI_PATH with our bin dir first and Debian's reference plugins after it."""
+    return f"{Path(exe).parent}:{REF_PLUGINS}"
