@@ -219,6 +219,18 @@ class Host:
         return sh(*args, ns=self.name, check=check, timeout=timeout)
 
 
+@dataclass
+class Pod:
+    name: str  # namespace
+    ip: str
+    host: Host
+
+    def ping(self, ip: str, count: int = 1, wait: float = 1.0) -> bool:
+        proc = sh("ping", "-c", str(count), "-W", str(wait), "-i", "0.2", ip, ns=self.name,
+                  check=False, timeout=count * (wait + 1) + 5)
+        return proc.returncode == 0
+
+
 class Lab:
     """A run-unique underlay namespace with a bridge, etcd on it, and N host namespaces."""
 
@@ -231,6 +243,7 @@ class Lab:
         self.prefix = f"10.{random.randrange(200, 250)}.{third}"
         self.etcd_ip = f"{self.prefix}.1"
         self.hosts: list[Host] = []
+        self.pods: list[Pod] = []
         self.etcd: Etcd | None = None
         self._made: list[str] = []
         add_netns(self.ul)
@@ -274,7 +287,9 @@ class Lab:
             *extra,
         ]
 
-    def start_agent(self, host: Host, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self, host: Host, *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         host.log_path = self.tmp / f"{host.name}.log"
         log = open(host.log_path, "ab")  # noqa: SIM115 - closed with the process
         full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
@@ -297,6 +312,36 @@ class Lab:
         rc = host.agent.returncode
         host.agent = None
         return rc
+
+    def add_pod(self, host: Host, bridge: str = "cni0") -> Pod:
+        """A pod namespace on `host`, attached to a bridge holding the subnet's gateway address.
+
+        Plain veth + bridge (what a CNI bridge plugin does), read from the host's subnet.env.
+        """
+        env = read_env_file(host.subnet_file)
+        gw_cidr = env["FLANNEL_SUBNET"]
+        gw, plen = gw_cidr.split("/")
+        mtu = env.get("FLANNEL_MTU", "1500")
+        k = sum(1 for p in self.pods if p.host is host) + 1
+        name = f"{self.tag}-p{host.index}{k}"
+        add_netns(name)
+        self._made.append(name)
+        if sh("ip", "link", "show", bridge, ns=host.name, check=False).returncode != 0:
+            sh("ip", "link", "add", bridge, "mtu", mtu, "type", "bridge", ns=host.name)
+            sh("ip", "addr", "add", gw_cidr, "dev", bridge, ns=host.name)
+            sh("ip", "link", "set", bridge, "up", ns=host.name)
+        hv = f"vp{k}"
+        sh("ip", "link", "add", hv, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu,
+           "netns", name, ns=host.name)
+        sh("ip", "link", "set", hv, "master", bridge, "up", ns=host.name)
+        base = gw.rsplit(".", 1)[0]
+        ip = f"{base}.{int(gw.rsplit('.', 1)[1]) + 9 + k}"
+        sh("ip", "addr", "add", f"{ip}/{plen}", "dev", "eth0", ns=name)
+        sh("ip", "link", "set", "eth0", "up", ns=name)
+        sh("ip", "route", "add", "default", "via", gw, ns=name)
+        pod = Pod(name, ip, host)
+        self.pods.append(pod)
+        return pod
 
     def log(self, host: Host) -> str:
         return host.log_path.read_text(errors="replace") if host.log_path else ""

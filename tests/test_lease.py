@@ -99,13 +99,14 @@ def _lease(subnet: str, ip: str, lease_id: int = 5) -> Lease:
 
 
 def test_plan_reuses_by_public_ip_first() -> None:
-    existing = {l.key: l for l in (_lease("10.5.7.0/24", "1.1.1.1"), _lease("10.5.9.0/24", "2.2.2.2"))}
+    existing = {x.key: x for x in (_lease("10.5.7.0/24", "1.1.1.1"),
+                                  _lease("10.5.9.0/24", "2.2.2.2"))}
     plan = plan_lease(CFG, existing, IPv4Address("1.1.1.1"), IPv4Network("10.5.20.0/24"))
     assert plan.subnet == IPv4Network("10.5.7.0/24") and plan.reuse is not None
 
 
 def test_plan_then_previous_subnet_then_random() -> None:
-    existing = {l.key: l for l in (_lease("10.5.9.0/24", "2.2.2.2"),)}
+    existing = {x.key: x for x in (_lease("10.5.9.0/24", "2.2.2.2"),)}
     me = IPv4Address("1.1.1.1")
     assert plan_lease(CFG, existing, me, IPv4Network("10.5.20.0/24")).subnet == \
         IPv4Network("10.5.20.0/24")

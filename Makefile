@@ -1,0 +1,31 @@
+# Two entry points for a fresh Debian 12 machine, as root: `make demo` and `make test`.
+PY ?= python3
+APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool \
+           containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static
+PYTEST_ARGS ?=
+
+.PHONY: deps deps-apt deps-pip test demo lint bench
+
+deps: deps-apt deps-pip
+
+# apt-get update only when something is missing (keeps repeated runs fast)
+deps-apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $$missing; \
+	fi
+
+deps-pip:
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+
+test: deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) contrib/demo.py
+
+lint:
+	$(PY) -m ruff check netagent backends cni tests bench contrib
+	$(PY) -m mypy netagent backends cni
