@@ -11,26 +11,16 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, add_netns, del_netns, read_env_file, sh, wait_for
+from harness import RUN_ID, Host, Lab, Pod, read_env_file, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 PREFIX = "/coreos.com/network"
 NETWORK = "10.42.0.0/16"
-
-
-@dataclass
-class Pod:
-    ns: str
-    ip: IPv4Address
-    subnet: IPv4Network
-    host: Host
 
 
 def net_config(backend: dict[str, Any]) -> str:
@@ -66,49 +56,13 @@ def start_all(lab: Lab, backend: dict[str, Any], *extra: str) -> list[Host]:
     return hosts
 
 
-def add_pod(lab: Lab, host: Host, made: list[str]) -> Pod:
-    """A pod namespace on a bridge of our own in `host`, addressed from the host's lease."""
-    env = read_env_file(host.subnet_file)
-    gw = IPv4Interface(env["FLANNEL_SUBNET"])
-    mtu = env["FLANNEL_MTU"]
-    pod_ip = IPv4Address(int(gw.ip) + 1)
-    ns = f"{lab.tag}-p{host.index}"
-    add_netns(ns)
-    made.append(ns)
-    br, hv = f"nb{RUN_ID}", f"nv{RUN_ID}"
-    host.run("ip", "link", "add", br, "mtu", mtu, "type", "bridge")
-    host.run("ip", "addr", "add", str(gw), "dev", br)
-    host.run("ip", "link", "set", br, "up")
-    host.run("ip", "link", "add", hv, "mtu", mtu, "type", "veth", "peer", "name", "eth0",
-             "mtu", mtu, "netns", ns)
-    host.run("ip", "link", "set", hv, "master", br, "up")
-    sh("ip", "addr", "add", f"{pod_ip}/{gw.network.prefixlen}", "dev", "eth0", ns=ns)
-    sh("ip", "link", "set", "eth0", "up", ns=ns)
-    sh("ip", "route", "add", "default", "via", str(gw.ip), ns=ns)
-    return Pod(ns, pod_ip, gw.network, host)
-
-
-@pytest.fixture
-def pods_made() -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for ns in made:
-        del_netns(ns)
-
-
-def ping(src: Pod, dst: Pod, count: int = 1) -> bool:
-    proc = sh("ping", "-c", str(count), "-W", "1", "-i", "0.2", str(dst.ip), ns=src.ns,
-              check=False, timeout=30)
-    return proc.returncode == 0
-
-
 def all_pairs_ping(pods: list[Pod]) -> None:
     for a in pods:
         for b in pods:
             if a is not b:
                 # the first packets may race the peers' programming: poll, bounded
-                wait_for(lambda a=a, b=b: ping(a, b), timeout=20, interval=0.2,
-                         what=f"ping {a.ns} ({a.ip}) → {b.ns} ({b.ip})")
+                wait_for(lambda a=a, b=b: a.ping(b.ip), timeout=20, interval=0.2,
+                         what=f"ping {a.name} ({a.ip}) → {b.name} ({b.ip})")
 
 
 def kernel_state(host: Host, dev: str | None) -> tuple[Any, ...]:
@@ -135,36 +89,37 @@ def has_route(host: Host, subnet: IPv4Network) -> bool:
      ({"Type": "vxlan", "DirectRouting": True}, False)],
     ids=["vxlan", "host-gw", "directrouting"],
 )
-def test_mesh_ping_and_drift_repair(lab: Lab, pods_made: list[str], backend: dict[str, Any],
+def test_mesh_ping_and_drift_repair(lab: Lab, backend: dict[str, Any],
                                     via_overlay: bool) -> None:
     hosts = start_all(lab, backend, "--repair-interval", "2")
-    pods = [add_pod(lab, h, pods_made) for h in hosts]
+    pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
     all_pairs_ping(pods)
-    h1, p2 = hosts[0], pods[1]
-    route = h1.run("ip", "route", "show", str(p2.subnet)).stdout
+    h1, h2 = hosts[0], hosts[1]
+    s2 = host_subnet(h2)
+    route = h1.run("ip", "route", "show", str(s2)).stdout
     if via_overlay:
-        assert f"via {p2.subnet.network_address} dev flannel.1" in route and "onlink" in route
+        assert f"via {s2.network_address} dev flannel.1" in route and "onlink" in route
     else:
-        assert f"via {p2.host.ip} dev eth0" in route
+        assert f"via {h2.ip} dev eth0" in route
     assert "proto 111" in route
     # a hand-deleted route (and neighbour + FDB on vxlan) comes back with the repair timer
     before = kernel_state(h1, "flannel.1" if via_overlay else None)
-    h1.run("ip", "route", "del", str(p2.subnet))
+    h1.run("ip", "route", "del", str(s2))
     if via_overlay:
-        h1.run("ip", "neigh", "del", str(p2.subnet.network_address), "dev", "flannel.1")
+        h1.run("ip", "neigh", "del", str(s2.network_address), "dev", "flannel.1")
         mac = json.loads(lab.etcd.get(  # type: ignore[union-attr]
-            f"{PREFIX}/subnets/{p2.subnet.network_address}-{p2.subnet.prefixlen}") or "{}"
+            f"{PREFIX}/subnets/{s2.network_address}-{s2.prefixlen}") or "{}"
         )["BackendData"]["VtepMAC"]
-        h1.run("bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", p2.host.ip)
+        h1.run("bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", h2.ip)
     wait_for(lambda: kernel_state(h1, "flannel.1" if via_overlay else None) == before,
              timeout=15, interval=0.2, what="drift repair to restore the entries")
     assert "drift repair" in lab.log(h1)
-    assert ping(pods[0], p2)
+    assert pods[0].ping(pods[1].ip)
 
 
-def test_vxlan_restart_lease_delete_and_malformed(lab: Lab, pods_made: list[str]) -> None:
+def test_vxlan_restart_lease_delete_and_malformed(lab: Lab) -> None:
     hosts = start_all(lab, {"Type": "vxlan"}, "--repair-interval", "30")
-    pods = [add_pod(lab, h, pods_made) for h in hosts]
+    pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
     all_pairs_ping(pods)
     h1, h2, h3 = hosts
     assert lab.etcd is not None
@@ -189,8 +144,8 @@ def test_vxlan_restart_lease_delete_and_malformed(lab: Lab, pods_made: list[str]
     before = kernel_state(h1, "flannel.1")
     mac_before = h1.run("cat", "/sys/class/net/flannel.1/address").stdout
     pinger = subprocess.Popen(
-        ["ip", "netns", "exec", pods[0].ns, "ping", "-i", "0.01", "-c", "400", "-W", "1",
-         str(pods[1].ip)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ["ip", "netns", "exec", pods[0].name, "ping", "-i", "0.01", "-c", "400", "-W", "1",
+         pods[1].ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(0.5)  # let the ping run before the kill (not an assertion)
         lab.stop_agent(h1, signal.SIGKILL)
@@ -222,4 +177,4 @@ def test_vxlan_restart_lease_delete_and_malformed(lab: Lab, pods_made: list[str]
                  timeout=10, interval=0.02, what=f"{h.name} to drop {s3}")
     elapsed = time.monotonic() - t0
     print(f"lease delete → entries gone on both peers in {elapsed:.3f} s")
-    assert ping(pods[0], pods[1])
+    assert pods[0].ping(pods[1].ip)
