@@ -5,7 +5,9 @@ Measured on the 2-vCPU dev host (``python3 -I -S``, mean of 40 runs, see bench/R
 bare interpreter 7.4 ms; ``import json`` +8.6 ms (it drags in ``re``, ``enum``, ``functools``);
 the ``_json`` C scanner/encoder used here +0.6 ms; ``import ctypes`` +3.2 ms, the ``_ctypes``
 shim below +2 ms; ``import ipaddress`` +4.3 ms; ``import subprocess`` +12 ms (only imported on
-the rare paths that exec something: ipMasq and IPAM delegation).
+the rare paths that exec something: ipMasq and IPAM delegation). Each C extension built as a
+shared library (``_json``, ``_struct``, ``_socket``, ``_ctypes`` here) costs ~0.3 ms to load,
+so ``fcntl`` and ``_sha1`` are avoided as well.
 
 Everything falls back to the regular stdlib module when the private C module is missing (another
 Python implementation), so correctness never depends on the shortcut.
@@ -130,13 +132,20 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
     _setns_impl(fd, nstype)
 
 
+_FNV128_OFFSET = 0x6C62272E07BB014262B821756295C58D
+_FNV128_PRIME = 0x0000000001000000000000000000013B
+
+
 def digest(text: str) -> str:
-    """Hex SHA-1 of ``text``; only for naming (host veths, chains), not for security."""
-    try:
-        from _sha1 import sha1
-    except ImportError:  # pragma: no cover
-        from hashlib import sha1
-    return sha1(text.encode()).hexdigest()
+    """32 hex chars of FNV-1a/128 of ``text``: only for naming (host veths, chains).
+
+    Pure Python on purpose: ``_sha1``/``hashlib`` are shared libraries here, and each dlopen on
+    the start-up path costs ~0.3 ms; the inputs are a few dozen bytes.
+    """
+    h = _FNV128_OFFSET
+    for byte in text.encode():
+        h = ((h ^ byte) * _FNV128_PRIME) & ((1 << 128) - 1)
+    return f"{h:032x}"
 
 
 # --------------------------------------------------------------------------- IPv4 helpers

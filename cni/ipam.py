@@ -1,16 +1,15 @@
-"""Built-in host-local style IPAM: one file per reserved address, guarded by one flock.
+"""Built-in host-local style IPAM: one file per reserved address, guarded by one lock.
 
 The on-disk layout is host-local's (``<dataDir>/<ip>`` holding ``<containerID>\\r\\n<ifname>``,
 ``last_reserved_ip.0``, ``lock``), so an operator's tooling and muscle memory carry over, and a
 node switched from flannel keeps its reservations readable. Every mutation happens under an
-exclusive ``flock`` on ``<dataDir>/lock``: it is released by the kernel when a process dies, so a
+exclusive lock (``lockf``) on ``<dataDir>/lock``: it is released by the kernel when a process dies, so a
 killed plugin can never wedge the store, and it serialises any number of concurrent plugin
 processes (the runtime runs ADDs for different containers in parallel).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 
 from cni.errors import (
@@ -51,13 +50,15 @@ class Store:
                                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise CniError(IO_FAILURE, f"cannot open IPAM store {self.dir}: {e.strerror}") from None
-        # Blocking: the plugin's own deadline (SIGALRM) bounds the wait.
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        # Blocking: the plugin's own deadline (SIGALRM) bounds the wait. ``os.lockf`` (a POSIX
+        # record lock, dropped by the kernel when the process dies) instead of ``fcntl.flock``
+        # spares loading the ``fcntl`` shared library on every call.
+        os.lockf(self._lock_fd, os.F_LOCK, 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # closing drops the flock
+            os.close(self._lock_fd)  # closing drops the lock
             self._lock_fd = -1
 
     # ------------------------------------------------------------------ reading

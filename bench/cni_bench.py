@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""CNI latency: netagent's plugin vs Debian's ``bridge`` + ``host-local``, same subnet, one run.
+
+Usage (root): ``python3 bench/cni_bench.py [--runs 50] [--startup]``
+
+Each run creates a pod namespace, runs ADD, then DEL, for both plugins in turn (interleaved so
+drift of the machine hits both alike); each plugin gets its own bridge in a bench "host"
+namespace that this process enters with setns(2), so no ``ip netns exec`` overhead is timed.
+Both are launched exactly as a runtime does (exec with CNI env + stdin). Our plugin is the
+launcher written by ``install_cni`` (``python3 -IS``). Prints p50/p90 in ms and our/ref ratios
+(goal: ADD p50 ≤ 1.5x). ``--startup`` also prints interpreter/import start-up costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cni.fast import setns  # noqa: E402
+from cni.install import install_cni  # noqa: E402
+
+REF = "/usr/lib/cni"
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _startup(exe: str, n: int = 30) -> None:
+    py = sys.executable
+    cases = [
+        ("python3 -c pass (site-packages)", [py, "-c", "pass"]),
+        ("python3 -I -S -c pass", [py, "-I", "-S", "-c", "pass"]),
+        ("python3 -I -S -c 'import json'", [py, "-I", "-S", "-c", "import json"]),
+        ("python3 -I -S -c 'import subprocess'", [py, "-I", "-S", "-c", "import subprocess"]),
+        ("python3 -I -c 'from pyroute2 import IPRoute'",
+         [py, "-I", "-c", "from pyroute2 import IPRoute"]),
+        ("plugin start-up imports (-IS)",
+         [py, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+          "import cni.plugin, cni.link, cni.ipam, cni.subnet"]),
+        ("plugin VERSION via launcher", [exe]),
+        ("ip link show lo", ["ip", "link", "show", "lo"]),
+    ]
+    print(f"start-up, mean of {n} execs (ms):")
+    for label, cmd in cases:
+        env = dict(os.environ, CNI_COMMAND="VERSION")
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                           check=False)
+            times.append((time.perf_counter() - t0) * 1000)
+        print(f"  {label:48s} {statistics.mean(times):7.1f}  (p50 {_pct(times, .5):.1f})")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--startup", action="store_true", help="also measure start-up costs")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (namespaces, bridges)")
+    if not os.path.exists(f"{REF}/bridge"):
+        raise SystemExit("needs Debian's containernetworking-plugins in /usr/lib/cni")
+    tag = f"{os.getpid() % 100000:05d}"
+    host_ns = f"nabench{tag}"
+    tmp = Path(tempfile.mkdtemp(prefix="na-cni-bench-"))
+    exe = install_cni(str(tmp / "bin"), str(tmp / "net.d"))[0]
+    a, c = random.randrange(100, 199), random.randrange(1, 250)
+    (tmp / "subnet.env").write_text(f"FLANNEL_NETWORK=10.{a}.0.0/16\nFLANNEL_SUBNET=10.{a}.{c}.1/24"
+                                    "\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    ours = {"cniVersion": "1.0.0", "name": f"nabench{tag}", "type": "netagent",
+            "bridge": f"nab{tag}a", "subnetFile": str(tmp / "subnet.env"),
+            "dataDir": str(tmp / "ours"), "ipMasq": False, "isDefaultGateway": True}
+    ref = {"cniVersion": "1.0.0", "name": f"nabench{tag}", "type": "bridge",
+           "bridge": f"nab{tag}b", "isGateway": True, "isDefaultGateway": True,
+           "ipMasq": False, "mtu": 1450,
+           "ipam": {"type": "host-local", "subnet": f"10.{a}.{c}.0/24",
+                    "dataDir": str(tmp / "ref")}}
+    subprocess.run(["ip", "netns", "add", host_ns], check=True)
+    pods: list[str] = []
+    root_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    host_fd = os.open(f"/run/netns/{host_ns}", os.O_RDONLY)
+    times: dict[str, list[float]] = {k: [] for k in ("ours ADD", "ours DEL", "ref ADD",
+                                                     "ref DEL")}
+    try:
+        if args.startup:
+            _startup(exe)
+        setns(host_fd)  # children (the plugins) inherit the bench host namespace
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        cni_path = f"{Path(exe).parent}:{REF}"
+        for i in range(args.runs + 1):  # run 0 warms caches (bridge creation) and is dropped
+            pod = f"{host_ns}p{i}"
+            subprocess.run(["ip", "netns", "add", pod], check=True)
+            pods.append(pod)
+            netns = f"/run/netns/{pod}"
+            order = [("ours", exe, ours), ("ref", f"{REF}/bridge", ref)]
+            if i % 2:
+                order.reverse()
+            for label, plugin, conf in order:
+                cid = f"{label}{i}"
+                env_if = "eth0" if label == "ours" else "eth1"  # never share an ifname
+                t_add = _call_if(plugin, "ADD", conf, cid, netns, cni_path, env_if)
+                t_del = _call_if(plugin, "DEL", conf, cid, netns, cni_path, env_if)
+                if i:
+                    times[f"{label} ADD"].append(t_add)
+                    times[f"{label} DEL"].append(t_del)
+            subprocess.run(["ip", "netns", "del", pod], check=True)
+            pods.remove(pod)
+    finally:
+        setns(root_fd)
+        for pod in pods:
+            subprocess.run(["ip", "netns", "del", pod], check=False)
+        subprocess.run(["ip", "netns", "del", host_ns], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"CNI latency over {args.runs} runs (ms), same /24, bench host netns, "
+          f"{os.cpu_count()} CPUs:")
+    print(f"  {'':10s} {'p50':>7s} {'p90':>7s}")
+    for key, vals in times.items():
+        print(f"  {key:10s} {_pct(vals, .5):7.1f} {_pct(vals, .9):7.1f}")
+    for verb in ("ADD", "DEL"):
+        o, r = times[f"ours {verb}"], times[f"ref {verb}"]
+        print(f"  ratio ours/ref {verb}: p50 {_pct(o, .5) / _pct(r, .5):.2f}x  "
+              f"p90 {_pct(o, .9) / _pct(r, .9):.2f}x")
+    goal = _pct(times["ours ADD"], .5) / _pct(times["ref ADD"], .5)
+    print(f"goal ADD p50 <= 1.5x reference: {'met' if goal <= 1.5 else 'NOT met'} ({goal:.2f}x)")
+    return 0
+
+
+def _call_if(exe: str, command: str, conf: dict[str, object], cid: str, netns: str,
+             cni_path: str, ifname: str) -> float:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+           "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns,
+           "CNI_IFNAME": ifname, "CNI_PATH": cni_path}
+    data = json.dumps(conf).encode()
+    t0 = time.perf_counter()
+    proc = subprocess.run([exe], input=data, capture_output=True, env=env, check=False)
+    dt = (time.perf_counter() - t0) * 1000
+    if proc.returncode != 0:
+        raise SystemExit(f"{exe} {command} failed: {proc.stdout.decode()} {proc.stderr.decode()}")
+    return dt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
