@@ -6,12 +6,13 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness import RUN_ID, add_netns, del_netns, sh
+from harness import RUN_ID, add_netns, del_netns, need, sh
 
 REF_PLUGINS = "/usr/lib/cni"
 
@@ -190,3 +191,67 @@ def plugin_fixture() -> Any:
 def cni_path(exe: str) -> str:
     """CNI_PATH with our bin dir first and Debian's reference plugins after it."""
     return f"{Path(exe).parent}:{REF_PLUGINS}"
+
+
+# --------------------------------------------------------------------------- podman (cni.md §11.2)
+
+
+def need_podman() -> None:
+    need(shutil.which("podman") is not None and shutil.which("runc") is not None,
+         "needs podman and runc (apt-get install podman runc uidmap fuse-overlayfs busybox-static)")
+    need(Path("/bin/busybox").exists(), "needs busybox-static")
+
+
+BUSYBOX_APPLETS = ["sh", "ip", "cat", "ls", "sleep", "ping", "echo"]
+
+
+def podman_env(tmp: Path, plugin_dir: str) -> dict[str, str]:
+    lab = tmp / "podman"
+    (lab / "net.d").mkdir(parents=True)
+    (lab / "containers.conf").write_text(f"""
+[containers]
+netns = "private"
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{plugin_dir}", "{REF_PLUGINS}"]
+network_config_dir = "{lab / 'net.d'}"
+default_network = "podman"
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "{lab / 'events.log'}"
+runtime = "runc"
+""")
+    (lab / "storage.conf").write_text(f"""
+[storage]
+driver = "vfs"
+graphroot = "{lab / 'storage'}"
+runroot = "{lab / 'runroot'}"
+""")
+    return dict(os.environ, CONTAINERS_CONF=str(lab / "containers.conf"),
+                CONTAINERS_STORAGE_CONF=str(lab / "storage.conf"))
+
+
+def import_busybox(tmp: Path, env: dict[str, str]) -> str:
+    rootfs = tmp / "rootfs"
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", rootfs / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (rootfs / "bin" / applet).symlink_to("busybox")
+    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    tar = tmp / "bbox.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    image = f"localhost/nabbox{RUN_ID}:latest"
+    subprocess.run(["podman", "import", str(tar), image], env=env, check=True,
+                   capture_output=True, timeout=120)
+    return image
+
+
+def podman_conflist(tmp: Path, name: str, plugin_conf: dict[str, Any]) -> None:
+    """Write ``name``.conflist (our plugin, then portmap) into the podman lab's net.d."""
+    conf = {k: v for k, v in plugin_conf.items() if k not in ("cniVersion", "name")}
+    conflist = {"cniVersion": "1.0.0", "name": name,
+                "plugins": [conf, {"type": "portmap", "capabilities": {"portMappings": True}}]}
+    (tmp / "podman" / "net.d" / f"{name}.conflist").write_text(json.dumps(conflist))
