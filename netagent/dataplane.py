@@ -111,9 +111,10 @@ Entry = Neigh | Fdb | Route
 
 @dataclass(frozen=True)
 class Op:
-    """One kernel write. ``replace`` creates or overwrites the entry at ``entry.key``."""
+    """One kernel write. ``replace`` creates or overwrites the entry at ``entry.key``;
+    ``create`` only creates (EEXIST when anything holds the key: a route we do not know)."""
 
-    action: Literal["replace", "delete"]
+    action: Literal["replace", "create", "delete"]
     entry: Entry
 
 
@@ -329,10 +330,18 @@ class Reconciler:
                 for p in peers:
                     result.blocked[p] = why
                 continue
-            routes.append(Op("replace", e))
+            # a key we have never seen anything at is created, not replaced: a route someone
+            # added since the last read-back makes it fail with EEXIST instead of being clobbered
+            known = e.key in self._actual["route"] or other is not None
+            routes.append(Op("replace" if known else "create", e))
         # phase 3: deletes, reversed
         last = routes + [Op("delete", e) for k in reversed(KINDS) for e in dels[k]]
         for op, err in zip(last, self.kernel.write(last), strict=True):
+            if op.action == "create" and getattr(err, "errno", None) == errno.EEXIST:
+                for p in self._wanted["route"].get(op.entry.key, {}):
+                    result.blocked[p] = (f"route {op.entry.dst} already exists and is not ours "
+                                         "(left alone)")
+                continue
             self._record(op, err, result)
         return result
 
@@ -539,10 +548,11 @@ class NetlinkKernel:
         return results
 
     def _write_one(self, op: Op) -> None:
-        e, cmd = op.entry, ("replace" if op.action == "replace" else "del")
+        e = op.entry
+        cmd = {"replace": "replace", "create": "add", "delete": "del"}[op.action]
         if isinstance(e, Neigh):
             kw: dict[str, Any] = dict(dst=str(e.dst), ifindex=e.ifindex, family=AF_INET)
-            if cmd == "replace":
+            if cmd != "del":
                 kw.update(lladdr=e.lladdr, state=NUD_PERMANENT)
             self._call(self._ipr.neigh, cmd, **kw)
         elif isinstance(e, Fdb):
@@ -550,7 +560,7 @@ class NetlinkKernel:
                        state=NUD_PERMANENT, family=AF_BRIDGE, flags=NTF_SELF)
         else:
             kw = dict(dst=str(e.dst), table=e.table, priority=e.metric)
-            if cmd == "replace":
+            if cmd != "del":
                 kw.update(proto=e.proto, flags=RTNH_F_ONLINK if e.onlink else 0)
                 if e.gateway is not None:
                     kw["gateway"] = str(e.gateway)

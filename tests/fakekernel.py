@@ -158,14 +158,14 @@ class FakeKernel:
         e = op.entry
         if isinstance(e, Neigh):
             key = (e.ifindex, e.dst)
-            if op.action == "replace":
+            if op.action != "delete":
                 self._by_index(e.ifindex)
                 self.neighs[key] = e
             elif self.neighs.pop(key, None) is None:
                 raise KernelError(errno.ENOENT, "no such neighbour")
         elif isinstance(e, Fdb):
             key2 = (e.ifindex, e.lladdr)
-            if op.action == "replace":
+            if op.action != "delete":
                 self._by_index(e.ifindex)
                 self.fdb[key2] = e
             else:
@@ -176,7 +176,9 @@ class FakeKernel:
                     del self.fdb[key2]
         else:
             key3 = (e.table, e.dst, e.metric)
-            if op.action == "replace":
+            if op.action == "create" and key3 in self.routes:
+                raise KernelError(errno.EEXIST, "route exists")
+            if op.action != "delete":
                 self.routes[key3] = e
             else:
                 have_r = self.routes.get(key3)

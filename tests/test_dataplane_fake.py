@@ -294,6 +294,19 @@ def test_foreign_route_at_our_key_left_alone_and_reported(kern: FakeKernel,
     assert rep.skipped == {}
 
 
+def test_foreign_route_added_since_last_readback_not_clobbered(kern: FakeKernel,
+                                                               tmp_path: Path) -> None:
+    b = up_vxlan(kern, tmp_path)
+    b.sync({sub(2): vx(2)})
+    eth = kern.links["eth0"].index
+    theirs = Route(sub(3), IPv4Address("192.168.1.250"), eth, proto=4)
+    kern.routes[theirs.key] = theirs  # type: ignore[index]
+    rep = b.sync({sub(2): vx(2), sub(3): vx(3)}, frozenset({sub(3)}))  # incremental: no dump
+    assert kern.routes[theirs.key] == theirs  # type: ignore[index]
+    assert "not ours" in rep.skipped[sub(3)]
+    assert [a for a, e in kern.log if isinstance(e, Route)][-1] == "create"
+
+
 def test_flannel_leftover_route_on_our_device_is_adopted(kern: FakeKernel,
                                                          tmp_path: Path) -> None:
     b = up_vxlan(kern, tmp_path)

@@ -264,6 +264,16 @@ def test_hostgw_routes_unreachable_and_repair(ns: Ns) -> None:
     rep = b.sync(peers)
     assert rep.added == 1 and rep.removed == 0 and "10.5.5.0/24" in ns.routes()
     assert "10.5.30.0/24" in ns.routes()
+    # someone else's route at a peer's destination, made after our last read-back, is not
+    # overwritten by an incremental add (route "create", EEXIST) and is reported
+    ns.ip("ip", "route", "add", "10.5.31.0/24", "via", f"{UNDERLAY}.200", "proto", "static")
+    peers[sub(31)] = hg(31)
+    rep = b.sync(peers, frozenset({sub(31)}))
+    assert "not ours" in rep.skipped[sub(31)]
+    r = ns.routes()["10.5.31.0/24"]
+    assert (r["gateway"], r["protocol"]) == (f"{UNDERLAY}.200", "static")
+    rep = b.sync(peers)  # and the next full sync still leaves it alone
+    assert "not ours" in rep.skipped[sub(31)] and ns.routes()["10.5.31.0/24"] == r
 
 
 def test_checksum_workaround_applied_through_ethtool(ns: Ns) -> None:
