@@ -38,7 +38,7 @@ try:
         def parse_constant(name: str) -> Any:
             raise ValueError(f"invalid constant {name}")
 
-    _scan = _json.make_scanner(_ScanContext)
+    _scan = _json.make_scanner(_ScanContext)  # type: ignore[arg-type]
 
     def _no_default(obj: object) -> Any:
         raise TypeError(f"{type(obj).__name__} is not JSON serializable")
@@ -102,9 +102,9 @@ def _make_setns() -> Any:
             _restype_ = _CInt
 
         class _Libc:
-            _handle = _ctypes.dlopen(None)
+            _handle = _ctypes.dlopen(None)  # type: ignore[arg-type]
 
-        func = _CFunc(("setns", _Libc()))
+        func: Any = _CFunc(("setns", _Libc()))  # type: ignore[arg-type]
         get_errno = _ctypes.get_errno
     except (ImportError, AttributeError):  # pragma: no cover
         import ctypes
