@@ -15,6 +15,7 @@ BACKENDS: dict[str, str] = {
     "alloc": "backends.alloc:AllocBackend",
     "vxlan": "backends.vxlan:VxlanBackend",
     "host-gw": "backends.hostgw:HostGwBackend",
+    "udp": "backends.udp:UdpBackend",
 }
 
 

@@ -1,0 +1,297 @@
+"""The udp backend: flannel's user-space encapsulation (``flannel0`` TUN + UDP port 8285).
+
+Kernel state is small and set once: the TUN device ``flannel0`` (IFF_NO_PI, persistent, MTU =
+underlay − 28), our subnet's network address as /32 on it, and one route for the whole flannel
+Network through it (``proto`` :data:`~netagent.dataplane.RTPROT_NETAGENT`; ``route_owner``
+never sweeps it because it is not *inside* the Network). Peers are not kernel entries at all:
+``sync`` renders them (pure, :func:`render_udp_peers`) into a
+:class:`~backends.udpfwd.ForwardingTable` and swaps it into the running packet loop
+(:mod:`backends.udpfwd`) without stopping it.
+
+**Which leases are peers.** flannel's udp backend accepts every lease. netagent accepts leases
+with no ``BackendType`` (what flannel's udp and ours write) and ``"udp"``, and skips leases of
+any other backend type with a logged reason (``SyncReport.skipped``): a vxlan or host-gw host
+has nothing listening on the udp port, so "forwarding" to it would silently black-hole traffic,
+where skipping gives the sender an ICMP net-unreachable at once. A lease with our own PublicIP
+is skipped too (a stale lease of this host).
+
+**Restarts** keep the device: it is persistent, so the next run re-attaches to it (same index,
+address and route; the reconcile makes no kernel writes). Traffic pauses only while no process
+reads the TUN. ``shutdown`` stops the loop and closes our fds, nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+from collections.abc import Mapping
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from backends.udpfwd import (
+    DEFAULT_UDP_PORT,
+    UDP_OVERHEAD,
+    Forwarder,
+    ForwardingTable,
+    build_forwarding_table,
+    new_stats,
+    open_tun,
+)
+from netagent.config import NetworkConfig
+from netagent.dataplane import Kernel, KernelError, Op, Route
+from netagent.lease import Lease
+
+log = logging.getLogger(__name__)
+
+DEVICE = "flannel0"
+#: BackendType values a udp host treats as udp peers ("" = flannel's udp lease)
+UDP_LEASE_TYPES = frozenset({"", "udp"})
+#: socket buffers: a few ms of line rate, so bursts queue instead of being dropped
+SOCKET_BUFFER = 4 << 20
+
+
+def render_udp_peers(
+    peers: Mapping[IPv4Network, Lease], *, own_subnet: IPv4Network | None,
+    own_ip: IPv4Address | None, port: int,
+) -> tuple[ForwardingTable, dict[IPv4Network, str]]:
+    """The forwarding table for `peers`, plus the peers left out and why (pure)."""
+    usable: list[tuple[IPv4Network, IPv4Address]] = []
+    skipped: dict[IPv4Network, str] = {}
+    for subnet, lease in sorted(peers.items()):
+        btype = lease.attrs.backend_type
+        if btype not in UDP_LEASE_TYPES:
+            skipped[subnet] = (f"BackendType {btype!r} is not udp (a {btype} host has no udp "
+                               "listener); ignoring this lease")
+        elif own_subnet is not None and subnet.overlaps(own_subnet):
+            skipped[subnet] = f"overlaps our own subnet {own_subnet}"
+        elif own_ip is not None and lease.attrs.public_ip == own_ip:
+            skipped[subnet] = f"lease has our own PublicIP {own_ip} (a stale lease of this host?)"
+        else:
+            usable.append((subnet, lease.attrs.public_ip))
+    return build_forwarding_table(usable, own_subnet=own_subnet, port=port), skipped
+
+
+class UdpBackend(Backend):
+    type_name = "udp"
+
+    def __init__(self, config: NetworkConfig, host: HostFacts, *,
+                 kernel: Kernel | None = None) -> None:
+        super().__init__(config, host)
+        self._kernel = kernel
+        self.port = config.backend.port or DEFAULT_UDP_PORT
+        self.mtu = host.iface_mtu - UDP_OVERHEAD
+        self.own: Lease | None = None
+        self.ifindex = 0
+        self.tun_fd = -1
+        self.sock: socket.socket | None = None
+        self.forwarder: Forwarder | None = None
+        self._skipped: dict[IPv4Network, str] = {}
+        self._route_ok = False
+        self._peers: Mapping[IPv4Network, Lease] = {}
+        #: packet and drop counters, updated in place by the packet loop (read at scrape time)
+        self.stats: dict[str, Any] = new_stats()
+
+    @property
+    def kernel(self) -> Kernel:
+        if self._kernel is None:
+            from netagent.dataplane import NetlinkKernel
+
+            self._kernel = NetlinkKernel()
+        return self._kernel
+
+    # -- lifecycle
+
+    def prepare(self) -> LeaseContribution:
+        self._open_device()
+        self._open_socket()
+        assert self.sock is not None
+        self.forwarder = Forwarder(self.tun_fd, self.sock, stats=self.stats)
+        self.forwarder.start()
+        log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (%s)", DEVICE,
+                 self.ifindex, self.mtu, self.host.iface_addr, self.port,
+                 "recvmmsg/sendmmsg" if self.forwarder.batch_rx else "one datagram per call")
+        return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
+
+    def activate(self, own: Lease) -> None:
+        self.own = own
+        self._ensure_address()
+        self._ensure_route()
+        self._install(self._peers)  # the inbound "is it for us" check follows our subnet
+
+    def _install(self, peers: Mapping[IPv4Network, Lease]) -> tuple[ForwardingTable,
+                                                                      dict[IPv4Network, str]]:
+        """Render and swap the table into the running loop (one reference assignment)."""
+        self._peers = peers
+        table, skipped = render_udp_peers(peers, own_subnet=self.own.subnet if self.own else None,
+                                          own_ip=self.host.public_ip, port=self.port)
+        if self.forwarder is not None:
+            self.forwarder.table = table
+        return table, skipped
+
+    def sync(
+        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+    ) -> SyncReport:
+        """Render the whole table (cheap: thousands of peers take milliseconds) and swap it in.
+
+        A full sync also re-checks the device, its address and the overlay route (drift repair).
+        """
+        report = SyncReport()
+        if changed is None:
+            report.added += self._repair()
+        before = self.forwarder.table.peers if self.forwarder else 0
+        table, skipped = self._install(dict(peers))
+        for subnet, why in skipped.items():
+            if self._skipped.get(subnet) != why:
+                log.warning("skipping peer %s: %s", subnet, why)
+        for subnet in set(self._skipped) - set(skipped):
+            if subnet in peers:
+                log.info("peer %s is no longer skipped", subnet)
+        self._skipped = skipped
+        if changed is not None:
+            report.added += len([s for s in changed if s in peers and s not in skipped])
+            report.removed += len([s for s in changed if s not in peers])
+        elif table.peers != before:
+            report.added += max(0, table.peers - before)
+            report.removed += max(0, before - table.peers)
+        report.entries = {"route": 1 if self._route_ok else 0, "udp_peer": table.peers}
+        report.skipped = dict(skipped)
+        return report
+
+    def shutdown(self) -> None:
+        """Stop the loop, close our fds; the device, address and route stay for the restart."""
+        if self.forwarder is not None:
+            self.forwarder.stop()
+            self.forwarder = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun_fd >= 0:
+            import os
+
+            with contextlib.suppress(OSError):
+                os.close(self.tun_fd)
+            self.tun_fd = -1
+
+    # -- device, address, route (netlink through the dataplane's Kernel)
+
+    def _open_device(self) -> None:
+        """Attach to flannel0 (creating it); replace a tun of that name we cannot attach to.
+
+        A flannel0 left by flannel itself has the same flags and is simply adopted. EBUSY means
+        another process (a second agent, or flanneld) still runs it: that is fatal, not ours to
+        take over.
+        """
+        try:
+            self.tun_fd = open_tun(DEVICE)
+        except OSError as exc:
+            link = self.kernel.link(DEVICE)
+            if exc.errno == errno.EBUSY or link is None or link.kind != "tun":
+                raise KernelError(exc.errno or 0, f"cannot attach to TUN device {DEVICE}: {exc}"
+                                  + (" (another process holds it)"
+                                     if exc.errno == errno.EBUSY else "")) from None
+            log.warning("%s exists with other TUN flags (%s); recreating it", DEVICE, exc)
+            self.kernel.delete_link(link.index)
+            self.tun_fd = open_tun(DEVICE)
+        link = self.kernel.link(DEVICE)
+        if link is None:
+            raise KernelError(0, f"{DEVICE} vanished right after it was opened")
+        if link.mtu != self.mtu:
+            log.info("setting %s MTU %d → %d", DEVICE, link.mtu, self.mtu)
+            self.kernel.set_link(link.index, mtu=self.mtu)
+        self.ifindex = link.index
+
+    def _open_socket(self) -> None:
+        """UDP on <interface address>:<port> (flannel binds the interface address, IPv4 only)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        try:
+            sock.bind((str(self.host.iface_addr), self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def _ensure_address(self) -> int:
+        """Our subnet's network address as /32 on flannel0 (stale overlay addresses removed),
+        link up. Returns the number of kernel writes."""
+        if self.own is None:
+            return 0
+        k, writes = self.kernel, 0
+        link = k.link(DEVICE)
+        if link is None:
+            return 0
+        want = IPv4Interface(f"{self.own.subnet.network_address}/32")
+        net = self.config.network
+        for addr in link.addrs:
+            if addr != want and net is not None and addr.ip in net:
+                log.info("removing stale address %s from %s", addr, DEVICE)
+                k.del_addr(link.index, addr)
+                writes += 1
+        if want not in link.addrs:
+            k.add_addr(link.index, want)
+            writes += 1
+        if not link.up:
+            k.set_link(link.index, up=True)
+            writes += 1
+        if link.mtu != self.mtu:
+            k.set_link(link.index, mtu=self.mtu)
+            writes += 1
+        return writes
+
+    def _ensure_route(self) -> int:
+        """The whole Network via flannel0; a route at that key made by others is left alone."""
+        net = self.config.network
+        if net is None or self.ifindex == 0:
+            return 0
+        want = Route(net, gateway=None, oif=self.ifindex)
+        have = [r for r in self.kernel.dump_routes(want.table) if r.key == want.key]
+        if have and have[0] == want:
+            self._route_ok = True
+            return 0
+        if have and have[0].proto != want.proto and have[0].oif != self.ifindex:
+            log.error("route %s exists (proto %d, via %s, index %s) and is not ours; udp "
+                      "traffic will not reach %s", net, have[0].proto, have[0].gateway,
+                      have[0].oif, DEVICE)
+            self._route_ok = False
+            return 0
+        (err,) = self.kernel.write([Op("replace", want)])
+        self._route_ok = err is None
+        if err is not None:
+            log.warning("route %s dev %s failed (retried next full sync): %s", net, DEVICE, err)
+            return 0
+        return 1
+
+    def _repair(self) -> int:
+        """Full sync: the device may have been deleted or changed; put everything back."""
+        link = self.kernel.link(DEVICE)
+        if link is None or link.index != self.ifindex:
+            log.warning("%s disappeared or was replaced; re-creating it", DEVICE)
+            self._reopen_device()
+        return self._ensure_address() + self._ensure_route()
+
+    def _reopen_device(self) -> None:
+        import os
+
+        old_fd = self.tun_fd
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        try:
+            self._open_device()
+        except OSError as exc:
+            log.error("cannot re-create %s: %s (retried next full sync)", DEVICE, exc)
+            self.tun_fd = old_fd
+            return
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
+        if self.forwarder is not None and self.sock is not None:
+            self.forwarder = Forwarder(self.tun_fd, self.sock, stats=self.stats)
+            self._install(self._peers)
+            self.forwarder.start()
