@@ -245,12 +245,6 @@ class Reconciler:
         return {kind: {key: self._winner(kind, key) for key in table}  # type: ignore[misc]
                 for kind, table in self._wanted.items()}
 
-    def actual(self) -> dict[str, dict[tuple[Any, ...], Entry]]:
-        return {kind: dict(table) for kind, table in self._actual.items()}
-
-    def pending(self) -> int:
-        return sum(len(d) for d in self._dirty.values())
-
     def _winner(self, kind: str, key: tuple[Any, ...]) -> Entry | None:
         wanted = self._wanted[kind].get(key)
         if not wanted:

@@ -24,6 +24,7 @@ from netagent.dataplane import (
     RouteLookup,
     VxlanSpec,
 )
+from netagent.lease import Lease, LeaseAttrs, canonical_json
 
 
 @dataclass
@@ -191,3 +192,32 @@ class FakeKernel:
     def state(self) -> tuple[frozenset[Any], ...]:
         return (frozenset(self.neighs.values()), frozenset(self.fdb.values()),
                 frozenset(self.routes.values()))
+
+
+# --------------------------------------------------------------------------- peer leases
+# Shared by the render and fake-kernel tests: peer i has subnet 10.5.i.0/24, PublicIP
+# 192.168.1.i and VtepMAC 0e:00:00:00:00:<i>.
+
+
+def sub(i: int) -> IPv4Network:
+    return IPv4Network(f"10.5.{i}.0/24")
+
+
+def pub(i: int) -> IPv4Address:
+    return IPv4Address(f"192.168.1.{i}")
+
+
+def mac(i: int) -> str:
+    return f"0e:00:00:00:00:{i:02x}"
+
+
+def vx_lease(i: int, data: str | None = None, btype: str = "vxlan", ip: int | None = None,
+             mac_of: int | None = None) -> Lease:
+    """A vxlan peer lease; `data` overrides BackendData, `mac_of` picks another MAC."""
+    bd = canonical_json({"VNI": 1, "VtepMAC": mac(i if mac_of is None else mac_of)})
+    return Lease(sub(i), LeaseAttrs(public_ip=pub(ip or i), backend_type=btype,
+                                    backend_data=bd if data is None else data))
+
+
+def hg_lease(i: int, btype: str = "host-gw") -> Lease:
+    return Lease(sub(i), LeaseAttrs(public_ip=pub(i), backend_type=btype))

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
-from fakekernel import FakeKernel
+from fakekernel import FakeKernel, hg_lease, mac, pub, sub, vx_lease
 
 from backends import backend_class
 from backends.base import HostFacts
@@ -19,31 +19,18 @@ from backends.hostgw import HostGwBackend
 from backends.vxlan import VxlanBackend
 from netagent.config import parse_network_config
 from netagent.dataplane import RTPROT_NETAGENT, Fdb, Neigh, Op, Route, RouteLookup
-from netagent.lease import Lease, LeaseAttrs, canonical_json
+from netagent.lease import Lease, LeaseAttrs
 
 NET = IPv4Network("10.5.0.0/16")
 OWN = IPv4Network("10.5.1.0/24")
 
 
-def sub(i: int) -> IPv4Network:
-    return IPv4Network(f"10.5.{i}.0/24")
-
-
-def pub(i: int) -> IPv4Address:
-    return IPv4Address(f"192.168.1.{i}")
-
-
-def mac(i: int) -> str:
-    return f"0e:00:00:00:00:{i:02x}"
-
-
 def vx(i: int, m: int | None = None) -> Lease:
-    data = canonical_json({"VNI": 1, "VtepMAC": mac(i if m is None else m)})
-    return Lease(sub(i), LeaseAttrs(public_ip=pub(i), backend_type="vxlan", backend_data=data))
+    return vx_lease(i, mac_of=m)
 
 
 def hg(i: int) -> Lease:
-    return Lease(sub(i), LeaseAttrs(public_ip=pub(i), backend_type="host-gw"))
+    return hg_lease(i)
 
 
 def config(backend: str = '{"Type":"vxlan"}'):  # type: ignore[no-untyped-def]

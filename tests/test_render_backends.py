@@ -7,6 +7,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from fakekernel import hg_lease, mac, pub, sub, vx_lease
 
 from backends.hostgw import render_hostgw_peers
 from backends.render import generate_vtep_mac, parse_unicast_mac
@@ -22,33 +23,11 @@ from netagent.dataplane import (
     kernel_needs_csum_workaround,
     route_owner,
 )
-from netagent.lease import Lease, LeaseAttrs, canonical_json
+from netagent.lease import Lease, canonical_json
 
 DEV = 7
 IFACE = 3
 NET = IPv4Network("10.5.0.0/16")
-
-
-def sub(i: int) -> IPv4Network:
-    return IPv4Network(f"10.5.{i}.0/24")
-
-
-def pub(i: int) -> IPv4Address:
-    return IPv4Address(f"192.168.1.{i}")
-
-
-def mac(i: int) -> str:
-    return f"0e:00:00:00:00:{i:02x}"
-
-
-def vx_lease(i: int, data: str | None = None, btype: str = "vxlan", ip: int | None = None
-             ) -> Lease:
-    bd = canonical_json({"VNI": 1, "VtepMAC": mac(i)}) if data is None else data
-    return Lease(sub(i), LeaseAttrs(public_ip=pub(ip or i), backend_type=btype, backend_data=bd))
-
-
-def hg_lease(i: int, btype: str = "host-gw") -> Lease:
-    return Lease(sub(i), LeaseAttrs(public_ip=pub(i), backend_type=btype))
 
 
 def render(peers: dict[IPv4Network, Lease], **kw: object):  # type: ignore[no-untyped-def]
@@ -209,13 +188,18 @@ def _lease_variant(i: int, v: int) -> Lease:
     return vx_lease(i, ip=i + 20)  # host moved
 
 
+def _apply_event(peers: dict[IPv4Network, Lease], event: Event) -> None:
+    what, i, v = event
+    if what == "put":
+        peers[sub(i)] = _lease_variant(i, v)
+    else:
+        peers.pop(sub(i), None)
+
+
 def _fold(events: list[Event]) -> dict[IPv4Network, Lease]:
     peers: dict[IPv4Network, Lease] = {}
-    for what, i, v in events:
-        if what == "put":
-            peers[sub(i)] = _lease_variant(i, v)
-        else:
-            peers.pop(sub(i), None)
+    for event in events:
+        _apply_event(peers, event)
     return peers
 
 
@@ -223,11 +207,9 @@ def _desired_after(events: list[Event]) -> dict[str, dict[object, object]]:
     """Feed events one by one (incremental render of the changed subnet) into a Reconciler."""
     rec = Reconciler(kernel=None, route_is_ours=lambda r: True, device=DEV)  # type: ignore[arg-type]
     peers: dict[IPv4Network, Lease] = {}
-    for what, i, v in events:
-        if what == "put":
-            peers[sub(i)] = _lease_variant(i, v)
-        else:
-            peers.pop(sub(i), None)
+    for event in events:
+        _apply_event(peers, event)
+        i = event[1]
         out = render({sub(i): peers[sub(i)]} if sub(i) in peers else {})
         rec.set_peer(sub(i), out.entries.get(sub(i)))
     return rec.desired()  # type: ignore[return-value]
