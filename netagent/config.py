@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -63,13 +64,21 @@ class NetworkConfig:
 
     def candidate_subnets(self) -> list[IPv4Network]:
         """Every leasable IPv4 subnet from SubnetMin to SubnetMax, in order."""
+        return list(self.iter_candidate_subnets())
+
+    def iter_candidate_subnets(self) -> Iterator[IPv4Network]:
         if self.network is None or self.subnet_min is None or self.subnet_max is None:
-            return []
+            return
         size = 1 << (32 - self.subnet_len)
-        start, stop = int(self.subnet_min), int(self.subnet_max)
-        return [
-            IPv4Network((addr, self.subnet_len)) for addr in range(start, stop + 1, size)
-        ]
+        for addr in range(int(self.subnet_min), int(self.subnet_max) + 1, size):
+            yield IPv4Network((addr, self.subnet_len))
+
+    @property
+    def candidate_count(self) -> int:
+        if self.subnet_min is None or self.subnet_max is None:
+            return 0
+        size = 1 << (32 - self.subnet_len)
+        return (int(self.subnet_max) - int(self.subnet_min)) // size + 1
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """flannel's isSubnetConfigCompat for the IPv4 side."""

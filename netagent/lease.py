@@ -181,10 +181,16 @@ def choose_subnet(
 
     Raises OutOfSubnets when none is free.
     """
-    taken_list = list(taken)
+    same: set[int] = set()
+    odd: list[IPv4Network] = []  # taken subnets of another size (e.g. after a SubnetLen change)
+    for t in taken:
+        if t.prefixlen == config.subnet_len:
+            same.add(int(t.network_address))
+        else:
+            odd.append(t)
     free: list[IPv4Network] = []
-    for cand in config.candidate_subnets():
-        if any(cand.overlaps(t) for t in taken_list):
+    for cand in config.iter_candidate_subnets():
+        if int(cand.network_address) in same or (odd and any(cand.overlaps(t) for t in odd)):
             continue
         free.append(cand)
         if len(free) >= pool:

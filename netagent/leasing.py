@@ -91,7 +91,10 @@ class LeaseManager:
     def acquire(self) -> Lease:
         """Get a lease (reuse, previous subnet, or a free one). Raises OutOfSubnets."""
         value = encode_attrs(self.attrs)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        # Each lost create race means another host got a subnet, so retrying while subnets are
+        # free always ends; flannel's fixed 10 tries can fail a host in a thundering herd.
+        attempts = MAX_ATTEMPTS + self.config.candidate_count
+        for attempt in range(1, attempts + 1):
             existing, _ = self.list_leases()
             plan = plan_lease(self.config, existing, self.public_ip, self.previous_subnet,
                               rng=self.rng)
@@ -111,11 +114,11 @@ class LeaseManager:
                 log.info("%s; leased %s (etcd lease %x, TTL %d s)", plan.reason, plan.subnet,
                          lease_id, self.ttl)
                 return self._hold(Lease(plan.subnet, self.attrs, None, lease_id), self.ttl)
-            log.info("subnet %s was taken by another host meanwhile (attempt %d/%d)",
-                     plan.subnet, attempt, MAX_ATTEMPTS)
+            log.info("subnet %s was taken by another host meanwhile (attempt %d)",
+                     plan.subnet, attempt)
             if plan.subnet == self.previous_subnet:
                 self.previous_subnet = None
-        raise RegistryError(f"max retries ({MAX_ATTEMPTS}) reached trying to acquire a subnet")
+        raise RegistryError(f"max retries ({attempts}) reached trying to acquire a subnet")
 
     def _reuse(self, old: Lease, key: str, value: str) -> Lease | None:
         """Take over our own existing key, rewriting it only when its value changed."""

@@ -122,7 +122,7 @@ class Etcd:
     def endpoint(self) -> str:
         return f"{self.scheme}://{self.host}:{self.client_port}"
 
-    def start(self) -> Etcd:
+    def start(self, wait: bool = True) -> Etcd:
         need_etcd()
         if not self.client_port:
             self.client_port = free_port() if self.ns is None else random.randrange(20000, 30000)
@@ -134,16 +134,23 @@ class Etcd:
             "etcd", "--name", self.name, "--data-dir", self.data_dir,
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
             "--log-level", "error",
         ]
+        if "--initial-cluster" not in self.extra:
+            cmd += ["--initial-cluster", f"{self.name}={peer}"]
         if self.enable_v2:
             cmd.append("--enable-v2=true")
         cmd += list(self.extra)
         if self.ns:
             cmd = ["ip", "netns", "exec", self.ns, *cmd]
-        log = open(Path(self.data_dir) / "etcd.log", "wb")  # noqa: SIM115 - lives with proc
+        log = open(Path(self.data_dir) / "etcd.log", "ab")  # noqa: SIM115 - lives with proc
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> Etcd:
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -202,6 +209,55 @@ class Etcd:
         return json.loads(out)  # type: ignore[no-any-return]
 
 
+class EtcdCluster:
+    """Three members (or `size`) on one address, distinct ports, each killable by PID."""
+
+    def __init__(self, host: str, ns: str | None, size: int = 3) -> None:
+        need_etcd()
+        base = random.randrange(20000, 29000) if ns else free_port()
+        self.members = [
+            Etcd(host=host, ns=ns, name=f"c{i}-{RUN_ID}", client_port=base + 2 * i,
+                 peer_port=base + 2 * i + 1)
+            for i in range(size)
+        ]
+        cluster = ",".join(f"{m.name}=http://{host}:{m.peer_port}" for m in self.members)
+        for m in self.members:
+            m.extra = ("--initial-cluster", cluster, "--initial-cluster-state", "new",
+                       "--initial-cluster-token", f"tok-{RUN_ID}")
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self) -> EtcdCluster:
+        # members wait for each other: start all, then wait for health
+        for m in self.members:
+            m.start(wait=False)
+        for m in self.members:
+            m.wait_healthy()
+        return self
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        alive = [m for m in self.members if m.proc is not None and m.proc.poll() is None]
+        env = dict(os.environ, ETCDCTL_API="3")
+        cmd = ["etcdctl", "--endpoints", ",".join(m.endpoint for m in alive),
+               "--dial-timeout", "3s", *args]
+        return sh(*cmd, check=check, ns=self.members[0].ns, env=env)
+
+    def leader(self) -> Etcd:
+        out = json.loads(self.ctl("endpoint", "status", "-w", "json").stdout)
+        leader_id = out[0]["Status"]["leader"]
+        for st in out:
+            if st["Status"]["header"]["member_id"] == leader_id:
+                ep = st["Endpoint"]
+                return next(m for m in self.members if m.endpoint == ep)
+        raise RuntimeError("no leader")
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
+
+
 # --------------------------------------------------------------------------- lab
 
 
@@ -231,6 +287,33 @@ class Pod:
         return proc.returncode == 0
 
 
+class PingRun:
+    """A continuous ping in the background; `result()` gives (transmitted, received)."""
+
+    def __init__(self, pod: Pod, ip: str, seconds: float, interval: float = 0.2) -> None:
+        count = max(1, int(seconds / interval))
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", pod.name, "ping", "-n", "-q", "-i", str(interval), "-W", "1",
+             "-c", str(count), ip],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.limit = seconds + 30
+
+    def result(self) -> tuple[int, int]:
+        out, _ = self.proc.communicate(timeout=self.limit)
+        import re
+
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        if not m:
+            raise AssertionError(f"no ping summary: {out!r}")
+        return int(m.group(1)), int(m.group(2))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 class Lab:
     """A run-unique underlay namespace with a bridge, etcd on it, and N host namespaces."""
 
@@ -244,6 +327,7 @@ class Lab:
         self.etcd_ip = f"{self.prefix}.1"
         self.hosts: list[Host] = []
         self.pods: list[Pod] = []
+        self._clusters: list[EtcdCluster] = []
         self.etcd: Etcd | None = None
         self._made: list[str] = []
         add_netns(self.ul)
@@ -258,9 +342,26 @@ class Lab:
 
     def add_host(self, mtu: int = 1500) -> Host:
         i = len(self.hosts) + 1
+        host = self._wire_host(i, mtu)
+        self.hosts.append(host)
+        return host
+
+    def reboot_host(self, host: Host, mtu: int = 1500) -> None:
+        """Simulate a reboot: kill the agent, delete the namespace (all its kernel state) and
+        recreate it with the same address. The host's files (subnet.env, state dir) survive."""
+        self.stop_agent(host, signal.SIGKILL)
+        for pod in [p for p in self.pods if p.host is host]:
+            del_netns(pod.name)
+            self.pods.remove(pod)
+        del_netns(host.name)
+        sh("ip", "link", "del", f"ulp{host.index}", ns=self.ul, check=False)
+        self._wire_host(host.index, mtu)
+
+    def _wire_host(self, i: int, mtu: int) -> Host:
         name = f"{self.tag}-h{i}"
         add_netns(name)
-        self._made.append(name)
+        if name not in self._made:
+            self._made.append(name)
         peer = f"ulp{i}"
         sh("ip", "link", "add", "eth0", "mtu", str(mtu), "netns", name, "type", "veth", "peer",
            "name", peer, "mtu", str(mtu), "netns", self.ul)
@@ -272,15 +373,16 @@ class Lab:
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=name)
         d = self.tmp / name
         d.mkdir(parents=True, exist_ok=True)
-        host = Host(name, ip, i, d / "subnet.env", d / "state")
-        self.hosts.append(host)
-        return host
+        return Host(name, ip, i, d / "subnet.env", d / "state")
 
     def agent_cmd(self, host: Host, *extra: str) -> list[str]:
-        assert self.etcd is not None
+        endpoints = self._clusters[-1].endpoints if self._clusters else None
+        if endpoints is None:
+            assert self.etcd is not None
+            endpoints = self.etcd.endpoint
         return [
             sys.executable, "-m", "netagent", "run",
-            "--etcd-endpoints", self.etcd.endpoint,
+            "--etcd-endpoints", endpoints,
             "--subnet-file", str(host.subnet_file),
             "--state-dir", str(host.state_dir),
             "--iface", "eth0",
@@ -312,6 +414,11 @@ class Lab:
         rc = host.agent.returncode
         host.agent = None
         return rc
+
+    def start_cluster(self, size: int = 3) -> EtcdCluster:
+        cluster = EtcdCluster(self.etcd_ip, self.ul, size).start()
+        self._clusters.append(cluster)
+        return cluster
 
     def add_pod(self, host: Host, bridge: str = "cni0") -> Pod:
         """A pod namespace on `host`, attached to a bridge holding the subnet's gateway address.
@@ -352,6 +459,8 @@ class Lab:
                 self.stop_agent(h, signal.SIGKILL)
         if self.etcd is not None:
             self.etcd.cleanup()
+        for cluster in self._clusters:
+            cluster.cleanup()
         for name in reversed(self._made):
             del_netns(name)
 
@@ -375,3 +484,19 @@ def read_env_file(path: Path) -> dict[str, str]:
             k, _, v = line.partition("=")
             out[k] = v
     return out
+
+
+def kernel_state(ns: str, devices: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Routes (main table), neighbours and FDB entries of a namespace, as sorted text lines.
+
+    Volatile parts (neighbour reachability of the underlay, link statistics) are left out so
+    two snapshots compare equal when nothing was programmed in between.
+    """
+    routes = sh("ip", "-4", "route", "show", "table", "main", ns=ns).stdout.splitlines()
+    neigh = [ln for ln in sh("ip", "-4", "neigh", "show", "nud", "permanent", ns=ns)
+             .stdout.splitlines()]
+    fdb = []
+    for dev in devices:
+        proc = sh("bridge", "fdb", "show", "dev", dev, ns=ns, check=False)
+        fdb += [ln for ln in proc.stdout.splitlines() if "dst" in ln]
+    return {"routes": sorted(routes), "neigh": sorted(neigh), "fdb": sorted(fdb)}

@@ -1,0 +1,402 @@
+"""Resilience scenarios (issue 7) on a real etcd and namespace hosts running the real agent.
+
+Each scenario is bounded in time; figures (packets lost, recovery time) are printed with -s and
+recorded in RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from harness import Host, Lab, PingRun, kernel_state, read_env_file, sh, wait_for
+
+pytestmark = pytest.mark.privileged
+
+PREFIX = "/coreos.com/network"
+VXLAN = '{"Network":"10.20.0.0/16","Backend":{"Type":"vxlan"}}'
+#: etcd outage length in scenario 1 (the issue asks for 60 s; override to iterate faster)
+OUTAGE = float(os.environ.get("NETAGENT_TEST_OUTAGE", "60"))
+
+
+def leases(lab: Lab) -> dict[str, str]:
+    assert lab.etcd is not None
+    return {k.rsplit("/", 1)[1]: v for k, v in lab.etcd.get_prefix(f"{PREFIX}/subnets/").items()}
+
+
+def subnet_of(host: Host) -> str:
+    return read_env_file(host.subnet_file)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+
+
+def vxlan_lab(lab: Lab, n: int = 3, *agent_args: str, config: str = VXLAN) -> list[Host]:
+    assert lab.etcd is not None
+    lab.etcd.put(f"{PREFIX}/config", config)
+    hosts = [lab.add_host() for _ in range(n)]
+    for h in hosts:
+        lab.start_agent(h, *agent_args)
+    for h in hosts:
+        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
+    pods = [lab.add_pod(h) for h in hosts]
+    wait_for(lambda: all(p.ping(q.ip) for p in pods for q in pods if p is not q), 30,
+             interval=0.3, what="all pods reach each other")
+    return hosts
+
+
+def route_to(host: Host, subnet: str) -> bool:
+    return subnet in sh("ip", "-4", "route", "show", ns=host.name).stdout
+
+
+def test_etcd_outage_loses_no_packets_and_no_kernel_entries(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab)
+    p1, p2, p3 = lab.pods
+    before_leases = leases(lab)
+    before = {h.name: kernel_state(h.name, ["flannel.1"]) for h in hosts}
+    pings = [PingRun(p1, p2.ip, OUTAGE + 8), PingRun(p2, p3.ip, OUTAGE + 8),
+             PingRun(p3, p1.ip, OUTAGE + 8)]
+    time.sleep(2)
+    lab.etcd.stop()
+    t0 = time.monotonic()
+    time.sleep(OUTAGE)
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None, lab.log(h)[-2000:]
+        assert kernel_state(h.name, ["flannel.1"]) == before[h.name]
+    lab.etcd.start()
+    down = time.monotonic() - t0
+    # a change made by another agent right after etcd returns reaches every host
+    h4 = lab.add_host()
+    lab.start_agent(h4)
+    wait_for(h4.subnet_file.exists, 30, what="new host's subnet.env")
+    new = subnet_of(h4)
+    t1 = time.monotonic()
+    for h in hosts:
+        wait_for(lambda h=h: route_to(h, new), 20, what=f"{h.name} route to the new host")
+    converge = time.monotonic() - t1
+    results = [p.result() for p in pings]
+    lost = sum(tx - rx for tx, rx in results)
+    print(f"\netcd down {down:.1f} s; pings {results}; lost {lost}; new peer on every host "
+          f"{converge:.2f} s after its lease")
+    assert lost == 0
+    after = leases(lab)
+    for name, value in before_leases.items():
+        assert after[name] == value  # same subnets, same values
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None
+        assert "watch on" in lab.log(h) and "resuming at revision" in lab.log(h)
+
+
+def test_dead_peer_expires_and_is_removed_everywhere(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 3, "--subnet-lease-ttl", "4")
+    h1, h2, h3 = hosts
+    dead = subnet_of(h3)
+    assert route_to(h1, dead) and route_to(h2, dead)
+    lab.stop_agent(h3, signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: not any(k.startswith(dead.split("/")[0]) for k in leases(lab)), 15,
+             what="the dead peer's lease to expire")
+    expired = time.monotonic() - t0
+    for h in (h1, h2):
+        wait_for(lambda h=h: not route_to(h, dead), 5, what=f"{h.name} dropping the dead peer")
+        state = kernel_state(h.name, ["flannel.1"])
+        assert not any(dead.split("/")[0] in ln for ln in state["routes"] + state["neigh"])
+    removed = time.monotonic() - t0
+    print(f"\nlease expired {expired:.1f} s after SIGKILL (TTL 4 s); entries gone after "
+          f"{removed:.1f} s")
+    p1, p2 = lab.pods[0], lab.pods[1]
+    assert p1.ping(p2.ip) and p2.ping(p1.ip)
+
+
+def test_reboot_keeps_subnet_and_vtep_mac(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 2)
+    h1, h2 = hosts
+    before = leases(lab)
+    mine = next(k for k, v in before.items() if json.loads(v)["PublicIP"] == h2.ip)
+    lab.reboot_host(h2)  # namespace (device, routes, everything) gone and recreated
+    assert not h2.run("ip", "link", "show", "flannel.1", check=False).returncode == 0
+    lab.start_agent(h2)
+    wait_for(lambda: h2.run("ip", "link", "show", "flannel.1", check=False).returncode == 0, 20,
+             what="flannel.1 recreated")
+    pod = lab.add_pod(h2)
+    wait_for(lambda: pod.ping(lab.pods[0].ip), 20, what="pods reach each other after reboot")
+    after = leases(lab)
+    assert after[mine] == before[mine]  # same subnet, same VtepMAC, byte for byte
+    mac = json.loads(after[mine])["BackendData"]["VtepMAC"]
+    assert mac in h2.run("ip", "link", "show", "flannel.1").stdout
+
+
+def test_watch_relists_after_compaction_past_its_revision(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 3)
+    h1, h2, h3 = hosts
+    gone = subnet_of(h3)
+    assert h1.agent is not None
+    os.kill(h1.agent.pid, 0)
+    # freeze h1's agent, break its etcd connection, change the world, compact history
+    agent_pid = int(sh("ip", "netns", "pids", h1.name).stdout.split()[0])
+    os.kill(agent_pid, signal.SIGSTOP)
+    try:
+        lab.stop_agent(h3, signal.SIGKILL)
+        lab.etcd.stop()
+        lab.etcd.start()
+        lab.etcd.ctl("del", f"{PREFIX}/subnets/{gone.replace('/', '-')}")
+        fake = "10.20.250.0/24"
+        lab.etcd.put(f"{PREFIX}/subnets/10.20.250.0-24",
+                     '{"PublicIP":"' + lab.prefix + '.250","PublicIPv6":null,"BackendType":'
+                     '"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:02:50"}}')
+        rev = json.loads(lab.etcd.ctl("endpoint", "status", "-w", "json").stdout)[0]["Status"][
+            "header"]["revision"]
+        lab.etcd.ctl("compact", str(rev), "--physical")
+    finally:
+        os.kill(agent_pid, signal.SIGCONT)
+    wait_for(lambda: route_to(h1, fake) and not route_to(h1, gone), 20,
+             what="h1 re-listed after compaction")
+    assert "compacted" in lab.log(h1)
+    assert h1.agent is not None and h1.agent.poll() is None
+    assert lab.pods[0].ping(lab.pods[1].ip)
+
+
+def test_fifty_agents_forty_subnets(lab: Lab) -> None:
+    assert lab.etcd is not None
+    lab.etcd.put(f"{PREFIX}/config", '{"Network":"10.30.0.0/16","SubnetMin":"10.30.1.0",'
+                 '"SubnetMax":"10.30.40.0","Backend":{"Type":"alloc"}}')
+    hosts = [lab.add_host() for _ in range(50)]
+    for h in hosts:
+        lab.start_agent(h)
+
+    def settled() -> bool:
+        done = [h for h in hosts if h.agent is not None and h.agent.poll() is not None]
+        ready = [h for h in hosts if h.subnet_file.exists()]
+        return len(done) >= 10 and len(ready) >= 40
+
+    wait_for(settled, 180, interval=0.5, what="40 leases and 10 exits")
+    time.sleep(1)
+    exited = [h for h in hosts if h.agent is not None and h.agent.poll() is not None]
+    assert len(exited) == 10
+    for h in exited:
+        assert h.agent is not None and h.agent.returncode == 2, lab.log(h)[-800:]
+        assert "out of subnets" in lab.log(h)
+        assert not h.subnet_file.exists()
+    values = leases(lab)
+    assert len(values) == 40
+    owners = {json.loads(v)["PublicIP"] for v in values.values()}
+    assert len(owners) == 40 and not owners & {h.ip for h in exited}
+    # nothing half-written: one etcd lease per key, no orphans from lost races
+    assert lab.etcd is not None
+    listed = lab.etcd.ctl("lease", "list").stdout.splitlines()
+    assert len(listed) - 1 == 40, listed[:3]
+    subnets = {read_env_file(h.subnet_file)["FLANNEL_SUBNET"] for h in hosts if h not in exited}
+    assert len(subnets) == 40
+
+
+def _malformed_values(n: int, seed: int) -> list[tuple[str, str]]:
+    """(key name, value) pairs that no host may act on."""
+    import random
+
+    from netagent.lease import LeaseError, decode_lease
+
+    rng = random.Random(seed)
+    templates = [
+        lambda: "{not json",
+        lambda: "",
+        lambda: "[]",
+        lambda: "null",
+        lambda: '{"PublicIP":' + str(rng.randrange(10**6)) + "}",
+        lambda: '{"PublicIP":"300.1.1.' + str(rng.randrange(256)) + '"}',
+        lambda: '{"PublicIPv6":"::1"}',
+        lambda: '{"PublicIP":"10.0.0.1","BackendData":"' + "x" * rng.randrange(50) + '"}',
+        lambda: '{"PublicIP":"10.0.0.1","BackendType":' + str(rng.randrange(9)) + "}",
+        lambda: '{"PublicIP":"10.0.0.1","PublicIPv6":"nope"}',
+        lambda: "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(1, 80))),
+        lambda: '{"PublicIP":"10.0.0.1"' + "," * rng.randrange(1, 5) + "}",
+    ]
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        kind = rng.randrange(3)
+        third = rng.randrange(100, 250)
+        if kind == 0:  # off-grammar key, plausible value
+            name = rng.choice([f"10.20.{third}.0", f"10.20.{third}.5-24", "x", f"10.20.{third}.0-99",
+                               f"../10.20.{third}.0-24", f"10.20.{third}.0-24&zz-64"])
+            value = '{"PublicIP":"10.0.0.9","BackendType":"vxlan"}'
+        else:
+            name = f"10.20.{third}.0-24"
+            value = rng.choice(templates)()
+        try:
+            decode_lease(name, value)
+        except LeaseError:
+            out.append((name, value))
+    return out
+
+
+def test_malformed_peer_leases_change_nothing(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 3)
+    before = {h.name: kernel_state(h.name, ["flannel.1"]) for h in hosts}
+    real = leases(lab)
+    bad = _malformed_values(200, seed=7)
+    # and garbage over two live peers' own keys: their owners restore them
+    victims = sorted(real)[:2]
+    bad += [(victims[0], "{garbage"), (victims[1], '{"PublicIP":"not-an-ip"}')]
+    script = "".join(f"put {PREFIX}/subnets/{k} {json.dumps(v)}\n" for k, v in bad)
+    del script  # etcdctl's txn/batch input cannot carry arbitrary bytes; write one by one
+    for name, value in bad:
+        lab.etcd.ctl("put", f"{PREFIX}/subnets/{name}", "--", value)
+    wait_for(lambda: all(leases(lab).get(k) == v for k, v in real.items()), 10,
+             what="owners to restore their overwritten keys")
+    for name, _ in bad:
+        if name not in real:
+            lab.etcd.ctl("del", f"{PREFIX}/subnets/{name}")
+    time.sleep(1.5)
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None, lab.log(h)[-2000:]
+        assert kernel_state(h.name, ["flannel.1"]) == before[h.name]
+        assert "skipping malformed lease" in lab.log(h)
+    assert all(p.ping(q.ip) for p in lab.pods for q in lab.pods if p is not q)
+    assert sum("restoring" in lab.log(h) for h in hosts) >= 1
+
+
+def _mount(*args: str) -> None:
+    sh("mount", *args)
+
+
+def test_disk_full_and_read_only_keep_the_previous_subnet_env(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert lab.etcd is not None
+    h = lab.add_host()
+    lab.etcd.put(f"{PREFIX}/config", '{"Network":"10.40.0.0/16","Backend":{"Type":"alloc"}}')
+    full = tmp_path / "full"
+    full.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=16k", "tmpfs", str(full))
+    try:
+        env_file = full / "subnet.env"
+        lab.start_agent(h, "--subnet-file", str(env_file), "--repair-interval", "1")
+        wait_for(env_file.exists, 20, what="first subnet.env")
+        lab.stop_agent(h)
+        first = env_file.read_text()
+        # the network's MTU changes while the disk is full: the rewrite must fail cleanly
+        lab.etcd.put(f"{PREFIX}/config",
+                     '{"Network":"10.40.0.0/16","Backend":{"Type":"alloc","MTU":1400}}')
+        filler = full / "filler"
+        try:
+            with open(filler, "wb") as fh:
+                for _ in range(1000):  # 16 kB fill up long before 1000 pages
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
+        except OSError:
+            pass
+        lab.start_agent(h, "--subnet-file", str(env_file), "--repair-interval", "1")
+        wait_for(lambda: "No space left on device" in lab.log(h), 20, what="ENOSPC reported")
+        assert f"cannot write {env_file}" in lab.log(h)
+        assert env_file.read_text() == first
+        assert sorted(p.name for p in full.iterdir()) == ["filler", "subnet.env"]
+        assert h.agent is not None and h.agent.poll() is None
+        status = json.loads((h.state_dir / "status.json").read_text())
+        assert status["ready"] is False
+        filler.unlink()  # space comes back: the agent writes on its next repair tick
+        wait_for(lambda: "FLANNEL_MTU=1400" in env_file.read_text(), 10, what="rewrite")
+        wait_for(lambda: json.loads((h.state_dir / "status.json").read_text())["ready"], 10,
+                 what="ready after the rewrite")
+        lab.stop_agent(h)
+    finally:
+        sh("umount", str(full), check=False)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "subnet.env").write_text("FLANNEL_NETWORK=old\n")
+    _mount("--bind", str(ro), str(ro))
+    try:
+        _mount("-o", "remount,ro,bind", str(ro), str(ro))
+        lab.start_agent(h, "--subnet-file", str(ro / "subnet.env"))
+        wait_for(lambda: "Read-only file system" in lab.log(h), 20, what="EROFS reported")
+        assert (ro / "subnet.env").read_text() == "FLANNEL_NETWORK=old\n"
+        assert h.agent is not None and h.agent.poll() is None
+        lab.stop_agent(h)
+    finally:
+        sh("umount", str(ro), check=False)
+
+
+def test_etcd_cluster_loses_leader_then_quorum(lab: Lab) -> None:
+    cluster = lab.start_cluster(3)
+    cluster.ctl("put", f"{PREFIX}/config", VXLAN)
+    hosts = [lab.add_host() for _ in range(2)]
+    for h in hosts:
+        lab.start_agent(h, "--subnet-lease-ttl", "30")
+    for h in hosts:
+        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
+    pods = [lab.add_pod(h) for h in hosts]
+    wait_for(lambda: pods[0].ping(pods[1].ip), 20, what="pods ping")
+    before = {h.name: kernel_state(h.name, ["flannel.1"]) for h in hosts}
+    ping = PingRun(pods[0], pods[1].ip, 25)
+    first = cluster.leader()
+    first.kill()
+    time.sleep(4)
+    second = next(m for m in cluster.members if m is not first)
+    second.kill()  # quorum lost
+    time.sleep(8)
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None
+        assert kernel_state(h.name, ["flannel.1"]) == before[h.name]
+    first.start(wait=False)
+    second.start(wait=False)
+    first.wait_healthy()
+    second.wait_healthy()
+    tx, rx = ping.result()
+    print(f"\nleader then quorum lost for ~12 s: {tx - rx} of {tx} pings lost")
+    assert tx == rx
+    # recovered: a new host's lease reaches both
+    h3 = lab.add_host()
+    lab.start_agent(h3)
+    wait_for(h3.subnet_file.exists, 30, what="new host joins after recovery")
+    new = subnet_of(h3)
+    for h in hosts:
+        wait_for(lambda h=h: route_to(h, new), 20, what=f"{h.name} sees the new host")
+    logs = lab.log(hosts[0]) + lab.log(hosts[1])
+    assert "switching to etcd endpoint" in logs or "resuming at revision" in logs
+    out = cluster.ctl("get", "--prefix", f"{PREFIX}/subnets/", "--keys-only").stdout
+    assert len([ln for ln in out.splitlines() if ln.strip()]) == 3
+
+
+def _rss_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+CHURN_SECONDS = float(os.environ.get("NETAGENT_TEST_CHURN_SECONDS", "60"))
+
+
+def test_memory_stays_flat_under_lease_churn(lab: Lab) -> None:
+    """Short form for CI (60 s); NETAGENT_TEST_CHURN_SECONDS=1800 runs the 30-minute soak."""
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 1, "--repair-interval", "2")
+    h = hosts[0]
+    assert h.agent is not None
+    pid = h.agent.pid
+    base = lab.prefix
+
+    def churn(seconds: float) -> int:
+        rounds = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and rounds < 100_000:
+            i = rounds % 50
+            key = f"{PREFIX}/subnets/10.20.{200 + i}.0-24"
+            value = ('{"PublicIP":"' + f"{base}.{100 + i}" + '","PublicIPv6":null,"BackendType":'
+                     '"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:' + f"{i:02x}" + '"}}')
+            lab.etcd.ctl("put", key, value)  # type: ignore[union-attr]
+            lab.etcd.ctl("del", key)  # type: ignore[union-attr]
+            rounds += 1
+        return rounds
+
+    churn(min(15.0, CHURN_SECONDS / 4))  # warm-up: caches, allocator arenas
+    start = _rss_kb(pid)
+    rounds = churn(CHURN_SECONDS)
+    end = _rss_kb(pid)
+    print(f"\nchurn {CHURN_SECONDS:.0f} s, {rounds} join+leave rounds: RSS {start} kB -> {end} kB")
+    assert h.agent.poll() is None
+    assert end - start < 4096, (start, end)
+    state = kernel_state(h.name, ["flannel.1"])
+    churned = [ln for ln in state["routes"] if ln.startswith("10.20.2") and "flannel.1" in ln]
+    assert churned == []  # every churned peer was removed again
