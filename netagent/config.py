@@ -80,6 +80,13 @@ class NetworkConfig:
         size = 1 << (32 - self.subnet_len)
         return (int(self.subnet_max) - int(self.subnet_min)) // size + 1
 
+    def iter_candidate_subnets6(self) -> Iterator[IPv6Network]:
+        if self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
+            return
+        size = 1 << (128 - self.ipv6_subnet_len)
+        for addr in range(int(self.ipv6_subnet_min), int(self.ipv6_subnet_max) + 1, size):
+            yield IPv6Network((addr, self.ipv6_subnet_len))
+
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """flannel's isSubnetConfigCompat for the IPv4 side."""
         if self.subnet_min is None or self.subnet_max is None:

@@ -170,6 +170,25 @@ def decode_lease(
     return Lease(v4, decode_attrs(raw), v6, lease_id, mod_revision)
 
 
+def _choose(candidates: Iterable[Any], sublen: int, taken: Iterable[Any],
+            rng: random.Random | None, pool: int) -> Any:
+    same: set[int] = set()
+    odd: list[Any] = []  # taken subnets of another size (e.g. after a SubnetLen change)
+    for t in taken:
+        if t.prefixlen == sublen:
+            same.add(int(t.network_address))
+        else:
+            odd.append(t)
+    free: list[Any] = []
+    for cand in candidates:
+        if int(cand.network_address) in same or (odd and any(cand.overlaps(t) for t in odd)):
+            continue
+        free.append(cand)
+        if len(free) >= pool:
+            break
+    return (rng or random.Random()).choice(free) if free else None
+
+
 def choose_subnet(
     config: NetworkConfig,
     taken: Iterable[IPv4Network],
@@ -181,26 +200,29 @@ def choose_subnet(
 
     Raises OutOfSubnets when none is free.
     """
-    same: set[int] = set()
-    odd: list[IPv4Network] = []  # taken subnets of another size (e.g. after a SubnetLen change)
-    for t in taken:
-        if t.prefixlen == config.subnet_len:
-            same.add(int(t.network_address))
-        else:
-            odd.append(t)
-    free: list[IPv4Network] = []
-    for cand in config.iter_candidate_subnets():
-        if int(cand.network_address) in same or (odd and any(cand.overlaps(t) for t in odd)):
-            continue
-        free.append(cand)
-        if len(free) >= pool:
-            break
-    if not free:
+    chosen = _choose(config.iter_candidate_subnets(), config.subnet_len, taken, rng, pool)
+    if chosen is None:
         raise OutOfSubnets(
             f"out of subnets: every /{config.subnet_len} between {config.subnet_min} and "
             f"{config.subnet_max} is leased or reserved"
         )
-    return (rng or random.Random()).choice(free)
+    return chosen  # type: ignore[no-any-return]
+
+
+def choose_subnet6(
+    config: NetworkConfig,
+    taken: Iterable[IPv6Network],
+    *,
+    rng: random.Random | None = None,
+    pool: int = CANDIDATE_POOL,
+) -> IPv6Network:
+    chosen = _choose(config.iter_candidate_subnets6(), config.ipv6_subnet_len, taken, rng, pool)
+    if chosen is None:
+        raise OutOfSubnets(
+            f"out of IPv6 subnets: every /{config.ipv6_subnet_len} between "
+            f"{config.ipv6_subnet_min} and {config.ipv6_subnet_max} is leased or reserved"
+        )
+    return chosen  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -212,6 +234,7 @@ class LeasePlan:
     #: stale own keys (same PublicIP, incompatible with the config) to delete first
     delete: tuple[Lease, ...] = ()
     reason: str = ""
+    ipv6_subnet: IPv6Network | None = None
 
 
 def plan_lease(
@@ -221,6 +244,7 @@ def plan_lease(
     previous_subnet: IPv4Network | None,
     *,
     rng: random.Random | None = None,
+    previous_subnet6: IPv6Network | None = None,
 ) -> LeasePlan:
     """Decide which subnet to ask for, in flannel's order.
 
@@ -236,19 +260,30 @@ def plan_lease(
             lease.ipv6_subnet
         ):
             return LeasePlan(lease.subnet, reuse=lease, delete=tuple(stale),
-                             reason=f"found lease {lease.key} for {public_ip}, reusing")
+                             reason=f"found lease {lease.key} for {public_ip}, reusing",
+                             ipv6_subnet=lease.ipv6_subnet)
         if not lease.reserved:
             stale.append(lease)
     stale_keys = {s.key for s in stale}
-    taken = [lz.subnet for lz in existing.values() if lz.key not in stale_keys]
-    if previous_subnet is not None:
+    live = [lz for lz in existing.values() if lz.key not in stale_keys]
+    taken = [lz.subnet for lz in live]
+    taken6 = [lz.ipv6_subnet for lz in live if lz.ipv6_subnet is not None]
+
+    def free6(want: IPv6Network | None) -> bool:
+        return want is not None and config.contains_ipv6_subnet(want) and not any(
+            want.overlaps(t) for t in taken6)
+
+    if previous_subnet is not None and (not config.enable_ipv6 or free6(previous_subnet6)):
         if config.contains_subnet(previous_subnet) and not any(
             previous_subnet.overlaps(t) for t in taken
         ):
             return LeasePlan(previous_subnet, delete=tuple(stale),
-                             reason=f"reusing {previous_subnet} from the subnet file")
+                             reason=f"reusing {previous_subnet} from the subnet file",
+                             ipv6_subnet=previous_subnet6 if config.enable_ipv6 else None)
     subnet = choose_subnet(config, taken, rng=rng)
-    return LeasePlan(subnet, delete=tuple(stale), reason=f"allocated free subnet {subnet}")
+    subnet6 = choose_subnet6(config, taken6, rng=rng) if config.enable_ipv6 else None
+    reason = f"allocated free subnet {subnet}" + (f" and {subnet6}" if subnet6 else "")
+    return LeasePlan(subnet, delete=tuple(stale), reason=reason, ipv6_subnet=subnet6)
 
 
 def gateway_address(subnet: IPv4Network | IPv6Network) -> Any:

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from netagent.config import NetworkConfig
 from netagent.lease import (
@@ -57,12 +57,14 @@ class LeaseManager:
         ttl: int,
         previous_subnet: IPv4Network | None = None,
         rng: random.Random | None = None,
+        previous_subnet6: IPv6Network | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
         self.attrs = attrs
         self.ttl = ttl
         self.previous_subnet = previous_subnet
+        self.previous_subnet6 = previous_subnet6
         self.rng = rng or random.Random()
         self.state: LeaseState | None = None
 
@@ -70,8 +72,8 @@ class LeaseManager:
     def subnets_prefix(self) -> str:
         return self.registry.key("subnets/")
 
-    def _key(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key(subnet)
+    def _key(self, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
+        return self.subnets_prefix + subnet_key(subnet, subnet6)
 
     @property
     def public_ip(self) -> IPv4Address:
@@ -97,12 +99,12 @@ class LeaseManager:
         for attempt in range(1, attempts + 1):
             existing, _ = self.list_leases()
             plan = plan_lease(self.config, existing, self.public_ip, self.previous_subnet,
-                              rng=self.rng)
+                              rng=self.rng, previous_subnet6=self.previous_subnet6)
             for stale in plan.delete:
                 log.info("deleting our old lease %s: it no longer fits the network config",
                          stale.key)
                 self.registry.delete(self.subnets_prefix + stale.key)
-            key = self._key(plan.subnet)
+            key = self._key(plan.subnet, plan.ipv6_subnet)
             if plan.reuse is not None:
                 lease = self._reuse(plan.reuse, key, value)
                 if lease is not None:
@@ -113,7 +115,8 @@ class LeaseManager:
             if created:
                 log.info("%s; leased %s (etcd lease %x, TTL %d s)", plan.reason, plan.subnet,
                          lease_id, self.ttl)
-                return self._hold(Lease(plan.subnet, self.attrs, None, lease_id), self.ttl)
+                return self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
+                                  self.ttl)
             log.info("subnet %s was taken by another host meanwhile (attempt %d)",
                      plan.subnet, attempt)
             if plan.subnet == self.previous_subnet:
@@ -136,7 +139,7 @@ class LeaseManager:
         created, lease_id, _ = self.registry.create(key, value, self.ttl)
         if not created:
             return None
-        return self._hold(Lease(old.subnet, self.attrs, None, lease_id), self.ttl)
+        return self._hold(Lease(old.subnet, self.attrs, old.ipv6_subnet, lease_id), self.ttl)
 
     def _hold(self, lease: Lease, ttl: int) -> Lease:
         prev = self.state
@@ -146,6 +149,7 @@ class LeaseManager:
             self.state.renew_failures = prev.renew_failures
             self.state.reacquired = prev.reacquired
         self.previous_subnet = lease.subnet
+        self.previous_subnet6 = lease.ipv6_subnet
         return lease
 
     @property
@@ -155,7 +159,7 @@ class LeaseManager:
 
     @property
     def key(self) -> str:
-        return self._key(self.lease.subnet)
+        return self._key(self.lease.subnet, self.lease.ipv6_subnet)
 
     def keepalive_interval(self) -> float:
         """Keepalives run often (a third of the TTL, at most every 5 min) so the TTL stays full."""
@@ -194,7 +198,7 @@ class LeaseManager:
         state = self.state
         assert state is not None
         old = state.lease
-        key = self._key(old.subnet)
+        key = self._key(old.subnet, old.ipv6_subnet)
         value = encode_attrs(self.attrs)
         lease_id = old.lease_id
         if lease_id:
@@ -213,7 +217,7 @@ class LeaseManager:
         if created:
             state.reacquired += 1
             log.warning("our lease key %s was gone; re-created it for the same subnet", key)
-            self._hold(Lease(old.subnet, self.attrs, None, lease_id), ttl)
+            self._hold(Lease(old.subnet, self.attrs, old.ipv6_subnet, lease_id), ttl)
             assert self.state is not None
             self.state.reacquired = state.reacquired
             return self.lease
@@ -223,13 +227,14 @@ class LeaseManager:
                 if other.attrs.public_ip == self.public_ip:
                     # ours after all (e.g. written back by an operator): adopt it
                     return self._hold(
-                        Lease(old.subnet, other.attrs, None, holder.lease_id), state.ttl
+                        Lease(old.subnet, other.attrs, old.ipv6_subnet, holder.lease_id), state.ttl
                     )
             except LeaseError:
                 pass
         log.error("SUBNET LOST: %s is now held by another host; acquiring a new subnet. Pods on "
                   "this host must be re-attached.", old.subnet)
         self.previous_subnet = None
+        self.previous_subnet6 = None
         self.acquire()
         raise LeaseLost(f"subnet {old.subnet} was taken by another host; now {self.lease.subnet}")
 

@@ -146,3 +146,35 @@ def test_out_of_subnets() -> None:
     reserved = {s.key: s for s in (_lease(str(n), "9.9.9.9", lease_id=0) for n in taken)}
     with pytest.raises(OutOfSubnets):
         plan_lease(cfg, reserved, IPv4Address("1.1.1.1"), None)
+
+
+CFG6 = parse_network_config('{"Network":"10.5.0.0/16","EnableIPv6":true,'
+                            '"IPv6Network":"fc00:5::/48","Backend":{"Type":"vxlan"}}')
+
+
+def test_dual_stack_plan_allocates_both_families() -> None:
+    plan = plan_lease(CFG6, {}, IPv4Address("1.1.1.1"), None, rng=random.Random(2))
+    assert plan.ipv6_subnet is not None and plan.ipv6_subnet.prefixlen == 64
+    assert CFG6.contains_ipv6_subnet(plan.ipv6_subnet)
+    assert subnet_key(plan.subnet, plan.ipv6_subnet).count("&") == 1
+
+
+def test_dual_stack_reuse_and_previous_subnets() -> None:
+    own = decode_lease("10.5.7.0-24&fc00:5:0:7::-64", '{"PublicIP":"1.1.1.1"}', 9)
+    plan = plan_lease(CFG6, {own.key: own}, IPv4Address("1.1.1.1"), None)
+    assert plan.reuse == own and plan.ipv6_subnet == IPv6Network("fc00:5:0:7::/64")
+    # a v4-only lease of ours is not compatible with a dual-stack config: replaced
+    old = decode_lease("10.5.8.0-24", '{"PublicIP":"1.1.1.1"}', 9)
+    plan = plan_lease(CFG6, {old.key: old}, IPv4Address("1.1.1.1"), None, rng=random.Random(1))
+    assert plan.delete == (old,) and plan.ipv6_subnet is not None
+    # previous subnets from subnet.env, both free: both reused
+    plan = plan_lease(CFG6, {}, IPv4Address("1.1.1.1"), IPv4Network("10.5.9.0/24"),
+                      previous_subnet6=IPv6Network("fc00:5:0:9::/64"))
+    assert (plan.subnet, plan.ipv6_subnet) == (IPv4Network("10.5.9.0/24"),
+                                               IPv6Network("fc00:5:0:9::/64"))
+    # previous v6 taken by someone else: allocate afresh
+    other = decode_lease("10.5.3.0-24&fc00:5:0:9::-64", '{"PublicIP":"2.2.2.2"}', 9)
+    plan = plan_lease(CFG6, {other.key: other}, IPv4Address("1.1.1.1"),
+                      IPv4Network("10.5.9.0/24"), previous_subnet6=IPv6Network("fc00:5:0:9::/64"),
+                      rng=random.Random(3))
+    assert plan.ipv6_subnet != IPv6Network("fc00:5:0:9::/64")
