@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -108,11 +109,11 @@ class UdpBackend(Backend):
         self._open_device()
         self._open_socket()
         assert self.sock is not None
-        self.forwarder = Forwarder(self.tun_fd, self.sock, stats=self.stats)
+        self.forwarder = self._new_forwarder()
         self.forwarder.start()
         log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (%s)", DEVICE,
                  self.ifindex, self.mtu, self.host.iface_addr, self.port,
-                 "recvmmsg/sendmmsg" if self.forwarder.batch_rx else "one datagram per call")
+                 f"batched rx {self.forwarder.batch_rx}, tx {self.forwarder.batch_tx}")
         return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
 
     def activate(self, own: Lease) -> None:
@@ -169,11 +170,18 @@ class UdpBackend(Backend):
             self.sock.close()
             self.sock = None
         if self.tun_fd >= 0:
-            import os
-
             with contextlib.suppress(OSError):
                 os.close(self.tun_fd)
             self.tun_fd = -1
+
+    def _new_forwarder(self) -> Forwarder:
+        """The loop, with batching as ``NETAGENT_UDP_BATCH`` says (bench knob; default both)."""
+        assert self.sock is not None
+        fwd = Forwarder(self.tun_fd, self.sock, stats=self.stats)
+        batch = os.environ.get("NETAGENT_UDP_BATCH", "rx,tx").replace(" ", "").split(",")
+        fwd.batch_rx = fwd.batch_rx and "rx" in batch
+        fwd.batch_tx = fwd.batch_tx and "tx" in batch
+        return fwd
 
     # -- device, address, route (netlink through the dataplane's Kernel)
 
@@ -278,8 +286,6 @@ class UdpBackend(Backend):
         return self._ensure_address() + self._ensure_route()
 
     def _reopen_device(self) -> None:
-        import os
-
         old_fd = self.tun_fd
         if self.forwarder is not None:
             self.forwarder.stop()
@@ -292,6 +298,6 @@ class UdpBackend(Backend):
         with contextlib.suppress(OSError):
             os.close(old_fd)
         if self.forwarder is not None and self.sock is not None:
-            self.forwarder = Forwarder(self.tun_fd, self.sock, stats=self.stats)
+            self.forwarder = self._new_forwarder()
             self._install(self._peers)
             self.forwarder.start()

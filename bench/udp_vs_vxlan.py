@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Pod-to-pod iperf3 throughput over the udp backend against vxlan, between the same hosts.
+
+One lab (underlay bridge, etcd, two namespace hosts, one pod per host) per backend, the real
+agent on each host, then iperf3 TCP pod → pod, ``--repeat`` runs of ``--seconds`` each,
+interleaved between the two labs so machine load drifts hit both alike. Reported per backend:
+median throughput, packets/s through the overlay device of the receiving host (``flannel0`` or
+``flannel.1``, both directions: data and ACKs), and the CPU time of both agents per second of
+test (100 % = one core). The result line is the udp/vxlan ratio (goal ≥ 0.30).
+
+``NETAGENT_UDP_BATCH`` (``rx,tx`` default, ``rx``, ``tx`` or ``none``) is passed to the udp
+agents to measure the recvmmsg/sendmmsg batching step by step (``--udp-batch``). Needs root,
+etcd and iperf3; everything lives in run-unique namespaces and is removed at the end.
+
+    sudo python3 bench/udp_vs_vxlan.py                      # 3 × 5 s per backend
+    sudo python3 bench/udp_vs_vxlan.py --seconds 10 --repeat 5 --json out.json
+    sudo python3 bench/udp_vs_vxlan.py --backend udp --udp-batch none   # one step back
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from harness import RUN_ID, Host, Lab, Pod, sh, wait_for  # noqa: E402
+
+GOAL = 0.30
+NETWORK = "10.43.0.0/16"
+DEVICES = {"udp": "flannel0", "vxlan": "flannel.1"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of one process (the agent: `ip netns exec` execs it in place)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def dev_packets(host: Host, dev: str) -> int:
+    out = host.run("cat", f"/sys/class/net/{dev}/statistics/rx_packets",
+                   f"/sys/class/net/{dev}/statistics/tx_packets").stdout.split()
+    return sum(int(x) for x in out)
+
+
+def iperf(client: Pod, server: Pod, seconds: float, streams: int) -> float:
+    """One iperf3 TCP run pod → pod; received bits per second."""
+    port = str(random.randrange(20000, 30000))
+    proc = subprocess.Popen(["ip", "netns", "exec", server.name, "iperf3", "-s", "-1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def connect() -> dict[str, Any] | None:
+            run = sh("iperf3", "-c", server.ip, "-p", port, "-t", str(seconds), "-P",
+                     str(streams), "-J", ns=client.name, check=False, timeout=seconds + 30)
+            try:
+                doc = json.loads(run.stdout)
+            except ValueError:
+                return None
+            if run.returncode != 0 or "sum_received" not in doc.get("end", {}):
+                return None  # server not listening yet
+            return doc  # type: ignore[no-any-return]
+
+        doc = wait_for(connect, timeout=seconds + 40, interval=0.1, what="iperf3 run")
+        return float(doc["end"]["sum_received"]["bits_per_second"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+class BackendLab:
+    """Two hosts running the agent with one backend, one pod each."""
+
+    def __init__(self, backend: str, tmp: Path, env: dict[str, str]) -> None:
+        self.backend = backend
+        self.lab = Lab(tmp / backend, tag="u" if backend == "udp" else "x")
+        try:
+            etcd = self.lab.start_etcd()
+            etcd.put("/coreos.com/network/config",
+                     json.dumps({"Network": NETWORK, "Backend": {"Type": backend}}))
+            self.hosts = [self.lab.add_host(), self.lab.add_host()]
+            for h in self.hosts:
+                self.lab.start_agent(h, env=env)
+            for h in self.hosts:
+                wait_for(lambda h=h: h.subnet_file.exists(), timeout=60, what=f"{h.name} lease")
+            self.pods = [self.lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in self.hosts]
+            wait_for(lambda: self.pods[0].ping(self.pods[1].ip), timeout=30, interval=0.2,
+                     what=f"pod-to-pod connectivity over {backend}")
+        except BaseException:
+            self.lab.close()
+            raise
+        self.runs: list[dict[str, float]] = []
+
+    def run_once(self, seconds: float, streams: int) -> dict[str, float]:
+        pids = [h.agent.pid for h in self.hosts if h.agent is not None]
+        dev = DEVICES[self.backend]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        pk0 = dev_packets(self.hosts[1], dev)
+        t0 = time.monotonic()
+        bps = iperf(self.pods[0], self.pods[1], seconds, streams)
+        wall = time.monotonic() - t0
+        run = {"bps": bps, "pps": (dev_packets(self.hosts[1], dev) - pk0) / wall,
+               "agent_cpu": (sum(cpu_seconds(p) for p in pids) - cpu0) / wall}
+        self.runs.append(run)
+        return run
+
+    def summary(self) -> dict[str, Any]:
+        med = {k: statistics.median(r[k] for r in self.runs) for k in ("bps", "pps", "agent_cpu")}
+        return {"backend": self.backend, **med, "runs": self.runs}
+
+    def close(self) -> None:
+        self.lab.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of one iperf3 run")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per backend (median reported)")
+    ap.add_argument("--streams", type=int, default=1, help="parallel TCP streams (-P)")
+    ap.add_argument("--backend", choices=("udp", "vxlan"), action="append",
+                    help="measure only this backend (default: both, and the ratio)")
+    ap.add_argument("--udp-batch", default="rx,tx",
+                    help="NETAGENT_UDP_BATCH for the udp agents: rx,tx | rx | tx | none")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    for tool in ("iperf3", "etcd", "etcdctl", "ip"):
+        if shutil.which(tool) is None:
+            print(f"udp_vs_vxlan: {tool} not found", file=sys.stderr)
+            return 2
+    backends = args.backend or ["udp", "vxlan"]
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix=f"na-bench-udp-{RUN_ID}-") as tmp:
+        labs: list[BackendLab] = []
+        try:
+            for b in backends:
+                env = {"NETAGENT_UDP_BATCH": args.udp_batch} if b == "udp" else {}
+                labs.append(BackendLab(b, Path(tmp), env))
+            for i in range(args.repeat):
+                for bl in labs:
+                    r = bl.run_once(args.seconds, args.streams)
+                    print(f"run {i + 1} {bl.backend:5}: {r['bps'] / 1e9:6.3f} Gbit/s "
+                          f"{r['pps'] / 1e3:7.1f} kpps  agents {100 * r['agent_cpu']:5.1f} % CPU",
+                          flush=True)
+            for bl in labs:
+                results[bl.backend] = bl.summary()
+        finally:
+            for bl in labs:
+                bl.close()
+    print(f"\n{'backend':8} {'Gbit/s':>8} {'kpps':>8} {'agent CPU':>10}")
+    for b, r in results.items():
+        print(f"{b:8} {r['bps'] / 1e9:>8.3f} {r['pps'] / 1e3:>8.1f} {100 * r['agent_cpu']:>9.1f}%")
+    ok = True
+    if "udp" in results and "vxlan" in results:
+        ratio = results["udp"]["bps"] / results["vxlan"]["bps"]
+        ok = ratio >= GOAL
+        print(f"\nudp / vxlan = {ratio:.3f} (goal ≥ {GOAL:.2f}){'' if ok else '  (below goal)'}")
+        results["ratio"] = {"udp_over_vxlan": ratio, "goal": GOAL}
+    print(f"udp batching: {args.udp_batch}; {args.repeat} × {args.seconds:g} s, "
+          f"{args.streams} stream(s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""udp backend without root: pure helpers, table rendering, and the real packet loop.
+
+The loop runs against a SOCK_SEQPACKET socketpair standing in for the TUN fd (one read = one
+packet, like a TUN) and real UDP sockets on loopback addresses (127.0.0.x are all local), so
+the same code that forwards in production is exercised here, counters included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from harness import wait_for
+
+from backends.udp import render_udp_peers
+from backends.udpfwd import (
+    DROP_REASONS,
+    Forwarder,
+    build_forwarding_table,
+    decrement_ttl,
+    header_ok,
+    ip_checksum,
+    net_unreachable,
+)
+from netagent.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
+
+NET = IPv4Network("10.60.0.0/16")
+OWN = IPv4Network("10.60.1.0/24")
+PEER = IPv4Network("10.60.2.0/24")
+
+
+def slow_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4(src: str, dst: str, payload: bytes = b"x" * 20, ttl: int = 64, proto: int = 17,
+         frag: int = 0) -> bytes:
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 7, frag, ttl,
+                                proto, 0, IPv4Address(src).packed, IPv4Address(dst).packed))
+    struct.pack_into("!H", hdr, 10, slow_checksum(bytes(hdr)))
+    return bytes(hdr) + payload
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_checksum_matches_the_word_loop_on_random_data() -> None:
+    rng = random.Random(4)
+    cases = [b"", b"\0\0", b"\xff\xff", b"\x01", b"\xff\xff\xff\xff"]
+    cases += [rng.randbytes(rng.randrange(0, 1600)) for _ in range(500)]
+    for data in cases:
+        assert ip_checksum(data) == slow_checksum(data), data.hex()
+
+
+def test_header_check_and_ttl_decrement_keep_the_checksum_valid() -> None:
+    for ttl in range(2, 256):
+        pkt = bytearray(ipv4("10.60.2.5", "10.60.1.9", ttl=ttl))
+        assert header_ok(pkt[:20])
+        assert decrement_ttl(pkt)
+        assert pkt[8] == ttl - 1
+        assert header_ok(pkt[:20]) and slow_checksum(bytes(pkt[:20])) == 0
+    bad = bytearray(ipv4("10.60.2.5", "10.60.1.9"))
+    bad[11] ^= 1
+    assert not header_ok(bad[:20])
+    one = bytearray(ipv4("10.60.2.5", "10.60.1.9", ttl=1))
+    assert not decrement_ttl(one) and one[8] == 1  # left untouched, caller drops it
+
+
+def test_net_unreachable_like_flannel() -> None:
+    from scapy.layers.inet import ICMP, IP
+
+    orig = ipv4("10.60.1.7", "10.99.0.1", b"\x12\x34\x00\x35" + b"q" * 40)
+    reply = net_unreachable(orig, OWN.network_address)
+    assert reply is not None
+    pkt = IP(reply)
+    assert (pkt.src, pkt.dst, pkt.ttl) == ("10.60.1.0", "10.60.1.7", 8)
+    assert pkt[ICMP].type == 3 and pkt[ICMP].code == 0
+    assert slow_checksum(reply[:20]) == 0 and slow_checksum(reply[20:]) == 0
+    assert bytes(pkt[ICMP].payload)[:28] == orig[:28]
+    # never for ICMP, non-first fragments, or garbage
+    assert net_unreachable(ipv4("10.60.1.7", "10.99.0.1", proto=1), OWN.network_address) is None
+    assert net_unreachable(ipv4("10.60.1.7", "10.99.0.1", frag=5), OWN.network_address) is None
+    assert net_unreachable(b"\x60" + bytes(39), OWN.network_address) is None
+
+
+def test_longest_prefix_match_with_thousands_of_peers() -> None:
+    peers = [(IPv4Network(f"10.{i // 256}.{i % 256}.0/24"), IPv4Address(f"192.168.{i // 250}."
+                                                                        f"{i % 250 + 1}"))
+             for i in range(5000)]
+    peers.append((IPv4Network("10.1.2.128/25"), IPv4Address("172.16.0.9")))  # more specific
+    peers.append((IPv4Network("10.3.0.0/16"), IPv4Address("172.16.0.10")))  # less specific
+    table = build_forwarding_table(peers, own_subnet=OWN, port=8285)
+    assert table.peers == 5002
+    assert [bin(m).count("1") for m, _ in table.routes] == [25, 24, 16]
+    assert table.lookup(IPv4Address("10.1.2.200")) == ("172.16.0.9", 8285)
+    assert table.lookup(IPv4Address("10.1.2.100")) == (str(peers[258][1]), 8285)
+    assert table.lookup(IPv4Address("10.19.135.7")) == (str(peers[19 * 256 + 135][1]), 8285)
+    assert table.lookup(IPv4Address("10.200.0.1")) is None
+
+
+def lease(subnet: IPv4Network, ip: str, btype: str = "") -> Lease:
+    return Lease(subnet, LeaseAttrs(public_ip=IPv4Address(ip), backend_type=btype))
+
+
+def test_render_accepts_udp_leases_and_skips_others() -> None:
+    peers = {
+        PEER: lease(PEER, "192.0.2.2"),  # flannel's udp lease: no BackendType
+        IPv4Network("10.60.3.0/24"): lease(IPv4Network("10.60.3.0/24"), "192.0.2.3", "udp"),
+        IPv4Network("10.60.4.0/24"): lease(IPv4Network("10.60.4.0/24"), "192.0.2.4", "vxlan"),
+        IPv4Network("10.60.5.0/24"): lease(IPv4Network("10.60.5.0/24"), "192.0.2.1"),  # our IP
+        IPv4Network("10.60.1.0/25"): lease(IPv4Network("10.60.1.0/25"), "192.0.2.6"),  # overlap
+    }
+    table, skipped = render_udp_peers(peers, own_subnet=OWN, own_ip=IPv4Address("192.0.2.1"),
+                                      port=9000)
+    assert table.peers == 2
+    assert table.lookup(IPv4Address("10.60.2.9")) == ("192.0.2.2", 9000)
+    assert table.lookup(IPv4Address("10.60.3.9")) == ("192.0.2.3", 9000)
+    assert set(skipped) == {IPv4Network("10.60.4.0/24"), IPv4Network("10.60.5.0/24"),
+                            IPv4Network("10.60.1.0/25")}
+    assert "vxlan" in skipped[IPv4Network("10.60.4.0/24")]
+    assert table.sources[int(IPv4Address("192.0.2.2"))] == ((int(PEER.network_address),
+                                                             0xFFFFFF00),)
+
+
+def test_lease_value_is_flannels_udp_value() -> None:
+    """No BackendType, no BackendData: byte-identical to what flanneld's udp backend writes."""
+    attrs = LeaseAttrs(public_ip=IPv4Address("10.0.0.7"), backend_type="", backend_data="")
+    assert encode_attrs(attrs) == '{"PublicIP":"10.0.0.7","PublicIPv6":null}'
+    assert decode_attrs(encode_attrs(attrs)) == attrs
+    from backends import backend_class
+
+    assert backend_class("udp").__name__ == "UdpBackend"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class LoopRig:
+    """A Forwarder on a socketpair "TUN" and 127.0.0.1:<port>, with peer sockets around it."""
+
+    def __init__(self, batched: bool) -> None:
+        self.tun_agent, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.set_blocking(self.tun_agent.fileno(), False)
+        self.tun.settimeout(5)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the known peer
+        self.peer.bind(("127.0.0.2", self.port))
+        self.peer.settimeout(5)
+        self.stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.stranger.bind(("127.0.0.3", 0))
+        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, batched=batched or None)
+        if not batched:
+            self.fwd.batch_rx = self.fwd.batch_tx = False
+        self.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.2"))],
+                                                own_subnet=OWN, port=self.port)
+        self.fwd.start()
+
+    def close(self) -> None:
+        self.fwd.stop()
+        for s in (self.tun_agent, self.tun, self.sock, self.peer, self.stranger):
+            s.close()
+
+    def drops(self) -> dict[str, int]:
+        return {k: v for k, v in self.fwd.stats["drops"].items() if v}
+
+
+def drain(sock: socket.socket) -> None:
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.recv(65536)
+    except BlockingIOError:
+        pass
+    finally:
+        sock.settimeout(timeout)
+
+
+@pytest.fixture(params=[True, False], ids=["batched", "single"])
+def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
+    r = LoopRig(request.param)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_tun_to_udp_forwards_with_ttl_decrement(rig: LoopRig) -> None:
+    pkts = [ipv4("10.60.1.5", f"10.60.2.{i}", bytes([i]) * (20 + i), ttl=10) for i in range(1, 200)]
+    for p in pkts:
+        rig.tun.send(p)
+    for p in pkts:
+        data, addr = rig.peer.recvfrom(65536)
+        assert addr == ("127.0.0.1", rig.port)
+        assert data[8] == 9 and slow_checksum(data[:20]) == 0
+        assert data[:8] + data[9:10] + data[12:] == p[:8] + p[9:10] + p[12:]
+    wait_for(lambda: rig.fwd.stats["tx_packets"] == len(pkts), what="tx counter")
+    assert rig.fwd.stats["tx_bytes"] == sum(len(p) for p in pkts)
+
+
+def test_tun_to_udp_no_route_answers_net_unreachable(rig: LoopRig) -> None:
+    rig.tun.send(ipv4("10.60.1.5", "10.61.0.1"))
+    reply = rig.tun.recv(65536)
+    assert reply[9] == 1 and reply[20] == 3 and reply[21] == 0
+    rig.tun.send(ipv4("10.60.1.5", "10.60.2.1", ttl=1))
+    rig.tun.send(b"\x60" + bytes(50))  # IPv6 from the kernel
+    wait_for(lambda: rig.drops() == {"no_route": 1, "ttl_expired": 1, "not_ipv4": 1},
+             what="tx drops")
+
+
+def test_udp_to_tun_accepts_only_what_the_lease_vouches_for(rig: LoopRig) -> None:
+    to = ("127.0.0.1", rig.port)
+    good = ipv4("10.60.2.7", "10.60.1.9", b"hello" * 10, ttl=5)
+    rig.peer.sendto(good, to)
+    got = rig.tun.recv(65536)
+    assert got[8] == 4 and got[12:] == good[12:] and slow_checksum(got[:20]) == 0
+    bad_csum = bytearray(good)
+    bad_csum[10] ^= 0xFF
+    sent = {
+        "unknown_source": [(rig.stranger, good)],
+        "malformed": [(rig.peer, b""), (rig.peer, b"\x45"), (rig.peer, good[:-1]),
+                      (rig.peer, good + b"z"), (rig.peer, b"\x65" + good[1:]),
+                      (rig.peer, b"\x44" + good[1:]), (rig.peer, b"\x4f" + good[1:]),
+                      (rig.peer, bytes(bad_csum)), (rig.peer, bytes(40))],
+        "spoofed_inner_source": [(rig.peer, ipv4("10.60.3.7", "10.60.1.9")),
+                                 (rig.peer, ipv4("10.60.1.7", "10.60.1.9"))],
+        "not_for_us": [(rig.peer, ipv4("10.60.2.7", "10.60.5.9")),
+                       (rig.peer, ipv4("10.60.2.7", "8.8.8.8"))],
+        "ttl_expired": [(rig.peer, ipv4("10.60.2.7", "10.60.1.9", ttl=1))],
+    }
+    for items in sent.values():
+        for s, data in items:
+            s.sendto(data, to)
+    rig.peer.sendto(good, to)  # still forwarding after all that
+    assert rig.tun.recv(65536)[12:] == good[12:]
+    want = {k: len(v) for k, v in sent.items()}
+    wait_for(lambda: rig.drops() == want, what=f"drops {want}")
+    assert rig.fwd.stats["rx_packets"] == 2
+    rig.tun.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        rig.tun.recv(65536)  # nothing else reached the "TUN"
+
+
+def test_random_garbage_never_kills_the_loop(rig: LoopRig) -> None:
+    rng = random.Random(7)
+    to = ("127.0.0.1", rig.port)
+    good = ipv4("10.60.2.7", "10.60.1.9")
+    for i in range(2000):
+        data = bytearray(good if i % 2 else rng.randbytes(rng.randrange(0, 120)))
+        for _ in range(rng.randrange(1, 4)):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        rig.peer.sendto(bytes(data), to)  # from a known peer: the receive checks
+        rig.tun.send(bytes(data))  # from the "kernel": the send side
+        if i % 50 == 0:
+            drain(rig.tun)
+    rig.peer.sendto(good, to)
+
+    def accounted() -> bool:
+        drain(rig.tun)
+        st = rig.fwd.stats
+        return st["rx_packets"] + st["tx_packets"] + sum(st["drops"].values()) >= 3900
+
+    wait_for(accounted, timeout=20, what="the datagrams to be forwarded or counted as drops")
+    assert rig.fwd.running
+    assert set(rig.fwd.stats["drops"]) == set(DROP_REASONS)
+
+
+def test_table_swap_while_running(rig: LoopRig) -> None:
+    rig.tun.send(ipv4("10.60.1.5", "10.60.2.1"))
+    rig.peer.recvfrom(65536)
+    # the peer moves to another address: the new table takes effect for the next packet
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.4", rig.port))
+    other.settimeout(5)
+    try:
+        rig.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.4"))],
+                                               own_subnet=OWN, port=rig.port)
+        rig.tun.send(ipv4("10.60.1.5", "10.60.2.1"))
+        assert other.recvfrom(65536)[1][0] == "127.0.0.1"
+        # ...and the old address is no longer trusted
+        rig.peer.sendto(ipv4("10.60.2.7", "10.60.1.9"), ("127.0.0.1", rig.port))
+        wait_for(lambda: rig.drops().get("unknown_source") == 1, what="old peer untrusted")
+    finally:
+        other.close()
+
+
+def test_stop_is_prompt_and_idle_loop_sleeps(rig: LoopRig) -> None:
+    t0 = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - t0 < 0.2  # idle: both threads are parked in poll()
+    rig.fwd.stop()
+    assert not rig.fwd.running
+    json.dumps(rig.fwd.stats)  # plain data for the metrics collector
