@@ -25,6 +25,19 @@ EXAMPLES = {
     "config": "example:\n  netagent config validate net.json\n  echo '{\"Network\":\"10.5.0.0/16\"}' | "
               "netagent config validate -",
     "config validate": "example:\n  netagent config validate /etc/netagent/net.json",
+    "config get": "example:\n  netagent config get --etcd-endpoints http://10.0.0.1:2379\n"
+                  "  netagent config get --json | jq .Network",
+    "config set": "example:\n  netagent config set net.json --etcd-endpoints http://10.0.0.1:2379\n"
+                  "  echo '{\"Network\":\"10.5.0.0/16\"}' | netagent config set -",
+    "status": "example:\n  netagent status --state-dir /var/lib/netagent "
+              "--etcd-endpoints http://10.0.0.1:2379\n  netagent status --json | jq .peers",
+    "leases": "example:\n  netagent leases --etcd-endpoints http://10.0.0.1:2379\n"
+              "  netagent leases --json | jq '.leases[] | select(.reserved)'",
+    "doctor": "example:\n  netagent doctor --etcd-endpoints http://10.0.0.1:2379 --iface eth0\n"
+              "  netagent doctor --json | jq '.checks[] | select(.ok == false)'",
+    "migrate-v2": "example:\n  netagent migrate-v2 --etcd-endpoints http://10.0.0.1:2379\n"
+                  "  netagent migrate-v2 --force   # replace a different v3 config",
+    "install-cni": "example:\n  netagent install-cni --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d",
 }
 
 
@@ -177,7 +190,49 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", metavar="FILE|-")
     validate.set_defaults(func=cmd_config_validate)
     config.set_defaults(func=lambda a: (config.print_help(), 2)[1])
+    _add_ops_commands(sub, csub)
     return parser
+
+
+def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                      csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Operator commands; their implementations live in netagent/ctl.py."""
+    from cni.install import add_install_parser
+    from netagent import ctl
+
+    etcd = ctl.ETCD_FLAGS
+
+    def cmd(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+            example: str, help_text: str, flags: tuple[str, ...], func: object,
+            json_flag: bool = True) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text, description=help_text,
+                              **_fmt(example))  # type: ignore[arg-type]
+        ctl.add_flags(p, flags)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    cmd(csub, "get", "config get", "print the network config stored in etcd", etcd,
+        ctl.cmd_config_get)
+    cset = cmd(csub, "set", "config set", "validate a network config and write it to etcd "
+               "(nothing is written when it is invalid)", etcd, ctl.cmd_config_set, False)
+    cset.add_argument("file", metavar="FILE|-")
+    cmd(sub, "status", "status", "this host: lease, expiry, backend, peers and their "
+        "reachability, last reconcile, drift repairs", (*etcd, "state-dir"), ctl.cmd_status)
+    cmd(sub, "leases", "leases", "all subnet leases in etcd with their TTL (reservations "
+        "marked)", etcd, ctl.cmd_leases)
+    cmd(sub, "doctor", "doctor", "check this host: ip_forward, kernel modules, MTU, etcd, "
+        "conflicting routes, FORWARD policy, iptables backend",
+        (*etcd, "state-dir", "subnet-file", "iface", "iface-regex", "public-ip", "ip-masq"),
+        ctl.cmd_doctor)
+    mig = cmd(sub, "migrate-v2", "migrate-v2", "copy the network config from the etcd v2 store "
+              "into v3", etcd, ctl.cmd_migrate_v2, False)
+    mig.add_argument("--force", action="store_true",
+                     help="overwrite a different config already in the v3 store")
+    inst = add_install_parser(sub)
+    inst.epilog = EXAMPLES["install-cni"]
+    inst.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def main(argv: Sequence[str] | None = None) -> int:

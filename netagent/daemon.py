@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,10 +23,13 @@ from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
 from netagent import systemd
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
+from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface
 from netagent.lease import LeaseAttrs, LeaseError, OutOfSubnets, decode_lease
 from netagent.leasing import LeaseLost, LeaseManager
+from netagent.masq import MasqError, Masquerade
 from netagent.peers import PeerChanges, PeerTable, RawLease
+from netagent.probe import Prober, peer_list, probe_targets
 from netagent.registry import (
     BACKOFF_MAX,
     BACKOFF_START,
@@ -86,6 +90,11 @@ class AgentStatus:
     reconciles: int = 0
     drift_repairs: int = 0
     reacquired: int = 0
+    backend_programmed: bool = False
+    #: "off", "in place", or what is wrong with the --ip-masq rules
+    masquerade: str = "off"
+    #: subnet -> public_ip, backend, reachable, rtt_ms (from the peer probe)
+    peer_list: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernel_entries: dict[str, int] = field(default_factory=dict)
     skipped_peers: dict[str, str] = field(default_factory=dict)
     invalid_leases: dict[str, str] = field(default_factory=dict)
@@ -109,6 +118,16 @@ class Daemon:
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
+        # operations wiring (health/metrics servers, masquerade, probe, watchdog)
+        self.masq: Masquerade | None = None
+        self.prober: Prober | None = None
+        self.heartbeat = Heartbeat(limit=60.0)
+        #: called with each sync's duration in seconds (the metrics histogram)
+        self.sync_hooks: list[Any] = []
+        self._servers: list[HealthServer] = []
+        self._notified_ready = False
+        #: our subnet was lost and no other was free: not ready until restarted
+        self.out_of_subnets = False
 
     # ------------------------------------------------------------------ start-up steps
 
@@ -192,9 +211,61 @@ class Daemon:
 
     # ------------------------------------------------------------------ run
 
+    def readiness(self) -> dict[str, bool]:
+        """The conditions behind READY=1 and /readyz; all must hold."""
+        leases = self.leases
+        held = leases is not None and leases.state is not None and leases.seconds_left() != 0.0
+        checks = {
+            "lease": held and not self.out_of_subnets,
+            "subnet_env": self.status.subnet_file_written,
+            "backend": self.status.backend_programmed,
+        }
+        if self.settings.ip_masq:
+            checks["masquerade"] = self.masq is not None and self.masq.in_place
+        return checks
+
+    def _start_ops(self) -> None:
+        """Health/metrics servers and the watchdog run from the start, so liveness answers
+        while we wait for etcd."""
+        s = self.settings
+        if s.healthz_port or s.metrics_port:
+            from netagent.metrics import Metrics
+
+            metrics = Metrics(self)
+            self.sync_hooks.append(metrics.observe_reconcile)
+            self._servers = start_servers(s.healthz_ip, s.healthz_port, s.metrics_port,
+                                          self.readiness, metrics.render)
+        interval = watchdog_interval(os.environ)
+        if interval is not None:
+            self.heartbeat.limit = max(2 * interval, 1.0)
+            Watchdog(interval, self.heartbeat.alive, systemd.notify, self.stop).start()
+
+    def _masquerade(self) -> None:
+        """Install or re-check the --ip-masq rules (before subnet.env; on the repair timer)."""
+        if not self.settings.ip_masq or self.config is None or self.leases is None:
+            return
+        subnet = self.leases.lease.subnet
+        if self.masq is None:
+            self.masq = Masquerade(self.config.network, subnet)
+        elif self.masq.subnet != subnet:
+            self.masq.retarget(self.config.network, subnet)
+        try:
+            if self.masq.ensure():
+                log.info("masquerade rules applied for %s (subnet %s)", self.config.network, subnet)
+            self.status.masquerade = "in place"
+        except MasqError as exc:
+            self.status.masquerade = str(exc)
+            if str(exc) not in self._warned:
+                log.error("%s (retrying)", exc)
+                self._warned.add(str(exc))
+
     def run(self) -> int:
         try:
+            self._start_ops()
             return self._run()
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_FATAL
         except RegistryError as exc:
             log.error("etcd: %s", exc)
             return EXIT_FATAL
@@ -209,6 +280,8 @@ class Daemon:
             if self.backend is not None:
                 self.backend.shutdown()
             self.registry.close()
+            for srv in self._servers:
+                srv.stop()
 
     def _run(self) -> int:
         self._phase("waiting for network config")
@@ -251,8 +324,11 @@ class Daemon:
         self._log_rejected(self.peers.reset(self._raw(items)))
         self._phase("programming backend")
         self._sync(None)
+        self._masquerade()
         self.write_subnet_env()
         self._start_threads(revision + 1)
+        if cfg.backend.type != "alloc":
+            self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop).start()
         self._loop()
         log.info("stopping; kernel state and lease left in place")
         return EXIT_OK
@@ -296,12 +372,17 @@ class Daemon:
         interval = self.settings.repair_interval
         next_repair = time.monotonic() + interval
         while not self.stop.is_set():
-            if not self.status.ready and self.status.subnet_file_written:
-                self.status.ready = True
-                self._phase("running")
-                systemd.notify("READY=1")
-                log.info("ready: subnet %s, %d peers", self.leases.lease.subnet,
-                         len(self.peers.peers))
+            self.heartbeat.beat()
+            ready = all(self.readiness().values())
+            if ready != self.status.ready:
+                self.status.ready = ready
+                self._phase("running" if ready else "not ready: " + ", ".join(
+                    k for k, ok in self.readiness().items() if not ok))
+                if ready and not self._notified_ready:
+                    self._notified_ready = True
+                    systemd.notify("READY=1")
+                    log.info("ready: subnet %s, %d peers", self.leases.lease.subnet,
+                             len(self.peers.peers))
             timeout = max(0.0, next_repair - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
@@ -325,6 +406,7 @@ class Daemon:
             if time.monotonic() >= next_repair:
                 full = True
                 next_repair = time.monotonic() + interval
+                self._masquerade()
                 if not self.status.subnet_file_written or not Path(self.settings.subnet_file).exists():
                     self.status.subnet_file_written = False
                     self.write_subnet_env()
@@ -393,11 +475,12 @@ class Daemon:
             log.error("%s", exc)
         except OutOfSubnets as exc:
             log.error("lost subnet %s and %s", old, exc)
-            self.status.ready = False
+            self.out_of_subnets = True
             return set()
         if self.leases.lease.subnet != old:
             self.peers.set_own(self.leases.lease.subnet)
             self._lease_changed()
+            self._masquerade()
             self.write_subnet_env()
             return None
         self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
@@ -412,9 +495,11 @@ class Daemon:
         start = time.monotonic()
         try:
             report = self.backend.sync(self.peers.peers, changed)
+            self.status.backend_programmed = True
         except Exception:  # a backend bug must not kill the agent; retried next cycle
             log.exception("backend sync failed")
             report = SyncReport(failed=1)
+            self.status.backend_programmed = False
         self.status.reconciles += 1
         if changed is None and report.changes and self.status.reconciles > 1:
             self.status.drift_repairs += report.changes
@@ -428,6 +513,10 @@ class Daemon:
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
         self.status.invalid_leases = dict(self.peers.invalid)
         self.last_sync_seconds = time.monotonic() - start
+        for hook in self.sync_hooks:
+            hook(self.last_sync_seconds)
+        self.status.peer_list = peer_list(self.peers.peers,
+                                          self.prober.results if self.prober else None)
         self._write_status()
 
     def _write_status(self) -> None:

@@ -1,0 +1,518 @@
+"""Operator commands (calicoctl-like): status, leases, config get/set, doctor, migrate-v2.
+
+Human tables by default, ``--json`` for scripts. Each command returns an exit code and prints
+its result to stdout, problems to stderr. Heavy imports (etcd3/grpc, pyroute2) stay inside the
+functions that need them so ``--help`` is fast.
+
+Where the facts come from: `status` reads the agent's own ``<state-dir>/status.json`` (the
+daemon's single writer puts it there) and asks etcd for the live lease; `leases` and `config`
+ask etcd; `doctor` reads the local kernel (procfs, netlink dumps, iptables-save) read-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+#: flags the etcd-talking commands accept (same names, env vars and defaults as `run`)
+ETCD_FLAGS = ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
+              "etcd-username", "etcd-password")
+#: backend -> encapsulation overhead in bytes (flannel-compat.md §11.6, §13)
+OVERHEAD = {"vxlan": 50, "udp": 28, "host-gw": 0, "alloc": 0}
+
+
+def add_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """A subset of `run`'s flags, with `run`'s env-var fallbacks (via load_settings)."""
+    from netagent.settings import FLAGS
+
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with agent settings")
+    for f in FLAGS:
+        if f.name not in names:
+            continue
+        if f.kind is list:
+            parser.add_argument(f"--{f.name}", action="append", default=None, help=f.help)
+        elif f.kind is bool:
+            parser.add_argument(f"--{f.name}", nargs="?", const="true", default=None,
+                                metavar="BOOL", help=f.help)
+        else:
+            parser.add_argument(f"--{f.name}", default=None, help=f"{f.help} (default {f.default!r})")
+
+
+def settings(args: argparse.Namespace) -> Any:
+    from netagent.settings import load_settings, read_config_file
+
+    return load_settings(args, os.environ, read_config_file(getattr(args, "config", None)))
+
+
+def registry(args: argparse.Namespace) -> Any:
+    from netagent.daemon import etcd_settings
+    from netagent.registry import Registry
+
+    return Registry(etcd_settings(settings(args)))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns, calicoctl style, no borders."""
+    text = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in text)
+
+
+def emit(args: argparse.Namespace, doc: Any, human: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(human)
+
+
+def err(msg: str) -> None:
+    print(f"netagent: {msg}", file=sys.stderr)
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    return f"{max(0.0, time.time() - ts):.0f} s ago"
+
+
+# --------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """This host: the agent's status.json plus the live lease from etcd."""
+    from netagent.registry import RegistryError
+
+    s = settings(args)
+    path = Path(s.state_dir) / "status.json"
+    try:
+        st: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        err(f"cannot read {path} ({exc}); is `netagent run --state-dir {s.state_dir}` running?")
+        return 1
+    doc: dict[str, Any] = {
+        "phase": st.get("phase"), "ready": st.get("ready"), "backend": st.get("backend"),
+        "subnet": st.get("subnet"), "public_ip": st.get("public_ip"), "mtu": st.get("mtu"),
+        "last_reconcile": st.get("last_reconcile") or None, "reconciles": st.get("reconciles"),
+        "drift_repairs": st.get("drift_repairs"), "kernel_entries": st.get("kernel_entries", {}),
+        "masquerade": st.get("masquerade", "off"),
+        "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
+        "lease": {"key": st.get("lease_key"), "in_etcd": None, "lease_id": None, "ttl": None,
+                  "reserved": None, "public_ip": None},
+        "etcd": "ok",
+    }
+    key = st.get("lease_key")
+    try:
+        reg = registry(args)
+        try:
+            kv = reg.get(key) if key else None
+            lease = doc["lease"]
+            lease["in_etcd"] = kv is not None
+            if kv is not None:
+                lease["lease_id"] = format(kv.lease_id, "x") if kv.lease_id else None
+                lease["reserved"] = kv.lease_id == 0
+                lease["ttl"] = reg.lease_ttl(kv.lease_id) if kv.lease_id else None
+                try:
+                    lease["public_ip"] = json.loads(kv.value).get("PublicIP")
+                except ValueError:
+                    pass
+        finally:
+            reg.close()
+    except RegistryError as exc:
+        doc["etcd"] = str(exc)
+    lease = doc["lease"]
+    expiry = ("reservation (no expiry)" if lease["reserved"] else
+              f"{lease['ttl']} s" if lease["ttl"] is not None else "unknown")
+    lines = [
+        table(["FIELD", "VALUE"], [
+            ["phase", doc["phase"]], ["ready", doc["ready"]], ["backend", doc["backend"]],
+            ["subnet", doc["subnet"]], ["public ip", doc["public_ip"]], ["mtu", doc["mtu"]],
+            ["lease key", key], ["lease in etcd", lease["in_etcd"]],
+            ["lease id", lease["lease_id"]], ["lease expires in", expiry],
+            ["last reconcile", _age(doc["last_reconcile"])],
+            ["reconciles", doc["reconciles"]], ["drift repairs", doc["drift_repairs"]],
+            ["kernel entries", ", ".join(f"{k} {v}" for k, v in sorted(doc["kernel_entries"].items()))
+             or "none"],
+            ["masquerade", doc["masquerade"]], ["etcd", doc["etcd"]],
+        ]),
+        "",
+        table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
+              [[p["subnet"], p["public_ip"], p["backend"],
+                {True: "yes", False: "NO", None: "unprobed"}[p["reachable"]], p["rtt_ms"]]
+               for p in doc["peers"]]),
+    ]
+    emit(args, doc, "\n".join(lines))
+    return 0 if doc["ready"] else 1
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def lease_rows(items: Sequence[Any], prefix: str, ttls: dict[int, int]) -> list[dict[str, Any]]:
+    """One dict per subnets/ key: decoded fields, TTL, reservation flag or the decode error."""
+    from netagent.lease import LeaseError, decode_lease
+
+    rows = []
+    for kv in items:
+        name = kv.key[len(prefix):]
+        row: dict[str, Any] = {"key": kv.key, "subnet": None, "public_ip": None, "backend": None,
+                               "lease_id": format(kv.lease_id, "x") if kv.lease_id else None,
+                               "ttl": ttls.get(kv.lease_id) if kv.lease_id else None,
+                               "reserved": kv.lease_id == 0, "error": None}
+        try:
+            lease = decode_lease(name, kv.value, kv.lease_id, kv.mod_revision)
+            row.update(subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
+                       backend=lease.attrs.backend_type or "udp")
+        except LeaseError as exc:
+            row["error"] = str(exc)
+        rows.append(row)
+    return rows
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    from netagent.registry import RegistryError
+
+    try:
+        reg = registry(args)
+        try:
+            prefix = reg.key("subnets/")
+            items, revision = reg.list_prefix(prefix)
+            ttls = reg.lease_ttls([kv.lease_id for kv in items])
+        finally:
+            reg.close()
+    except RegistryError as exc:
+        err(str(exc))
+        return 1
+    rows = lease_rows(items, prefix, ttls)
+    human = table(
+        ["SUBNET", "PUBLIC IP", "BACKEND", "LEASE", "TTL"],
+        [[r["subnet"] or r["key"], r["public_ip"], r["backend"], r["lease_id"] or "reserved",
+          "-" if r["reserved"] else f"{r['ttl']} s"] + ([f"MALFORMED: {r['error']}"]
+                                                        if r["error"] else [])
+         for r in rows] if rows else [])
+    emit(args, {"revision": revision, "leases": rows},
+         human + f"\n\n{len(rows)} leases ({sum(r['reserved'] for r in rows)} reserved)")
+    return 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _summary(cfg: Any) -> str:
+    return (f"network {cfg.network}, /{cfg.subnet_len} subnets {cfg.subnet_min} - "
+            f"{cfg.subnet_max} ({len(cfg.candidate_subnets())} leasable), backend "
+            f"{cfg.backend.type}" + (" (default)" if cfg.backend_defaulted else ""))
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    from netagent.config import ConfigError, parse_network_config
+    from netagent.daemon import missing_config_message
+    from netagent.registry import RegistryError
+
+    try:
+        reg = registry(args)
+        try:
+            kv = reg.get(reg.key("config"))
+            if kv is None:
+                err(missing_config_message(reg))
+                return 1
+        finally:
+            reg.close()
+    except RegistryError as exc:
+        err(str(exc))
+        return 1
+    raw = kv.value.decode(errors="replace")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True) if doc is not None else raw)
+    else:
+        print(raw.rstrip())
+    try:
+        print(f"# {_summary(parse_network_config(raw))}", file=sys.stderr)
+    except ConfigError as exc:
+        err(f"the stored config is invalid: {exc}")
+        return 1
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    """Validate first; a bad config writes nothing (plain `etcdctl put` keeps working too)."""
+    from netagent.config import ConfigError, parse_network_config
+    from netagent.registry import RegistryError
+
+    try:
+        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        err(f"{args.file}: {exc.strerror or exc}")
+        return 1
+    try:
+        cfg = parse_network_config(raw)
+    except ConfigError as exc:
+        err(f"invalid network config, nothing written: {exc}")
+        return 1
+    try:
+        reg = registry(args)
+        try:
+            key = reg.key("config")
+            reg.put(key, raw.strip())
+        finally:
+            reg.close()
+    except RegistryError as exc:
+        err(str(exc))
+        return 1
+    print(f"wrote {key}: {_summary(cfg)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- migrate-v2
+
+
+def cmd_migrate_v2(args: argparse.Namespace) -> int:
+    """Copy the v2-store config (seed era) into v3; never overwrite a different v3 config
+    without --force."""
+    from netagent.config import ConfigError, parse_network_config
+    from netagent.registry import RegistryError
+
+    try:
+        reg = registry(args)
+        try:
+            key = reg.key("config")
+            v2 = reg.find_v2_value(key)
+            if v2 is None:
+                err(f"no {key} in the etcd v2 store (is the server started with "
+                    "--enable-v2=true, and was the config written with ETCDCTL_API=2?)")
+                return 1
+            try:
+                cfg = parse_network_config(v2)
+            except ConfigError as exc:
+                err(f"the v2 config is invalid, nothing written: {exc}")
+                return 1
+            current = reg.get(key)
+            if current is not None:
+                same = _same_json(current.value.decode(errors="replace"), v2)
+                if same:
+                    print(f"{key} in v3 already equals the v2 config; nothing to do")
+                    return 0
+                if not args.force:
+                    err(f"{key} in the v3 store holds a different config; not overwriting it "
+                        "(use --force to replace it with the v2 one)")
+                    return 1
+            reg.put(key, v2.strip())
+        finally:
+            reg.close()
+    except RegistryError as exc:
+        err(str(exc))
+        return 1
+    print(f"copied {key} from the v2 store to v3: {_summary(cfg)}")
+    return 0
+
+
+def _same_json(a: str, b: str) -> bool:
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None = could not check / not applicable
+    detail: str
+    fix: str = ""
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def check_ip_forward() -> Check:
+    v = _read("/proc/sys/net/ipv4/ip_forward")
+    if v is None:
+        return Check("ip_forward", None, "cannot read /proc/sys/net/ipv4/ip_forward")
+    if v == "1":
+        return Check("ip_forward", True, "net.ipv4.ip_forward = 1")
+    return Check("ip_forward", False, f"net.ipv4.ip_forward = {v}: this host will not forward "
+                 "pod traffic", "sysctl -w net.ipv4.ip_forward=1 && echo net.ipv4.ip_forward=1 > "
+                 "/etc/sysctl.d/90-netagent.conf")
+
+
+def check_modules(backend: str | None, ip_masq: bool) -> Check:
+    """Loaded or built-in modules show up under /sys/module."""
+    want = {"vxlan": ["vxlan"], "udp": ["tun"]}.get(backend or "", [])
+    if ip_masq:
+        want.append("br_netfilter")
+    if not want:
+        return Check("kernel modules", True, f"none needed for backend {backend or '?'}")
+    absent = [m for m in want if not Path(f"/sys/module/{m}").exists()]
+    if not absent:
+        return Check("kernel modules", True, "loaded: " + ", ".join(want))
+    return Check("kernel modules", False, "not loaded: " + ", ".join(absent),
+                 f"modprobe {' '.join(absent)} && printf '%s\\n' {' '.join(absent)} > "
+                 "/etc/modules-load.d/netagent.conf")
+
+
+def check_mtu(s: Any, backend: str | None, env: dict[str, str]) -> Check:
+    if not env.get("FLANNEL_MTU"):
+        return Check("mtu", None, f"{s.subnet_file} not written yet")
+    try:
+        from netagent.iface import find_iface
+
+        iface, _, _ = find_iface(s.iface, s.iface_regex, s.public_ip)
+    except Exception as exc:  # noqa: BLE001 - any failure is a finding, not a crash
+        return Check("mtu", False, f"cannot find the underlay interface: {exc}",
+                     "pass --iface NAME (or make sure a default route exists)")
+    overhead = OVERHEAD.get(backend or "", 0)
+    mtu = int(env["FLANNEL_MTU"])
+    limit = iface.mtu - overhead
+    if mtu <= limit:
+        return Check("mtu", True, f"FLANNEL_MTU {mtu} fits underlay {iface.name} MTU {iface.mtu} "
+                     f"- {overhead} ({backend})")
+    return Check("mtu", False, f"FLANNEL_MTU {mtu} > underlay {iface.name} MTU {iface.mtu} - "
+                 f"{overhead} ({backend}): large packets will be dropped",
+                 "restart netagent after fixing the underlay MTU (it derives FLANNEL_MTU from it), "
+                 "then re-create pods so they pick up the new MTU")
+
+
+def check_etcd(args: argparse.Namespace) -> tuple[Check, Any]:
+    from netagent.config import ConfigError, parse_network_config
+    from netagent.registry import RegistryError
+
+    try:
+        reg = registry(args)
+    except RegistryError as exc:
+        return Check("etcd", False, str(exc), "fix the --etcd-* flags"), None
+    t0 = time.monotonic()
+    try:
+        kv = reg.get(reg.key("config"))
+    except RegistryError as exc:
+        return Check("etcd", False, f"{', '.join(reg.settings.endpoints)}: {exc}",
+                     "check --etcd-endpoints, that etcd runs, and the TLS flags "
+                     "(--etcd-cafile/--etcd-certfile/--etcd-keyfile)"), None
+    finally:
+        reg.close()
+    ms = (time.monotonic() - t0) * 1000
+    if kv is None:
+        return Check("etcd", False, f"reachable ({ms:.0f} ms) but {reg.key('config')} is missing",
+                     "netagent config set net.json (or etcdctl put); see `netagent migrate-v2` "
+                     "for a config written with ETCDCTL_API=2"), None
+    try:
+        cfg = parse_network_config(kv.value)
+    except ConfigError as exc:
+        return Check("etcd", False, f"the network config is invalid: {exc}",
+                     "netagent config set FIXED.json"), None
+    return Check("etcd", True, f"reachable in {ms:.0f} ms, network {cfg.network}"), cfg
+
+
+def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
+    """Routes into the overlay that netagent did not make (another agent, a manual route)."""
+    if network is None:
+        return Check("conflicting routes", None, "network unknown (etcd unreachable)")
+    from netagent.dataplane import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
+
+    kernel = NetlinkKernel()
+    try:
+        routes = kernel.dump_routes(RT_TABLE_MAIN)
+    finally:
+        kernel.close()
+    bad = [r for r in routes if r.dst.subnet_of(network) and r.proto != RTPROT_NETAGENT
+           and not (own is not None and r.dst.subnet_of(own))]
+    if not bad:
+        return Check("conflicting routes", True, f"no foreign routes inside {network}")
+    desc = "; ".join(f"{r.dst} via {r.gateway or '-'} proto {r.proto}" for r in bad[:5])
+    return Check("conflicting routes", False, f"routes inside the overlay not made by netagent: "
+                 f"{desc}", "delete them (ip route del DST) or stop the tool that adds them")
+
+
+def _iptables(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["iptables", *args], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def check_forward_policy(ip_masq: bool) -> Check:
+    out = _iptables("-S", "FORWARD")
+    if out is None:
+        return Check("FORWARD policy", None, "cannot run iptables -S FORWARD",
+                     "apt-get install iptables")
+    policy = out.splitlines()[0].split()[-1] if out else "?"
+    has_ours = "-j FLANNEL-FWD" in out
+    if policy == "ACCEPT" or has_ours:
+        why = "policy ACCEPT" if policy == "ACCEPT" else f"policy {policy}, FLANNEL-FWD accepts overlay"
+        return Check("FORWARD policy", True, why)
+    return Check("FORWARD policy", False, f"policy {policy} and no FLANNEL-FWD rules: pod traffic "
+                 "between hosts is dropped (Docker sets DROP)",
+                 "run netagent with --ip-masq (installs FLANNEL-FWD), or iptables -P FORWARD ACCEPT"
+                 + ("" if not ip_masq else " (--ip-masq is set: is the agent running?)"))
+
+
+def check_iptables_backend() -> Check:
+    out = _iptables("--version")
+    if out is None:
+        return Check("iptables backend", False, "iptables not found", "apt-get install iptables")
+    if "nf_tables" in out:
+        legacy = None
+        try:
+            proc = subprocess.run(["iptables-legacy-save"], capture_output=True, text=True,
+                                  timeout=10, check=False)
+            legacy = proc.stdout if proc.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if legacy and any(line.startswith("-A ") for line in legacy.splitlines()):
+            return Check("iptables backend", False, f"{out.strip()}, but iptables-legacy also "
+                         "holds rules: two rule sets are active and may contradict each other",
+                         "migrate the legacy rules (iptables-legacy-save | iptables-nft-restore) "
+                         "and flush them with iptables-legacy -F")
+        return Check("iptables backend", True, out.strip())
+    return Check("iptables backend", True, out.strip() + " (legacy; works, nft is Debian's default)")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from netagent.files import read_env_file
+
+    s = settings(args)
+    env: dict[str, str] = {}
+    if Path(s.subnet_file).is_file():
+        env = read_env_file(s.subnet_file)
+    st: dict[str, Any] = {}
+    try:
+        st = json.loads((Path(s.state_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        pass
+    etcd_check, cfg = check_etcd(args)
+    backend = st.get("backend") or (cfg.backend.type if cfg is not None else None)
+    network = cfg.network if cfg is not None else (
+        IPv4Network(env["FLANNEL_NETWORK"]) if env.get("FLANNEL_NETWORK") else None)
+    own = IPv4Interface(env["FLANNEL_SUBNET"]).network if env.get("FLANNEL_SUBNET") else None
+    ip_masq = s.ip_masq or env.get("FLANNEL_IPMASQ") == "true"
+    checks = [check_ip_forward(), check_modules(backend, ip_masq), check_mtu(s, backend, env),
+              etcd_check, check_routes(network, own), check_forward_policy(ip_masq),
+              check_iptables_backend()]
+    failed = [c for c in checks if c.ok is False]
+    mark = {True: "ok", False: "FAIL", None: "skip"}
+    human = table(["CHECK", "RESULT", "DETAIL"], [[c.name, mark[c.ok], c.detail] for c in checks])
+    if failed:
+        human += "\n\nhow to fix:\n" + "\n".join(f"  {c.name}: {c.fix}" for c in failed)
+    emit(args, {"ok": not failed, "checks": [asdict(c) for c in checks]}, human)
+    return 1 if failed else 0

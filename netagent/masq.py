@@ -1,0 +1,265 @@
+"""Masquerade and FORWARD rules (`--ip-masq`): flannel's rule set, owned chain by chain.
+
+Layout (flannel-compat.md §14.2, flannel ≥ v0.20.0, so a host can switch between flanneld and
+netagent without leftovers): a hook rule in nat POSTROUTING jumping to ``FLANNEL-POSTRTG`` and
+one in filter FORWARD jumping to ``FLANNEL-FWD``, every rule tagged with flannel's comments.
+
+Why it is shaped this way:
+
+* **Pure render, thin shell.** :func:`render_rules` is plain data; :func:`restore_text` turns it
+  into one ``iptables-restore --noflush`` batch; :func:`parse_save` reads ``iptables-save`` back.
+  Only :class:`Masquerade` runs commands, and only ``iptables-restore`` / ``iptables-save``.
+* **Atomic and idempotent, never a gap** (flannel #2237): our two chains are flushed and refilled
+  inside the same batch as everything else, so a reader never sees them half-filled, and a
+  changed network or subnet replaces the old rules in the same transaction.
+* **Only our own chains.** We flush only ``FLANNEL-POSTRTG``/``FLANNEL-FWD`` and add or delete
+  only our own hook rules (matched by exact text); other rules in POSTROUTING/FORWARD are never
+  touched. The hook is appended only when missing, so nobody's ordering is disturbed on re-apply.
+* The rules are compared in ``iptables-save``'s canonical text, which is exactly what
+  :func:`render_rules` produces (checked against iptables 1.8.9, nft and legacy back ends), so a
+  re-check costs one ``iptables-save`` and no rule is rewritten while it is in place.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+NAT_CHAIN = "FLANNEL-POSTRTG"
+FWD_CHAIN = "FLANNEL-FWD"
+NAT_COMMENT = '-m comment --comment "flanneld masq"'
+FWD_COMMENT = '-m comment --comment "flanneld forward"'
+NAT_HOOK = f"-A POSTROUTING {NAT_COMMENT} -j {NAT_CHAIN}"
+FWD_HOOK = f"-A FORWARD {FWD_COMMENT} -j {FWD_CHAIN}"
+#: kube-proxy's masquerade mark: such packets are NATed by kube-proxy already
+KUBE_MARK = "0x4000/0x4000"
+
+
+class MasqError(RuntimeError):
+    """iptables refused or is missing; the message says which command and why."""
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Desired content of our chains, in iptables-save's canonical text, in order."""
+
+    nat: tuple[str, ...]
+    forward: tuple[str, ...]
+
+    @property
+    def hooks(self) -> dict[str, str]:
+        out = {"nat": NAT_HOOK}
+        if self.forward:
+            out["filter"] = FWD_HOOK
+        return out
+
+
+def render_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool = True,
+                 forward: bool = True) -> RuleSet:
+    """flannel's rules for overlay `network` and our leased `subnet` (pure)."""
+    rnd = " --random-fully" if random_fully else ""
+    n, s = str(network), str(subnet)
+    c = f"-A {NAT_CHAIN}"
+    nat = (
+        f"{c} -m mark --mark {KUBE_MARK} {NAT_COMMENT} -j RETURN",
+        f"{c} -s {s} -d {n} {NAT_COMMENT} -j RETURN",
+        f"{c} -s {n} -d {s} {NAT_COMMENT} -j RETURN",
+        f"{c} ! -s {n} -d {s} {NAT_COMMENT} -j RETURN",
+        f"{c} -s {n} ! -d 224.0.0.0/4 {NAT_COMMENT} -j MASQUERADE{rnd}",
+        f"{c} ! -s {n} -d {n} {NAT_COMMENT} -j MASQUERADE{rnd}",
+    )
+    fwd: tuple[str, ...] = ()
+    if forward:
+        fwd = (
+            f"-A {FWD_CHAIN} -s {n} {FWD_COMMENT} -j ACCEPT",
+            f"-A {FWD_CHAIN} -d {n} {FWD_COMMENT} -j ACCEPT",
+        )
+    return RuleSet(nat, fwd)
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What iptables-save shows of ours: chain contents and how many hook rules exist."""
+
+    nat: tuple[str, ...] | None  # None = chain absent
+    forward: tuple[str, ...] | None
+    nat_hooks: int
+    fwd_hooks: int
+
+
+def parse_save(text: str) -> Installed:
+    """Pick our chains and hook rules out of `iptables-save` output (all tables)."""
+    table = ""
+    chains: dict[str, list[str] | None] = {NAT_CHAIN: None, FWD_CHAIN: None}
+    hooks = {"nat": 0, "filter": 0}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith(":"):
+            name = line[1:].split()[0]
+            if name in chains and chains[name] is None:
+                chains[name] = []
+        elif line.startswith("-A "):
+            name = line.split()[1]
+            if name in chains:
+                chains.setdefault(name, [])
+                lst = chains[name]
+                if lst is None:
+                    lst = chains[name] = []
+                lst.append(line)
+            elif table == "nat" and line == NAT_HOOK:
+                hooks["nat"] += 1
+            elif table == "filter" and line == FWD_HOOK:
+                hooks["filter"] += 1
+    nat, fwd = chains[NAT_CHAIN], chains[FWD_CHAIN]
+    return Installed(tuple(nat) if nat is not None else None,
+                     tuple(fwd) if fwd is not None else None, hooks["nat"], hooks["filter"])
+
+
+def missing(want: RuleSet, have: Installed) -> list[str]:
+    """Human-readable differences (empty = everything in place)."""
+    out = []
+    if have.nat != want.nat:
+        out.append(f"nat {NAT_CHAIN} differs" if have.nat is not None else f"nat {NAT_CHAIN} absent")
+    if have.nat_hooks != 1:
+        out.append(f"nat POSTROUTING has {have.nat_hooks} jumps to {NAT_CHAIN} (want 1)")
+    if want.forward:
+        if have.forward != want.forward:
+            out.append(f"filter {FWD_CHAIN} differs" if have.forward is not None
+                       else f"filter {FWD_CHAIN} absent")
+        if have.fwd_hooks != 1:
+            out.append(f"filter FORWARD has {have.fwd_hooks} jumps to {FWD_CHAIN} (want 1)")
+    return out
+
+
+def _delete(rule: str) -> str:
+    return "-D" + rule[2:]
+
+
+def restore_text(want: RuleSet, have: Installed) -> str:
+    """One batch: declare and refill our chains, add a missing hook, drop duplicate hooks."""
+    parts = ["*nat", f":{NAT_CHAIN} - [0:0]", f"-F {NAT_CHAIN}", *want.nat]
+    parts += [_delete(NAT_HOOK)] * max(0, have.nat_hooks - 1)
+    if have.nat_hooks == 0:
+        parts.append(NAT_HOOK)
+    parts.append("COMMIT")
+    if want.forward:
+        parts += ["*filter", f":{FWD_CHAIN} - [0:0]", f"-F {FWD_CHAIN}", *want.forward]
+        parts += [_delete(FWD_HOOK)] * max(0, have.fwd_hooks - 1)
+        if have.fwd_hooks == 0:
+            parts.append(FWD_HOOK)
+        parts.append("COMMIT")
+    return "\n".join(parts) + "\n"
+
+
+def removal_text(have: Installed) -> str:
+    """Delete our hooks and chains (and nothing else); empty when nothing of ours exists."""
+    parts: list[str] = []
+    if have.nat is not None or have.nat_hooks:
+        parts.append("*nat")
+        parts += [_delete(NAT_HOOK)] * have.nat_hooks
+        if have.nat is not None:
+            parts += [f"-F {NAT_CHAIN}", f"-X {NAT_CHAIN}"]
+        parts.append("COMMIT")
+    if have.forward is not None or have.fwd_hooks:
+        parts.append("*filter")
+        parts += [_delete(FWD_HOOK)] * have.fwd_hooks
+        if have.forward is not None:
+            parts += [f"-F {FWD_CHAIN}", f"-X {FWD_CHAIN}"]
+        parts.append("COMMIT")
+    return "\n".join(parts) + "\n" if parts else ""
+
+
+def supports_random_fully(version_text: str) -> bool:
+    """`--random-fully` exists from iptables 1.6.2 on (flannel checks the same)."""
+    m = re.search(r"v(\d+)\.(\d+)\.(\d+)", version_text)
+    if not m:
+        return False
+    return tuple(int(x) for x in m.groups()) >= (1, 6, 2)
+
+
+class Masquerade:
+    """The shell: runs iptables-save / iptables-restore in the current network namespace."""
+
+    def __init__(self, network: IPv4Network, subnet: IPv4Network, *, random_fully: bool = True,
+                 forward: bool = True, timeout: float = 10.0) -> None:
+        self.network = network
+        self.subnet = subnet
+        self.timeout = timeout
+        self.forward = forward
+        self._random_fully_wanted = random_fully
+        #: resolved on first use from `iptables --version`
+        self._random_fully: bool | None = None
+        #: times we found rules missing or different after they had been in place
+        self.repairs = 0
+        self.applied = 0
+        self.in_place = False
+
+    @property
+    def want(self) -> RuleSet:
+        return render_rules(self.network, self.subnet, random_fully=bool(self._random_fully),
+                            forward=self.forward)
+
+    def retarget(self, network: IPv4Network, subnet: IPv4Network) -> None:
+        """The subnet changed (renumbering): the next ensure() replaces the rules in one batch."""
+        self.network, self.subnet = network, subnet
+        self.in_place = False
+
+    def _run(self, cmd: list[str], stdin: str | None = None) -> str:
+        try:
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                  timeout=self.timeout, check=False)
+        except FileNotFoundError:
+            raise MasqError(f"{cmd[0]} not found: install iptables (Debian: apt-get install "
+                            "iptables)") from None
+        except subprocess.TimeoutExpired:
+            raise MasqError(f"{' '.join(cmd)} did not finish in {self.timeout} s") from None
+        if proc.returncode != 0:
+            raise MasqError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                            f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def _resolve_random_fully(self) -> None:
+        if self._random_fully is None:
+            self._random_fully = self._random_fully_wanted and supports_random_fully(
+                self._run(["iptables", "--version"]))
+
+    def installed(self) -> Installed:
+        return parse_save(self._run(["iptables-save"]))
+
+    def check(self) -> list[str]:
+        """What is missing or different (empty = all in place). Raises MasqError."""
+        self._resolve_random_fully()
+        return missing(self.want, self.installed())
+
+    def ensure(self) -> bool:
+        """Re-check and re-apply when anything differs. True = rules in place; raises MasqError.
+
+        Returns without writing when everything is already in place (the periodic re-check).
+        """
+        self._resolve_random_fully()
+        have = self.installed()
+        diff = missing(self.want, have)
+        if not diff:
+            self.in_place = True
+            return False
+        if self.applied:
+            self.repairs += 1
+        self._run(["iptables-restore", "-w", "5", "--noflush"], restore_text(self.want, have))
+        self.applied += 1
+        after = missing(self.want, self.installed())
+        if after:
+            self.in_place = False
+            raise MasqError(f"masquerade rules still not in place after iptables-restore: "
+                            f"{'; '.join(after)}")
+        self.in_place = True
+        return True
+
+    def remove(self) -> None:
+        """Delete our hooks and chains only."""
+        text = removal_text(self.installed())
+        if text:
+            self._run(["iptables-restore", "-w", "5", "--noflush"], text)
+        self.in_place = False

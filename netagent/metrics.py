@@ -1,0 +1,181 @@
+"""Prometheus metrics, read from the daemon's state at scrape time (a pull-style collector).
+
+Why pull: the daemon keeps plain counters already (lease state, registry stats, the status
+dataclass, backend stats); reading them when Prometheus scrapes means no metric updates are
+sprinkled through the daemon and a scrape can never disagree with `netagent status`. The only
+push-style metric is the reconcile-duration histogram (a distribution cannot be rebuilt later),
+fed through the daemon's sync hook.
+
+This module sits on the ground floor: it imports nothing of ours and reads the daemon by duck
+typing (`status`, `config`, `leases`, `registry.stats`, `peers.peers`, `backend.stats`,
+`prober.results`, `masq`), each attribute optional, so a scrape during start-up works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: reconcile runs from ~1 ms (nothing to do) to seconds (thousands of peers, first sync)
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _gauge(name: str, doc: str, value: float | None = None,
+           labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+    if labels:
+        return GaugeMetricFamily(name, doc, labels=list(labels))
+    return GaugeMetricFamily(name, doc, value=value if value is not None else 0.0)
+
+
+class DaemonCollector(Collector):
+    """Everything except the histogram, computed from `daemon` on each collect()."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.d = daemon
+
+    def collect(self) -> Iterator[Metric]:  # noqa: C901 - a flat list of metrics
+        d = self.d
+        status = getattr(d, "status", None)
+        config = getattr(d, "config", None)
+        leases = getattr(d, "leases", None)
+        state = getattr(leases, "state", None) if leases is not None else None
+
+        ready = d.readiness() if hasattr(d, "readiness") else {}
+        yield _gauge("netagent_ready", "1 when the agent is ready (lease, subnet.env, backend, "
+                     "masquerade rules)", float(bool(ready) and all(ready.values())))
+        checks = _gauge("netagent_readiness_check", "Each readiness condition (1 = met)",
+                        labels=("check",))
+        for name, ok in sorted(ready.items()):
+            checks.add_metric([name], float(ok))
+        yield checks
+
+        info = _gauge("netagent_lease_info", "The lease this host holds (value is always 1)",
+                      labels=("subnet", "network", "backend", "public_ip", "reserved"))
+        if state is not None and status is not None:
+            info.add_metric([str(state.lease.subnet), str(getattr(config, "network", "")),
+                             status.backend, status.public_ip,
+                             "true" if state.lease.reserved else "false"], 1.0)
+        yield info
+        if leases is not None and state is not None:
+            left = leases.seconds_left()
+            if left is not None:
+                yield _gauge("netagent_lease_expiry_seconds",
+                             "Seconds until our etcd lease expires unless renewed", left)
+            yield _gauge("netagent_lease_ttl_seconds", "TTL granted at the last renewal",
+                         float(state.ttl))
+            yield CounterMetricFamily("netagent_lease_renewals", "Successful lease keepalives",
+                                      value=state.renewals)
+            yield CounterMetricFamily("netagent_lease_renewal_failures",
+                                      "Lease keepalives that failed (etcd unreachable etc.)",
+                                      value=state.renew_failures)
+            yield CounterMetricFamily("netagent_lease_reacquisitions",
+                                      "Times our lease key was lost and re-created",
+                                      value=state.reacquired)
+
+        stats = getattr(getattr(d, "registry", None), "stats", None)
+        if stats is not None:
+            errs = CounterMetricFamily("netagent_etcd_request_errors",
+                                       "Failed etcd requests by kind", labels=["kind"])
+            for kind, n in sorted(dict(stats.errors).items()):
+                errs.add_metric([kind], n)
+            yield errs
+            yield CounterMetricFamily("netagent_etcd_watch_reconnects",
+                                      "Times the lease watch broke and was resumed",
+                                      value=stats.watch_reconnects)
+            yield CounterMetricFamily("netagent_etcd_endpoint_failovers",
+                                      "Switches to the next etcd endpoint", value=stats.failovers)
+
+        peers = getattr(getattr(d, "peers", None), "peers", None)
+        if peers is not None:
+            yield _gauge("netagent_peers", "Peer leases known (other hosts' subnets)",
+                         float(len(peers)))
+        if status is not None:
+            yield _gauge("netagent_invalid_leases", "Lease keys skipped as malformed",
+                         float(len(status.invalid_leases)))
+            ent = _gauge("netagent_kernel_entries", "Kernel entries we own, by kind",
+                         labels=("kind",))
+            for kind, n in sorted(dict(status.kernel_entries).items()):
+                ent.add_metric([kind], float(n))
+            yield ent
+            yield CounterMetricFamily("netagent_reconciles", "Backend syncs run",
+                                      value=status.reconciles)
+            yield CounterMetricFamily("netagent_drift_repairs",
+                                      "Kernel entries restored or removed by the periodic full "
+                                      "compare (someone changed our state)",
+                                      value=status.drift_repairs)
+            if status.last_reconcile:
+                yield _gauge("netagent_last_reconcile_timestamp_seconds",
+                             "Unix time of the last backend sync", status.last_reconcile)
+
+        masq = getattr(d, "masq", None)
+        if masq is not None:
+            yield _gauge("netagent_masquerade_rules_in_place",
+                         "1 when the --ip-masq rules were in place at the last check",
+                         float(masq.in_place))
+            yield CounterMetricFamily("netagent_masquerade_repairs",
+                                      "Times the masquerade rules were found missing and re-applied",
+                                      value=masq.repairs)
+
+        yield from self._udp(getattr(getattr(d, "backend", None), "stats", None))
+        yield from self._reachability(getattr(getattr(d, "prober", None), "results", None))
+
+    @staticmethod
+    def _udp(stats: Any) -> Iterator[Metric]:
+        """udp backend counters, when the backend keeps them (a dict; no hard dependency)."""
+        if not isinstance(stats, dict):
+            return
+        pk = CounterMetricFamily("netagent_udp_packets", "Packets through the udp backend",
+                                 labels=["direction"])
+        by = CounterMetricFamily("netagent_udp_bytes", "Bytes through the udp backend",
+                                 labels=["direction"])
+        for direction in ("rx", "tx"):
+            if f"{direction}_packets" in stats:
+                pk.add_metric([direction], float(stats[f"{direction}_packets"]))
+            if f"{direction}_bytes" in stats:
+                by.add_metric([direction], float(stats[f"{direction}_bytes"]))
+        drops = CounterMetricFamily("netagent_udp_drops", "Packets the udp backend dropped",
+                                    labels=["reason"])
+        for reason, n in sorted(dict(stats.get("drops", {})).items()):
+            drops.add_metric([str(reason)], float(n))
+        yield pk
+        yield by
+        yield drops
+
+    @staticmethod
+    def _reachability(results: Any) -> Iterator[Metric]:
+        if results is None:
+            return
+        reach = _gauge("netagent_peer_reachable",
+                       "1 when the peer's overlay gateway answered the last probe",
+                       labels=("subnet", "public_ip"))
+        rtt = _gauge("netagent_peer_rtt_seconds", "Round-trip time of the last answered probe",
+                     labels=("subnet", "public_ip"))
+        for subnet, r in sorted(dict(results).items()):
+            reach.add_metric([subnet, r.public_ip], float(r.reachable))
+            if r.rtt is not None:
+                rtt.add_metric([subnet, r.public_ip], r.rtt)
+        yield reach
+        yield rtt
+
+
+class Metrics:
+    """A private registry (no process/platform collectors of other libraries mixed in)."""
+
+    def __init__(self, daemon: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DaemonCollector(daemon))
+        self.reconcile = Histogram(
+            "netagent_reconcile_duration_seconds", "Time one backend sync took",
+            buckets=RECONCILE_BUCKETS, registry=self.registry,
+        )
+
+    def observe_reconcile(self, seconds: float) -> None:
+        self.reconcile.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
