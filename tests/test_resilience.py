@@ -400,3 +400,59 @@ def test_memory_stays_flat_under_lease_churn(lab: Lab) -> None:
     state = kernel_state(h.name, ["flannel.1"])
     churned = [ln for ln in state["routes"] if ln.startswith("10.20.2") and "flannel.1" in ln]
     assert churned == []  # every churned peer was removed again
+
+
+def test_sigkill_restart_under_ping_and_iperf_changes_nothing(lab: Lab) -> None:
+    import random
+    import subprocess
+
+    hosts = vxlan_lab(lab, 2)
+    h1, _ = hosts
+    p1, p2 = lab.pods
+    subnet_before = subnet_of(h1)
+    state_before = kernel_state(h1.name, ["flannel.1"])
+    port = str(random.randrange(20000, 30000))
+    server = subprocess.Popen(["ip", "netns", "exec", p2.name, "iperf3", "-s", "-1", "-p", port],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)  # let IPv6 link-local set-up of the new links settle (not the agent's doing)
+    monitor = subprocess.Popen(["ip", "netns", "exec", h1.name, "ip", "-o", "monitor", "route",
+                                "neigh", "link", "address"], stdout=subprocess.PIPE, text=True)
+    fdb_monitor = subprocess.Popen(["ip", "netns", "exec", h1.name, "bridge", "monitor", "fdb"],
+                                   stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        client = subprocess.Popen(["ip", "netns", "exec", p1.name, "iperf3", "-c", p2.ip, "-p",
+                                   port, "-t", "8", "-J"], stdout=subprocess.PIPE, text=True)
+        ping = PingRun(p1, p2.ip, 8, interval=0.05)
+        time.sleep(2)
+        lab.stop_agent(h1, signal.SIGKILL)
+        lab.start_agent(h1)
+        wait_for(lambda: lab.log(h1).count("ready: subnet") >= 2, 20,
+                 what="restarted agent ready")
+        out, _ = client.communicate(timeout=30)
+        tx, rx = ping.result()
+    finally:
+        monitor.terminate()
+        fdb_monitor.terminate()
+        changes, _ = monitor.communicate(timeout=5)
+        fdb_changes, _ = fdb_monitor.communicate(timeout=5)
+        server.kill()
+        server.wait(5)
+    report = json.loads(out)
+    sent = report["end"]["sum_sent"]["bytes"]
+    received = report["end"]["sum_received"]["bytes"]
+    # what the agent writes: proto-111 routes, permanent neighbours and FDB entries on its
+    # device, the device itself and its address (kernel-made link-local routes and ARP entries
+    # driven by traffic are not the agent's)
+    ours = [ln for ln in changes.splitlines()
+            if "proto 111" in ln or ("flannel.1" in ln and ("PERMANENT" in ln or " inet " in ln
+                                                              or ": flannel.1" in ln))]
+    ours += [ln for ln in fdb_changes.splitlines() if "flannel.1" in ln]
+    print(f"\nSIGKILL+restart: ping {tx - rx}/{tx} lost; iperf3 {received / 1e6:.0f} MB received, "
+          f"{report['end']['sum_sent'].get('retransmits', 0)} retransmits; "
+          f"{len(ours)} kernel changes on our devices")
+    assert tx == rx
+    assert received > 0 and received >= sent * 0.99
+    assert ours == [], ours
+    assert subnet_of(h1) == subnet_before
+    assert kernel_state(h1.name, ["flannel.1"]) == state_before
