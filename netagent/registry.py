@@ -154,21 +154,63 @@ class RegistryStats:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
+def _tls_problem(detail: str) -> str:
+    """A clear sentence for a TLS handshake failure hidden in a gRPC UNAVAILABLE, or "".
+
+    etcd3 turns every UNAVAILABLE into a bare ConnectionFailedError; the gRPC error it chains
+    says what really happened (measured with grpcio 1.85.3 against etcd 3.4.23, tests/test_tls*).
+    """
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return ("TLS handshake failed: etcd's server certificate is not signed by the CA in "
+                "--etcd-cafile (CERTIFICATE_VERIFY_FAILED)")
+    if "Peer name" in detail and "not in peer certificate" in detail:
+        return ("TLS handshake failed: the endpoint's host name or IP is not in etcd's server "
+                "certificate (subjectAltName)")
+    if "TSI_DATA_CORRUPTED" in detail or "BAD_CERTIFICATE" in detail or \
+            "CERTIFICATE_REQUIRED" in detail:
+        return ("TLS handshake failed: etcd rejected our client certificate or requires one "
+                "(--etcd-certfile/--etcd-keyfile, signed by the CA etcd trusts)")
+    if "handshake failed" in detail.lower() or "WRONG_VERSION_NUMBER" in detail:
+        return f"TLS handshake failed (is the endpoint really https://?): {detail}"
+    return ""
+
+
+def _grpc_detail(exc: BaseException) -> str:
+    for inner in (exc.__cause__, exc.__context__):
+        if inner is not None and hasattr(inner, "details"):
+            try:
+                return str(inner.details() or "")
+            except Exception:  # noqa: BLE001 - best effort
+                return ""
+    return ""
+
+
 def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, etcd_exc.ConnectionTimeoutError):
         return "timeout", "etcd did not answer in time"
     if isinstance(exc, etcd_exc.ConnectionFailedError):
-        return "unavailable", "cannot reach etcd"
+        detail = _grpc_detail(exc)
+        tls = _tls_problem(detail)
+        if tls:
+            return "tls", tls
+        last = detail.rsplit("last error: ", 1)[-1] if detail else ""
+        return "unavailable", f"cannot reach etcd ({last})" if last else "cannot reach etcd"
     if isinstance(exc, etcd_exc.RevisionCompactedError):
         return "compacted", "revision compacted"
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if hasattr(exc, "code") else None
         detail = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in str(detail):
+            return "auth", ("etcd rejected the user name or password (--etcd-username/"
+                            f"--etcd-password): {detail}")
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return "auth", f"etcd rejected our credentials: {detail}"
         if code == grpc.StatusCode.PERMISSION_DENIED:
             return "permission", f"etcd denied access: {detail}"
         if code in (grpc.StatusCode.UNAVAILABLE,):
+            tls = _tls_problem(str(detail))
+            if tls:
+                return "tls", tls
             return "unavailable", f"cannot reach etcd: {detail}"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return "timeout", "etcd did not answer in time"
@@ -252,7 +294,7 @@ class Registry:
                 return fn(self.client())
             except RegistryError as exc:
                 last = exc
-                if exc.kind in ("unavailable", "timeout"):
+                if exc.kind in ("unavailable", "timeout", "tls"):
                     self._drop(rotate=True)
                     continue
                 raise
@@ -264,7 +306,8 @@ class Registry:
                     reauthed = True
                     self._drop(rotate=False)
                     continue
-                if kind in ("unavailable", "timeout"):
+                if kind in ("unavailable", "timeout", "tls"):
+                    # tls too: one member with a bad certificate must not stop the others
                     self._drop(rotate=True)
                     continue
                 raise last from None
@@ -458,8 +501,8 @@ class Registry:
                     on_reconnect()
                 log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
                             prefix, msg, rev, backoff)
-                if kind in ("unavailable", "timeout", "other", "auth"):
-                    self._drop(rotate=kind in ("unavailable", "timeout"))
+                if kind in ("unavailable", "timeout", "tls", "other", "auth"):
+                    self._drop(rotate=kind in ("unavailable", "timeout", "tls"))
                 stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             finally:
