@@ -15,6 +15,11 @@ has nothing listening on the udp port, so "forwarding" to it would silently blac
 where skipping gives the sender an ICMP net-unreachable at once. A lease with our own PublicIP
 is skipped too (a stale lease of this host).
 
+**Net unreachable.** Like flannel, a packet no lease covers is answered with ICMP "destination
+net unreachable" written back into the TUN, but sourced from the would-be subnet's network
+address instead of flannel0's own address: Linux drops a packet arriving with a local source
+address as a martian, so flannel's reply never reaches the sender.
+
 **Restarts** keep the device: it is persistent, so the next run re-attaches to it (same index,
 address and route; the reconcile makes no kernel writes). Traffic pauses only while no process
 reads the TUN. ``shutdown`` stops the loop and closes our fds, nothing else.
@@ -56,7 +61,7 @@ SOCKET_BUFFER = 4 << 20
 
 def render_udp_peers(
     peers: Mapping[IPv4Network, Lease], *, own_subnet: IPv4Network | None,
-    own_ip: IPv4Address | None, port: int,
+    own_ip: IPv4Address | None, port: int, subnet_len: int = 32,
 ) -> tuple[ForwardingTable, dict[IPv4Network, str]]:
     """The forwarding table for `peers`, plus the peers left out and why (pure)."""
     usable: list[tuple[IPv4Network, IPv4Address]] = []
@@ -72,7 +77,9 @@ def render_udp_peers(
             skipped[subnet] = f"lease has our own PublicIP {own_ip} (a stale lease of this host?)"
         else:
             usable.append((subnet, lease.attrs.public_ip))
-    return build_forwarding_table(usable, own_subnet=own_subnet, port=port), skipped
+    table = build_forwarding_table(usable, own_subnet=own_subnet, port=port,
+                                   subnet_len=subnet_len)
+    return table, skipped
 
 
 class UdpBackend(Backend):
@@ -127,7 +134,8 @@ class UdpBackend(Backend):
         """Render and swap the table into the running loop (one reference assignment)."""
         self._peers = peers
         table, skipped = render_udp_peers(peers, own_subnet=self.own.subnet if self.own else None,
-                                          own_ip=self.host.public_ip, port=self.port)
+                                          own_ip=self.host.public_ip, port=self.port,
+                                          subnet_len=self.config.subnet_len)
         if self.forwarder is not None:
             self.forwarder.table = table
         return table, skipped

@@ -114,7 +114,8 @@ def net_unreachable(packet: bytes | bytearray | memoryview, source: IPv4Address)
     """flannel's reply for a destination no lease covers: ICMP type 3 code 0 back to the sender.
 
     None for ICMP packets and non-first fragments (never answer those), and for anything too
-    short to quote. TTL 8 and source = our flannel0 address, as flannel does.
+    short to quote. TTL 8 as flannel; the source is the caller's choice (see
+    :meth:`ForwardingTable.unreachable_source`).
     """
     data = bytes(packet)
     if len(data) < 20 or data[0] >> 4 != 4:
@@ -157,6 +158,19 @@ class ForwardingTable:
     own: tuple[int, int] = (0xFFFFFFFF, 0xFFFFFFFF)  # matches nothing until we have a lease
     own_address: IPv4Address = IPv4Address(0)
     peers: int = 0
+    #: SubnetLen as a mask: which subnet an unmatched destination would belong to
+    subnet_mask: int = 0xFFFFFFFF
+
+    def unreachable_source(self, dst: int) -> IPv4Address:
+        """Source of our net-unreachable: the network address of the subnet `dst` would be in.
+
+        flannel uses its flannel0 address, but a packet written into the TUN with a local
+        source address is dropped by Linux as a martian, so the sender never sees the error.
+        The would-be subnet's network address (its gateway, were it leased) is not local
+        and passes reverse-path filtering (the Network routes through flannel0).
+        """
+        source = IPv4Address(dst & self.subnet_mask)
+        return IPv4Address(dst) if source == self.own_address else source
 
     def lookup(self, dst: IPv4Address) -> tuple[str, int] | None:
         """Longest-prefix match, as the loop does it inline (for tests and tools)."""
@@ -173,7 +187,8 @@ def _mask(prefixlen: int) -> int:
 
 
 def build_forwarding_table(peers: Iterable[tuple[IPv4Network, IPv4Address]], *,
-                           own_subnet: IPv4Network | None, port: int) -> ForwardingTable:
+                           own_subnet: IPv4Network | None, port: int,
+                           subnet_len: int = 32) -> ForwardingTable:
     """The table for `peers` (subnet, PublicIP): pure, so the loop's view is testable.
 
     Which leases count as peers (backend type, our own PublicIP) is the backend's decision;
@@ -189,11 +204,12 @@ def build_forwarding_table(peers: Iterable[tuple[IPv4Network, IPv4Address]], *,
         sources.setdefault(int(public), []).append((net, _mask(subnet.prefixlen)))
         count += 1
     routes = tuple((_mask(plen), nets) for plen, nets in sorted(by_len.items(), reverse=True))
+    by_ip = {ip: tuple(n) for ip, n in sources.items()}
     if own_subnet is None:
-        return ForwardingTable(routes, {ip: tuple(n) for ip, n in sources.items()}, peers=count)
-    return ForwardingTable(routes, {ip: tuple(n) for ip, n in sources.items()},
+        return ForwardingTable(routes, by_ip, peers=count, subnet_mask=_mask(subnet_len))
+    return ForwardingTable(routes, by_ip,
                            (int(own_subnet.network_address), _mask(own_subnet.prefixlen)),
-                           own_subnet.network_address, count)
+                           own_subnet.network_address, count, _mask(subnet_len))
 
 
 def new_stats() -> dict[str, Any]:
@@ -445,7 +461,7 @@ class Forwarder:
                         break
                 if peer is None:
                     drops["no_route"] += 1
-                    reply = net_unreachable(buf[:n], table.own_address)
+                    reply = net_unreachable(buf[:n], table.unreachable_source(dst))
                     if reply is not None:
                         with contextlib.suppress(OSError):
                             write_tun(reply)
