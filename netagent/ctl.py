@@ -194,11 +194,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         return 1
     rows = lease_rows(items, prefix, ttls)
     human = table(
-        ["SUBNET", "PUBLIC IP", "BACKEND", "LEASE", "TTL"],
+        ["SUBNET", "PUBLIC IP", "BACKEND", "LEASE", "TTL", "NOTE"],
         [[r["subnet"] or r["key"], r["public_ip"], r["backend"], r["lease_id"] or "reserved",
-          "-" if r["reserved"] else f"{r['ttl']} s"] + ([f"MALFORMED: {r['error']}"]
-                                                        if r["error"] else [])
-         for r in rows] if rows else [])
+          "-" if r["reserved"] else f"{r['ttl']} s",
+          f"MALFORMED: {r['error']}" if r["error"] else ""]
+         for r in rows])
     emit(args, {"revision": revision, "leases": rows},
          human + f"\n\n{len(rows)} leases ({sum(r['reserved'] for r in rows)} reserved)")
     return 0
