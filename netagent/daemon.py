@@ -244,14 +244,16 @@ class Daemon:
         """Install or re-check the --ip-masq rules (before subnet.env; on the repair timer)."""
         if not self.settings.ip_masq or self.config is None or self.leases is None:
             return
-        subnet = self.leases.lease.subnet
+        network, subnet = self.config.network, self.leases.lease.subnet
+        if network is None or subnet is None:
+            return  # IPv6-only network: ip6tables rules are not implemented yet
         if self.masq is None:
-            self.masq = Masquerade(self.config.network, subnet)
+            self.masq = Masquerade(network, subnet)
         elif self.masq.subnet != subnet:
-            self.masq.retarget(self.config.network, subnet)
+            self.masq.retarget(network, subnet)
         try:
             if self.masq.ensure():
-                log.info("masquerade rules applied for %s (subnet %s)", self.config.network, subnet)
+                log.info("masquerade rules applied for %s (subnet %s)", network, subnet)
             self.status.masquerade = "in place"
         except MasqError as exc:
             self.status.masquerade = str(exc)

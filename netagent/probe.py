@@ -41,7 +41,7 @@ class PeerProbe:
 
 def probe_targets(peers: Mapping[IPv4Network, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
     """subnet -> (public IP, addresses to ping) for a peer table of leases (pure)."""
-    out = {}
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for subnet, lease in peers.items():
         base = int(subnet.network_address)
         addrs = (str(subnet.network_address.__class__(base + 1)), str(subnet.network_address))
