@@ -456,3 +456,22 @@ def test_sigkill_restart_under_ping_and_iperf_changes_nothing(lab: Lab) -> None:
     assert ours == [], ours
     assert subnet_of(h1) == subnet_before
     assert kernel_state(h1.name, ["flannel.1"]) == state_before
+
+
+def test_peer_that_vanished_while_we_were_down_is_swept_at_start(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = vxlan_lab(lab, 3)
+    h1, h2, h3 = hosts
+    gone = subnet_of(h3)
+    assert route_to(h1, gone)
+    lab.stop_agent(h1)  # SIGTERM: h1's kernel entries stay, as they should
+    lab.stop_agent(h3, signal.SIGKILL)
+    lab.etcd.ctl("del", f"{PREFIX}/subnets/{gone.replace('/', '-')}")
+    assert route_to(h1, gone)  # stale: nobody is running on h1 to notice
+    lab.start_agent(h1)
+    wait_for(lambda: lab.log(h1).count("ready: subnet") >= 2, 20, what="h1 restarted")
+    state = kernel_state(h1.name, ["flannel.1"])
+    net = gone.split("/")[0]
+    assert not any(ln.startswith(net) for ln in state["routes"])
+    assert not any(ln.startswith(net + " ") for ln in state["neigh"])
+    assert lab.pods[0].ping(lab.pods[1].ip)
