@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from netagent.dataplane import (
+    RT_TABLE_MAIN,
     Fdb,
     KernelError,
     LinkInfo,
@@ -133,8 +134,13 @@ class FakeKernel:
         return [f for k, f in self.fdb.items() if k[0] == ifindex]
 
     def dump_routes(self, table: int) -> list[Route]:
+        """The routes, plus the underlay routing that ``lookups`` stands for: one host route
+        (proto kernel) per lookup answer, so a changed lookup shows in the dump as it would in
+        a real kernel (the backends cache lookups until the non-peer routes change)."""
         self.dumps.append("route")
-        return [r for r in self.routes.values() if r.table == table]
+        underlay = [Route(IPv4Network(ip), look.gateway, look.oif, proto=2)
+                    for ip, look in self.lookups.items() if table == RT_TABLE_MAIN]
+        return [r for r in self.routes.values() if r.table == table] + underlay
 
     def lookup_route(self, dst: IPv4Address) -> RouteLookup | None:
         return self.lookups.get(dst)
