@@ -584,8 +584,11 @@ def _open_netlink(netns: str | None) -> socket.socket:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KernelError(exc.errno, f"network namespace {netns}: {exc.strerror}") from None
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     try:
         if libc.setns(target, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
