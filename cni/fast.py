@@ -148,8 +148,11 @@ def digest(text: str) -> str:
     return f"{h:032x}"
 
 
-# --------------------------------------------------------------------------- IPv4 helpers
-# ``ipaddress`` costs 4 ms to import; the plugin only needs IPv4 arithmetic.
+# --------------------------------------------------------------------------- address helpers
+# ``ipaddress`` costs 4 ms to import; the plugin needs little more than integer arithmetic.
+# IPv4 is parsed by hand (no import at all); IPv6 goes through ``_socket.inet_pton``/``inet_ntop``
+# (RFC 4291 parsing and RFC 5952 text, the form ``ip``, Go and host-local print), imported on
+# first use so the VERSION path does not load the ``_socket`` shared library.
 
 
 def ip_to_int(ip: str) -> int:
@@ -183,3 +186,63 @@ def netmask(plen: int) -> int:
 
 def in_subnet(ip: int, net: int, plen: int) -> bool:
     return (ip & netmask(plen)) == (net & netmask(plen))
+
+
+AF_INET6 = 10
+
+
+def ip6_to_int(ip: str) -> int:
+    """IPv6 text to a 128-bit int; ValueError on anything else (zone ids included)."""
+    import _socket
+
+    try:
+        return int.from_bytes(_socket.inet_pton(AF_INET6, ip), "big")
+    except (OSError, TypeError):
+        raise ValueError(f"not an IPv6 address: {ip!r}") from None
+
+
+def int_to_ip6(value: int) -> str:
+    """128-bit int to canonical (RFC 5952) IPv6 text, so file names and results match."""
+    import _socket
+
+    return str(_socket.inet_ntop(AF_INET6, value.to_bytes(16, "big")))
+
+
+def ip_version(ip: str) -> int:
+    """4 or 6 by the text's shape alone (an address is validated by the parser after this)."""
+    return 6 if ":" in ip else 4
+
+
+def parse_ip_any(ip: str) -> tuple[int, int]:
+    """(version, address int) of an IPv4 or IPv6 address."""
+    ip = ip.strip()
+    if ip_version(ip) == 6:
+        return 6, ip6_to_int(ip)
+    return 4, ip_to_int(ip)
+
+
+def format_ip(version: int, value: int) -> str:
+    return int_to_ip6(value) if version == 6 else int_to_ip(value)
+
+
+def parse_cidr_any(cidr: str) -> tuple[int, int, int]:
+    """``addr/n`` of either family → (version, address int, prefix length); host bits kept."""
+    addr, sep, plen = cidr.strip().partition("/")
+    version = ip_version(addr)
+    bits = 128 if version == 6 else 32
+    if not sep or not plen.isdigit() or not 0 <= int(plen) <= bits:
+        raise ValueError(f"not an IPv{version} CIDR: {cidr!r}")
+    version, value = parse_ip_any(addr)
+    return version, value, int(plen)
+
+
+def netmask_any(version: int, plen: int) -> int:
+    bits = 128 if version == 6 else 32
+    full = (1 << bits) - 1
+    return (full << (bits - plen)) & full if plen else 0
+
+
+def normalize_cidr(cidr: str) -> str:
+    """Canonical text of ``addr/n`` (host bits kept), for comparing what others wrote."""
+    version, value, plen = parse_cidr_any(cidr)
+    return f"{format_ip(version, value)}/{plen}"

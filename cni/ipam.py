@@ -1,8 +1,11 @@
 """Built-in host-local style IPAM: one file per reserved address, guarded by one lock.
 
 The on-disk layout is host-local's (``<dataDir>/<ip>`` holding ``<containerID>\\r\\n<ifname>``,
-``last_reserved_ip.0``, ``lock``), so an operator's tooling and muscle memory carry over, and a
-node switched from flannel keeps its reservations readable. Every mutation happens under an
+``last_reserved_ip.<range set>``, ``lock``), so an operator's tooling and muscle memory carry
+over, and a node switched from flannel keeps its reservations readable. Dual stack is
+host-local's two range sets: one reservation per (container, ifname) per family, IPv6 files
+named by the canonical address text (``2001:cafe:42::2``), ``last_reserved_ip.0`` for the first
+family of subnet.env and ``last_reserved_ip.1`` for the second. Every mutation happens under an
 exclusive lock (``lockf``) on ``<dataDir>/lock``: it is released by the kernel when a process dies, so a
 killed plugin can never wedge the store, and it serialises any number of concurrent plugin
 processes (the runtime runs ADDs for different containers in parallel).
@@ -19,11 +22,33 @@ from cni.errors import (
     POOL_EXHAUSTED,
     CniError,
 )
-from cni.fast import in_subnet, int_to_ip, ip_to_int, netmask
+from cni.fast import format_ip, ip6_to_int, ip_to_int, ip_version, netmask_any, parse_ip_any
 
-LAST_RESERVED = "last_reserved_ip.0"
+LAST_RESERVED = "last_reserved_ip.0"  # range set 0; range set N uses ".N"
 LOCK = "lock"
 SEP = "\r\n"
+
+
+def _address_file_name(name: str) -> bool:
+    """True for a file holding a reservation: an address in canonical text, nothing else."""
+    try:
+        if ip_version(name) == 6:
+            return format_ip(6, ip6_to_int(name)) == name
+        ip_to_int(name)
+    except ValueError:
+        return False
+    return True
+
+
+class Pool:
+    """One family's range: the subnet, its gateway (never handed out), an optional request."""
+
+    __slots__ = ("version", "subnet", "plen", "gateway", "requested", "range_id")
+
+    def __init__(self, version: int, subnet: int, plen: int, gateway: int, requested: str = "",
+                 range_id: int = 0) -> None:
+        self.version, self.subnet, self.plen, self.gateway = version, subnet, plen, gateway
+        self.requested, self.range_id = requested, range_id
 
 
 class Reservation:
@@ -31,6 +56,10 @@ class Reservation:
 
     def __init__(self, ip: str, container_id: str, ifname: str) -> None:
         self.ip, self.container_id, self.ifname = ip, container_id, ifname
+
+    @property
+    def version(self) -> int:
+        return ip_version(self.ip)
 
     def __repr__(self) -> str:
         return f"Reservation({self.ip}, {self.container_id!r}, {self.ifname!r})"
@@ -71,9 +100,7 @@ class Store:
         except FileNotFoundError:
             return []
         for name in names:
-            try:
-                ip_to_int(name)
-            except ValueError:
+            if not _address_file_name(name):
                 continue
             try:
                 # newline="": host-local separates with "\r\n", keep it intact
@@ -85,11 +112,18 @@ class Store:
             out.append(Reservation(name, cid.strip(), ifname.strip()))
         return out
 
-    def find(self, container_id: str, ifname: str) -> Reservation | None:
-        for r in self.reservations():
-            if r.container_id == container_id and r.ifname == ifname:
+    def find(self, container_id: str, ifname: str, version: int | None = None
+             ) -> Reservation | None:
+        """The attachment's reservation (of ``version`` when given, else its first)."""
+        for r in self.owned(container_id, ifname):
+            if version is None or r.version == version:
                 return r
         return None
+
+    def owned(self, container_id: str, ifname: str) -> list[Reservation]:
+        """Every reservation of (container, ifname): one per family once ADD has succeeded."""
+        return [r for r in self.reservations()
+                if r.container_id == container_id and r.ifname == ifname]
 
     # ------------------------------------------------------------------ writing
 
@@ -106,63 +140,104 @@ class Store:
         return True
 
     def reserve(self, container_id: str, ifname: str, subnet: int, plen: int, gateway: int,
-                requested: str = "") -> tuple[str, bool]:
-        """Reserve an address for (container, ifname): (ip, created).
+                requested: str = "", version: int = 4, range_id: int = 0) -> tuple[str, bool]:
+        """Reserve one address of one family for (container, ifname): (ip, created).
 
-        An existing reservation of the same attachment is returned as is (created=False), so a
-        repeated ADD never holds two addresses and its rollback never frees the first one.
+        An existing reservation of the same attachment in this family is returned as is
+        (created=False), so a repeated ADD never holds two addresses of a family and its
+        rollback never frees the first one.
         """
-        mine = self.find(container_id, ifname)
-        if mine is not None:
-            if requested and requested != mine.ip:
-                raise CniError(ADDRESS_UNAVAILABLE,
-                               f"{container_id}/{ifname} already holds {mine.ip}",
-                               f"requested {requested}")
-            return mine.ip, False
-        mask = netmask(plen)
-        first = (subnet & mask) + 1
-        last = (subnet & mask | (~mask & 0xFFFFFFFF)) - 1  # broadcast excluded
+        pool = Pool(version, subnet, plen, gateway, requested, range_id)
+        return self._reserve(container_id, ifname, pool, self.reservations())
+
+    def reserve_all(self, container_id: str, ifname: str, pools: list[Pool]
+                    ) -> list[tuple[str, bool]]:
+        """One address per pool (family), all or nothing: a failure frees what this call took.
+
+        One directory listing serves every family, so dual stack costs one extra file write,
+        not a second scan.
+        """
+        existing = self.reservations()
+        out: list[tuple[str, bool]] = []
+        try:
+            for pool in pools:
+                ip, created = self._reserve(container_id, ifname, pool, existing)
+                out.append((ip, created))
+                if created:
+                    existing.append(Reservation(ip, container_id, ifname))
+        except BaseException:
+            for ip, created in out:
+                if created:
+                    self.release_ip(ip)
+            raise
+        return out
+
+    def _reserve(self, container_id: str, ifname: str, pool: Pool,
+                 existing: list[Reservation]) -> tuple[str, bool]:
+        version, plen, gateway, requested = pool.version, pool.plen, pool.gateway, pool.requested
+        want = -1
         if requested:
             try:
-                want = ip_to_int(requested)
+                req_version, want = parse_ip_any(requested)
             except ValueError:
-                raise CniError(INVALID_CONFIG, f"requested IP {requested!r} is not an IPv4 "
-                               "address") from None
-            if not in_subnet(want, subnet, plen) or not first <= want <= last or want == gateway:
+                raise CniError(INVALID_CONFIG, f"requested IP {requested!r} is not an "
+                               f"IPv{version} address") from None
+            if req_version == version:
+                requested = format_ip(version, want)  # canonical, as the file is named
+        for r in existing:
+            if r.container_id == container_id and r.ifname == ifname and r.version == version:
+                if requested and requested != r.ip:
+                    raise CniError(ADDRESS_UNAVAILABLE,
+                                   f"{container_id}/{ifname} already holds {r.ip}",
+                                   f"requested {requested}")
+                return r.ip, False
+        bits = 128 if version == 6 else 32
+        mask = netmask_any(version, plen)
+        net = pool.subnet & mask
+        first = net + 1
+        last = net | (~mask & ((1 << bits) - 1))
+        if version == 4:
+            last -= 1  # broadcast excluded (host-local keeps the last IPv6 address)
+        subnet_text = f"{format_ip(version, net)}/{plen}"
+        if requested:
+            if ip_version(requested) != version or not first <= want <= last or want == gateway:
                 raise CniError(ADDRESS_UNAVAILABLE,
-                               f"requested IP {requested} is not usable in {int_to_ip(subnet)}"
-                               f"/{plen}")
-            if not self._write(requested, container_id, ifname):
+                               f"requested IP {requested} is not usable in {subnet_text}")
+            ip = format_ip(version, want)
+            if not self._write(ip, container_id, ifname):
                 raise CniError(ADDRESS_UNAVAILABLE, f"requested IP {requested} is already "
                                "reserved by another container")
-            return requested, True
+            return ip, True
+        last_file = f"last_reserved_ip.{pool.range_id}"
         start = first
         try:
-            with open(os.path.join(self.dir, LAST_RESERVED), encoding="utf-8") as f:
-                last_ip = ip_to_int(f.read().strip())
-            if first <= last_ip < last:
+            with open(os.path.join(self.dir, last_file), encoding="utf-8") as f:
+                last_version, last_ip = parse_ip_any(f.read().strip())
+            if last_version == version and first <= last_ip < last:
                 start = last_ip + 1
         except (OSError, ValueError):
             pass
-        taken = {r.ip for r in self.reservations()}
+        taken = {r.ip for r in existing}
         size = last - first + 1
-        for step in range(size):
+        step = 0
+        while step < size:  # a /64 has 2**64 candidates: walk, never materialise
             cand = first + (start - first + step) % size
+            step += 1
             if cand == gateway:
                 continue
-            ip = int_to_ip(cand)
+            ip = format_ip(version, cand)
             if ip in taken:
                 continue
             if self._write(ip, container_id, ifname):
-                self._write_last(ip)
+                self._write_last(ip, last_file)
                 return ip, True
-        raise CniError(POOL_EXHAUSTED, f"no free address left in {int_to_ip(subnet)}/{plen}")
+        raise CniError(POOL_EXHAUSTED, f"no free address left in {subnet_text}")
 
-    def _write_last(self, ip: str) -> None:
-        tmp = os.path.join(self.dir, f".{LAST_RESERVED}.tmp")
+    def _write_last(self, ip: str, name: str = LAST_RESERVED) -> None:
+        tmp = os.path.join(self.dir, f".{name}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(ip)
-        os.replace(tmp, os.path.join(self.dir, LAST_RESERVED))
+        os.replace(tmp, os.path.join(self.dir, name))
 
     def release_ip(self, ip: str) -> None:
         try:
@@ -171,9 +246,8 @@ class Store:
             pass
 
     def release(self, container_id: str, ifname: str) -> list[Reservation]:
-        """Free every address of (container, ifname); idempotent."""
-        gone = [r for r in self.reservations()
-                if r.container_id == container_id and r.ifname == ifname]
+        """Free every address of (container, ifname), both families; idempotent."""
+        gone = self.owned(container_id, ifname)
         for r in gone:
             self.release_ip(r.ip)
         return gone

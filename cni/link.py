@@ -5,7 +5,8 @@ costs ~150 ms of imports, and every ``ip`` subprocess ~1.5 ms plus 12 ms to impo
 ``subprocess``; an ADD needs ~10 netlink requests, which this module sends in well under 1 ms
 over one socket per namespace. It covers exactly what ADD/CHECK/DEL need: links (bridge, veth
 with the peer created directly inside the container namespace), addresses, routes and the bridge
-port hairpin flag. IPv4 only, like the rest of the plugin.
+port hairpin flag. Addresses and routes of both families: the family of each call follows
+from the address text, and read-backs cover IPv4 and IPv6 in one dump.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import errno as _errno
 import os
 import struct
 
-from cni.fast import int_to_ip, ip_to_int
-
+AF_UNSPEC = 0
 AF_INET = 2
+AF_INET6 = 10
 AF_BRIDGE = 7
 AF_NETLINK = 16
 NETLINK_ROUTE = 0
@@ -42,6 +43,7 @@ IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFLA_BRPORT_MODE = 4  # hairpin
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02  # usable at once: no tentative phase (the pod must reach its gateway now)
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 RT_TABLE_MAIN = 254
 RTPROT_BOOT = 3
@@ -73,7 +75,7 @@ class Link:
 
 
 class Route:
-    """One IPv4 route; ``dst`` is "a.b.c.d/n", ``gw`` is "" when there is none."""
+    """One route; ``dst`` is "addr/n" (canonical text), ``gw`` is "" when there is none."""
 
     __slots__ = ("dst", "gw", "oif", "table")
 
@@ -108,6 +110,19 @@ def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
         out[kind & 0x3FFF] = data[offset + 4 : offset + length]
         offset += (length + 3) & ~3
     return out
+
+
+def _ip_raw(ip: str) -> tuple[int, bytes]:
+    """(address family, packed address) of IPv4 or IPv6 text; ValueError when neither."""
+    family = AF_INET6 if ":" in ip else AF_INET
+    try:
+        return family, _socket.inet_pton(family, ip)
+    except OSError:
+        raise ValueError(f"not an IP address: {ip!r}") from None
+
+
+def _ip_text(family: int, raw: bytes) -> str:
+    return str(_socket.inet_ntop(family, raw))
 
 
 def _mac(raw: bytes) -> str:
@@ -279,50 +294,64 @@ class Netlink:
 
     # ------------------------------------------------------------------ addresses
 
-    def add_addr(self, index: int, ip: str, plen: int) -> None:
-        raw = struct.pack("!I", ip_to_int(ip))
-        body = (_IFADDR.pack(AF_INET, plen, 0, 0, index) + _attr(IFA_LOCAL, raw)
-                + _attr(IFA_ADDRESS, raw))
+    def add_addr(self, index: int, ip: str, plen: int, nodad: bool = False) -> None:
+        """Add ``ip/plen``; ``nodad`` skips IPv6 duplicate address detection (no tentative
+        second in which the address cannot be used)."""
+        family, raw = _ip_raw(ip)
+        flags = IFA_F_NODAD if nodad and family == AF_INET6 else 0
+        body = _IFADDR.pack(family, plen, flags, 0, index) + _attr(IFA_LOCAL, raw)
+        if family == AF_INET:
+            body += _attr(IFA_ADDRESS, raw)
         self.request(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
 
-    def addrs(self, index: int) -> list[tuple[str, int]]:
-        """IPv4 addresses of one link as (ip, prefix length)."""
+    def addrs(self, index: int, family: int = AF_UNSPEC) -> list[tuple[str, int]]:
+        """Addresses of one link as (ip, prefix length), IPv4 and IPv6 unless ``family``."""
         out = []
-        for t, p in self.request(RTM_GETADDR, _IFADDR.pack(AF_INET, 0, 0, 0, 0), NLM_F_DUMP):
+        for t, p in self.request(RTM_GETADDR, _IFADDR.pack(family, 0, 0, 0, 0), NLM_F_DUMP):
             if t != RTM_NEWADDR:
                 continue
-            _fam, plen, _fl, _scope, idx = _IFADDR.unpack_from(p)
-            if idx != index:
+            fam, plen, _fl, _scope, idx = _IFADDR.unpack_from(p)
+            if idx != index or fam not in (AF_INET, AF_INET6):
                 continue
             a = _attrs(p, _IFADDR.size)
             raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if raw:
-                out.append((int_to_ip(struct.unpack("!I", raw)[0]), plen))
+                out.append((_ip_text(fam, raw), plen))
         return out
 
     # ------------------------------------------------------------------ routes
 
     def add_route(self, dst: str, plen: int, gw: str, oif: int) -> None:
-        body = _RTMSG.pack(AF_INET, plen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0)
+        family, dst_raw = _ip_raw(dst)
+        body = _RTMSG.pack(family, plen, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, 0, RTN_UNICAST, 0)
         if plen:
-            body += _attr(RTA_DST, struct.pack("!I", ip_to_int(dst)))
+            body += _attr(RTA_DST, dst_raw)
         if gw:
-            body += _attr(RTA_GATEWAY, struct.pack("!I", ip_to_int(gw)))
+            gw_family, gw_raw = _ip_raw(gw)
+            if gw_family != family:
+                raise ValueError(f"route {dst}/{plen}: gateway {gw} of another family")
+            body += _attr(RTA_GATEWAY, gw_raw)
         body += _attr_u32(RTA_OIF, oif)
         self.request(RTM_NEWROUTE, body, NLM_F_CREATE | NLM_F_EXCL)
 
-    def routes(self) -> list[Route]:
+    def routes(self, family: int = AF_UNSPEC) -> list[Route]:
+        """IPv4 and IPv6 routes of every table (unless ``family``), as the kernel dumps them."""
         out = []
-        body = _RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+        body = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
         for t, p in self.request(RTM_GETROUTE, body, NLM_F_DUMP):
             if t != RTM_NEWROUTE:
                 continue
-            _f, dst_len, _s, _tos, table, _proto, _scope, _type, _fl = _RTMSG.unpack_from(p)
+            fam, dst_len, _s, _tos, table, _proto, _scope, _type, _fl = _RTMSG.unpack_from(p)
+            if fam not in (AF_INET, AF_INET6):
+                continue
             a = _attrs(p, _RTMSG.size)
             if RTA_TABLE in a:
                 table = struct.unpack("=I", a[RTA_TABLE])[0]
-            dst = int_to_ip(struct.unpack("!I", a[RTA_DST])[0]) if RTA_DST in a else "0.0.0.0"
-            gw = int_to_ip(struct.unpack("!I", a[RTA_GATEWAY])[0]) if RTA_GATEWAY in a else ""
+            if RTA_DST in a:
+                dst = _ip_text(fam, a[RTA_DST])
+            else:
+                dst = "::" if fam == AF_INET6 else "0.0.0.0"
+            gw = _ip_text(fam, a[RTA_GATEWAY]) if RTA_GATEWAY in a else ""
             oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
             out.append(Route(f"{dst}/{dst_len}", gw, oif, table))
         return out

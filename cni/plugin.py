@@ -10,7 +10,9 @@ each measured (bench/README.md, CNI section):
 - every failure is a CNI error object on stdout with a non-zero exit, and a failed ADD undoes
   what it did (veth, reservation, masquerade) before answering;
 - DEL needs nothing but the container ID and ifname: the host veth name and the masquerade
-  chain are derived from them, so DEL works without the netns, prevResult or subnet.env.
+  chain are derived from them, so DEL works without the netns, prevResult or subnet.env;
+- every address family in subnet.env (IPv4, IPv6 or both) gets a bridge gateway, one pod
+  address, routes and an entry in ``ips[]``; IPAM reserves both families or neither.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 
 from cni.errors import (
+    ADDRESS_UNAVAILABLE,
     CHECK_FAILED,
     DECODE,
     INCOMPATIBLE_VERSION,
@@ -30,7 +33,16 @@ from cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
-from cni.fast import digest, dumps, int_to_ip, loads, parse_cidr
+from cni.fast import (
+    digest,
+    dumps,
+    format_ip,
+    ip_version,
+    loads,
+    normalize_cidr,
+    parse_cidr_any,
+    parse_ip_any,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -194,8 +206,10 @@ class Config:
             return self.ip_masq
         return sub is None or not sub.ipmasq
 
-    def requested_ip(self, env: Env) -> str:
-        """The static address asked for: CNI_ARGS IP=, then args.cni.ips, then runtimeConfig.ips."""
+    def requested_ips(self, env: Env) -> dict[int, str]:
+        """Static addresses asked for, per family (4/6): CNI_ARGS ``IP=`` (comma-separated, as
+        host-local takes it), then ``args.cni.ips``, then ``runtimeConfig.ips``; the first
+        of each family wins. Malformed text is a config error, not silently skipped."""
         candidates: list[str] = []
         if env.args.get("IP"):
             candidates += env.args["IP"].split(",")
@@ -203,11 +217,18 @@ class Config:
         if isinstance(args, dict) and isinstance(args.get("cni"), dict):
             candidates += [str(x) for x in args["cni"].get("ips") or []]
         candidates += [str(x) for x in self.runtime_config.get("ips") or []]
+        out: dict[int, str] = {}
         for cand in candidates:
             ip = cand.strip().partition("/")[0]
-            if ip and ":" not in ip:
-                return ip
-        return ""
+            if not ip:
+                continue
+            try:
+                version, value = parse_ip_any(ip)
+            except ValueError:
+                raise CniError(INVALID_CONFIG, f"requested IP {ip!r} is not an IP address",
+                               cand) from None
+            out.setdefault(version, format_ip(version, value))
+        return out
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -243,7 +264,7 @@ def render_result(version: str, prev: dict[str, Any] | None, interfaces: list[di
         if "interface" in item:
             item["interface"] = item["interface"] + offset
         if old:
-            item["version"] = "4"
+            item["version"] = "6" if ":" in str(item.get("address", "")) else "4"
         out_ips.append(item)
     result: dict[str, Any] = {"cniVersion": version, "interfaces": out_ifaces, "ips": out_ips}
     all_routes = [dict(r) for r in prev.get("routes") or []] + routes
@@ -257,13 +278,18 @@ def render_result(version: str, prev: dict[str, Any] | None, interfaces: list[di
 
 
 class IpamLease:
-    """What IPAM gave one attachment: address, prefix, gateway, routes, and how to undo it."""
+    """What IPAM gave one attachment in one family: address, prefix, gateway, routes, and
+    whether this call created it (only then does a failed ADD give it back)."""
 
     def __init__(self, ip: str, plen: int, gateway: str, routes: list[dict[str, Any]],
                  created: bool, dns: dict[str, Any] | None = None) -> None:
         self.ip, self.plen, self.gateway, self.routes = ip, plen, gateway, routes
         self.created = created
         self.dns = dns
+
+    @property
+    def version(self) -> int:
+        return ip_version(self.ip)
 
 
 def _find_plugin(name: str, path: str) -> str:
@@ -313,42 +339,60 @@ def exec_delegate(cfg: Config, env: Env, command: str, stdin: dict[str, Any],
 
 
 def _delegate_config(cfg: Config, sub: SubnetEnv | None) -> dict[str, Any]:
-    """The whole config for the delegate; host-local gets our subnet if it names none."""
+    """The whole config for the delegate; host-local gets our subnet(s) if it names none:
+    one range set per family, IPv4 first, like flannel's dual-stack delegate config."""
     conf = dict(cfg.raw)
     ipam = dict(conf.get("ipam") or {})
     if (sub is not None and ipam.get("type") == "host-local" and "subnet" not in ipam
             and "ranges" not in ipam):
-        ipam["ranges"] = [[{"subnet": sub.subnet_cidr, "gateway": sub.gateway_ip}]]
+        ipam["ranges"] = [[{"subnet": f.subnet_cidr, "gateway": f.gateway_ip}]
+                          for f in sub.families]
     conf["ipam"] = ipam
     return conf
 
 
-def ipam_add(cfg: Config, env: Env, sub: SubnetEnv, timeout: float) -> IpamLease:
+def ipam_add(cfg: Config, env: Env, sub: SubnetEnv, timeout: float) -> list[IpamLease]:
+    """One lease per family of subnet.env (IPv4 first); all of them or none."""
+    requested = cfg.requested_ips(env)
+    for version, ip in requested.items():
+        if sub.family(version) is None:
+            raise CniError(ADDRESS_UNAVAILABLE, f"requested IP {ip} is IPv{version}, but "
+                           f"{cfg.subnet_file} has no IPv{version} subnet")
     if not cfg.ipam_type:
-        from cni.ipam import Store
+        from cni.ipam import Pool, Store
 
+        fams = sub.families
+        pools = [Pool(f.version, f.subnet, f.plen, f.gateway, requested.get(f.version, ""), i)
+                 for i, f in enumerate(fams)]
         with Store(cfg.data_dir) as store:
-            ip, created = store.reserve(env.container_id, env.ifname, sub.subnet, sub.plen,
-                                        sub.gateway, cfg.requested_ip(env))
-        return IpamLease(ip, sub.plen, sub.gateway_ip, [], created)
+            got = store.reserve_all(env.container_id, env.ifname, pools)
+        return [IpamLease(ip, f.plen, f.gateway_ip, [], created)
+                for f, (ip, created) in zip(fams, got, strict=True)]
     conf = _delegate_config(cfg, sub)
     conf.pop("prevResult", None)
     res = exec_delegate(cfg, env, "ADD", conf, timeout) or {}
+    dns = res.get("dns") if isinstance(res.get("dns"), dict) and res.get("dns") else None
+    leases: dict[int, IpamLease] = {}
     for entry in res.get("ips") or []:
-        addr = str(entry.get("address", ""))
-        if ":" in addr:
-            continue
         try:
-            ip_int, plen = parse_cidr(addr)
+            version, ip_int, plen = parse_cidr_any(str(entry.get("address", "")))
         except ValueError:
             continue
-        routes = [r for r in res.get("routes") or [] if ":" not in str(r.get("dst", ""))]
-        dns = res.get("dns") if isinstance(res.get("dns"), dict) and res.get("dns") else None
-        return IpamLease(int_to_ip(ip_int), plen, str(entry.get("gateway") or sub.gateway_ip),
-                         routes, True, dns)
-    # the delegate reserved something we cannot use: give it back before failing
-    _ipam_del_quiet(cfg, env, sub, timeout)
-    raise CniError(INVALID_CONFIG, f"IPAM plugin {cfg.ipam_type} returned no IPv4 address")
+        fam = sub.family(version)
+        if version in leases or fam is None:
+            continue  # one address per family, and only families the overlay carries
+        routes = [r for r in res.get("routes") or []
+                  if ip_version(str(r.get("dst", ""))) == version]
+        leases[version] = IpamLease(format_ip(version, ip_int), plen,
+                                    str(entry.get("gateway") or fam.gateway_ip), routes, True,
+                                    dns)
+    missing = [f.version for f in sub.families if f.version not in leases]
+    if missing:
+        # the delegate reserved something we cannot use: give it back before failing
+        _ipam_del_quiet(cfg, env, sub, timeout)
+        raise CniError(INVALID_CONFIG, f"IPAM plugin {cfg.ipam_type} returned no "
+                       + " and no ".join(f"IPv{v}" for v in missing) + " address")
+    return [leases[f.version] for f in sub.families]
 
 
 def ipam_del(cfg: Config, env: Env, sub: SubnetEnv | None, timeout: float) -> None:
@@ -414,8 +458,39 @@ class Namespaces:
             os.close(self.netns_fd)
 
 
-def _ensure_bridge(nl: Netlink, name: str, gateway: str, plen: int, mtu: int) -> Any:
-    """Create (or adopt) the bridge with the gateway address; safe when ADDs race."""
+def _write_sysctl(path: str, value: str) -> bool:
+    """Set a /proc/sys knob of the current (host) namespace if it differs; False on failure.
+
+    Read first: most calls find the value already set, and a read is cheaper than a write
+    that the kernel turns into a notifier chain.
+    """
+    try:
+        with open(path) as f:
+            if f.read().strip() == value:
+                return True
+        with open(path, "w") as f:
+            f.write(value)
+        return True
+    except OSError as e:
+        _log(f"cannot set {path} to {value}: {e}")
+        return False
+
+
+def _bridge_mac(sub: SubnetEnv) -> str:
+    """0a:58 + four bytes naming the gateway: locally administered, stable across re-creation.
+
+    The IPv4 gateway's bytes, as before; an IPv6-only network hashes its gateway instead
+    (every host's is ``…::1``, so its low bytes would name nothing).
+    """
+    if sub.v4 is not None:
+        low = f"{sub.v4.gateway:08x}"
+    else:
+        low = digest(sub.primary.gateway_ip)[:8]
+    return "0a:58:" + ":".join(low[i:i + 2] for i in range(0, 8, 2))
+
+
+def _ensure_bridge(nl: Netlink, name: str, sub: SubnetEnv, mtu: int) -> Any:
+    """Create (or adopt) the bridge with one gateway address per family; safe when ADDs race."""
     import errno
 
     from cni.link import NetlinkError
@@ -424,10 +499,8 @@ def _ensure_bridge(nl: Netlink, name: str, gateway: str, plen: int, mtu: int) ->
     created = False
     if br is None:
         created = True
-        # 0a:58 + the gateway address: locally administered, stable across re-creation
-        mac = "0a:58:" + ":".join(f"{int(o):02x}" for o in gateway.split("."))
         try:
-            nl.add_bridge(name, mac)
+            nl.add_bridge(name, _bridge_mac(sub))
         except NetlinkError as e:
             if e.errno != errno.EEXIST:
                 raise
@@ -436,9 +509,18 @@ def _ensure_bridge(nl: Netlink, name: str, gateway: str, plen: int, mtu: int) ->
             raise CniError(INTERNAL, f"bridge {name} vanished after creation")
     if br.kind != "bridge":
         raise CniError(INVALID_CONFIG, f"{name} exists and is not a bridge (kind {br.kind!r})")
-    if (gateway, plen) not in nl.addrs(br.index):
+    have = set(nl.addrs(br.index))
+    for fam in sub.families:
+        if (fam.gateway_ip, fam.plen) in have:
+            continue
+        if fam.version == 6:
+            # the gateway must answer at once: no DAD on the bridge (its link-local address
+            # included), and IPv6 must be on for it (EACCES when disable_ipv6=1)
+            conf = f"/proc/sys/net/ipv6/conf/{name}"
+            _write_sysctl(f"{conf}/accept_dad", "0")
+            _write_sysctl(f"{conf}/disable_ipv6", "0")
         try:
-            nl.add_addr(br.index, gateway, plen)
+            nl.add_addr(br.index, fam.gateway_ip, fam.plen, nodad=True)
         except NetlinkError as e:
             if e.errno != errno.EEXIST:
                 raise
@@ -449,25 +531,32 @@ def _ensure_bridge(nl: Netlink, name: str, gateway: str, plen: int, mtu: int) ->
     return br
 
 
-def _enable_forwarding() -> None:
-    """The bridge is the pods' gateway, so the host must forward (bridge's isGateway does too)."""
-    path = "/proc/sys/net/ipv4/ip_forward"
-    try:
-        with open(path) as f:
-            if f.read().strip() == "1":
-                return
-        with open(path, "w") as f:
-            f.write("1")
-    except OSError as e:
-        _log(f"cannot enable {path}: {e}")
+def _enable_forwarding(sub: SubnetEnv) -> None:
+    """The bridge is the pods' gateway, so the host must forward each family it carries
+    (bridge's isGateway does the same). IPv6 forwarding on ``all`` also makes the host stop
+    accepting router advertisements on interfaces with accept_ra=1; hosts configured by SLAAC
+    need accept_ra=2 on their uplink, as with the reference bridge plugin."""
+    if sub.v4 is not None:
+        _write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+    if sub.v6 is not None:
+        _write_sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
 
-def _container_routes(cfg: Config, sub: SubnetEnv, lease: IpamLease) -> list[dict[str, Any]]:
-    if lease.routes:
-        return [{"dst": str(r["dst"]), "gw": str(r.get("gw") or lease.gateway)}
-                for r in lease.routes if r.get("dst")]
-    dst = "0.0.0.0/0" if cfg.is_default_gateway else sub.network_cidr
-    return [{"dst": dst, "gw": lease.gateway}]
+def _container_routes(cfg: Config, sub: SubnetEnv, leases: list[IpamLease]
+                      ) -> list[dict[str, Any]]:
+    """Per family: the delegate's routes, else a default route (or, when the pod's default
+    route belongs to another interface, one to the overlay network) via the bridge."""
+    out: list[dict[str, Any]] = []
+    for lease in leases:
+        if lease.routes:
+            out += [{"dst": str(r["dst"]), "gw": str(r.get("gw") or lease.gateway)}
+                    for r in lease.routes if r.get("dst")]
+            continue
+        fam = sub.family(lease.version)
+        assert fam is not None
+        dst = fam.default_dst if cfg.is_default_gateway else fam.network_cidr
+        out.append({"dst": dst, "gw": lease.gateway})
+    return out
 
 
 # --------------------------------------------------------------------------- verbs
@@ -488,11 +577,11 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
         if ns.cont.link(env.ifname) is not None:
             raise CniError(INTERFACE_EXISTS,
                            f"container interface {env.ifname} already exists in {env.netns}")
-        lease = ipam_add(cfg, env, sub, deadline_left)
-        if lease.created:
+        leases = ipam_add(cfg, env, sub, deadline_left)
+        if any(lease.created for lease in leases):
             undo.append(("ipam", None))
-        br = _ensure_bridge(ns.host, cfg.bridge, sub.gateway_ip, sub.plen, mtu)
-        _enable_forwarding()
+        br = _ensure_bridge(ns.host, cfg.bridge, sub, mtu)
+        _enable_forwarding(sub)
         hname = host_veth_name(env.container_id, env.ifname)
         if ns.host.del_link_by_name(hname):
             _log(f"removed stale host veth {hname} of an earlier attachment")
@@ -513,21 +602,33 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
         cv = ns.cont.link(env.ifname)
         if cv is None:
             raise CniError(INTERNAL, f"container veth {env.ifname} vanished after creation")
-        ns.cont.add_addr(cv.index, lease.ip, lease.plen)
-        ns.cont.set_link(cv.index, up=True)
-        routes = _container_routes(cfg, sub, lease)
-        for r in routes:
-            dst_int, dst_plen = parse_cidr(r["dst"])
+        for lease in leases:
             try:
-                ns.cont.add_route(int_to_ip(dst_int), dst_plen, r["gw"], cv.index)
+                # IPv6 without DAD: usable the moment ADD returns (the reference bridge
+                # waits ~1 s for DAD to settle instead)
+                ns.cont.add_addr(cv.index, lease.ip, lease.plen, nodad=True)
+            except NetlinkError as e:
+                if e.errno == errno.EACCES and lease.version == 6:
+                    raise CniError(INTERNAL, f"cannot add {lease.ip}/{lease.plen} to "
+                                   f"{env.ifname}: IPv6 is disabled in {env.netns} "
+                                   "(net.ipv6.conf.*.disable_ipv6=1)") from None
+                raise
+        ns.cont.set_link(cv.index, up=True)
+        routes = _container_routes(cfg, sub, leases)
+        for r in routes:
+            dst_version, dst_int, dst_plen = parse_cidr_any(r["dst"])
+            try:
+                ns.cont.add_route(format_ip(dst_version, dst_int), dst_plen, r["gw"], cv.index)
             except NetlinkError as e:
                 if e.errno != errno.EEXIST:
                     raise
-        if cfg.masq_enabled(sub):
+        v4 = next((lease for lease in leases if lease.version == 4), None)
+        if cfg.masq_enabled(sub) and v4 is not None and sub.v4 is not None:
+            # IPv4 only: see DESIGN.md (CNI plugin) for why pods keep their IPv6 source
             from cni import masq
 
             undo.append(("masq", None))
-            masq.add(cfg.name, env.container_id, env.ifname, lease.ip, sub.network_cidr)
+            masq.add(cfg.name, env.container_id, env.ifname, v4.ip, sub.v4.network_cidr)
         br = ns.host.link(cfg.bridge) or br
         interfaces = [
             {"name": br.name, "mac": br.mac},
@@ -535,9 +636,9 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
             {"name": cv.name, "mac": cv.mac, "sandbox": env.netns, "mtu": mtu},
         ]
         ips = [{"address": f"{lease.ip}/{lease.plen}", "gateway": lease.gateway,
-                "interface": 2}]
+                "interface": 2} for lease in leases]
         return render_result(cfg.version, cfg.prev, interfaces, ips, routes,
-                             cfg.dns or lease.dns)
+                             cfg.dns or leases[0].dns)
     except BaseException as exc:
         _disarm_deadline()
         _rollback(undo, cfg, env, sub, ns)
@@ -620,20 +721,33 @@ def cmd_check(cfg: Config, env: Env, deadline_left: float) -> None:
             raise CniError(CHECK_FAILED, f"{env.ifname} has MAC {cv.mac}, expected {want_mac}")
         if not cv.up:
             raise CniError(CHECK_FAILED, f"{env.ifname} is down")
-        have = ns.cont.addrs(cv.index)
+        have = {f"{ip}/{plen}" for ip, plen in ns.cont.addrs(cv.index)}
         mine = [ip for ip in prev.get("ips") or [] if ip.get("interface") == idx]
         if not mine:
             raise CniError(CHECK_FAILED, f"prevResult has no address for {env.ifname}")
+        gw_default: dict[int, str] = {}
         for ip in mine:
-            ip_int, plen = parse_cidr(str(ip.get("address", "")))
-            if (int_to_ip(ip_int), plen) not in have:
+            try:
+                addr = normalize_cidr(str(ip.get("address", "")))
+            except ValueError:
+                raise CniError(CHECK_FAILED, "prevResult has a malformed address",
+                               str(ip.get("address"))) from None
+            if addr not in have:
                 raise CniError(CHECK_FAILED, f"address {ip['address']} not on {env.ifname}")
-        gw_default = str(mine[0].get("gateway") or sub.gateway_ip)
+            version = ip_version(addr)
+            fam = sub.family(version)
+            gw_default.setdefault(version, str(ip.get("gateway")
+                                               or (fam.gateway_ip if fam else "")))
         routes = ns.cont.routes()
         for r in prev.get("routes") or []:
-            dst_int, dst_plen = parse_cidr(str(r.get("dst", "")))
-            dst = f"{int_to_ip(dst_int)}/{dst_plen}"
-            gw = str(r.get("gw") or gw_default)
+            try:
+                dst = normalize_cidr(str(r.get("dst", "")))
+            except ValueError:
+                raise CniError(CHECK_FAILED, "prevResult has a malformed route",
+                               str(r.get("dst"))) from None
+            gw = str(r.get("gw") or gw_default.get(ip_version(dst), ""))
+            if gw:
+                gw = format_ip(*parse_ip_any(gw))
             if not any(x.dst == dst and x.oif == cv.index and x.gw in (gw, "")
                        for x in routes):
                 raise CniError(CHECK_FAILED, f"route {dst} via {gw} not found in {env.netns}")
@@ -648,11 +762,12 @@ def cmd_check(cfg: Config, env: Env, deadline_left: float) -> None:
             from cni.ipam import Store
 
             with Store(cfg.data_dir) as store:
-                res = store.find(env.container_id, env.ifname)
-            addr = str(mine[0].get("address", "")).partition("/")[0]
-            if res is None or res.ip != addr:
-                raise CniError(CHECK_FAILED, f"no IPAM reservation of {addr} for "
-                               f"{env.container_id}/{env.ifname}")
+                held = {r.ip for r in store.owned(env.container_id, env.ifname)}
+            for ip in mine:
+                addr = normalize_cidr(str(ip.get("address", ""))).partition("/")[0]
+                if addr not in held:
+                    raise CniError(CHECK_FAILED, f"no IPAM reservation of {addr} for "
+                                   f"{env.container_id}/{env.ifname}")
         else:
             exec_delegate(cfg, env, "CHECK", _delegate_config(cfg, sub), deadline_left)
     finally:

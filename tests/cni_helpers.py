@@ -73,10 +73,17 @@ def run_plugin(exe: str, command: str, conf: dict[str, Any] | str | None, *,
 
 
 def write_subnet_env(path: Path, network: str, subnet: str, mtu: int = 1450,
-                     ipmasq: bool = True) -> Path:
+                     ipmasq: bool = True, ipv6_network: str = "", ipv6_subnet: str = "") -> Path:
+    """subnet.env as the daemon writes it (flannel-compat §9): an empty IPv4 pair leaves the
+    IPv4 lines out (IPv6-only), an IPv6 pair adds the IPv6 lines after them (dual stack)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={subnet}\n"
-                    f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
+    lines = []
+    if network:
+        lines += [f"FLANNEL_NETWORK={network}", f"FLANNEL_SUBNET={subnet}"]
+    if ipv6_network:
+        lines += [f"FLANNEL_IPV6_NETWORK={ipv6_network}", f"FLANNEL_IPV6_SUBNET={ipv6_subnet}"]
+    lines += [f"FLANNEL_MTU={mtu}", f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}"]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -87,19 +94,40 @@ def random_subnet() -> tuple[str, str, str]:
     return f"10.{a}.0.0/16", f"10.{a}.{c}.1/24", f"10.{a}.{c}"
 
 
-class CniHost:
-    """A run-unique test "host" namespace with its own subnet.env, IPAM dir and bridge name."""
+def random_subnet6() -> tuple[str, str, str]:
+    """(overlay network /56, host subnet /64 with ::1, prefix "fd6e:…::") in a random ULA."""
+    a, g = random.randrange(1, 0xFFFF), random.randrange(1, 0xFFFF)
+    b, c = random.randrange(256), random.randrange(256)
+    head = f"fd6e:{a:x}:{g:x}:{b:02x}"
+    return f"{head}00::/56", f"{head}{c:02x}::1/64", f"{head}{c:02x}::"
 
-    def __init__(self, tmp: Path, tag: str, *, mtu: int = 1450, ipmasq: bool = True) -> None:
+
+class CniHost:
+    """A run-unique test "host" namespace with its own subnet.env, IPAM dir and bridge name.
+
+    ``stack`` is "v4" (IPv4 subnet.env), "dual" (both pairs) or "v6" (IPv6 lines only); the
+    IPv6 attributes (``network6``, ``subnet6``, ``prefix6``, ``gateway6``) are "" without IPv6.
+    """
+
+    def __init__(self, tmp: Path, tag: str, *, mtu: int = 1450, ipmasq: bool = True,
+                 stack: str = "v4") -> None:
+        assert stack in ("v4", "dual", "v6"), stack
         self.tag = tag
+        self.stack = stack
         self.ns = f"na{RUN_ID}{tag}"
         self.bridge = f"nb{RUN_ID}{tag}"[:15]
         self.network, self.subnet, self.prefix = random_subnet()
         self.gateway = f"{self.prefix}.1"
+        self.network6 = self.subnet6 = self.prefix6 = self.gateway6 = ""
+        if stack != "v4":
+            self.network6, self.subnet6, self.prefix6 = random_subnet6()
+            self.gateway6 = f"{self.prefix6}1"
+        if stack == "v6":
+            self.network = self.subnet = self.prefix = self.gateway = ""
         self.mtu = mtu
         self.dir = tmp / f"cni-{tag}"
         self.subnet_file = write_subnet_env(self.dir / "subnet.env", self.network, self.subnet,
-                                            mtu, ipmasq)
+                                            mtu, ipmasq, self.network6, self.subnet6)
         self.data_dir = self.dir / "ipam"
         self.name = f"nanet{RUN_ID}{tag}"
         self.pods: list[str] = []
@@ -133,7 +161,7 @@ class CniHost:
         out = {}
         if self.data_dir.is_dir():
             for f in self.data_dir.iterdir():
-                if f.name[0].isdigit():
+                if f.name[0].isdigit() or ":" in f.name:
                     cid, _, ifname = f.read_bytes().decode().partition("\r\n")
                     out[f.name] = f"{cid}/{ifname}"
         return out
@@ -160,13 +188,17 @@ def cni_host(tmp: Path, tag: str, **kw: Any) -> Iterator[CniHost]:
         host.close()
 
 
-def pod_addrs(netns_path: str, ifname: str = "eth0") -> list[str]:
-    out = sh("ip", "-o", "-4", "addr", "show", "dev", ifname, ns=Path(netns_path).name).stdout
+def pod_addrs(netns_path: str, ifname: str = "eth0", family: str = "-4") -> list[str]:
+    """Addresses on ``ifname``; ``family="-6"`` lists global IPv6 ones (no link-local)."""
+    args = ["ip", "-o", family, "addr", "show", "dev", ifname]
+    if family == "-6":
+        args += ["scope", "global"]
+    out = sh(*args, ns=Path(netns_path).name).stdout
     return [line.split()[3] for line in out.splitlines()]
 
 
-def pod_routes(netns_path: str) -> list[str]:
-    out = sh("ip", "-4", "route", "show", ns=Path(netns_path).name).stdout
+def pod_routes(netns_path: str, family: str = "-4") -> list[str]:
+    out = sh("ip", family, "route", "show", ns=Path(netns_path).name).stdout
     return [" ".join(line.split()) for line in out.splitlines()]
 
 
