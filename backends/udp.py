@@ -45,6 +45,7 @@ from backends.udpfwd import (
     build_forwarding_table,
     new_stats,
     open_tun,
+    tun_txqueuelen,
 )
 from netagent.config import NetworkConfig
 from netagent.dataplane import Kernel, KernelError, Op, Route
@@ -57,6 +58,8 @@ DEVICE = "flannel0"
 UDP_LEASE_TYPES = frozenset({"", "udp"})
 #: socket buffers: a few ms of line rate, so bursts queue instead of being dropped
 SOCKET_BUFFER = 4 << 20
+#: flannel0's transmit queue: bursts wait here while the loop is descheduled (TUN default 500)
+TX_QUEUE_LEN = 5000
 
 
 def render_udp_peers(
@@ -120,7 +123,7 @@ class UdpBackend(Backend):
         self.forwarder.start()
         log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (%s)", DEVICE,
                  self.ifindex, self.mtu, self.host.iface_addr, self.port,
-                 f"batched rx {self.forwarder.batch_rx}, tx {self.forwarder.batch_tx}")
+                 f"offloads: gro {self.forwarder.gro}, tso {self.forwarder.tso}")
         return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
 
     def activate(self, own: Lease) -> None:
@@ -183,13 +186,14 @@ class UdpBackend(Backend):
             self.tun_fd = -1
 
     def _new_forwarder(self) -> Forwarder:
-        """The loop, with batching as ``NETAGENT_UDP_BATCH`` says (bench knob; default both)."""
+        """The loop, with offloads as ``NETAGENT_UDP_OFFLOAD`` says (a bench knob: "gro" by
+        default; "gro,tso", "tso" or "none" to measure each step). TSO is off by default: the
+        per-segment TCP checksum in Python costs more than the kernel's own segmentation
+        (bench/README.md, udp section)."""
         assert self.sock is not None
-        fwd = Forwarder(self.tun_fd, self.sock, stats=self.stats)
-        batch = os.environ.get("NETAGENT_UDP_BATCH", "rx,tx").replace(" ", "").split(",")
-        fwd.batch_rx = fwd.batch_rx and "rx" in batch
-        fwd.batch_tx = fwd.batch_tx and "tx" in batch
-        return fwd
+        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", "gro").replace(" ", "").split(",")
+        return Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in knob,
+                         tso="tso" in knob, stats=self.stats)
 
     # -- device, address, route (netlink through the dataplane's Kernel)
 
@@ -217,6 +221,13 @@ class UdpBackend(Backend):
         if link.mtu != self.mtu:
             log.info("setting %s MTU %d → %d", DEVICE, link.mtu, self.mtu)
             self.kernel.set_link(link.index, mtu=self.mtu)
+        qlen = int(os.environ.get("NETAGENT_UDP_TXQUEUELEN", TX_QUEUE_LEN))
+        try:
+            if tun_txqueuelen(DEVICE) != qlen:
+                tun_txqueuelen(DEVICE, qlen)
+                log.info("set %s txqueuelen to %d", DEVICE, qlen)
+        except OSError as exc:
+            log.warning("cannot set %s txqueuelen: %s", DEVICE, exc)
         self.ifindex = link.index
 
     def _open_socket(self) -> None:

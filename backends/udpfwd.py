@@ -67,8 +67,21 @@ DROP_REASONS = ("unknown_source", "spoofed_inner_source", "malformed", "not_for_
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+# linux/virtio_net.h: struct virtio_net_hdr (10 bytes, little-endian on the TUN)
+VNET_LEN = 10
+VNET_F_NEEDS_CSUM = 1
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+# linux/udp.h
+UDP_SEGMENT = 103
+#: largest UDP payload one UDP_SEGMENT send may carry
+GSO_SEND_LIMIT = 65000
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -215,14 +228,21 @@ def build_forwarding_table(peers: Iterable[tuple[IPv4Network, IPv4Address]], *,
 def new_stats() -> dict[str, Any]:
     """The shape the metrics collector reads (``daemon.backend.stats``)."""
     return {"rx_packets": 0, "tx_packets": 0, "rx_bytes": 0, "tx_bytes": 0,
+            # offload effect: TCP segments merged into super-packets on receive, super-packets
+            # segmented on send (each send is several tx_packets)
+            "rx_gro_merged": 0, "tx_tso_packets": 0,
             "drops": dict.fromkeys(DROP_REASONS, 0)}
 
 
 # --------------------------------------------------------------------------- TUN device
 
 
-def open_tun(name: str, *, persist: bool = True) -> int:
+def open_tun(name: str, *, persist: bool = True, vnet: bool = True) -> int:
     """Open (creating if needed) the TUN device `name`, IFF_NO_PI; return a non-blocking fd.
+
+    ``vnet`` adds a 10-byte virtio-net header to every read and write (``IFF_VNET_HDR``): it is
+    how the loop hands the kernel coalesced TCP super-packets and receives TSO ones; the
+    device itself (what flannel and peers see) is the same.
 
     ``persist`` makes the device outlive this process, so a restart re-attaches to the same
     device (same index, address and route: no kernel writes, no interruption beyond the loop's
@@ -230,7 +250,8 @@ def open_tun(name: str, *, persist: bool = True) -> int:
     """
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+        ifr = struct.pack("16sH22x", name.encode(), flags)
         fcntl.ioctl(fd, TUNSETIFF, ifr)
         if persist:
             fcntl.ioctl(fd, TUNSETPERSIST, 1)
@@ -238,6 +259,31 @@ def open_tun(name: str, *, persist: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def set_tun_offload(fd: int, tso: bool) -> None:
+    """Let the kernel hand us TCP super-packets with partial checksums (we segment them)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 if tso else 0)
+
+
+SIOCGIFTXQLEN = 0x8942
+SIOCSIFTXQLEN = 0x8943
+
+
+def tun_txqueuelen(name: str, want: int | None = None) -> int:
+    """Read (and with `want`, set) the device's transmit queue length, by ioctl.
+
+    The queue is what absorbs bursts while the loop is descheduled (a GIL hand-off alone can
+    take 5 ms); the TUN default of 500 packets is ~4 ms at 130 kpps, and every overflow is a
+    TCP retransmit.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifr = struct.pack("16si20x", name.encode(), 0)
+        have = struct.unpack_from("16si", fcntl.ioctl(s.fileno(), SIOCGIFTXQLEN, ifr))[1]
+        if want is not None and want != have:
+            fcntl.ioctl(s.fileno(), SIOCSIFTXQLEN, struct.pack("16si20x", name.encode(), want))
+            return want
+        return int(have)
 
 
 def drop_tun_persistence(fd: int) -> None:
@@ -281,55 +327,226 @@ def _libc() -> Any:
 class MmsgBatch:
     """`count` preallocated datagram slots (buffer + sockaddr_in) for recvmmsg/sendmmsg.
 
-    Everything the kernel reads or writes lives in ctypes arrays made once; the loop reads and
-    writes them through memoryviews made once (``lens``/``namelens``/``iov_lens`` index the
-    length fields directly), so a batch costs one syscall and no per-packet objects.
+    Each slot starts with ``headroom`` bytes the kernel never touches (the iovec begins after
+    them): room for the TUN's virtio-net header in front of a received packet, so a packet is
+    written to the TUN from where it was received, without a copy. Everything lives in ctypes
+    arrays made once; the loop reaches the length fields through memoryviews made once.
     """
 
     SOCKADDR_LEN = 16
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, headroom: int = 0) -> None:
         self.count, self.size = count, size
         self.data = (ctypes.c_char * (count * size))()
         self.names = (ctypes.c_char * (count * self.SOCKADDR_LEN))()
         self.iov = (_Iovec * count)()
         self.msgs = (_Mmsghdr * count)()
         base, nbase = ctypes.addressof(self.data), ctypes.addressof(self.names)
+        self.room = size - headroom
         for i in range(count):
-            self.iov[i].iov_base = base + i * size
-            self.iov[i].iov_len = size
+            self.iov[i].iov_base = base + i * size + headroom
+            self.iov[i].iov_len = self.room
             h = self.msgs[i].msg_hdr
             h.msg_name = nbase + i * self.SOCKADDR_LEN
             h.msg_namelen = self.SOCKADDR_LEN
             h.msg_iov = ctypes.pointer(self.iov[i])
             h.msg_iovlen = 1
         view = memoryview(self.data).cast("B")
+        #: whole slots (headroom included) and the packet part of each
         self.slots = [view[i * size:(i + 1) * size] for i in range(count)]
+        self.packets = [view[i * size + headroom:(i + 1) * size] for i in range(count)]
         names = memoryview(self.names).cast("B")
-        #: each slot's sockaddr_in, and its 4 address bytes
         self.name_slots = [names[i * 16:(i + 1) * 16] for i in range(count)]
         self.addr_slots = [names[i * 16 + 4:i * 16 + 8] for i in range(count)]
         stride = ctypes.sizeof(_Mmsghdr)
         assert stride % 4 == 0 and ctypes.sizeof(_Iovec) == 16
-        words = memoryview(self.msgs).cast("B").cast("I")
-        len_off = (_Mmsghdr.msg_len.offset) // 4
-        namelen_off = (_Msghdr.msg_namelen.offset) // 4
-        self.stride_words = stride // 4
-        self.words = words
-        self.len_index = [i * self.stride_words + len_off for i in range(count)]
-        self.namelen_index = [i * self.stride_words + namelen_off for i in range(count)]
+        self.words = memoryview(self.msgs).cast("B").cast("I")
+        len_off = _Mmsghdr.msg_len.offset // 4
+        namelen_off = _Msghdr.msg_namelen.offset // 4
+        self.len_index = [i * (stride // 4) + len_off for i in range(count)]
+        self.namelen_index = [i * (stride // 4) + namelen_off for i in range(count)]
         self.iov_lens = memoryview(self.iov).cast("B").cast("Q")  # [2i+1] = iov_len of slot i
         self.msgs_addr = ctypes.addressof(self.msgs)
         self.stride = stride
+
+
+# --------------------------------------------------------------------------- offload helpers
+
+
+def _fold(value: int) -> int:
+    """One's-complement sum of a big-endian buffer read as one int (see ip_checksum)."""
+    total = value % 0xFFFF
+    return 0xFFFF if total == 0 and value else total
+
+
+_NO_VNET = bytes(VNET_LEN)
+
+
+class Coalescer:
+    """User-space GRO: consecutive in-order TCP segments of one flow → one TUN write.
+
+    The kernel receives one super-packet (virtio-net GSO TCPV4, checksum left partial) and
+    forwards it as a single skb to the pod, instead of running its forwarding path once per
+    1.4 kB segment; that per-segment cost, not Python, was most of the receiver's CPU.
+    The rules are Linux GRO's: same addresses, ports, TOS, ACK number, window and TCP options,
+    sequence numbers contiguous, every segment but the last exactly the first one's size,
+    flags ACK or ACK|PSH only (PSH or a short segment ends the super-packet), at most ~64 kB.
+    Only packets that already passed every receive check get here.
+    """
+
+    LIMIT = 65535 - 20 - 60
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+        self.buf = memoryview(bytearray(VNET_LEN + 65535 + 2048))
+        self.size = 0  # bytes of IP packet held (0 = nothing pending)
+        self.count = 0
+        self.hlen = self.mss = self.next_seq = 0
+        self.closed = False
+        self.packets = 0  # TUN writes saved, for stats
+        self.writes = 0
+
+    def add(self, pkt: memoryview, slot: memoryview, n: int) -> None:
+        """`pkt[:n]` is IPv4 (no options) + TCP with flags ACK/ACK|PSH, possibly without data;
+        `slot` is the same packet with the (zero) virtio header in front, to write it alone."""
+        thl = (pkt[32] >> 4) << 2
+        hlen = 20 + thl
+        plen = n - hlen
+        if thl < 20 or plen <= 0:
+            self.flush()  # pure ACKs and odd headers go out alone, after what came before
+            self.writes += 1
+            self.write(slot[:VNET_LEN + n])
+            return
+        b = self.buf
+        seq = int.from_bytes(pkt[24:28], "big")
+        if self.size and not self.closed and seq == self.next_seq and hlen == self.hlen \
+                and plen <= self.mss and self.size + plen <= self.LIMIT \
+                and pkt[12:24] == b[22:34] and pkt[1] == b[11] and pkt[28:33] == b[38:43] \
+                and pkt[34:36] == b[44:46] and pkt[40:hlen] == b[50:VNET_LEN + hlen]:
+            end = VNET_LEN + self.size
+            b[end:end + plen] = pkt[hlen:n]
+            self.size += plen
+            self.count += 1
+            self.next_seq = (seq + plen) & 0xFFFFFFFF
+            if pkt[33] & 0x08:  # PSH: deliver now, and keep the flag
+                b[43] |= 0x08
+                self.closed = True
+            elif plen < self.mss:
+                self.closed = True
+            return
+        self.flush()
+        b[VNET_LEN:VNET_LEN + n] = pkt[:n]
+        self.size, self.count, self.hlen, self.mss = n, 1, hlen, plen
+        self.next_seq = (seq + plen) & 0xFFFFFFFF
+        self.closed = bool(pkt[33] & 0x08)
+
+    def flush(self) -> None:
+        if not self.size:
+            return
+        b, size = self.buf, self.size
+        if self.count == 1:
+            b[0:VNET_LEN] = _NO_VNET
+        else:
+            ip = VNET_LEN
+            b[ip + 2] = size >> 8
+            b[ip + 3] = size & 0xFF
+            b[ip + 10] = b[ip + 11] = 0
+            csum = ~_fold(int.from_bytes(b[ip:ip + 20], "big")) & 0xFFFF
+            b[ip + 10] = csum >> 8
+            b[ip + 11] = csum & 0xFF
+            # partial TCP checksum: the pseudo-header sum, not inverted (CHECKSUM_PARTIAL)
+            pseudo = _fold(int.from_bytes(b[ip + 12:ip + 20], "big") + 6 + size - 20)
+            b[ip + 36] = pseudo >> 8
+            b[ip + 37] = pseudo & 0xFF
+            struct.pack_into("<BBHHHH", b, 0, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, self.hlen,
+                             self.mss, 20, 16)
+            self.packets += self.count - 1
+        self.writes += 1
+        self.write(b[:VNET_LEN + size])
+        self.size = self.count = 0
+
+
+def segment_tcp(src: memoryview, n: int, out: memoryview, mss: int, hlen: int) -> tuple[int, int]:
+    """TSO in user space: cut the IPv4/TCP super-packet `src[:n]` into wire segments in `out`.
+
+    Segments are laid end to end, each a full IPv4 packet of ``hlen + mss`` bytes (the last
+    shorter), as one UDP_SEGMENT send wants them; IP ID, lengths, TCP sequence, flags and both
+    checksums are per segment. Returns (bytes used in `out`, segment size).
+    """
+    ihl = (src[0] & 0x0F) << 2
+    ip_id = (src[4] << 8) | src[5]
+    seq0 = int.from_bytes(src[ihl + 4:ihl + 8], "big")
+    flags = src[ihl + 13]
+    addrs = int.from_bytes(src[12:20], "big")
+    payload = n - hlen
+    seg_size = hlen + mss
+    off = pos = 0
+    k = 0
+    from_bytes = int.from_bytes
+    while off < payload:
+        chunk = min(mss, payload - off)
+        total = hlen + chunk
+        out[pos:pos + hlen] = src[:hlen]
+        out[pos + hlen:pos + total] = src[hlen + off:hlen + off + chunk]
+        out[pos + 2] = total >> 8
+        out[pos + 3] = total & 0xFF
+        i = (ip_id + k) & 0xFFFF
+        out[pos + 4] = i >> 8
+        out[pos + 5] = i & 0xFF
+        out[pos + 10] = out[pos + 11] = 0
+        c = ~_fold(from_bytes(out[pos:pos + ihl], "big")) & 0xFFFF
+        out[pos + 10] = c >> 8
+        out[pos + 11] = c & 0xFF
+        t = pos + ihl
+        out[t + 4:t + 8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags
+        if off + chunk < payload:
+            f &= ~0x09  # FIN and PSH only on the last segment
+        if k:
+            f &= ~0x80  # CWR only on the first
+        out[t + 13] = f
+        out[t + 16] = out[t + 17] = 0
+        tlen = total - ihl
+        body = from_bytes(out[t:pos + total], "big")
+        if tlen & 1:
+            body <<= 8  # pad to a whole 16-bit word
+        c = ~_fold(body + addrs + 6 + tlen) & 0xFFFF
+        out[t + 16] = c >> 8
+        out[t + 17] = c & 0xFF
+        pos += total
+        off += chunk
+        k += 1
+    return pos, seg_size
+
+
+def complete_checksum(pkt: memoryview, n: int, start: int, offset: int) -> bool:
+    """Finish a CHECKSUM_PARTIAL packet: the field already holds the pseudo-header sum."""
+    if start + offset + 2 > n:
+        return False
+    body = int.from_bytes(pkt[start:n], "big")
+    if (n - start) & 1:
+        body <<= 8
+    c = ~_fold(body) & 0xFFFF
+    if c == 0 and pkt[9] == 17:
+        c = 0xFFFF  # UDP: 0 would mean "no checksum"
+    pkt[start + offset] = c >> 8
+    pkt[start + offset + 1] = c & 0xFF
+    return True
 
 
 # --------------------------------------------------------------------------- the loop
 
 
 class Forwarder:
-    """The running data path of one udp backend: TUN fd + UDP socket + two threads."""
+    """The running data path of one udp backend: TUN fd + UDP socket + two threads.
 
-    def __init__(self, tun_fd: int, sock: socket.socket, *, batched: bool | None = None,
+    ``vnet``: the TUN fd carries virtio-net headers (IFF_VNET_HDR), which ``gro`` (coalesce
+    received TCP into super-packets) and ``tso`` (take super-packets from the kernel, segment
+    them, send with UDP_SEGMENT) need. Without vnet the loop is one packet per TUN read/write.
+    """
+
+    def __init__(self, tun_fd: int, sock: socket.socket, *, vnet: bool = False,
+                 gro: bool | None = None, tso: bool | None = None,
                  stats: dict[str, Any] | None = None) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
@@ -341,18 +558,17 @@ class Forwarder:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
-        self._libc = _libc() if batched in (None, True) else None
-        if batched and self._libc is None:
-            raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg not available")
-        #: each direction's batching can be switched off on its own (bench: measure each step)
-        self.batch_tx = self._libc is not None
-        self.batch_rx = self._libc is not None
+        self._libc = _libc()
+        if self._libc is None:
+            raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg not available in libc")
+        self.vnet = vnet
+        self.gro = vnet if gro is None else (gro and vnet)
+        self.tso = vnet if tso is None else (tso and vnet)
 
     # -- control
 
     def start(self) -> None:
         self.sock.setblocking(True)  # sends block (back-pressure); reads use MSG_DONTWAIT
-        self._stop.clear()
         for name, target in (("tun-udp", self._tun_to_udp), ("udp-tun", self._udp_to_tun)):
             t = threading.Thread(target=self._guard, args=(target,), name=f"netagent-{name}",
                                  daemon=True)
@@ -397,7 +613,7 @@ class Forwarder:
             st = self.stats
             for k, v in counts.items():
                 if v:
-                    st[k] += v
+                    st[k] = st.get(k, 0) + v
                     counts[k] = 0
             d = st["drops"]
             for k, v in drops.items():
@@ -426,17 +642,20 @@ class Forwarder:
         poller = self._poller(self.tun_fd)
         sock = self.sock
         fileno = sock.fileno()
-        sendto = sock.sendto
-        libc = self._libc if self.batch_tx else None
-        batch = MmsgBatch(BATCH, BUF_SIZE) if libc is not None else None
-        if batch is not None:
-            slots, name_slots, iov_lens = batch.slots, batch.name_slots, batch.iov_lens
-            msgs_addr, stride, limit = batch.msgs_addr, batch.stride, batch.count
-        else:
-            slots, limit = [memoryview(bytearray(BUF_SIZE))], 1
-        counts = {"tx_packets": 0, "tx_bytes": 0}
+        libc = self._libc
+        h = VNET_LEN if self.vnet else 0
+        if self.tso:
+            set_tun_offload(self.tun_fd, True)
+        batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h)
+        slots, packets = batch.slots, batch.packets
+        name_slots, iov_lens = batch.name_slots, batch.iov_lens
+        msgs_addr, stride, limit = batch.msgs_addr, batch.stride, batch.count
+        gso_out = memoryview(bytearray(2 * BUF_SIZE))
+        sendmsg = sock.sendmsg
+        counts = {"tx_packets": 0, "tx_bytes": 0, "tx_tso_packets": 0}
         drops = dict.fromkeys(DROP_REASONS, 0)
         from_bytes = int.from_bytes
+        unpack_vnet = struct.Struct("<BBHHHH").unpack_from
         since_flush = 0
         while True:
             nq = 0  # packets queued in the batch
@@ -445,11 +664,12 @@ class Forwarder:
             table = self.table
             routes = table.routes
             while nq < limit:
-                buf = slots[nq]
-                n = readinto(buf)
+                n = readinto(slots[nq])
                 if not n:  # None: EAGAIN
                     idle = True
                     break
+                buf = packets[nq]
+                n -= h
                 if n < 20 or buf[0] >> 4 != 4:
                     drops["not_ipv4"] += 1
                     continue
@@ -464,7 +684,7 @@ class Forwarder:
                     reply = net_unreachable(buf[:n], table.unreachable_source(dst))
                     if reply is not None:
                         with contextlib.suppress(OSError):
-                            write_tun(reply)
+                            write_tun(bytes(h) + reply)
                     continue
                 ttl = buf[8]
                 if ttl <= 1:
@@ -475,32 +695,31 @@ class Forwarder:
                 csum = (csum & 0xFFFF) + (csum >> 16)
                 buf[10] = csum >> 8
                 buf[11] = csum & 0xFF
-                if batch is None:
-                    try:
-                        sendto(buf[:n], peer[0])
-                    except OSError:
-                        drops["send_error"] += 1
+                if h:
+                    vflags, gso, _, gso_size, cstart, coff = unpack_vnet(slots[nq])
+                    if gso == VNET_GSO_TCPV4 and gso_size and buf[9] == 6:
+                        # flush what is queued first: packets leave in the order they came
+                        if nq:
+                            sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq,
+                                                          iov_lens, drops)
+                            counts["tx_packets"] += sent
+                            nbytes += sbytes
+                            nq = 0
+                        self._send_gso(sendmsg, buf, n, gso_out, gso_size, peer[0], counts,
+                                       drops)
                         continue
-                    counts["tx_packets"] += 1
-                    nbytes += n
-                    continue
+                    if vflags & VNET_F_NEEDS_CSUM and not complete_checksum(buf, n, cstart,
+                                                                             coff):
+                        drops["not_ipv4"] += 1
+                        continue
                 iov_lens[2 * nq + 1] = n
                 name_slots[nq][:] = peer[1]
-                nbytes += n
                 nq += 1
             if nq:
-                done = 0
-                while done < nq:
-                    r = libc.sendmmsg(fileno, msgs_addr + done * stride, nq - done, 0)
-                    if r <= 0:
-                        drops["send_error"] += nq - done  # the rest of this batch is lost
-                        for i in range(done, nq):
-                            nbytes -= iov_lens[2 * i + 1]
-                        break
-                    done += r
-                counts["tx_packets"] += done
-                for i in range(nq):
-                    iov_lens[2 * i + 1] = BUF_SIZE
+                sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq, iov_lens,
+                                              drops)
+                counts["tx_packets"] += sent
+                nbytes += sbytes
             counts["tx_bytes"] += nbytes
             since_flush += nq or 1
             if idle or since_flush >= FLUSH_EVERY:
@@ -509,59 +728,91 @@ class Forwarder:
             if idle and not self._wait(poller):
                 return
 
+    @staticmethod
+    def _sendmmsg(libc: Any, fileno: int, msgs_addr: int, stride: int, nq: int,
+                  iov_lens: memoryview, drops: dict[str, int]) -> tuple[int, int]:
+        """Send the first `nq` queued datagrams; (datagrams sent, bytes sent)."""
+        done = 0
+        while done < nq:
+            r = libc.sendmmsg(fileno, msgs_addr + done * stride, nq - done, 0)
+            if r <= 0:
+                drops["send_error"] += nq - done  # the rest of this batch is lost
+                break
+            done += r
+        nbytes = sum(iov_lens[2 * i + 1] for i in range(done))
+        return done, nbytes
+
+    @staticmethod
+    def _send_gso(sendmsg: Any, buf: memoryview, n: int, out: memoryview, mss: int,
+                  addr: tuple[str, int], counts: dict[str, int], drops: dict[str, int]) -> None:
+        """Segment one TSO super-packet and send it in as few UDP_SEGMENT calls as fit."""
+        ihl = (buf[0] & 0x0F) << 2
+        thl = (buf[ihl + 12] >> 4) << 2
+        hlen = ihl + thl
+        if thl < 20 or hlen >= n or mss <= 0:
+            drops["not_ipv4"] += 1
+            return
+        used, seg = segment_tcp(buf, n, out, mss, hlen)
+        per_call = max(1, GSO_SEND_LIMIT // seg) * seg
+        pos = 0
+        while pos < used:
+            end = min(used, pos + per_call)
+            try:
+                sendmsg([out[pos:end]], [(socket.SOL_UDP, UDP_SEGMENT,
+                                          struct.pack("=H", seg))], 0, addr)
+            except OSError:
+                drops["send_error"] += -(-(end - pos) // seg)
+            else:
+                k = -(-(end - pos) // seg)
+                counts["tx_packets"] += k
+                counts["tx_bytes"] += end - pos
+                counts["tx_tso_packets"] += 1
+            pos = end
+
     # -- UDP → TUN
 
     def _udp_to_tun(self) -> None:
-        tun = io.FileIO(self.tun_fd, "r+b", closefd=False)
-        write_tun = tun.write
+        tun_fd = self.tun_fd
+        os_write = os.write
         sock = self.sock
         fileno = sock.fileno()
         poller = self._poller(fileno)
-        counts = {"rx_packets": 0, "rx_bytes": 0}
+        counts = {"rx_packets": 0, "rx_bytes": 0, "rx_gro_merged": 0}
         drops = dict.fromkeys(DROP_REASONS, 0)
         from_bytes = int.from_bytes
-        inet_aton = socket.inet_aton
-        libc = self._libc if self.batch_rx else None
-        batch = MmsgBatch(BATCH, BUF_SIZE) if libc is not None else None
-        single = memoryview(bytearray(BUF_SIZE))
-        recvfrom_into = sock.recvfrom_into
+        libc = self._libc
+        h = VNET_LEN if self.vnet else 0
+        batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h)
         dontwait = socket.MSG_DONTWAIT
-        if batch is not None:
-            slots, addr_slots, words = batch.slots, batch.addr_slots, batch.words
-            len_index, namelen_index = batch.len_index, batch.namelen_index
-            msgs_addr, count = batch.msgs_addr, batch.count
+        slots, packets, addr_slots, words = batch.slots, batch.packets, batch.addr_slots, \
+            batch.words
+        len_index, namelen_index = batch.len_index, batch.namelen_index
+        msgs_addr, count = batch.msgs_addr, batch.count
+        errors = [0]
+
+        def write(view: memoryview) -> None:
+            try:
+                os_write(tun_fd, view)
+            except OSError:
+                errors[0] += 1
+
+        gro = Coalescer(write) if self.gro else None
         since_flush = 0
         while True:
-            if batch is not None:
-                got = libc.recvmmsg(fileno, msgs_addr, count, dontwait, None)
-                if got <= 0:  # EAGAIN (or a transient error): flush, then sleep
-                    self._flush(counts, drops)
-                    if not self._wait(poller):
-                        return
-                    continue
-            else:
-                try:
-                    n, addr = recvfrom_into(single, 0, dontwait)
-                except BlockingIOError:
-                    self._flush(counts, drops)
-                    if not self._wait(poller):
-                        return
-                    continue
-                except OSError:
-                    continue  # e.g. ICMP-induced ECONNREFUSED: nothing to read, try again
-                got = 1
+            got = libc.recvmmsg(fileno, msgs_addr, count, dontwait, None)
+            if got <= 0:  # EAGAIN (or a transient error): flush, then sleep
+                self._flush(counts, drops)
+                if not self._wait(poller):
+                    return
+                continue
             table = self.table
             sources = table.sources
             own_net, own_mask = table.own
             for i in range(got):
-                if batch is not None:
-                    n = words[len_index[i]]
-                    words[namelen_index[i]] = 16
-                    buf = slots[i]
-                    nets = sources.get(from_bytes(addr_slots[i], "big"))
-                else:
-                    buf = single
-                    nets = sources.get(from_bytes(inet_aton(addr[0]), "big"))
+                n = words[len_index[i]]
+                words[namelen_index[i]] = 16
+                buf = packets[i]
+                nets = sources.get(from_bytes(addr_slots[i], "big"))
                 if nets is None:
                     drops["unknown_source"] += 1
                     continue
@@ -593,13 +844,27 @@ class Forwarder:
                 csum = (csum & 0xFFFF) + (csum >> 16)
                 buf[10] = csum >> 8
                 buf[11] = csum & 0xFF
-                try:
-                    write_tun(buf[:n])
-                except OSError:
-                    drops["tun_write_error"] += 1
-                    continue
                 counts["rx_packets"] += 1
                 counts["rx_bytes"] += n
+                if gro is not None:
+                    # TCP, no IP options, not a fragment (DF allowed), flags ACK or ACK|PSH
+                    if buf[9] == 6 and ihl == 20 and not (buf[6] & 0x3F or buf[7]) and n >= 40 \
+                            and buf[33] in (0x10, 0x18):
+                        gro.add(buf, slots[i], n)
+                        continue
+                    gro.flush()
+                try:
+                    os_write(tun_fd, slots[i][:n + h])
+                except OSError:
+                    drops["tun_write_error"] += 1
+            if gro is not None:
+                gro.flush()
+                if gro.packets:
+                    counts["rx_gro_merged"] += gro.packets
+                    gro.packets = 0
+            if errors[0]:
+                drops["tun_write_error"] += errors[0]
+                errors[0] = 0
             since_flush += got
             if since_flush >= FLUSH_EVERY:
                 since_flush = 0

@@ -8,13 +8,13 @@ median throughput, packets/s through the overlay device of the receiving host (`
 ``flannel.1``, both directions: data and ACKs), and the CPU time of both agents per second of
 test (100 % = one core). The result line is the udp/vxlan ratio (goal ≥ 0.30).
 
-``NETAGENT_UDP_BATCH`` (``rx,tx`` default, ``rx``, ``tx`` or ``none``) is passed to the udp
-agents to measure the recvmmsg/sendmmsg batching step by step (``--udp-batch``). Needs root,
+``NETAGENT_UDP_OFFLOAD`` (``gro`` default, ``gro,tso``, ``tso`` or ``none``) is passed to the
+udp agents to measure each offload step (``--udp-offload``). Needs root,
 etcd and iperf3; everything lives in run-unique namespaces and is removed at the end.
 
     sudo python3 bench/udp_vs_vxlan.py                      # 3 × 5 s per backend
     sudo python3 bench/udp_vs_vxlan.py --seconds 10 --repeat 5 --json out.json
-    sudo python3 bench/udp_vs_vxlan.py --backend udp --udp-batch none   # one step back
+    sudo python3 bench/udp_vs_vxlan.py --backend udp --udp-offload none   # one step back
 """
 
 from __future__ import annotations
@@ -56,8 +56,19 @@ def dev_packets(host: Host, dev: str) -> int:
     return sum(int(x) for x in out)
 
 
-def iperf(client: Pod, server: Pod, seconds: float, streams: int) -> float:
-    """One iperf3 TCP run pod → pod; received bits per second."""
+def tun_drops(host: Host, dev: str) -> int:
+    """Packets the overlay device dropped on transmit (its queue full: the agent fell behind)."""
+    return int(host.run("cat", f"/sys/class/net/{dev}/statistics/tx_dropped").stdout)
+
+
+def udp_errors(host: Host) -> int:
+    """Datagrams the kernel dropped before the agent read them (socket buffer full etc.)."""
+    out = host.run("nstat", "-az", "UdpRcvbufErrors", "UdpInErrors").stdout.splitlines()
+    return sum(int(line.split()[1]) for line in out if line.startswith("Udp"))
+
+
+def iperf(client: Pod, server: Pod, seconds: float, streams: int) -> tuple[float, int]:
+    """One iperf3 TCP run pod → pod; (received bits per second, retransmitted segments)."""
     port = str(random.randrange(20000, 30000))
     proc = subprocess.Popen(["ip", "netns", "exec", server.name, "iperf3", "-s", "-1", "-p", port],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -74,7 +85,8 @@ def iperf(client: Pod, server: Pod, seconds: float, streams: int) -> float:
             return doc  # type: ignore[no-any-return]
 
         doc = wait_for(connect, timeout=seconds + 40, interval=0.1, what="iperf3 run")
-        return float(doc["end"]["sum_received"]["bits_per_second"])
+        return (float(doc["end"]["sum_received"]["bits_per_second"]),
+                int(doc["end"].get("sum_sent", {}).get("retransmits", 0)))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -107,18 +119,26 @@ class BackendLab:
     def run_once(self, seconds: float, streams: int) -> dict[str, float]:
         pids = [h.agent.pid for h in self.hosts if h.agent is not None]
         dev = DEVICES[self.backend]
-        cpu0 = sum(cpu_seconds(p) for p in pids)
+        cpu0 = [cpu_seconds(p) for p in pids]
         pk0 = dev_packets(self.hosts[1], dev)
+        err0 = sum(udp_errors(h) for h in self.hosts)
+        drop0 = sum(tun_drops(h, dev) for h in self.hosts)
         t0 = time.monotonic()
-        bps = iperf(self.pods[0], self.pods[1], seconds, streams)
+        bps, retrans = iperf(self.pods[0], self.pods[1], seconds, streams)
         wall = time.monotonic() - t0
         run = {"bps": bps, "pps": (dev_packets(self.hosts[1], dev) - pk0) / wall,
-               "agent_cpu": (sum(cpu_seconds(p) for p in pids) - cpu0) / wall}
+               "retransmits": retrans,
+               "udp_rcv_errors": sum(udp_errors(h) for h in self.hosts) - err0,
+               "dev_tx_dropped": sum(tun_drops(h, dev) for h in self.hosts) - drop0,
+               "agent_cpu": (sum(cpu_seconds(p) for p in pids) - sum(cpu0)) / wall,
+               "sender_cpu": (cpu_seconds(pids[0]) - cpu0[0]) / wall,
+               "receiver_cpu": (cpu_seconds(pids[1]) - cpu0[1]) / wall}
         self.runs.append(run)
         return run
 
     def summary(self) -> dict[str, Any]:
-        med = {k: statistics.median(r[k] for r in self.runs) for k in ("bps", "pps", "agent_cpu")}
+        med = {k: statistics.median(r[k] for r in self.runs)
+               for k in ("bps", "pps", "agent_cpu", "sender_cpu", "receiver_cpu")}
         return {"backend": self.backend, **med, "runs": self.runs}
 
     def close(self) -> None:
@@ -133,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel TCP streams (-P)")
     ap.add_argument("--backend", choices=("udp", "vxlan"), action="append",
                     help="measure only this backend (default: both, and the ratio)")
-    ap.add_argument("--udp-batch", default="rx,tx",
-                    help="NETAGENT_UDP_BATCH for the udp agents: rx,tx | rx | tx | none")
+    ap.add_argument("--udp-offload", default="gro",
+                    help="NETAGENT_UDP_OFFLOAD for the udp agents: gro,tso | gro | tso | none")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     for tool in ("iperf3", "etcd", "etcdctl", "ip"):
@@ -147,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         labs: list[BackendLab] = []
         try:
             for b in backends:
-                env = {"NETAGENT_UDP_BATCH": args.udp_batch} if b == "udp" else {}
+                env = {"NETAGENT_UDP_OFFLOAD": args.udp_offload} if b == "udp" else {}
                 labs.append(BackendLab(b, Path(tmp), env))
             for i in range(args.repeat):
                 for bl in labs:
                     r = bl.run_once(args.seconds, args.streams)
                     print(f"run {i + 1} {bl.backend:5}: {r['bps'] / 1e9:6.3f} Gbit/s "
-                          f"{r['pps'] / 1e3:7.1f} kpps  agents {100 * r['agent_cpu']:5.1f} % CPU",
+                          f"{r['pps'] / 1e3:7.1f} kpps  agents {100 * r['agent_cpu']:5.1f} % CPU "
+                          f"(sender {100 * r['sender_cpu']:.0f} %, receiver "
+                          f"{100 * r['receiver_cpu']:.0f} %), {r['retransmits']} retransmits, "
+                          f"{r['udp_rcv_errors']} UDP receive errors, {r['dev_tx_dropped']} "
+                          "device tx drops",
                           flush=True)
             for bl in labs:
                 results[bl.backend] = bl.summary()
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = ratio >= GOAL
         print(f"\nudp / vxlan = {ratio:.3f} (goal ≥ {GOAL:.2f}){'' if ok else '  (below goal)'}")
         results["ratio"] = {"udp_over_vxlan": ratio, "goal": GOAL}
-    print(f"udp batching: {args.udp_batch}; {args.repeat} × {args.seconds:g} s, "
+    print(f"udp offloads: {args.udp_offload}; {args.repeat} × {args.seconds:g} s, "
           f"{args.streams} stream(s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

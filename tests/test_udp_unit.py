@@ -22,12 +22,18 @@ from harness import wait_for
 from backends.udp import render_udp_peers
 from backends.udpfwd import (
     DROP_REASONS,
+    VNET_F_NEEDS_CSUM,
+    VNET_GSO_TCPV4,
+    VNET_LEN,
+    Coalescer,
     Forwarder,
     build_forwarding_table,
+    complete_checksum,
     decrement_ttl,
     header_ok,
     ip_checksum,
     net_unreachable,
+    segment_tcp,
 )
 from netagent.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
 
@@ -148,9 +154,13 @@ def test_lease_value_is_flannels_udp_value() -> None:
 
 
 class LoopRig:
-    """A Forwarder on a socketpair "TUN" and 127.0.0.1:<port>, with peer sockets around it."""
+    """A Forwarder on a socketpair "TUN" and 127.0.0.1:<port>, with peer sockets around it.
 
-    def __init__(self, batched: bool) -> None:
+    With ``vnet`` every TUN read/write carries the 10-byte virtio header, as on flannel0.
+    """
+
+    def __init__(self, vnet: bool) -> None:
+        self.h = VNET_LEN if vnet else 0
         self.tun_agent, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_blocking(self.tun_agent.fileno(), False)
         self.tun.settimeout(5)
@@ -162,17 +172,26 @@ class LoopRig:
         self.peer.settimeout(5)
         self.stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.stranger.bind(("127.0.0.3", 0))
-        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, batched=batched or None)
-        if not batched:
-            self.fwd.batch_rx = self.fwd.batch_tx = False
+        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, vnet=vnet, gro=vnet, tso=False)
         self.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.2"))],
-                                                own_subnet=OWN, port=self.port)
+                                                own_subnet=OWN, port=self.port, subnet_len=24)
         self.fwd.start()
 
     def close(self) -> None:
         self.fwd.stop()
         for s in (self.tun_agent, self.tun, self.sock, self.peer, self.stranger):
             s.close()
+
+    def send(self, packet: bytes) -> None:
+        """As if the kernel routed `packet` into flannel0."""
+        self.tun.send(bytes(self.h) + packet)
+
+    def recv(self) -> bytes:
+        """What the loop wrote into flannel0 (virtio header checked and removed)."""
+        data = self.tun.recv(65536 + self.h)
+        if self.h:
+            assert data[:2] in (b"\0\0", bytes([VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4]))
+        return data[self.h:]
 
     def drops(self) -> dict[str, int]:
         return {k: v for k, v in self.fwd.stats["drops"].items() if v}
@@ -190,7 +209,7 @@ def drain(sock: socket.socket) -> None:
         sock.settimeout(timeout)
 
 
-@pytest.fixture(params=[True, False], ids=["batched", "single"])
+@pytest.fixture(params=[True, False], ids=["vnet", "plain"])
 def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
     r = LoopRig(request.param)
     try:
@@ -202,7 +221,7 @@ def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
 def test_tun_to_udp_forwards_with_ttl_decrement(rig: LoopRig) -> None:
     pkts = [ipv4("10.60.1.5", f"10.60.2.{i}", bytes([i]) * (20 + i), ttl=10) for i in range(1, 200)]
     for p in pkts:
-        rig.tun.send(p)
+        rig.send(p)
     for p in pkts:
         data, addr = rig.peer.recvfrom(65536)
         assert addr == ("127.0.0.1", rig.port)
@@ -213,11 +232,12 @@ def test_tun_to_udp_forwards_with_ttl_decrement(rig: LoopRig) -> None:
 
 
 def test_tun_to_udp_no_route_answers_net_unreachable(rig: LoopRig) -> None:
-    rig.tun.send(ipv4("10.60.1.5", "10.61.0.1"))
-    reply = rig.tun.recv(65536)
+    rig.send(ipv4("10.60.1.5", "10.61.0.1"))
+    reply = rig.recv()
     assert reply[9] == 1 and reply[20] == 3 and reply[21] == 0
-    rig.tun.send(ipv4("10.60.1.5", "10.60.2.1", ttl=1))
-    rig.tun.send(b"\x60" + bytes(50))  # IPv6 from the kernel
+    assert reply[12:16] == IPv4Address("10.61.0.0").packed  # the would-be subnet, not local
+    rig.send(ipv4("10.60.1.5", "10.60.2.1", ttl=1))
+    rig.send(b"\x60" + bytes(50))  # IPv6 from the kernel
     wait_for(lambda: rig.drops() == {"no_route": 1, "ttl_expired": 1, "not_ipv4": 1},
              what="tx drops")
 
@@ -226,7 +246,7 @@ def test_udp_to_tun_accepts_only_what_the_lease_vouches_for(rig: LoopRig) -> Non
     to = ("127.0.0.1", rig.port)
     good = ipv4("10.60.2.7", "10.60.1.9", b"hello" * 10, ttl=5)
     rig.peer.sendto(good, to)
-    got = rig.tun.recv(65536)
+    got = rig.recv()
     assert got[8] == 4 and got[12:] == good[12:] and slow_checksum(got[:20]) == 0
     bad_csum = bytearray(good)
     bad_csum[10] ^= 0xFF
@@ -246,7 +266,7 @@ def test_udp_to_tun_accepts_only_what_the_lease_vouches_for(rig: LoopRig) -> Non
         for s, data in items:
             s.sendto(data, to)
     rig.peer.sendto(good, to)  # still forwarding after all that
-    assert rig.tun.recv(65536)[12:] == good[12:]
+    assert rig.recv()[12:] == good[12:]
     want = {k: len(v) for k, v in sent.items()}
     wait_for(lambda: rig.drops() == want, what=f"drops {want}")
     assert rig.fwd.stats["rx_packets"] == 2
@@ -265,7 +285,7 @@ def test_random_garbage_never_kills_the_loop(rig: LoopRig) -> None:
             if data:
                 data[rng.randrange(len(data))] = rng.randrange(256)
         rig.peer.sendto(bytes(data), to)  # from a known peer: the receive checks
-        rig.tun.send(bytes(data))  # from the "kernel": the send side
+        rig.send(bytes(data))  # from the "kernel": the send side
         if i % 50 == 0:
             drain(rig.tun)
     rig.peer.sendto(good, to)
@@ -281,7 +301,7 @@ def test_random_garbage_never_kills_the_loop(rig: LoopRig) -> None:
 
 
 def test_table_swap_while_running(rig: LoopRig) -> None:
-    rig.tun.send(ipv4("10.60.1.5", "10.60.2.1"))
+    rig.send(ipv4("10.60.1.5", "10.60.2.1"))
     rig.peer.recvfrom(65536)
     # the peer moves to another address: the new table takes effect for the next packet
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -290,7 +310,7 @@ def test_table_swap_while_running(rig: LoopRig) -> None:
     try:
         rig.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.4"))],
                                                own_subnet=OWN, port=rig.port)
-        rig.tun.send(ipv4("10.60.1.5", "10.60.2.1"))
+        rig.send(ipv4("10.60.1.5", "10.60.2.1"))
         assert other.recvfrom(65536)[1][0] == "127.0.0.1"
         # ...and the old address is no longer trusted
         rig.peer.sendto(ipv4("10.60.2.7", "10.60.1.9"), ("127.0.0.1", rig.port))
@@ -306,3 +326,101 @@ def test_stop_is_prompt_and_idle_loop_sleeps(rig: LoopRig) -> None:
     rig.fwd.stop()
     assert not rig.fwd.running
     json.dumps(rig.fwd.stats)  # plain data for the metrics collector
+
+
+# --------------------------------------------------------------------------- offloads
+
+
+def tcp_segments(count: int, mss: int = 1000, seq: int = 5000, flags: str = "A",
+                 last_flags: str = "PA", short_last: int = 0) -> list[bytes]:
+    from scapy.layers.inet import IP, TCP
+
+    out = []
+    for i in range(count):
+        size = short_last if short_last and i == count - 1 else mss
+        f = last_flags if i == count - 1 else flags
+        out.append(bytes(IP(src="10.60.2.7", dst="10.60.1.9", ttl=63, id=100 + i, flags="DF")
+                         / TCP(sport=40000, dport=80, seq=seq + i * mss, ack=777, flags=f,
+                               window=500, options=[("NOP", None), ("NOP", None),
+                                                    ("Timestamp", (1, 2))])
+                         / (bytes([65 + i % 26]) * size)))
+    return out
+
+
+def feed(packets: list[bytes]) -> list[bytes]:
+    """Run packets through a Coalescer the way the loop does; return the TUN writes."""
+    written: list[bytes] = []
+    gro = Coalescer(lambda view: written.append(bytes(view)))
+    for p in packets:
+        slot = memoryview(bytearray(VNET_LEN + len(p)))
+        slot[VNET_LEN:] = p
+        gro.add(slot[VNET_LEN:], slot, len(p))
+    gro.flush()
+    return written
+
+
+def finish(write: bytes) -> bytes:
+    """What the kernel would do with a GSO write: complete the partial TCP checksum."""
+    hdr, pkt = write[:VNET_LEN], bytearray(write[VNET_LEN:])
+    if hdr[0] & VNET_F_NEEDS_CSUM:
+        start, off = struct.unpack_from("<HH", hdr, 6)
+        assert complete_checksum(memoryview(pkt), len(pkt), start, off)
+    return bytes(pkt)
+
+
+def test_coalescer_merges_a_flow_into_one_valid_super_packet() -> None:
+    from scapy.layers.inet import IP, TCP
+
+    segs = tcp_segments(40)
+    writes = feed(segs)
+    assert len(writes) == 1
+    hdr = struct.unpack("<BBHHHH", writes[0][:VNET_LEN])
+    assert hdr == (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1000, 20, 16)
+    pkt = IP(finish(writes[0]))
+    assert pkt.len == 52 + 40 * 1000 and pkt[TCP].seq == 5000 and "P" in str(pkt[TCP].flags)
+    assert bytes(pkt[TCP].payload) == b"".join(s[52:] for s in segs)
+    # checksums as a receiver would verify them
+    raw = bytes(pkt)
+    assert slow_checksum(raw[:20]) == 0
+    pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
+    assert slow_checksum(pseudo + raw[20:]) == 0
+
+
+def test_coalescer_keeps_order_and_splits_where_linux_gro_would() -> None:
+    a = tcp_segments(3, flags="A", last_flags="A")
+    gap = tcp_segments(2, seq=5000 + 3 * 1000 + 1, flags="A", last_flags="A")  # seq hole
+    psh = tcp_segments(3, seq=20000, flags="A", last_flags="PA")
+    after_psh = tcp_segments(1, seq=23000, flags="A", last_flags="A")
+    short = tcp_segments(3, seq=30000, short_last=10, flags="A", last_flags="A")
+    pure_ack = tcp_segments(1, mss=0, seq=40000, flags="A", last_flags="A")
+    writes = feed(a + gap + psh + after_psh + short + pure_ack)
+    sizes = [len(w) - VNET_LEN for w in writes]
+    assert sizes == [52 + 3000, 52 + 2000, 52 + 3000, 52 + 1000, 52 + 2010, 52]
+    # every write is a valid packet, in the original byte order
+    stream = b"".join(finish(w)[52:] for w in writes)
+    assert stream == b"".join(p[52:] for p in a + gap + psh + after_psh + short + pure_ack)
+    # a single segment goes out untouched, with an all-zero virtio header
+    assert writes[3][:VNET_LEN] == bytes(VNET_LEN) and writes[3][VNET_LEN:] == after_psh[0]
+
+
+def test_segment_tcp_cuts_valid_wire_packets() -> None:
+    from scapy.layers.inet import IP, TCP
+
+    (big,) = tcp_segments(1, mss=10_003, seq=0xFFFFF000, last_flags="PA")  # wraps seq space
+    src = memoryview(bytearray(big))
+    out = memoryview(bytearray(2 * 65536))
+    used, seg = segment_tcp(src, len(big), out, 1400, 52)
+    assert seg == 1452
+    parts = [bytes(out[i:min(used, i + seg)]) for i in range(0, used, seg)]
+    assert len(parts) == 8 and len(parts[-1]) == 52 + 10_003 - 7 * 1400
+    payload = b""
+    for k, raw in enumerate(parts):
+        pkt = IP(raw)
+        assert pkt.len == len(raw) and pkt.id == 100 + k
+        assert slow_checksum(raw[:20]) == 0
+        pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
+        assert slow_checksum(pseudo + raw[20:]) == 0
+        assert pkt[TCP].seq == (0xFFFFF000 + k * 1400) & 0xFFFFFFFF
+        assert ("P" in str(pkt[TCP].flags)) == (k == 7)
+        payload += bytes(pkt[TCP].payload)
+    assert payload == big[52:]
