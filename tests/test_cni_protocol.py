@@ -20,6 +20,8 @@ from cni.fast import dumps, loads
 from cni.install import CONFLIST_NAME, install_cni
 from cni.plugin import (
     SUPPORTED_VERSIONS,
+    Config,
+    Env,
     host_veth_name,
     parse_cni_args,
     render_result,
@@ -292,3 +294,107 @@ def test_install_parser() -> None:
     add_install_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["install-cni", "--bin-dir", "/b", "--conf-dir", "/c", "--force"])
     assert (args.bin_dir, args.conf_dir, args.force) == ("/b", "/c", True) and args.func
+
+
+# --------------------------------------------------------------------------- IPv6 / dual stack
+
+DUAL = ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
+        "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+V6_ONLY = ("FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
+           "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+
+
+def test_subnet_env_dual_stack_and_ipv6_only() -> None:
+    dual = parse_subnet_env(DUAL)
+    assert [f.version for f in dual.families] == [4, 6]
+    assert dual.v6 is not None and dual.v4 is not None
+    assert (dual.v6.network_cidr, dual.v6.subnet_cidr, dual.v6.gateway_ip, dual.v6.plen) == (
+        "2001:cafe:42::/56", "2001:cafe:42::/64", "2001:cafe:42::1", 64)
+    assert (dual.subnet_cidr, dual.gateway_ip, dual.mtu, dual.ipmasq) == (
+        "10.5.72.0/24", "10.5.72.1", 1450, False)  # primary family stays IPv4
+    only6 = parse_subnet_env(V6_ONLY)
+    assert only6.v4 is None and [f.version for f in only6.families] == [6]
+    assert (only6.gateway_ip, only6.ipmasq) == ("2001:cafe:42::1", True)
+    # a comma-joined value (flannel's readers split on ',') and non-canonical text
+    odd = parse_subnet_env(V6_ONLY.replace("2001:cafe:42::1/64",
+                                           "2001:CAFE:42:0::1/64,10.0.0.1/24"))
+    assert odd.v6 is not None and odd.v6.gateway_ip == "2001:cafe:42::1"
+
+
+@pytest.mark.parametrize("text,needle", [
+    (V6_ONLY.replace("FLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n", ""), "FLANNEL_IPV6_SUBNET"),
+    (DUAL.replace("FLANNEL_SUBNET=10.5.72.1/24\n", ""), "FLANNEL_SUBNET"),
+    ("FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n", "FLANNEL_NETWORK"),
+    (V6_ONLY.replace("2001:cafe:42::1/64", "10.5.72.1/24"), "malformed"),
+    (V6_ONLY.replace("2001:cafe:42::1/64", "2001:cafe:42::1/127"), "no room"),
+    (V6_ONLY.replace("2001:cafe:42::1/64", "2001:cafe:42::zz/64"), "malformed"),
+    (V6_ONLY.replace("FLANNEL_MTU=1450", "FLANNEL_MTU=1200"), "1280"),
+])
+def test_subnet_env_ipv6_errors_are_code_5(text: str, needle: str) -> None:
+    with pytest.raises(CniError) as e:
+        parse_subnet_env(text)
+    assert e.value.code == 5 and needle in e.value.msg + e.value.details, e.value.msg
+
+
+@pytest.mark.parametrize("text", [DUAL, V6_ONLY])
+def test_add_reads_dual_stack_and_ipv6_only_subnet_env(plugin_exe: str, tmp_path: Path,
+                                                       text: str) -> None:
+    """Past subnet.env (no code 5): the next thing ADD checks is the netns, code 4."""
+    (tmp_path / "subnet.env").write_text(text)
+    err = run_plugin(plugin_exe, "ADD", _conf(tmp_path), cid="c1",
+                     netns=str(tmp_path / "nope")).error(4)
+    assert err["details"] == "CNI_NETNS"
+    call = run_plugin(plugin_exe, "STATUS", _conf(tmp_path, "1.1.0"), ifname="")
+    assert call.rc == 0 and call.stdout == "", call
+
+
+def test_render_result_dual_stack_versions() -> None:
+    ifaces = [{"name": "br"}, {"name": "veth"}, {"name": "eth0", "sandbox": "/n"}]
+    ips = [{"address": "10.1.1.2/24", "gateway": "10.1.1.1", "interface": 2},
+           {"address": "fd00::2/64", "gateway": "fd00::1", "interface": 2}]
+    routes = [{"dst": "0.0.0.0/0", "gw": "10.1.1.1"}, {"dst": "::/0", "gw": "fd00::1"}]
+    for version in ("0.3.0", "0.3.1", "0.4.0"):
+        out = render_result(version, None, ifaces, ips, routes, None)
+        assert [ip["version"] for ip in out["ips"]] == ["4", "6"]
+        assert out["routes"] == routes
+    for version in ("1.0.0", "1.1.0"):
+        out = render_result(version, None, ifaces, ips, routes, None)
+        assert all("version" not in ip for ip in out["ips"]) and len(out["ips"]) == 2
+
+
+@pytest.mark.parametrize("raw,want", [
+    ("IP=10.5.72.9", {4: "10.5.72.9"}),
+    ("IP=2001:cafe:42::9", {6: "2001:cafe:42::9"}),
+    ("IP=10.5.72.9,2001:CAFE:42:0::9", {4: "10.5.72.9", 6: "2001:cafe:42::9"}),
+    ("IP=2001:cafe:42::9/64,10.5.72.9/24", {4: "10.5.72.9", 6: "2001:cafe:42::9"}),
+    ("IP=10.5.72.9,10.5.72.10", {4: "10.5.72.9"}),  # first of a family wins
+])
+def test_requested_ips_per_family(raw: str, want: dict[int, str]) -> None:
+    env = Env({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/n",
+               "CNI_IFNAME": "eth0", "CNI_ARGS": raw})
+    env.validate()
+    cfg = Config({"cniVersion": "1.0.0", "name": "n", "type": "netagent"})
+    assert cfg.requested_ips(env) == want
+
+
+def test_requested_ip_garbage_is_code_7() -> None:
+    env = Env({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/n",
+               "CNI_IFNAME": "eth0", "CNI_ARGS": "IP=10.5.72.9,nonsense"})
+    env.validate()
+    cfg = Config({"cniVersion": "1.0.0", "name": "n", "type": "netagent"})
+    with pytest.raises(CniError) as e:
+        cfg.requested_ips(env)
+    assert e.value.code == 7 and "nonsense" in e.value.msg
+
+
+def test_fast_ipv6_helpers() -> None:
+    from cni.fast import format_ip, normalize_cidr, parse_cidr_any, parse_ip_any
+
+    assert parse_ip_any("2001:CAFE:42:0:0::1") == (6, 0x2001CAFE004200000000000000000001)
+    assert format_ip(6, 0x2001CAFE004200000000000000000001) == "2001:cafe:42::1"
+    assert parse_cidr_any("10.1.2.3/24") == (4, 0x0A010203, 24)
+    assert normalize_cidr("FD00:0::2/64") == "fd00::2/64"
+    for bad in ("fd00::1%eth0", "1:2:3:4:5:6:7:8:9", "::1/129", "fd00::/x"):
+        with pytest.raises(ValueError):
+            parse_cidr_any(bad if "/" in bad else bad + "/64")
