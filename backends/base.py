@@ -96,3 +96,10 @@ class Backend(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop background work. Kernel state stays so a restart doesn't interrupt traffic."""
+
+    def teardown(self) -> None:
+        """Remove the kernel entries this backend owns: called when a live config change
+        switches to another backend, device or network. By default a full sync with no peers,
+        which sweeps every peer entry by this backend's own ownership rules; backends with
+        devices of their own also remove those."""
+        self.sync({}, None)

@@ -24,7 +24,7 @@ from netagent import systemd
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
-from netagent.iface import IfaceError, find_iface
+from netagent.iface import IfaceError, find_iface, public_ipv6_for
 from netagent.lease import LeaseAttrs, LeaseError, OutOfSubnets, decode_lease
 from netagent.leasing import LeaseLost, LeaseManager
 from netagent.masq import MasqError, Masquerade
@@ -56,6 +56,14 @@ def etcd_settings(s: AgentSettings) -> EtcdSettings:
         certfile=s.etcd_certfile, keyfile=s.etcd_keyfile, username=s.etcd_username,
         password=s.etcd_password,
     )
+
+
+def unsupported(config: NetworkConfig) -> str:
+    """Why netagent cannot run this (valid) config, or "" when it can."""
+    if not config.enable_ipv4:
+        return ("EnableIPv4: IPv6-only networks are not supported yet (flannel's etcd keys need "
+                "an IPv4 subnet); enable IPv4 beside IPv6")
+    return ""
 
 
 def missing_config_message(registry: Registry) -> str:
@@ -98,6 +106,8 @@ class AgentStatus:
     kernel_entries: dict[str, int] = field(default_factory=dict)
     skipped_peers: dict[str, str] = field(default_factory=dict)
     invalid_leases: dict[str, str] = field(default_factory=dict)
+    #: why the latest network config in etcd was rejected ("" when it is in force)
+    config_error: str = ""
 
 
 class Daemon:
@@ -114,6 +124,9 @@ class Daemon:
         self.contribution: LeaseContribution | None = None
         self._threads: list[threading.Thread] = []
         self._subnets_prefix = self.registry.key("subnets/")
+        self._config_key = self.registry.key("config")
+        self._config_raw = b""
+        self.host: HostFacts | None = None
         self._last_status = ""
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
@@ -161,7 +174,12 @@ class Daemon:
                 if kv is None:
                     msg = missing_config_message(self.registry)
                 else:
-                    return parse_network_config(kv.value)
+                    config = parse_network_config(kv.value)
+                    why = unsupported(config)
+                    if not why:
+                        self._config_raw = kv.value
+                        return config
+                    msg = f"network config {key} cannot be used: {why}"
             except ConfigError as exc:
                 msg = f"network config {key} is invalid: {exc}"
             except RegistryError as exc:
@@ -177,15 +195,21 @@ class Daemon:
     def host_facts(self) -> HostFacts:
         s = self.settings
         iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip)
-        log.info("using interface %s (index %d, MTU %d, address %s), public IP %s",
-                 iface.name, iface.index, iface.mtu, addr, public)
-        return HostFacts(iface.name, iface.index, iface.mtu, addr, public, Path(s.state_dir))
+        public6 = None
+        if self.config is not None and self.config.enable_ipv6:
+            public6 = public_ipv6_for(iface, s.public_ipv6)
+        log.info("using interface %s (index %d, MTU %d, address %s), public IP %s%s",
+                 iface.name, iface.index, iface.mtu, addr, public,
+                 f", public IPv6 {public6}" if public6 else "")
+        return HostFacts(iface.name, iface.index, iface.mtu, addr, public, Path(s.state_dir),
+                         public6)
 
     def subnet_env(self) -> SubnetEnv:
         assert self.config is not None and self.leases is not None
         assert self.contribution is not None
-        return SubnetEnv(self.config.network, self.leases.lease.subnet, self.contribution.mtu,
-                         self.settings.ip_masq)
+        lease = self.leases.lease
+        return SubnetEnv(self.config.network, lease.subnet, self.contribution.mtu,
+                         self.settings.ip_masq, self.config.ipv6_network, lease.ipv6_subnet)
 
     def write_subnet_env(self) -> bool:
         """(Re)write subnet.env when its content differs; False (and logged) on failure."""
@@ -296,17 +320,19 @@ class Daemon:
                      cfg.backend.type)
         log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
                  cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend.type)
-        host = self.host_facts()
+        host = self.host = self.host_facts()
         self.status.public_ip = str(host.public_ip)
         self.backend = backend_class(cfg.backend.type)(cfg, host)
         self.status.backend = cfg.backend.type
         self._phase("preparing backend")
         self.contribution = self.backend.prepare()
-        attrs = LeaseAttrs(public_ip=host.public_ip, backend_type=self.contribution.backend_type,
-                           backend_data=self.contribution.backend_data)
-        previous, _ = previous_subnets(self.settings.subnet_file)
+        attrs = LeaseAttrs(public_ip=host.public_ip, public_ipv6=host.public_ipv6,
+                           backend_type=self.contribution.backend_type,
+                           backend_data=self.contribution.backend_data,
+                           backend_v6_data=self.contribution.backend_v6_data)
+        previous, previous6 = previous_subnets(self.settings.subnet_file)
         self.leases = LeaseManager(self.registry, cfg, attrs, ttl=self.settings.subnet_lease_ttl,
-                                   previous_subnet=previous)
+                                   previous_subnet=previous, previous_subnet6=previous6)
         self._phase("acquiring lease")
         try:
             lease = self._retry("acquiring a subnet lease", self.leases.acquire)
@@ -318,11 +344,15 @@ class Daemon:
         self._lease_changed()
         # full snapshot before any kernel write
         self._phase("loading peer leases")
-        listed = self._retry("listing leases", lambda: self.registry.list_prefix(self._subnets_prefix))
+        listed = self._retry("listing leases",
+                             lambda: self.registry.list_prefix(self.registry.key("")))
         if listed is None:
             return EXIT_OK
         items, revision = listed
-        self.peers = PeerTable(lease.subnet)
+        for kv in items:  # the config may have changed since we read it: handle it in the loop
+            if kv.key == self._config_key and kv.value != self._config_raw:
+                self.events.put(WatchEvent("put", kv.key, kv.value, 0, kv.mod_revision))
+        self.peers = PeerTable(lease.subnet, cfg.network)
         self._log_rejected(self.peers.reset(self._raw(items)))
         self._phase("programming backend")
         self._sync(None)
@@ -355,7 +385,8 @@ class Daemon:
 
     def _start_threads(self, start_revision: int) -> None:
         def watch() -> None:
-            for item in self.registry.watch_prefix(self._subnets_prefix, start_revision, self.stop):
+            # one watch for the config and the subnets, resumable from one revision
+            for item in self.registry.watch_prefix(self.registry.key(""), start_revision, self.stop):
                 self.events.put(item)
 
         def keepalive() -> None:
@@ -423,6 +454,9 @@ class Daemon:
         if item is _LEASE_GONE:
             return self._recover("our etcd lease expired or was revoked")
         if isinstance(item, WatchResync):
+            cfg_kv = next((kv for kv in item.items if kv.key == self._config_key), None)
+            if cfg_kv is not None and cfg_kv.value != self._config_raw:
+                self._config_event(cfg_kv.value)
             raws = self._raw(item.items)
             own_name = self.leases.key[len(self._subnets_prefix):]
             if not any(r.name == own_name for r in raws):
@@ -431,6 +465,10 @@ class Daemon:
             self._log_rejected(changes)
             return None
         if isinstance(item, WatchEvent):
+            if item.key == self._config_key:
+                return self._config_event(item.value if item.kind == "put" else None)
+            if not item.key.startswith(self._subnets_prefix):
+                return set()
             name = item.key[len(self._subnets_prefix):]
             if item.key == self.leases.key:
                 return self._own_key_event(item)
@@ -460,6 +498,116 @@ class Daemon:
             log.info("our lease key is now %s; following it", kind)
             self.leases.state.lease = seen
         return set()
+
+    # ------------------------------------------------------------------ live reconfiguration
+
+    def _config_event(self, raw: bytes | None) -> set[IPv4Network] | None:
+        """A new <prefix>/config: validate it, then apply it live (None = full sync needed)."""
+        if raw is None:
+            log.warning("network config %s was deleted; keeping the running configuration",
+                        self._config_key)
+            return set()
+        if raw == self._config_raw:
+            return set()
+        try:
+            new = parse_network_config(raw)
+        except ConfigError as exc:
+            self.status.config_error = str(exc)
+            self._write_status()
+            log.error("new network config rejected (%s); the running configuration stays in "
+                      "force", exc)
+            return set()
+        try:
+            backend_class(new.backend.type)
+            why = unsupported(new)
+            if why:
+                raise KeyError(why)
+        except KeyError as exc:
+            self.status.config_error = str(exc.args[0])
+            self._write_status()
+            log.error("new network config rejected (%s); the running configuration stays in "
+                      "force", exc.args[0])
+            return set()
+        self.status.config_error = ""
+        self._config_raw = raw
+        if new == self.config:
+            return set()
+        self._apply_config(new)
+        return None
+
+    def _apply_config(self, new: NetworkConfig) -> None:
+        """Switch to `new` without a restart: new backend first, then the old one's removal."""
+        assert self.config is not None and self.leases is not None and self.host is not None
+        assert self.backend is not None
+        old_cfg, old_backend = self.config, self.backend
+        lease = self.leases.lease
+        keeps_lease = new.contains_subnet(lease.subnet) and new.contains_ipv6_subnet(
+            lease.ipv6_subnet)
+        same_device = (old_cfg.backend.type == new.backend.type
+                       and old_cfg.backend.vni == new.backend.vni
+                       and old_cfg.backend.port == new.backend.port)
+        # the old entries belong to another network: the new backend's ownership rules would
+        # not recognise them, so the old backend removes them first (renumbering breaks the
+        # pods' traffic anyway)
+        network_changed = (old_cfg.network != new.network
+                           or old_cfg.ipv6_network != new.ipv6_network)
+        log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live",
+                    old_cfg.backend.type, new.backend.type, old_cfg.network, new.network)
+        if same_device or network_changed:
+            # the new instance reuses the device; the old one must let go of it first (udp)
+            old_backend.shutdown()
+        if network_changed:
+            self._teardown(old_backend, old_cfg.backend.type)
+        backend = backend_class(new.backend.type)(new, self.host)
+        try:
+            contribution = backend.prepare()
+        except Exception as exc:  # noqa: BLE001 - keep running on the old config
+            log.error("cannot set up backend %s (%s); keeping %s", new.backend.type, exc,
+                      old_cfg.backend.type)
+            if same_device:
+                old_backend.prepare()
+            return
+        self.config = new
+        self.leases.config = new
+        self.peers.set_network(new.network)
+        attrs = LeaseAttrs(public_ip=self.host.public_ip, public_ipv6=self.host.public_ipv6,
+                           backend_type=contribution.backend_type,
+                           backend_data=contribution.backend_data,
+                           backend_v6_data=contribution.backend_v6_data)
+        self.backend, self.contribution = backend, contribution
+        self.status.backend = new.backend.type
+        if keeps_lease:
+            self.leases.update_attrs(attrs)
+        else:
+            log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
+                      "subnet. Pods on this host must be re-attached.", lease.subnet, new.network)
+            self.leases.attrs = attrs
+            self.leases.release()
+            try:
+                self._retry("leasing a subnet in the new network", self.leases.acquire)
+            except OutOfSubnets as exc:
+                log.error("%s", exc)
+                self.out_of_subnets = True
+                return
+            self.peers.set_own(self.leases.lease.subnet)
+        self._lease_changed()
+        self._sync(None)
+        if not same_device and not network_changed:
+            self._teardown(old_backend, old_cfg.backend.type)
+            old_backend.shutdown()
+        if self.masq is not None and new.network is not None and (
+                old_cfg.network != new.network or not keeps_lease):
+            self.masq.retarget(new.network, self.leases.lease.subnet)
+        self._masquerade()
+        self.write_subnet_env()
+        log.info("now running %s on %s", new.backend.type, self.leases.lease.subnet)
+
+    @staticmethod
+    def _teardown(backend: Backend, name: str) -> None:
+        try:
+            backend.teardown()
+        except Exception:  # noqa: BLE001 - leftovers are swept by the next full sync or start
+            log.exception("removing the %s backend's kernel entries failed", name)
 
     def _own_value(self) -> str:
         from netagent.lease import encode_attrs

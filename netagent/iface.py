@@ -11,7 +11,7 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 
 class IfaceError(RuntimeError):
@@ -24,6 +24,8 @@ class Iface:
     index: int
     mtu: int
     addrs: tuple[IPv4Address, ...]
+    #: global-scope IPv6 addresses (link-local ones cannot carry the overlay)
+    addrs6: tuple[IPv6Address, ...] = ()
 
 
 def list_ifaces() -> list[Iface]:
@@ -34,11 +36,16 @@ def list_ifaces() -> list[Iface]:
         addrs: dict[int, list[IPv4Address]] = {}
         for msg in ipr.get_addr(family=socket.AF_INET):
             addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
+        addrs6: dict[int, list[IPv6Address]] = {}
+        for msg in ipr.get_addr(family=socket.AF_INET6):
+            if msg["scope"] == 0:  # RT_SCOPE_UNIVERSE
+                addrs6.setdefault(msg["index"], []).append(
+                    IPv6Address(msg.get_attr("IFA_ADDRESS")))
     out = []
     for index, link in sorted(links.items()):
         out.append(
             Iface(link.get_attr("IFLA_IFNAME"), index, int(link.get_attr("IFLA_MTU") or 1500),
-                  tuple(addrs.get(index, ())))
+                  tuple(addrs.get(index, ())), tuple(addrs6.get(index, ())))
         )
     return out
 
@@ -110,6 +117,19 @@ def choose_iface(
         raise IfaceError(f"interface {chosen.name} has no IPv4 address")
     public = IPv4Address(public_ip) if public_ip else addr
     return chosen, addr, public
+
+
+def public_ipv6_for(iface: Iface, wanted: str) -> IPv6Address:
+    """The IPv6 address to advertise: --public-ipv6, else the interface's first global one."""
+    if wanted:
+        try:
+            return IPv6Address(wanted)
+        except ValueError:
+            raise IfaceError(f"--public-ipv6 {wanted!r} is not an IPv6 address") from None
+    if not iface.addrs6:
+        raise IfaceError(f"EnableIPv6 is set but {iface.name} has no global IPv6 address; "
+                         "add one or pass --public-ipv6")
+    return iface.addrs6[0]
 
 
 def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str

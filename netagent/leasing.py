@@ -161,6 +161,29 @@ class LeaseManager:
     def key(self) -> str:
         return self._key(self.lease.subnet, self.lease.ipv6_subnet)
 
+    def update_attrs(self, attrs: LeaseAttrs) -> None:
+        """New backend data for the lease we hold: rewrite the value on the same etcd lease."""
+        self.attrs = attrs
+        state = self.state
+        if state is None or state.lease.attrs == attrs:
+            return
+        self.registry.put(self.key, encode_attrs(attrs), state.lease.lease_id)
+        state.lease = replace(state.lease, attrs=attrs)
+
+    def release(self) -> None:
+        """Give our subnet back (renumbering): delete the key and revoke its etcd lease."""
+        state = self.state
+        if state is None:
+            return
+        self.registry.delete(self.key)
+        if state.lease.lease_id:
+            try:
+                self.registry.revoke(state.lease.lease_id)
+            except RegistryError as exc:
+                log.warning("revoking our old etcd lease failed (it will expire): %s", exc)
+        self.previous_subnet = None
+        self.previous_subnet6 = None
+
     def keepalive_interval(self) -> float:
         """Keepalives run often (a third of the TTL, at most every 5 min) so the TTL stays full."""
         return max(0.5, min(self.ttl / 3.0, 300.0))

@@ -40,13 +40,23 @@ class PeerChanges:
 
 
 class PeerTable:
-    """subnet -> Lease for every lease in etcd except our own subnet."""
+    """subnet -> Lease for every lease in etcd inside our network, except our own subnet.
 
-    def __init__(self, own_subnet: IPv4Network | None = None) -> None:
+    Leases outside the network (left over from before a live network change, or written for
+    another network) are kept aside in `outside`, so a later network change can bring them back.
+    """
+
+    def __init__(self, own_subnet: IPv4Network | None = None,
+                 network: IPv4Network | None = None) -> None:
         self.own_subnet = own_subnet
+        self.network = network
         self.peers: dict[IPv4Network, Lease] = {}
+        self.outside: dict[IPv4Network, Lease] = {}
         #: key name -> reason, for keys currently holding an unusable value
         self.invalid: dict[str, str] = {}
+
+    def _inside(self, subnet: IPv4Network) -> bool:
+        return self.network is None or subnet.subnet_of(self.network)
 
     def _decode(self, raw: RawLease, changes: PeerChanges) -> Lease | None:
         try:
@@ -61,11 +71,15 @@ class PeerTable:
         changes = PeerChanges()
         new: dict[IPv4Network, Lease] = {}
         self.invalid = {}
+        self.outside = {}
         for raw in snapshot:
             lease = self._decode(raw, changes)
             if lease is None:
                 continue
             if lease.subnet == self.own_subnet:
+                continue
+            if not self._inside(lease.subnet):
+                self.outside[lease.subnet] = lease
                 continue
             new[lease.subnet] = lease
         # a key whose value is now malformed keeps its last good lease
@@ -85,6 +99,11 @@ class PeerTable:
         if lease is None or lease.subnet == self.own_subnet:
             return changes
         self.invalid.pop(raw.name, None)
+        if not self._inside(lease.subnet):
+            self.outside[lease.subnet] = lease
+            if self.peers.pop(lease.subnet, None) is not None:
+                changes.removed.add(lease.subnet)
+            return changes
         if self.peers.get(lease.subnet) != lease:
             self.peers[lease.subnet] = lease
             changes.added.add(lease.subnet)
@@ -97,6 +116,23 @@ class PeerTable:
             if lease.key == name:
                 del self.peers[subnet]
                 changes.removed.add(subnet)
+        for subnet, lease in list(self.outside.items()):
+            if lease.key == name:
+                del self.outside[subnet]
+        return changes
+
+    def set_network(self, network: IPv4Network | None) -> PeerChanges:
+        """The network changed live: peers outside it step aside, returning ones come back."""
+        changes = PeerChanges()
+        self.network = network
+        for subnet, lease in list(self.peers.items()):
+            if not self._inside(subnet):
+                self.outside[subnet] = self.peers.pop(subnet)
+                changes.removed.add(subnet)
+        for subnet, lease in list(self.outside.items()):
+            if self._inside(subnet) and subnet != self.own_subnet:
+                self.peers[subnet] = self.outside.pop(subnet)
+                changes.added.add(subnet)
         return changes
 
     def set_own(self, subnet: IPv4Network | None) -> PeerChanges:

@@ -40,6 +40,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("iface", [], "interface name or IP to use (repeatable, tried in order)", list),
     Flag("iface-regex", [], "regex on interface IPs, then names (repeatable)", list),
     Flag("public-ip", "", "IPv4 address peers use to reach this host"),
+    Flag("public-ipv6", "", "IPv6 address peers use to reach this host (dual stack)"),
     Flag("subnet-file", "/run/flannel/subnet.env", "where to write subnet.env"),
     Flag("subnet-lease-renew-margin", 60,
          "minutes before expiry by which the lease must be renewed (1-1439)", int),
@@ -68,6 +69,7 @@ class AgentSettings:
     iface: tuple[str, ...]
     iface_regex: tuple[str, ...]
     public_ip: str
+    public_ipv6: str
     subnet_file: str
     subnet_lease_renew_margin: int
     subnet_lease_ttl: int

@@ -98,3 +98,16 @@ def test_keys_off_the_grammar_are_ignored() -> None:
     t = PeerTable(OWN)
     ch = t.put(RawLease("not-a-subnet", b'{"PublicIP":"1.2.3.4"}'))
     assert not ch and "not-a-subnet" in ch.rejected and t.peers == {}
+
+
+def test_leases_outside_the_network_step_aside_and_come_back() -> None:
+    t = PeerTable(OWN, IPv4Network("10.5.0.0/16"))
+    t.reset([put(2)[1], RawLease("10.6.3.0-24", b'{"PublicIP":"1.2.3.4"}', 7, 1)])
+    assert set(t.peers) == {IPv4Network("10.5.2.0/24")}
+    assert set(t.outside) == {IPv4Network("10.6.3.0/24")}
+    ch = t.set_network(IPv4Network("10.6.0.0/16"))
+    assert ch.added == {IPv4Network("10.6.3.0/24")} and ch.removed == {IPv4Network("10.5.2.0/24")}
+    ch = t.put(put(4)[1])  # a new lease in the old network: set aside, no change
+    assert not ch and IPv4Network("10.5.4.0/24") in t.outside
+    t.delete("10.5.4.0-24")
+    assert IPv4Network("10.5.4.0/24") not in t.outside

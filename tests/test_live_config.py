@@ -1,0 +1,119 @@
+"""Live reconfiguration (issue 9): operators change <prefix>/config with etcdctl while agents run."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from harness import Host, Lab, PingRun, kernel_state, read_env_file, sh, wait_for
+
+pytestmark = pytest.mark.privileged
+
+PREFIX = "/coreos.com/network"
+
+
+def cfg(backend: dict[str, object], network: str = "10.50.0.0/16", **extra: object) -> str:
+    return json.dumps({"Network": network, "Backend": backend, **extra})
+
+
+def start(lab: Lab, n: int, config: str, *args: str) -> list[Host]:
+    assert lab.etcd is not None
+    lab.etcd.put(f"{PREFIX}/config", config)
+    hosts = [lab.add_host() for _ in range(n)]
+    for h in hosts:
+        lab.start_agent(h, "--repair-interval", "2", *args)
+    for h in hosts:
+        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
+    pods = [lab.add_pod(h) for h in hosts]
+    wait_for(lambda: all(p.ping(q.ip) for p in pods for q in pods if p is not q), 30,
+             interval=0.3, what="all pods reach each other")
+    return hosts
+
+
+def routes(h: Host) -> list[str]:
+    return sh("ip", "-4", "route", "show", "proto", "111", ns=h.name).stdout.splitlines()
+
+
+def mesh_ok(lab: Lab) -> bool:
+    return all(p.ping(q.ip) for p in lab.pods for q in lab.pods if p is not q)
+
+
+def test_direct_routing_and_mtu_change_live(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = start(lab, 3, cfg({"Type": "vxlan"}))
+    assert all("flannel.1" in r for h in hosts for r in routes(h))
+    p1, p2 = lab.pods[0], lab.pods[1]
+    ping = PingRun(p1, p2.ip, 12, interval=0.05)
+    lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "vxlan", "DirectRouting": True}))
+    for h in hosts:  # same L2: every peer is now routed straight over the underlay
+        wait_for(lambda h=h: routes(h) and all("flannel.1" not in r and "eth0" in r
+                                               for r in routes(h)), 15,
+                 what=f"{h.name} direct routes")
+    lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "vxlan", "DirectRouting": True, "MTU": 1400}))
+    for h in hosts:
+        wait_for(lambda h=h: read_env_file(h.subnet_file)["FLANNEL_MTU"] == "1350", 15,
+                 what=f"{h.name} subnet.env MTU")
+        assert "mtu 1350" in h.run("ip", "link", "show", "flannel.1").stdout
+    tx, rx = ping.result()
+    print(f"\nvxlan -> DirectRouting -> MTU change: {tx - rx}/{tx} pings lost")
+    assert mesh_ok(lab)
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None
+
+
+def test_invalid_config_leaves_the_network_untouched(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = start(lab, 2, cfg({"Type": "vxlan"}))
+    before = {h.name: (kernel_state(h.name, ["flannel.1"]), h.subnet_file.read_text())
+              for h in hosts}
+    leases = lab.etcd.get_prefix(f"{PREFIX}/subnets/")
+    for bad, words in [
+        ("{broken", "not valid JSON"),
+        (cfg({"Type": "vxlan"}, network="10.50.0.0/30"), "too small"),
+        (cfg({"Type": "quantum"}), "unknown backend type"),
+        (cfg({"Type": "vxlan"}, SubnetLen=33), "SubnetLen"),
+        (json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fc00::/48"}),
+         "IPv6-only"),
+    ]:
+        lab.etcd.put(f"{PREFIX}/config", bad)
+        for h in hosts:
+            wait_for(lambda h=h, w=words: w in lab.log(h), 10, what=f"{h.name} rejects {words}")
+            status = json.loads((h.state_dir / "status.json").read_text())
+            assert words in status["config_error"]
+    time.sleep(2.5)  # a repair tick on the old config
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None
+        assert (kernel_state(h.name, ["flannel.1"]), h.subnet_file.read_text()) == before[h.name]
+    assert lab.etcd.get_prefix(f"{PREFIX}/subnets/") == leases
+    assert mesh_ok(lab)
+    # deleting the config keeps the running one too
+    lab.etcd.ctl("del", f"{PREFIX}/config")
+    for h in hosts:
+        wait_for(lambda h=h: "was deleted; keeping" in lab.log(h), 10, what="delete ignored")
+    assert mesh_ok(lab)
+
+
+def test_network_change_renumbers_cleanly(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = start(lab, 2, cfg({"Type": "vxlan"}))
+    lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "vxlan"}, network="10.51.0.0/16"))
+    for h in hosts:
+        wait_for(lambda h=h: read_env_file(h.subnet_file)["FLANNEL_SUBNET"].startswith("10.51."),
+                 20, what=f"{h.name} renumbered")
+        assert read_env_file(h.subnet_file)["FLANNEL_NETWORK"] == "10.51.0.0/16"
+        assert "must be re-attached" in lab.log(h)
+    keys = lab.etcd.get_prefix(f"{PREFIX}/subnets/")
+    assert len(keys) == 2 and all("/10.51." in k for k in keys)
+    # old peer routes are gone; new ones point at the new subnets
+    for h in hosts:
+        wait_for(lambda h=h: routes(h) and all(r.startswith("10.51.") for r in routes(h)), 15,
+                 what=f"{h.name} routes in the new network")
+    # pods re-attached in the new subnets reach each other
+    for pod in list(lab.pods):
+        sh("ip", "netns", "del", pod.name, check=False)
+        lab.pods.remove(pod)
+    for h in hosts:
+        sh("ip", "link", "del", "cni0", ns=h.name, check=False)
+    new_pods = [lab.add_pod(h) for h in hosts]
+    wait_for(lambda: new_pods[0].ping(new_pods[1].ip), 20, what="new pods ping")
