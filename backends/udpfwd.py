@@ -370,6 +370,73 @@ class MmsgBatch:
         self.stride = stride
 
 
+class GsoGroups:
+    """Send a filled :class:`MmsgBatch` as UDP GSO messages in one ``sendmmsg``.
+
+    Consecutive packets for the same peer with the same length (the last of a run may be
+    shorter) become one message whose iovecs are those packets' slots, with a UDP_SEGMENT
+    control message: the kernel then builds one skb per run and cuts it into datagrams as late
+    as it can (on veth, at the receiving socket), instead of running its output path once per
+    datagram. Each datagram on the wire is still exactly one inner packet.
+    """
+
+    CMSG_SPACE = 24  # CMSG_SPACE(sizeof(uint16_t)) on 64-bit Linux
+    MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS is 64 on older kernels, 128 on newer
+    MAX_BYTES = 65000  # one UDP send carries at most 64 kB
+
+    def __init__(self, batch: MmsgBatch) -> None:
+        n = batch.count
+        self.batch = batch
+        self.msgs = (_Mmsghdr * n)()
+        self.cmsgs = (ctypes.c_char * (n * self.CMSG_SPACE))()
+        self.words = memoryview(self.msgs).cast("B").cast("Q")  # 8 words per mmsghdr
+        assert ctypes.sizeof(_Mmsghdr) == 64
+        iov, names = ctypes.addressof(batch.iov), ctypes.addressof(batch.names)
+        cm = ctypes.addressof(self.cmsgs)
+        self.iov_addr = [iov + 16 * i for i in range(n)]
+        self.name_addr = [names + 16 * i for i in range(n)]
+        self.cmsg_addr = [cm + self.CMSG_SPACE * g for g in range(n)]
+        for g in range(n):
+            # cmsghdr: len = CMSG_LEN(2) = 18, SOL_UDP, UDP_SEGMENT; data (u16) at +16
+            struct.pack_into("=QiiH", self.cmsgs, self.CMSG_SPACE * g, 18, socket.SOL_UDP,
+                             UDP_SEGMENT, 0)
+            self.words[8 * g + 1] = MmsgBatch.SOCKADDR_LEN
+        self.sizes = memoryview(self.cmsgs).cast("B").cast("H")  # [12 g + 8] = segment size
+        self.addr = ctypes.addressof(self.msgs)
+
+    def build(self, nq: int) -> tuple[int, list[int]]:
+        """Group the first `nq` queued packets; (messages, packets per message)."""
+        b = self.batch
+        lens, names, w = b.iov_lens, b.name_slots, self.words
+        per: list[int] = []
+        g = i = 0
+        while i < nq:
+            size = lens[2 * i + 1]
+            name = names[i]
+            j, total = i + 1, size
+            while j < nq and j - i < self.MAX_SEGMENTS and total + size <= self.MAX_BYTES \
+                    and lens[2 * j + 1] == size and names[j] == name:
+                total += size
+                j += 1
+            if j < nq and j - i < self.MAX_SEGMENTS and lens[2 * j + 1] < size \
+                    and total + lens[2 * j + 1] <= self.MAX_BYTES and names[j] == name:
+                j += 1  # a shorter last segment is allowed
+            base = 8 * g
+            w[base] = self.name_addr[i]
+            w[base + 2] = self.iov_addr[i]
+            w[base + 3] = j - i
+            if j - i > 1:
+                w[base + 4] = self.cmsg_addr[g]
+                w[base + 5] = self.CMSG_SPACE
+                self.sizes[12 * g + 8] = size
+            else:
+                w[base + 4] = w[base + 5] = 0
+            per.append(j - i)
+            g += 1
+            i = j
+        return g, per
+
+
 # --------------------------------------------------------------------------- offload helpers
 
 
@@ -546,7 +613,7 @@ class Forwarder:
     """
 
     def __init__(self, tun_fd: int, sock: socket.socket, *, vnet: bool = False,
-                 gro: bool | None = None, tso: bool | None = None,
+                 gro: bool | None = None, tso: bool | None = None, gso: bool = True,
                  stats: dict[str, Any] | None = None) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
@@ -564,6 +631,8 @@ class Forwarder:
         self.vnet = vnet
         self.gro = vnet if gro is None else (gro and vnet)
         self.tso = vnet if tso is None else (tso and vnet)
+        #: UDP GSO for runs of equal packets; switched off for good if the kernel refuses it
+        self.gso = gso
 
     # -- control
 
@@ -651,6 +720,7 @@ class Forwarder:
         name_slots, iov_lens = batch.name_slots, batch.iov_lens
         msgs_addr, stride, limit = batch.msgs_addr, batch.stride, batch.count
         gso_out = memoryview(bytearray(2 * BUF_SIZE))
+        groups = GsoGroups(batch) if self.gso else None
         sendmsg = sock.sendmsg
         counts = {"tx_packets": 0, "tx_bytes": 0, "tx_tso_packets": 0}
         drops = dict.fromkeys(DROP_REASONS, 0)
@@ -716,8 +786,17 @@ class Forwarder:
                 name_slots[nq][:] = peer[1]
                 nq += 1
             if nq:
-                sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq, iov_lens,
-                                              drops)
+                if groups is not None and self.gso:
+                    sent, sbytes = self._send_groups(libc, fileno, groups, nq, drops)
+                    if sent < 0:  # the kernel has no UDP GSO: plain datagrams from now on
+                        log.warning("UDP GSO refused (%s); sending datagram by datagram",
+                                    os.strerror(-sent))
+                        self.gso = False
+                        sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq,
+                                                      iov_lens, drops)
+                else:
+                    sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq,
+                                                  iov_lens, drops)
                 counts["tx_packets"] += sent
                 nbytes += sbytes
             counts["tx_bytes"] += nbytes
@@ -741,6 +820,27 @@ class Forwarder:
             done += r
         nbytes = sum(iov_lens[2 * i + 1] for i in range(done))
         return done, nbytes
+
+    @staticmethod
+    def _send_groups(libc: Any, fileno: int, groups: GsoGroups, nq: int,
+                     drops: dict[str, int]) -> tuple[int, int]:
+        """Send the queued packets as GSO runs; (packets sent, bytes), or (-errno, 0) when the
+        kernel rejects UDP_SEGMENT itself before anything was sent."""
+        count, per = groups.build(nq)
+        lens = groups.batch.iov_lens
+        done = 0
+        while done < count:
+            r = libc.sendmmsg(fileno, groups.addr + done * 64, count - done, 0)
+            if r <= 0:
+                err = ctypes.get_errno()
+                if done == 0 and err in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT,
+                                         errno.EOPNOTSUPP):
+                    return -err, 0
+                drops["send_error"] += sum(per[done:])
+                break
+            done += r
+        sent = sum(per[:done])
+        return sent, sum(lens[2 * i + 1] for i in range(sent))
 
     @staticmethod
     def _send_gso(sendmsg: Any, buf: memoryview, n: int, out: memoryview, mss: int,
