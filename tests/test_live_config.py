@@ -117,3 +117,50 @@ def test_network_change_renumbers_cleanly(lab: Lab) -> None:
         sh("ip", "link", "del", "cni0", ns=h.name, check=False)
     new_pods = [lab.add_pod(h) for h in hosts]
     wait_for(lambda: new_pods[0].ping(new_pods[1].ip), 20, what="new pods ping")
+
+
+def test_generated_hostile_configs_are_rejected_while_agents_run(lab: Lab) -> None:
+    """200 configs drawn by hypothesis, none of them usable, written with etcdctl."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from netagent.config import ConfigError, parse_network_config
+
+    assert lab.etcd is not None
+    hosts = start(lab, 2, cfg({"Type": "vxlan"}))
+    before = {h.name: kernel_state(h.name, ["flannel.1"]) for h in hosts}
+    written: list[str] = []
+    value = st.one_of(st.none(), st.booleans(), st.integers(-3, 70000), st.text(max_size=12),
+                      st.sampled_from(["10.50.0.0/16", "10.50.0.0/31", "fc00::/64", "10.50.1.7",
+                                       "300.1.1.0/16", "10.50.0.0/8"]))
+    backend = st.dictionaries(st.sampled_from(["Type", "VNI", "Port", "MTU", "DirectRouting"]),
+                              st.one_of(value, st.sampled_from(["vxlan", "udp", "nope", ""])))
+    doc = st.dictionaries(st.sampled_from(["Network", "SubnetLen", "SubnetMin", "SubnetMax",
+                                           "EnableIPv4", "EnableIPv6", "IPv6Network",
+                                           "Backend"]),
+                          st.one_of(value, backend), min_size=1)
+    # NUL cannot pass through etcdctl's argv, so operators cannot write it either
+    raw = st.one_of(doc.map(json.dumps), st.text(max_size=40), st.binary(max_size=40).map(
+        lambda b: b.decode("latin-1"))).filter(lambda t: "\x00" not in t)
+
+    @settings(max_examples=200, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(raw)
+    def write(text: str) -> None:
+        try:
+            parse_network_config(text)
+        except ConfigError:
+            lab.etcd.ctl("put", f"{PREFIX}/config", "--", text)  # type: ignore[union-attr]
+            written.append(text)
+
+    write()
+    assert len(written) >= 150
+    lab.etcd.put(f"{PREFIX}/config", '{"Network":"10.50.0.0/16","Backend":{"Type":"vxlan"}}')
+    for h in hosts:
+        wait_for(lambda h=h: lab.log(h).count("new network config rejected") >= len(written),
+                 30, what=f"{h.name} rejecting every generated config")
+        assert h.agent is not None and h.agent.poll() is None
+    time.sleep(2.5)
+    for h in hosts:
+        assert kernel_state(h.name, ["flannel.1"]) == before[h.name]
+    assert mesh_ok(lab)
