@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                                **_fmt("config validate"))  # type: ignore[arg-type]
     validate.add_argument("file", metavar="FILE|-")
     validate.set_defaults(func=cmd_config_validate)
-    config.set_defaults(func=lambda a: (config.print_help(), 2)[1])
+    def config_help(_args: argparse.Namespace) -> int:
+        config.print_help()
+        return 2
+
+    config.set_defaults(func=config_help)
     _add_ops_commands(sub, csub)
     return parser
 

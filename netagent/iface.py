@@ -11,7 +11,7 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 
 class IfaceError(RuntimeError):
@@ -76,7 +76,7 @@ def choose_iface(
     addr: IPv4Address | None = None
     for spec in names:
         try:
-            want = ip_address(spec)
+            want: IPv4Address | None = IPv4Address(spec)
         except ValueError:
             want = None
         for i in ifaces:

@@ -125,11 +125,11 @@ class PeerTable:
         """The network changed live: peers outside it step aside, returning ones come back."""
         changes = PeerChanges()
         self.network = network
-        for subnet, lease in list(self.peers.items()):
+        for subnet in list(self.peers):
             if not self._inside(subnet):
                 self.outside[subnet] = self.peers.pop(subnet)
                 changes.removed.add(subnet)
-        for subnet, lease in list(self.outside.items()):
+        for subnet in list(self.outside):
             if self._inside(subnet) and subnet != self.own_subnet:
                 self.peers[subnet] = self.outside.pop(subnet)
                 changes.added.add(subnet)
