@@ -97,7 +97,7 @@ def random_subnet() -> tuple[str, str, str]:
 def random_subnet6() -> tuple[str, str, str]:
     """(overlay network /56, host subnet /64 with ::1, prefix "fd6e:…::") in a random ULA."""
     a, g = random.randrange(1, 0xFFFF), random.randrange(1, 0xFFFF)
-    b, c = random.randrange(256), random.randrange(256)
+    b, c = random.randrange(16, 256), random.randrange(256)  # 4th group: 4 digits, canonical
     head = f"fd6e:{a:x}:{g:x}:{b:02x}"
     return f"{head}00::/56", f"{head}{c:02x}::1/64", f"{head}{c:02x}::"
 
