@@ -118,7 +118,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             lease = doc["lease"]
             lease["in_etcd"] = kv is not None
             if kv is not None:
-                lease["lease_id"] = format(kv.lease_id, "x") if kv.lease_id else None
+                lease["lease_id"] = format(kv.lease_id, "016x") if kv.lease_id else None
                 lease["reserved"] = kv.lease_id == 0
                 lease["ttl"] = reg.lease_ttl(kv.lease_id) if kv.lease_id else None
                 try:
@@ -165,7 +165,7 @@ def lease_rows(items: Sequence[Any], prefix: str, ttls: dict[int, int]) -> list[
     for kv in items:
         name = kv.key[len(prefix):]
         row: dict[str, Any] = {"key": kv.key, "subnet": None, "public_ip": None, "backend": None,
-                               "lease_id": format(kv.lease_id, "x") if kv.lease_id else None,
+                               "lease_id": format(kv.lease_id, "016x") if kv.lease_id else None,
                                "ttl": ttls.get(kv.lease_id) if kv.lease_id else None,
                                "reserved": kv.lease_id == 0, "error": None}
         try:

@@ -494,7 +494,7 @@ class Daemon:
             log.error("our lease key %s was overwritten by %s", ev.key, seen.attrs.public_ip)
             return self._recover("our subnet was taken over")
         if self.leases.state is not None and seen.lease_id != self.leases.lease.lease_id:
-            kind = "a reservation" if seen.reserved else f"etcd lease {seen.lease_id:x}"
+            kind = "a reservation" if seen.reserved else f"etcd lease {seen.lease_id:016x}"
             log.info("our lease key is now %s; following it", kind)
             self.leases.state.lease = seen
         return set()

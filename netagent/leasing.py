@@ -113,7 +113,7 @@ class LeaseManager:
                 continue
             created, lease_id, holder = self.registry.create(key, value, self.ttl)
             if created:
-                log.info("%s; leased %s (etcd lease %x, TTL %d s)", plan.reason, plan.subnet,
+                log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason, plan.subnet,
                          lease_id, self.ttl)
                 return self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
                                   self.ttl)
@@ -200,7 +200,7 @@ class LeaseManager:
             log.warning("lease keepalive failed (will retry): %s", exc)
             return True
         if ttl <= 0:
-            log.warning("our etcd lease %x has expired or was revoked", state.lease.lease_id)
+            log.warning("our etcd lease %016x has expired or was revoked", state.lease.lease_id)
             return False
         state.ttl = ttl
         state.renewals += 1

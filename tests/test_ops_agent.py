@@ -193,7 +193,7 @@ def test_metrics_status_and_leases_match_etcd_and_kernel(lab: Lab) -> None:
     meta = lab.etcd.get_json(key)["kvs"][0]  # type: ignore[index]
     assert st["subnet"] == own and st["backend"] == "vxlan" and st["public_ip"] == h1.ip
     assert st["lease"]["key"] == key and st["lease"]["in_etcd"] is True
-    assert st["lease"]["lease_id"] == format(int(meta["lease"]), "x")  # type: ignore[index]
+    assert st["lease"]["lease_id"] == format(int(meta["lease"]), "016x")  # type: ignore[index]
     assert 0 < st["lease"]["ttl"] <= 60 and st["lease"]["reserved"] is False
     assert st["etcd"] == "ok" and st["ready"] is True
     peers = {p["subnet"]: p for p in st["peers"]}
@@ -215,7 +215,7 @@ def test_metrics_status_and_leases_match_etcd_and_kernel(lab: Lab) -> None:
         assert r["public_ip"] == json.loads(v)["PublicIP"]
         lease_id = int(lab.etcd.get_json(k)["kvs"][0].get("lease", 0))  # type: ignore[index,union-attr]
         if lease_id:
-            assert r["lease_id"] == format(lease_id, "x") and not r["reserved"]
+            assert r["lease_id"] == format(lease_id, "016x") and not r["reserved"]
             assert 0 < r["ttl"] <= 60
         else:
             assert r["reserved"] and r["lease_id"] is None and r["ttl"] is None
