@@ -124,7 +124,7 @@ class UdpBackend(Backend):
         log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (%s)", DEVICE,
                  self.ifindex, self.mtu, self.host.iface_addr, self.port,
                  f"offloads: gro {self.forwarder.gro}, gso {self.forwarder.gso}, "
-                 f"tso {self.forwarder.tso}")
+                 f"udp gro {self.forwarder.udp_gro}, tso {self.forwarder.tso}")
         return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
 
     def activate(self, own: Lease) -> None:
@@ -192,9 +192,11 @@ class UdpBackend(Backend):
         per-segment TCP checksum in Python costs more than the kernel's own segmentation
         (bench/README.md, udp section)."""
         assert self.sock is not None
-        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", "gro,gso").replace(" ", "").split(",")
-        return Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in knob,
-                         tso="tso" in knob, gso="gso" in knob, stats=self.stats)
+        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", "gro,gso,udpgro").replace(" ", "")
+        want = knob.split(",")
+        return Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in want,
+                         tso="tso" in want, gso="gso" in want, udp_gro="udpgro" in want,
+                         stats=self.stats)
 
     # -- device, address, route (netlink through the dataplane's Kernel)
 

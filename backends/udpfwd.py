@@ -80,6 +80,7 @@ VNET_GSO_NONE = 0
 VNET_GSO_TCPV4 = 1
 # linux/udp.h
 UDP_SEGMENT = 103
+UDP_GRO = 104
 #: largest UDP payload one UDP_SEGMENT send may carry
 GSO_SEND_LIMIT = 65000
 
@@ -335,7 +336,7 @@ class MmsgBatch:
 
     SOCKADDR_LEN = 16
 
-    def __init__(self, count: int, size: int, headroom: int = 0) -> None:
+    def __init__(self, count: int, size: int, headroom: int = 0, control: bool = False) -> None:
         self.count, self.size = count, size
         self.data = (ctypes.c_char * (count * size))()
         self.names = (ctypes.c_char * (count * self.SOCKADDR_LEN))()
@@ -368,6 +369,21 @@ class MmsgBatch:
         self.iov_lens = memoryview(self.iov).cast("B").cast("Q")  # [2i+1] = iov_len of slot i
         self.msgs_addr = ctypes.addressof(self.msgs)
         self.stride = stride
+        #: with `control`: one CMSG_SPACE(2) buffer per slot for the UDP_GRO segment size;
+        #: ``ctl_index[i]`` indexes the slot's msg_controllen (low half) in ``words``, reset
+        #: after each use; ``ctl_words[6 i + 2..4]`` = level, type, data of its cmsghdr
+        self.ctl_index: list[int] = []
+        self.ctl_words = memoryview(b"")
+        if control:
+            space = GsoGroups.CMSG_SPACE
+            self.control = (ctypes.c_char * (count * space))()
+            caddr = ctypes.addressof(self.control)
+            for i in range(count):
+                self.msgs[i].msg_hdr.msg_control = caddr + i * space
+                self.msgs[i].msg_hdr.msg_controllen = space
+            ctl_off = _Msghdr.msg_controllen.offset // 4
+            self.ctl_index = [i * (stride // 4) + ctl_off for i in range(count)]
+            self.ctl_words = memoryview(self.control).cast("B").cast("I")
 
 
 class GsoGroups:
@@ -473,16 +489,23 @@ class Coalescer:
         self.packets = 0  # TUN writes saved, for stats
         self.writes = 0
 
-    def add(self, pkt: memoryview, slot: memoryview, n: int) -> None:
+    def add(self, pkt: memoryview, n: int, slot: memoryview | None) -> None:
         """`pkt[:n]` is IPv4 (no options) + TCP with flags ACK/ACK|PSH, possibly without data;
-        `slot` is the same packet with the (zero) virtio header in front, to write it alone."""
+        `slot` is the same packet with the (zero) virtio header in front, to write it alone
+        (None: the packet is inside a UDP GRO run, with no room in front; it is copied)."""
         thl = (pkt[32] >> 4) << 2
         hlen = 20 + thl
         plen = n - hlen
         if thl < 20 or plen <= 0:
             self.flush()  # pure ACKs and odd headers go out alone, after what came before
             self.writes += 1
-            self.write(slot[:VNET_LEN + n])
+            if slot is None:
+                b = self.buf
+                b[0:VNET_LEN] = _NO_VNET
+                b[VNET_LEN:VNET_LEN + n] = pkt[:n]
+                self.write(b[:VNET_LEN + n])
+            else:
+                self.write(slot[:VNET_LEN + n])
             return
         b = self.buf
         seq = int.from_bytes(pkt[24:28], "big")
@@ -614,7 +637,7 @@ class Forwarder:
 
     def __init__(self, tun_fd: int, sock: socket.socket, *, vnet: bool = False,
                  gro: bool | None = None, tso: bool | None = None, gso: bool = True,
-                 stats: dict[str, Any] | None = None) -> None:
+                 udp_gro: bool = True, stats: dict[str, Any] | None = None) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
         #: swapped whole by the backend's sync; the loop reads it once per batch
@@ -633,6 +656,8 @@ class Forwarder:
         self.tso = vnet if tso is None else (tso and vnet)
         #: UDP GSO for runs of equal packets; switched off for good if the kernel refuses it
         self.gso = gso
+        #: receive runs of datagrams as one buffer (UDP_GRO), split here
+        self.udp_gro = udp_gro
 
     # -- control
 
@@ -882,12 +907,19 @@ class Forwarder:
         from_bytes = int.from_bytes
         libc = self._libc
         h = VNET_LEN if self.vnet else 0
-        batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h)
+        batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h, control=self.udp_gro)
+        if self.udp_gro:
+            try:
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            except OSError:
+                batch.ctl_index = []
+        ctl_index, ctl_words = batch.ctl_index, batch.ctl_words
         dontwait = socket.MSG_DONTWAIT
         slots, packets, addr_slots, words = batch.slots, batch.packets, batch.addr_slots, \
             batch.words
         len_index, namelen_index = batch.len_index, batch.namelen_index
         msgs_addr, count = batch.msgs_addr, batch.count
+        scratch = memoryview(bytearray(BUF_SIZE + h))
         errors = [0]
 
         def write(view: memoryview) -> None:
@@ -909,54 +941,73 @@ class Forwarder:
             sources = table.sources
             own_net, own_mask = table.own
             for i in range(got):
-                n = words[len_index[i]]
+                total = words[len_index[i]]
                 words[namelen_index[i]] = 16
-                buf = packets[i]
+                seg = total
+                if ctl_index:
+                    # UDP_GRO: one buffer may hold a run of datagrams of `seg` bytes each
+                    c = ctl_index[i]
+                    if words[c] and ctl_words[6 * i + 2] == socket.SOL_UDP and \
+                            ctl_words[6 * i + 3] == UDP_GRO:
+                        seg = (ctl_words[6 * i + 4] & 0xFFFF) or total
+                    words[c] = GsoGroups.CMSG_SPACE
                 nets = sources.get(from_bytes(addr_slots[i], "big"))
                 if nets is None:
-                    drops["unknown_source"] += 1
+                    drops["unknown_source"] += -(-total // seg) if seg else 1
                     continue
-                if n < 20:
-                    drops["malformed"] += 1
-                    continue
-                b0 = buf[0]
-                ihl = (b0 & 0x0F) << 2
-                if b0 >> 4 != 4 or ihl < 20 or ihl > n or (buf[2] << 8 | buf[3]) != n or \
-                        from_bytes(buf[:ihl], "big") % 0xFFFF:
-                    drops["malformed"] += 1
-                    continue
-                inner_src = from_bytes(buf[12:16], "big")
-                for net, mask in nets:
-                    if inner_src & mask == net:
-                        break
-                else:
-                    drops["spoofed_inner_source"] += 1
-                    continue
-                if from_bytes(buf[16:20], "big") & own_mask != own_net:
-                    drops["not_for_us"] += 1
-                    continue
-                ttl = buf[8]
-                if ttl <= 1:
-                    drops["ttl_expired"] += 1
-                    continue
-                buf[8] = ttl - 1
-                csum = ((buf[10] << 8) | buf[11]) + 0x0100
-                csum = (csum & 0xFFFF) + (csum >> 16)
-                buf[10] = csum >> 8
-                buf[11] = csum & 0xFF
-                counts["rx_packets"] += 1
-                counts["rx_bytes"] += n
-                if gro is not None:
-                    # TCP, no IP options, not a fragment (DF allowed), flags ACK or ACK|PSH
-                    if buf[9] == 6 and ihl == 20 and not (buf[6] & 0x3F or buf[7]) and n >= 40 \
-                            and buf[33] in (0x10, 0x18):
-                        gro.add(buf, slots[i], n)
+                whole = packets[i]
+                single = seg >= total
+                for off in range(0, total or 1, seg or 1):
+                    if single:
+                        buf, n = whole, total
+                    else:
+                        n = min(seg, total - off)
+                        buf = whole[off:off + n]
+                    if n < 20:
+                        drops["malformed"] += 1
                         continue
-                    gro.flush()
-                try:
-                    os_write(tun_fd, slots[i][:n + h])
-                except OSError:
-                    drops["tun_write_error"] += 1
+                    b0 = buf[0]
+                    ihl = (b0 & 0x0F) << 2
+                    if b0 >> 4 != 4 or ihl < 20 or ihl > n or (buf[2] << 8 | buf[3]) != n or \
+                            from_bytes(buf[:ihl], "big") % 0xFFFF:
+                        drops["malformed"] += 1
+                        continue
+                    inner_src = from_bytes(buf[12:16], "big")
+                    for net, mask in nets:
+                        if inner_src & mask == net:
+                            break
+                    else:
+                        drops["spoofed_inner_source"] += 1
+                        continue
+                    if from_bytes(buf[16:20], "big") & own_mask != own_net:
+                        drops["not_for_us"] += 1
+                        continue
+                    ttl = buf[8]
+                    if ttl <= 1:
+                        drops["ttl_expired"] += 1
+                        continue
+                    buf[8] = ttl - 1
+                    csum = ((buf[10] << 8) | buf[11]) + 0x0100
+                    csum = (csum & 0xFFFF) + (csum >> 16)
+                    buf[10] = csum >> 8
+                    buf[11] = csum & 0xFF
+                    counts["rx_packets"] += 1
+                    counts["rx_bytes"] += n
+                    if gro is not None:
+                        # TCP, no IP options, not a fragment (DF allowed), flags ACK or ACK|PSH
+                        if buf[9] == 6 and ihl == 20 and not (buf[6] & 0x3F or buf[7]) and \
+                                n >= 40 and buf[33] in (0x10, 0x18):
+                            gro.add(buf, n, slots[i] if single else None)
+                            continue
+                        gro.flush()
+                    try:
+                        if single:
+                            os_write(tun_fd, slots[i][:n + h])
+                        else:  # no headroom in front of a packet inside a run: copy it out
+                            scratch[h:h + n] = buf
+                            os_write(tun_fd, scratch[:h + n])
+                    except OSError:
+                        drops["tun_write_error"] += 1
             if gro is not None:
                 gro.flush()
                 if gro.packets:

@@ -184,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for bl in labs:
                 bl.close()
-    print(f"\n{'backend':8} {'Gbit/s':>8} {'kpps':>8} {'agent CPU':>10}")
+    print(f"\n{'backend':8} {'Gbit/s':>8} {'kpps':>8} {'agent CPU':>10} {'Gbit/s per core':>16}")
     for b, r in results.items():
-        print(f"{b:8} {r['bps'] / 1e9:>8.3f} {r['pps'] / 1e3:>8.1f} {100 * r['agent_cpu']:>9.1f}%")
+        per_core = r["bps"] / 1e9 / r["agent_cpu"] if r["agent_cpu"] > 0.01 else float("inf")
+        r["gbps_per_agent_core"] = per_core
+        print(f"{b:8} {r['bps'] / 1e9:>8.3f} {r['pps'] / 1e3:>8.1f} {100 * r['agent_cpu']:>9.1f}%"
+              f" {per_core:>16.2f}")
     ok = True
     if "udp" in results and "vxlan" in results:
         ratio = results["udp"]["bps"] / results["vxlan"]["bps"]
