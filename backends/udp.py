@@ -22,7 +22,8 @@ address as a martian, so flannel's reply never reaches the sender.
 
 **Restarts** keep the device: it is persistent, so the next run re-attaches to it (same index,
 address and route; the reconcile makes no kernel writes). Traffic pauses only while no process
-reads the TUN. ``shutdown`` stops the loop and closes our fds, nothing else.
+reads the TUN. ``shutdown`` stops the loop and closes our fds, nothing else; ``teardown`` (a
+live switch to another backend or network) deletes flannel0, and its address and route with it.
 """
 
 from __future__ import annotations
@@ -197,6 +198,20 @@ class UdpBackend(Backend):
         return Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in want,
                          tso="tso" in want, gso="gso" in want, udp_gro="udpgro" in want,
                          stats=self.stats)
+
+    def teardown(self) -> None:
+        """Remove what this backend made, for a live switch to another backend or network:
+        stop the loop, delete flannel0 (its address and the Network route go with it).
+
+        Only a TUN named flannel0 is deleted; a plain stop (``shutdown``) keeps everything.
+        """
+        self.shutdown()
+        link = self.kernel.link(DEVICE)
+        if link is not None and link.kind == "tun":
+            self.kernel.delete_link(link.index)
+            log.info("removed %s and its route to %s", DEVICE, self.config.network)
+        self._route_ok = False
+        self.ifindex = 0
 
     # -- device, address, route (netlink through the dataplane's Kernel)
 

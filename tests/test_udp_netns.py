@@ -2,7 +2,8 @@
 
 Asserts the kernel state flannel's udp backend makes (flannel0 TUN, MTU −28, /32 address, one
 route for the Network), flannel's exact lease value, a full pod ping matrix, a 50 MB TCP
-transfer arriving intact, restart on the same device, and leases of other backends skipped.
+transfer arriving intact, restart on the same device, leases of other backends skipped (their
+destinations get net-unreachable), and a live switch to vxlan removing flannel0 (teardown).
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     index = dev["ifindex"]
     assert lab.stop_agent(h1) == 0
     assert link_json(h1, "flannel0")["ifindex"] == index  # outlives the agent
+    (h1.state_dir / "status.json").unlink()
     lab.start_agent(h1, "--repair-interval", "2")
     wait_for(lambda: status(h1).get("ready") and status(h1).get("reconciles", 0) >= 1,
              timeout=30, what="restarted agent ready")
@@ -180,8 +182,21 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
 
     # shut down cleanly on SIGTERM; the device and route stay for the next start (the route
     # shows "linkdown" while no process holds the TUN)
-    for h in hosts:
-        assert lab.stop_agent(h, signal.SIGTERM) == 0
+    assert lab.stop_agent(h1, signal.SIGTERM) == 0
     left = h1.run("ip", "route", "show", "exact", NETWORK).stdout
     assert left.replace(" linkdown", "") == route
     assert link_json(h1, "flannel0")["ifindex"] == index
+    (h1.state_dir / "status.json").unlink()  # so "ready" below is this run's
+    lab.start_agent(h1, "--repair-interval", "2")
+    wait_for(lambda: status(h1).get("ready"), timeout=30, what="h1 back")
+    lab.etcd.ctl("del", f"{PREFIX}/subnets/10.44.250.0-24")
+
+    # a live switch to vxlan: udp's teardown removes flannel0 and its route; pods stay reachable
+    lab.etcd.put(f"{PREFIX}/config", json.dumps({"Network": NETWORK,
+                                                 "Backend": {"Type": "vxlan"}}))
+    for h in hosts:
+        wait_for(lambda h=h: status(h).get("backend") == "vxlan" and h.run(
+            "ip", "link", "show", "flannel0", check=False).returncode != 0,
+            timeout=30, interval=0.2, what=f"{h.name} to drop flannel0 for vxlan")
+        assert "flannel0" not in h.run("ip", "route").stdout
+    ping_matrix(pods)
