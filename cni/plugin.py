@@ -578,8 +578,10 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
             raise CniError(INTERFACE_EXISTS,
                            f"container interface {env.ifname} already exists in {env.netns}")
         leases = ipam_add(cfg, env, sub, deadline_left)
-        if any(lease.created for lease in leases):
-            undo.append(("ipam", None))
+        created = [lease.ip for lease in leases if lease.created]
+        if created:
+            # only what this call reserved: an older reservation of the attachment stays
+            undo.append(("ipam", created))
         br = _ensure_bridge(ns.host, cfg.bridge, sub, mtu)
         _enable_forwarding(sub)
         hname = host_veth_name(env.container_id, env.ifname)
@@ -624,7 +626,9 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
                     raise
         v4 = next((lease for lease in leases if lease.version == 4), None)
         if cfg.masq_enabled(sub) and v4 is not None and sub.v4 is not None:
-            # IPv4 only: see DESIGN.md (CNI plugin) for why pods keep their IPv6 source
+            # IPv4 only for now: pods keep their IPv6 source address. ip6tables would work the
+            # same way (chain per pod, ``! -d ff00::/8``), but DEL finds the jump by listing
+            # POSTROUTING, which would double its iptables execs for every pod.
             from cni import masq
 
             undo.append(("masq", None))
@@ -660,8 +664,14 @@ def _rollback(undo: list[tuple[str, Any]], cfg: Config, env: Env, sub: SubnetEnv
                 masq.delete(cfg.name, env.container_id, env.ifname)
             elif kind == "veth":
                 ns.host.del_link_by_name(arg)  # takes the container end with it
-            elif kind == "ipam":
+            elif kind == "ipam" and cfg.ipam_type:
                 ipam_del(cfg, env, sub, 10.0)
+            elif kind == "ipam":
+                from cni.ipam import Store
+
+                with Store(cfg.data_dir) as store:
+                    for ip in arg:
+                        store.release_ip(ip)
         except Exception as e:  # noqa: BLE001
             _log(f"rollback of {kind} failed: {e}")
 

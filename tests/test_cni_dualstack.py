@@ -279,3 +279,16 @@ def test_pods_on_two_hosts_reach_each_other_over_ipv6(plugin_exe: str, tmp_path:
         for fam in ("4", "6"):
             assert _ping(pods[0], addrs[1][fam]), fam
             assert _ping(pods[1], addrs[0][fam]), fam
+
+
+def test_failed_add_keeps_an_older_reservation(plugin_exe: str, dual: CniHost) -> None:
+    """Only what the failed ADD reserved is given back: an IPv4 address the attachment held
+    from before (e.g. an ADD on an IPv4-only network) stays, the new IPv6 one goes."""
+    old = f"{dual.prefix}.9"
+    dual.data_dir.mkdir(parents=True)
+    (dual.data_dir / old).write_bytes(b"c1\r\neth0")
+    dual.run("ip", "link", "add", dual.bridge, "type", "veth", "peer", "name",
+             f"{dual.bridge}x"[-15:])
+    pod = dual.pod(1)
+    _call(plugin_exe, dual, "ADD", dual.conf(), "c1", pod).error(7)
+    assert dual.reservations() == {old: "c1/eth0"}
