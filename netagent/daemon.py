@@ -128,6 +128,8 @@ class Daemon:
         self._config_raw = b""
         self.host: HostFacts | None = None
         self._last_status = ""
+        self._status_dirty = False
+        self._status_written_at = 0.0
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
@@ -406,6 +408,8 @@ class Daemon:
         next_repair = time.monotonic() + interval
         while not self.stop.is_set():
             self.heartbeat.beat()
+            if self._status_dirty:
+                self._write_status(soon=True)
             ready = all(self.readiness().values())
             if ready != self.status.ready:
                 self.status.ready = ready
@@ -665,17 +669,26 @@ class Daemon:
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:
             hook(self.last_sync_seconds)
+        self._write_status(soon=changed is not None)
+
+    def _write_status(self, soon: bool = False) -> None:
+        """Write status.json; with `soon`, at most once a second (the loop flushes the rest),
+        so a burst of watch events does not turn into a burst of file writes."""
+        now = time.monotonic()
+        if soon and now - self._status_written_at < 1.0:
+            self._status_dirty = True
+            return
+        self._status_dirty = False
+        # O(peers): built only when the file is actually written
         self.status.peer_list = peer_list(self.peers.peers,
                                           self.prober.results if self.prober else None)
-        self._write_status()
-
-    def _write_status(self) -> None:
         text = json.dumps(self.status.__dict__, sort_keys=True, indent=1)
         if text == self._last_status:
             return
         self._last_status = text
+        self._status_written_at = now
         try:
-            write_atomic(Path(self.settings.state_dir) / "status.json", text)
+            write_atomic(Path(self.settings.state_dir) / "status.json", text, durable=False)
         except FileError as exc:
             if "status" not in self._warned:
                 log.warning("cannot write status: %s", exc)

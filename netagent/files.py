@@ -86,8 +86,12 @@ def previous_subnets(path: str | Path) -> tuple[IPv4Network | None, IPv6Network 
     return one("FLANNEL_SUBNET", IPv4Interface), one("FLANNEL_IPV6_SUBNET", IPv6Interface)  # type: ignore[return-value]
 
 
-def write_atomic(path: str | Path, content: str, mode: int = 0o644) -> None:
-    """Write `content` to `path` via temp file + fsync + rename; FileError says what failed."""
+def write_atomic(path: str | Path, content: str, mode: int = 0o644, durable: bool = True) -> None:
+    """Write `content` to `path` via temp file + fsync + rename; FileError says what failed.
+
+    `durable=False` skips the fsync, for advisory files rewritten often (status.json): the
+    rename still guarantees a reader sees the old or the new file, never a torn one.
+    """
     target = Path(path)
     try:
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -98,7 +102,8 @@ def write_atomic(path: str | Path, content: str, mode: int = 0o644) -> None:
         with os.fdopen(fd, "w") as fh:
             fh.write(content)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except OSError as exc:
