@@ -315,3 +315,70 @@ def test_backend_sync_same_kernel_state_either_path(twins: tuple[Twin, Twin],
     assert a.state() == twins[1].state()
     # and a full compare on each finds nothing left to do
     assert [b.sync(changed).changes for b in backends] == [0, 0]
+
+
+def test_links_addresses_lookups_same_either_path(twins: tuple[Twin, Twin]) -> None:
+    """Device and address calls and route lookups, raw vs pyroute2: same kernel, same answers."""
+    from ipaddress import IPv4Interface
+
+    from netagent.dataplane import VxlanSpec
+
+    a, b = twins
+    simple, raw = NetlinkKernel(a.name, batched=False), NetlinkKernel(b.name)
+    try:
+        reader = NetlinkKernel(a.name)  # reads compared in one namespace (veth MACs differ)
+        try:
+            for name in ("ua", DEV, "lo"):
+                assert simple.link(name) == reader.link(name)
+            assert simple.link("nosuchdev") is None and reader.link("nosuchdev") is None
+        finally:
+            reader.close()
+        for k, t in ((simple, a), (raw, b)):
+            spec = VxlanSpec(name="flannel.7", vni=7, port=4789, local=IPv4Address("192.168.77.1"),
+                             underlay_index=t.ua, mtu=1400, learning=True, gbp=True)
+            k.create_vxlan(spec, "0e:77:00:00:00:07")
+            idx = t.index("flannel.7")
+            k.set_link(idx, mtu=1380, up=True, mac="0e:77:00:00:00:08")
+            k.add_addr(idx, IPv4Interface("10.7.0.0/32"))
+            k.add_addr(idx, IPv4Interface("10.7.9.1/24"))
+            k.del_addr(idx, IPv4Interface("10.7.9.1/24"))
+            t.ip("ip", "route", "add", "172.31.0.0/16", "via", "192.168.77.254")
+        la, lb = simple.link("flannel.7"), raw.link("flannel.7")
+        assert la is not None and la == lb
+        assert (la.vni, la.port, la.learning, la.gbp, la.mtu, la.up, la.mac) == (
+            7, 4789, True, True, 1380, True, "0e:77:00:00:00:08")
+        assert la.addrs == (IPv4Interface("10.7.0.0/32"),)
+
+        def shown(t: Twin) -> Any:
+            doc = t.json("ip", "-d", "-j", "addr", "show", "flannel.7")[0]
+            for volatile in ("operstate", "linkinfo"):
+                doc.pop(volatile, None)
+            info = t.json("ip", "-d", "-j", "link", "show", "flannel.7")[0]["linkinfo"]
+            return doc, info
+
+        assert shown(a) == shown(b)
+        with pytest.raises(KernelError) as ea:
+            simple.create_vxlan(VxlanSpec("flannel.7", 7, 4789, IPv4Address("192.168.77.1"),
+                                          a.ua, 1400), "0e:77:00:00:00:07")
+        with pytest.raises(KernelError) as eb:
+            raw.create_vxlan(VxlanSpec("flannel.7", 7, 4789, IPv4Address("192.168.77.1"),
+                                       b.ua, 1400), "0e:77:00:00:00:07")
+        assert ea.value.errno == eb.value.errno == errno.EEXIST
+
+        dsts = [IPv4Address(x) for x in ("192.168.77.5", "172.31.4.4", "203.0.113.9",
+                                         "192.168.77.1", "127.0.0.1")]
+        want = {ip: simple.lookup_route(ip) for ip in dsts}
+        assert raw.lookup_routes(dsts) == want
+        assert want[IPv4Address("172.31.4.4")] is not None
+        assert want[IPv4Address("172.31.4.4")].gateway == IPv4Address("192.168.77.254")
+        assert want[IPv4Address("203.0.113.9")] is None  # no default route in a twin
+        raw.rt.max_batch = 2  # lookups spread over several sends keep their order
+        assert raw.lookup_routes(dsts) == want
+
+        for k, t in ((simple, a), (raw, b)):
+            k.set_link(t.index("flannel.7"), up=False)
+            k.delete_link(t.index("flannel.7"))
+        assert simple.link("flannel.7") is None and raw.link("flannel.7") is None
+    finally:
+        simple.close()
+        raw.close()
