@@ -4,12 +4,14 @@
 One lab (underlay bridge, etcd, two namespace hosts, one pod per host) per backend, the real
 agent on each host, then iperf3 TCP pod → pod, ``--repeat`` runs of ``--seconds`` each,
 interleaved between the two labs so machine load drifts hit both alike. Reported per backend:
-median throughput, packets/s through the overlay device of the receiving host (``flannel0`` or
-``flannel.1``, both directions: data and ACKs), and the CPU time of both agents per second of
-test (100 % = one core). The result line is the udp/vxlan ratio (goal ≥ 0.30).
+median throughput, packets/s (TCP data segments the sending pod's kernel sent; the
+packet rate through the overlay device, ``flannel0`` or ``flannel.1``, is shown beside it and is
+lower wherever GRO/GSO carries several segments per skb), retransmits, kernel drops, and the
+CPU time of both agents per second of test (100 % = one core). The result line is the
+udp/vxlan ratio (goal ≥ 0.30).
 
-``NETAGENT_UDP_OFFLOAD`` (``gro`` default, ``gro,tso``, ``tso`` or ``none``) is passed to the
-udp agents to measure each offload step (``--udp-offload``). Needs root,
+``NETAGENT_UDP_OFFLOAD`` (the agent's default ``gro,gso,udpgro``; any subset, ``tso``, or
+``none``) is passed to the udp agents to measure each step (``--udp-offload``). Needs root,
 etcd and iperf3; everything lives in run-unique namespaces and is removed at the end.
 
     sudo python3 bench/udp_vs_vxlan.py                      # 3 × 5 s per backend
@@ -44,16 +46,27 @@ DEVICES = {"udp": "flannel0", "vxlan": "flannel.1"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU of one process (the agent: `ip netns exec` execs it in place)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process (`ip netns exec` execs the agent in place)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def dev_packets(host: Host, dev: str) -> int:
     out = host.run("cat", f"/sys/class/net/{dev}/statistics/rx_packets",
                    f"/sys/class/net/{dev}/statistics/tx_packets").stdout.split()
     return sum(int(x) for x in out)
+
+
+def tcp_out_segs(pod: Pod) -> int:
+    """TCP segments the pod sent (counted by wire segment, whatever GSO/TSO did with them; the
+    receiver's TcpInSegs would count a user-space GRO packet as one)."""
+    out = sh("nstat", "-az", "TcpOutSegs", ns=pod.name).stdout.splitlines()
+    return sum(int(line.split()[1]) for line in out if line.startswith("Tcp"))
 
 
 def tun_drops(host: Host, dev: str) -> int:
@@ -120,25 +133,29 @@ class BackendLab:
         pids = [h.agent.pid for h in self.hosts if h.agent is not None]
         dev = DEVICES[self.backend]
         cpu0 = [cpu_seconds(p) for p in pids]
+        user0 = cpu_split(pids[1])[0]
         pk0 = dev_packets(self.hosts[1], dev)
+        seg0 = tcp_out_segs(self.pods[0])
         err0 = sum(udp_errors(h) for h in self.hosts)
         drop0 = sum(tun_drops(h, dev) for h in self.hosts)
         t0 = time.monotonic()
         bps, retrans = iperf(self.pods[0], self.pods[1], seconds, streams)
         wall = time.monotonic() - t0
-        run = {"bps": bps, "pps": (dev_packets(self.hosts[1], dev) - pk0) / wall,
+        run = {"bps": bps, "pps": (tcp_out_segs(self.pods[0]) - seg0) / wall,
+               "dev_pps": (dev_packets(self.hosts[1], dev) - pk0) / wall,
                "retransmits": retrans,
                "udp_rcv_errors": sum(udp_errors(h) for h in self.hosts) - err0,
                "dev_tx_dropped": sum(tun_drops(h, dev) for h in self.hosts) - drop0,
                "agent_cpu": (sum(cpu_seconds(p) for p in pids) - sum(cpu0)) / wall,
                "sender_cpu": (cpu_seconds(pids[0]) - cpu0[0]) / wall,
-               "receiver_cpu": (cpu_seconds(pids[1]) - cpu0[1]) / wall}
+               "receiver_cpu": (cpu_seconds(pids[1]) - cpu0[1]) / wall,
+               "receiver_user": (cpu_split(pids[1])[0] - user0) / wall}
         self.runs.append(run)
         return run
 
     def summary(self) -> dict[str, Any]:
         med = {k: statistics.median(r[k] for r in self.runs)
-               for k in ("bps", "pps", "agent_cpu", "sender_cpu", "receiver_cpu")}
+               for k in ("bps", "pps", "dev_pps", "agent_cpu", "sender_cpu", "receiver_cpu")}
         return {"backend": self.backend, **med, "runs": self.runs}
 
     def close(self) -> None:
@@ -153,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel TCP streams (-P)")
     ap.add_argument("--backend", choices=("udp", "vxlan"), action="append",
                     help="measure only this backend (default: both, and the ratio)")
-    ap.add_argument("--udp-offload", default="gro",
-                    help="NETAGENT_UDP_OFFLOAD for the udp agents: gro,tso | gro | tso | none")
+    ap.add_argument("--udp-offload", default="gro,gso,udpgro",
+                    help="NETAGENT_UDP_OFFLOAD for the udp agents: a subset of "
+                         "gro,gso,udpgro,tso, or none")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     for tool in ("iperf3", "etcd", "etcdctl", "ip"):
@@ -172,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeat):
                 for bl in labs:
                     r = bl.run_once(args.seconds, args.streams)
+                    dev = DEVICES[bl.backend]
                     print(f"run {i + 1} {bl.backend:5}: {r['bps'] / 1e9:6.3f} Gbit/s "
-                          f"{r['pps'] / 1e3:7.1f} kpps  agents {100 * r['agent_cpu']:5.1f} % CPU "
+                          f"{r['pps'] / 1e3:7.1f} kpps ({r['dev_pps'] / 1e3:.1f} k on {dev}) "
+                          f"agents {100 * r['agent_cpu']:5.1f} % CPU "
                           f"(sender {100 * r['sender_cpu']:.0f} %, receiver "
-                          f"{100 * r['receiver_cpu']:.0f} %), {r['retransmits']} retransmits, "
+                          f"{100 * r['receiver_cpu']:.0f} %, of it user "
+                          f"{100 * r['receiver_user']:.0f} %), {r['retransmits']} retransmits, "
                           f"{r['udp_rcv_errors']} UDP receive errors, {r['dev_tx_dropped']} "
                           "device tx drops",
                           flush=True)
