@@ -123,33 +123,11 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- config
-
-
-def cmd_config_validate(args: argparse.Namespace) -> int:
-    from netagent.config import ConfigError, parse_network_config
-
-    try:
-        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-    except OSError as exc:
-        print(f"netagent: {args.file}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    try:
-        cfg = parse_network_config(raw)
-    except ConfigError as exc:
-        print(f"invalid network config: {exc}", file=sys.stderr)
-        return 1
-    n = len(cfg.candidate_subnets())
-    print(f"valid: network {cfg.network}, /{cfg.subnet_len} subnets {cfg.subnet_min} - "
-          f"{cfg.subnet_max} ({n} leasable), backend {cfg.backend.type}"
-          + (" (default)" if cfg.backend_defaulted else ""))
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from netagent import ctl
     from netagent.settings import add_flags
 
     parser = argparse.ArgumentParser(
@@ -188,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = csub.add_parser("validate", help="check a network config file (- = stdin)",
                                **_fmt("config validate"))  # type: ignore[arg-type]
     validate.add_argument("file", metavar="FILE|-")
-    validate.set_defaults(func=cmd_config_validate)
+    validate.set_defaults(func=ctl.cmd_config_validate)
     def config_help(_args: argparse.Namespace) -> int:
         config.print_help()
         return 2

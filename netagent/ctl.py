@@ -247,21 +247,38 @@ def cmd_config_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_set(args: argparse.Namespace) -> int:
-    """Validate first; a bad config writes nothing (plain `etcdctl put` keeps working too)."""
+def _read_valid_config(path: str, failure: str) -> tuple[str, Any] | None:
+    """Read FILE or - (stdin) and parse it; None (after saying why) when unreadable/invalid."""
     from netagent.config import ConfigError, parse_network_config
-    from netagent.registry import RegistryError
 
     try:
-        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        raw = sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
-        err(f"{args.file}: {exc.strerror or exc}")
-        return 1
+        err(f"{path}: {exc.strerror or exc}")
+        return None
     try:
-        cfg = parse_network_config(raw)
+        return raw, parse_network_config(raw)
     except ConfigError as exc:
-        err(f"invalid network config, nothing written: {exc}")
+        err(f"{failure}: {exc}")
+        return None
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    checked = _read_valid_config(args.file, "invalid network config")
+    if checked is None:
         return 1
+    print(f"valid: {_summary(checked[1])}")
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    """Validate first; a bad config writes nothing (plain `etcdctl put` keeps working too)."""
+    from netagent.registry import RegistryError
+
+    checked = _read_valid_config(args.file, "invalid network config, nothing written")
+    if checked is None:
+        return 1
+    raw, cfg = checked
     try:
         reg = registry(args)
         try:

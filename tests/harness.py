@@ -450,6 +450,27 @@ class Lab:
         self.pods.append(pod)
         return pod
 
+    def mesh(self, config: str, n: int, *agent_args: str) -> list[Host]:
+        """Put `config`, start n hosts with agents and a pod each; return once every pod
+        reaches every other pod."""
+        assert self.etcd is not None
+        self.etcd.put("/coreos.com/network/config", config)
+        hosts = [self.add_host() for _ in range(n)]
+        for h in hosts:
+            self.start_agent(h, *agent_args)
+        for h in hosts:
+            wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
+        pods = [self.add_pod(h) for h in hosts]
+        wait_for(lambda: all(p.ping(q.ip) for p in pods for q in pods if p is not q), 30,
+                 interval=0.3, what="all pods reach each other")
+        return hosts
+
+    def leases(self, prefix: str = "/coreos.com/network") -> dict[str, str]:
+        """subnets/<name> -> value, as etcdctl sees them."""
+        assert self.etcd is not None
+        base = f"{prefix}/subnets/"
+        return {k[len(base):]: v for k, v in self.etcd.get_prefix(base).items()}
+
     def log(self, host: Host) -> str:
         return host.log_path.read_text(errors="replace") if host.log_path else ""
 

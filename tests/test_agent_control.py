@@ -15,8 +15,7 @@ PREFIX = "/coreos.com/network"
 
 
 def subnets(lab: Lab) -> dict[str, str]:
-    assert lab.etcd is not None
-    return {k[len(PREFIX) + 9:]: v for k, v in lab.etcd.get_prefix(f"{PREFIX}/subnets/").items()}
+    return lab.leases()
 
 
 def lease_of(lab: Lab, ip: str) -> str | None:

@@ -18,17 +18,7 @@ def cfg(backend: dict[str, object], network: str = "10.50.0.0/16", **extra: obje
 
 
 def start(lab: Lab, n: int, config: str, *args: str) -> list[Host]:
-    assert lab.etcd is not None
-    lab.etcd.put(f"{PREFIX}/config", config)
-    hosts = [lab.add_host() for _ in range(n)]
-    for h in hosts:
-        lab.start_agent(h, "--repair-interval", "2", *args)
-    for h in hosts:
-        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
-    pods = [lab.add_pod(h) for h in hosts]
-    wait_for(lambda: all(p.ping(q.ip) for p in pods for q in pods if p is not q), 30,
-             interval=0.3, what="all pods reach each other")
-    return hosts
+    return lab.mesh(config, n, "--repair-interval", "2", *args)
 
 
 def routes(h: Host) -> list[str]:

@@ -23,26 +23,15 @@ OUTAGE = float(os.environ.get("NETAGENT_TEST_OUTAGE", "60"))
 
 
 def leases(lab: Lab) -> dict[str, str]:
-    assert lab.etcd is not None
-    return {k.rsplit("/", 1)[1]: v for k, v in lab.etcd.get_prefix(f"{PREFIX}/subnets/").items()}
+    return lab.leases()
 
 
 def subnet_of(host: Host) -> str:
     return read_env_file(host.subnet_file)["FLANNEL_SUBNET"].replace(".1/", ".0/")
 
 
-def vxlan_lab(lab: Lab, n: int = 3, *agent_args: str, config: str = VXLAN) -> list[Host]:
-    assert lab.etcd is not None
-    lab.etcd.put(f"{PREFIX}/config", config)
-    hosts = [lab.add_host() for _ in range(n)]
-    for h in hosts:
-        lab.start_agent(h, *agent_args)
-    for h in hosts:
-        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
-    pods = [lab.add_pod(h) for h in hosts]
-    wait_for(lambda: all(p.ping(q.ip) for p in pods for q in pods if p is not q), 30,
-             interval=0.3, what="all pods reach each other")
-    return hosts
+def vxlan_lab(lab: Lab, n: int = 3, *agent_args: str) -> list[Host]:
+    return lab.mesh(VXLAN, n, *agent_args)
 
 
 def route_to(host: Host, subnet: str) -> bool:
