@@ -171,6 +171,16 @@ class VxlanBackend(ReconcilingBackend):
     def wants_lookup(self, lease: Lease) -> bool:
         return self.config.backend.direct_routing and lease.attrs.backend_type == "vxlan"
 
+    def teardown(self) -> None:
+        """Live switch away from this device: remove our peer entries (DirectRouting routes
+        live on the underlay, not on the device), then the device itself."""
+        self.sync({}, None)
+        link = self.kernel.link(self.spec.name)
+        if link is not None and link.kind == "vxlan":
+            self.kernel.delete_link(link.index)
+            log.info("removed %s", self.spec.name)
+        self.ifindex = 0
+
     def repair_devices(self) -> bool:
         before = self.ifindex
         self._ensure_device()

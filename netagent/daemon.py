@@ -547,9 +547,11 @@ class Daemon:
         lease = self.leases.lease
         keeps_lease = new.contains_subnet(lease.subnet) and new.contains_ipv6_subnet(
             lease.ipv6_subnet)
-        same_device = (old_cfg.backend.type == new.backend.type
-                       and old_cfg.backend.vni == new.backend.vni
-                       and old_cfg.backend.port == new.backend.port)
+        # the same device name: vxlan's is flannel.<VNI>; udp's flannel0 and host-gw's routes on
+        # the interface do not depend on any option (a vxlan port change recreates flannel.<VNI>
+        # in prepare(), keeping its MAC)
+        same_device = old_cfg.backend.type == new.backend.type and (
+            new.backend.type != "vxlan" or old_cfg.backend.vni == new.backend.vni)
         # the old entries belong to another network: the new backend's ownership rules would
         # not recognise them, so the old backend removes them first (renumbering breaks the
         # pods' traffic anyway)
@@ -571,6 +573,11 @@ class Daemon:
             if same_device:
                 old_backend.prepare()
             return
+        if not same_device and not network_changed:
+            # another backend: its device is ready; the old entries go now, just before the
+            # new ones are programmed, because both may want the same route keys
+            self._teardown(old_backend, old_cfg.backend.type)
+            old_backend.shutdown()
         self.config = new
         self.leases.config = new
         self.peers.set_network(new.network)
@@ -596,9 +603,6 @@ class Daemon:
             self.peers.set_own(self.leases.lease.subnet)
         self._lease_changed()
         self._sync(None)
-        if not same_device and not network_changed:
-            self._teardown(old_backend, old_cfg.backend.type)
-            old_backend.shutdown()
         if self.masq is not None and new.network is not None and (
                 old_cfg.network != new.network or not keeps_lease):
             self.masq.retarget(new.network, self.leases.lease.subnet)

@@ -154,3 +154,47 @@ def test_generated_hostile_configs_are_rejected_while_agents_run(lab: Lab) -> No
     for h in hosts:
         assert kernel_state(h.name, ["flannel.1"]) == before[h.name]
     assert mesh_ok(lab)
+
+
+def _artifacts(h: Host) -> dict[str, bool]:
+    links = sh("ip", "-o", "link", "show", ns=h.name).stdout
+    via_eth0 = [r for r in routes(h) if "dev eth0" in r]
+    via_vxlan = [r for r in routes(h) if "dev flannel.1" in r]
+    return {"flannel.1": " flannel.1:" in links, "flannel0": " flannel0:" in links,
+            "host-gw routes": bool(via_eth0), "vxlan routes": bool(via_vxlan)}
+
+
+EXPECTED = {
+    "vxlan": {"flannel.1": True, "flannel0": False, "host-gw routes": False, "vxlan routes": True},
+    "host-gw": {"flannel.1": False, "flannel0": False, "host-gw routes": True,
+                "vxlan routes": False},
+    "udp": {"flannel.1": False, "flannel0": True, "host-gw routes": False, "vxlan routes": False},
+}
+
+
+def test_switch_backends_live_under_ping(lab: Lab) -> None:
+    assert lab.etcd is not None
+    hosts = start(lab, 3, cfg({"Type": "vxlan"}))
+    p1, p2 = lab.pods[0], lab.pods[1]
+    losses = []
+    for target in ("host-gw", "udp", "vxlan"):
+        ping = PingRun(p1, p2.ip, 10, interval=0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        lab.etcd.put(f"{PREFIX}/config", cfg({"Type": target}))
+        for h in hosts:  # converged: the new backend's entries, none of the old one's
+            wait_for(lambda h=h, t=target: _artifacts(h) == EXPECTED[t], 20,
+                     what=f"{h.name} running {target} with no leftovers")
+        converged = time.monotonic() - t0
+        wait_for(lambda: mesh_ok(lab), 20, what=f"mesh over {target}")
+        tx, rx = ping.result()
+        losses.append((target, tx - rx, tx, round(converged, 2)))
+        leases = lab.leases()
+        for v in leases.values():
+            attrs = json.loads(v)
+            assert attrs.get("BackendType", "") == ("" if target == "udp" else target)
+    print("\nlive backend switches (target, pings lost, sent, seconds to converge on all hosts):",
+          losses)
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None
+        assert "Traceback" not in lab.log(h)
