@@ -437,6 +437,11 @@ class Reconciler:
                                          "(left alone)")
                 continue
             self._record(op, err, result)
+        for kind in KINDS:
+            if not self._dirty[kind]:
+                # a set never shrinks its table: after a first sync of 5,000 peers the three
+                # emptied sets would keep ~1.5 MB
+                self._dirty[kind] = set()
         return result
 
     def _record(self, op: Op, err: Exception | None, result: ApplyResult) -> bool:
