@@ -1,6 +1,6 @@
 # Two entry points for a fresh Debian 12 machine, as root: `make demo` and `make test`.
 PY ?= python3
-APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool \
+APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool openssl systemd \
            containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static
 PYTEST_ARGS ?=
 
