@@ -178,7 +178,11 @@ class KernelError(OSError):
 
 
 class Kernel(Protocol):
-    """Everything the backends ask of the kernel. Dumps return only what we could own."""
+    """Everything the backends ask of the kernel. Dumps return only what we could own.
+
+    ``want`` (key → entry, optional) lets a dump return the wanted object itself for an entry
+    equal to it; a kernel may use that to remember entries between dumps (NetlinkKernel does).
+    """
 
     def link(self, name: str) -> LinkInfo | None: ...
     def create_vxlan(self, spec: VxlanSpec, mac: str) -> None: ...
@@ -187,9 +191,11 @@ class Kernel(Protocol):
                  mac: str | None = None) -> None: ...
     def add_addr(self, index: int, addr: IPv4Interface) -> None: ...
     def del_addr(self, index: int, addr: IPv4Interface) -> None: ...
-    def dump_neighs(self, ifindex: int) -> list[Neigh]: ...
-    def dump_fdb(self, ifindex: int) -> list[Fdb]: ...
-    def dump_routes(self, table: int) -> list[Route]: ...
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None
+                    ) -> list[Neigh]: ...
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]: ...
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None
+                    ) -> list[Route]: ...
     def lookup_route(self, dst: IPv4Address) -> RouteLookup | None: ...
     def write(self, ops: Sequence[Op]) -> list[Exception | None]: ...
     def disable_tx_checksum(self, ifname: str) -> str: ...
@@ -324,15 +330,15 @@ class Reconciler:
             # an entry equal to the one we want is kept as that object, so the dumped copy is
             # freed at once (15,000 copies would otherwise raise the peak RSS by ~6 MB)
             w = eff[kind].get(e.key)
-            actual[kind][e.key] = w if w is not None and w == e else e
+            actual[kind][e.key] = w if w is e or (w is not None and w == e) else e
 
         if self.device is not None:
-            for n in self.kernel.dump_neighs(self.device):
+            for n in self.kernel.dump_neighs(self.device, eff["neigh"]):
                 keep("neigh", n)
-            for f in self.kernel.dump_fdb(self.device):
+            for f in self.kernel.dump_fdb(self.device, eff["fdb"]):
                 keep("fdb", f)
         foreign: dict[tuple[Any, ...], Route] = {}
-        for r in self.kernel.dump_routes(RT_TABLE_MAIN):
+        for r in self.kernel.dump_routes(RT_TABLE_MAIN, eff["route"]):
             if self.route_is_ours(r):
                 keep("route", r)
             else:
@@ -559,6 +565,11 @@ def _rta(kind: int, data: bytes) -> bytes:
 _NEIGH_SET = struct.Struct("=IHHII BxxxiHBB HH4s HH6sxx")
 _FDB_MSG = struct.Struct("=IHHII BxxxiHBB HH6sxx HH4s")
 _ROUTE_SET = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI HH4s HHI")
+#: where a neighbour's NDA_DST and NDA_LLADDR headers sit, and an FDB entry's NDA_LLADDR and
+#: NDA_DST (the kernel's fill order); the 32 bytes up to there identify the entry
+_NEIGH_SIG = (12, _RTA.pack(8, _NDA_DST), 20, _RTA.pack(10, _NDA_LLADDR))
+_FDB_SIG = (12, _RTA.pack(10, _NDA_LLADDR), 24, _RTA.pack(8, _NDA_DST))
+_UNSEEN = object()
 _GET_ROUTE = struct.Struct("=IHHII BBBBBBBBI HH4s")
 _mac_cache: dict[str, bytes] = {}
 
@@ -862,6 +873,8 @@ class NetlinkKernel:
         self._ipr_: Any = None
         self._rt: RtNetlink | None = None
         self._interned = _Interned()
+        #: (kind, ifindex or table) -> message bytes -> entry (None: not one of ours)
+        self._remembered: dict[tuple[str, int], dict[bytes, Any]] = {}
 
     @property
     def _ipr(self) -> Any:
@@ -1065,67 +1078,113 @@ class NetlinkKernel:
 
     # dumps (one request per table)
 
-    def dump_neighs(self, ifindex: int) -> list[Neigh]:
+    # Dumps remember each answer by its bytes (only the stable part for neighbours and FDB
+    # entries: their cache-info timestamps change all the time): a drift repair that finds the
+    # kernel as it was parses nothing and returns the very objects the reconciler wants, so its
+    # compare is an identity check (at 5,000 peers ~130 ms → ~40 ms per repair). Only the last
+    # dump's answers are remembered, so the memory is bounded by the table, and it holds the
+    # wanted objects rather than copies.
+
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None
+                    ) -> list[Neigh]:
         if not self.batched:
             return self._dump_neighs_pyroute2(ifindex)
-        out = []
-        addr = self._interned.addr
         body = _NDMSG.pack(AF_INET, 0, 0, 0, 0) + _rta(_NDA_IFINDEX, _U32.pack(ifindex))
-        for data, off, end in self.rt.dump(_RTM_GETNEIGH, body):
-            family, index, state, _fl, _t = _NDMSG.unpack_from(data, off)
-            if family != AF_INET or index != ifindex or not state & NUD_PERMANENT:
-                continue  # kernel-learnt cache entries are not ours
-            a = _attrs(data, off + _NDMSG.size, end)
-            dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
-            if dst and lladdr and len(dst) == 4:
-                out.append(Neigh(ifindex, addr(dst), lladdr.hex(":")))
-        return out
+        return self._dump_remembered(("neigh", ifindex), _RTM_GETNEIGH, body, _NEIGH_SIG,
+                                     lambda d, o, e: self._parse_neigh(ifindex, d, o, e), want)
 
-    def dump_fdb(self, ifindex: int) -> list[Fdb]:
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]:
         if not self.batched:
             return self._dump_fdb_pyroute2(ifindex)
-        out = []
-        addr = self._interned.addr
         # an ifinfomsg (not an ndmsg) is what makes the kernel filter by bridge port/device
         body = _IFINFO.pack(AF_BRIDGE, 0, ifindex, 0, 0)
-        for data, off, end in self.rt.dump(_RTM_GETNEIGH, body):
-            family, index, state, _fl, _t = _NDMSG.unpack_from(data, off)
-            if family != AF_BRIDGE or index != ifindex or not state & NUD_PERMANENT:
-                continue
-            a = _attrs(data, off + _NDMSG.size, end)
-            dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
-            if dst and lladdr and len(dst) == 4:
-                out.append(Fdb(ifindex, lladdr.hex(":"), addr(dst)))
-        return out
+        return self._dump_remembered(("fdb", ifindex), _RTM_GETNEIGH, body, _FDB_SIG,
+                                     lambda d, o, e: self._parse_fdb(ifindex, d, o, e), want)
 
-    def dump_routes(self, table: int) -> list[Route]:
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None) -> list[Route]:
         if not self.batched:
             return self._dump_routes_pyroute2(table)
-        out = []
-        addr, net = self._interned.addr, self._interned.net
         body = _RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        u32 = _U32.unpack
-        for data, off, end in self.rt.dump(_RTM_GETROUTE, body):
-            family, dst_len, _s, _tos, rtable, proto, _sc, rtype, flags = \
-                _RTMSG.unpack_from(data, off)
-            if family != AF_INET or rtype != _RTN_UNICAST:
-                continue  # unicast only; local/broadcast/blackhole are never ours
-            a = _attrs(data, off + _RTMSG.size, end)
-            if _RTA_TABLE in a:
-                rtable = u32(a[_RTA_TABLE])[0]
-            if rtable != table or _RTA_MULTIPATH in a:
+        return self._dump_remembered(("route", table), _RTM_GETROUTE, body, None,
+                                     lambda d, o, e: self._parse_route(table, d, o, e), want)
+
+    def _dump_remembered(self, what: tuple[str, int], mtype: int, body: bytes,
+                         sig: tuple[int, bytes, int, bytes] | None,
+                         parse: Callable[[bytes, int, int], Any],
+                         want: Mapping[Any, Entry] | None) -> list[Any]:
+        """One dump; answers seen in the previous dump of ``what`` are not parsed again.
+
+        ``sig`` = (offset, attribute header, offset, attribute header): when both headers are
+        where the kernel puts them, the first 32 bytes are the message's identity; otherwise
+        (and for routes, ``sig`` None) the whole message is."""
+        before = self._remembered.get(what, {})
+        now: dict[bytes, Any] = {}
+        out = []
+        for data, off, end in self.rt.dump(mtype, body):
+            if sig is None:
+                key = data[off:end]
+            elif (end - off >= 32 and data[off + sig[0]:off + sig[0] + 4] == sig[1]
+                  and data[off + sig[2]:off + sig[2] + 4] == sig[3]):
+                key = data[off:off + 32]
+            else:
+                e = parse(data, off, end)
+                if e is not None:
+                    out.append(e)
                 continue
-            gw, oif, prio = a.get(_RTA_GATEWAY), a.get(_RTA_OIF), a.get(_RTA_PRIORITY)
-            out.append(Route(
-                dst=net(a.get(_RTA_DST, b""), dst_len),
-                gateway=addr(gw) if gw else None,
-                oif=u32(oif)[0] if oif else None,
-                onlink=bool(flags & RTNH_F_ONLINK),
-                table=table,
-                metric=u32(prio)[0] if prio else 0,
-                proto=proto,
-            ))
+            e = before.get(key, _UNSEEN)
+            if e is _UNSEEN:
+                e = parse(data, off, end)
+                if e is not None and want is not None:
+                    w = want.get(e.key)
+                    if w is not None and w == e:
+                        e = w
+            now[key] = e
+            if e is not None:
+                out.append(e)
+        self._remembered[what] = now
         return out
+
+    def _parse_neigh(self, ifindex: int, data: bytes, off: int, end: int) -> Neigh | None:
+        family, index, state, _fl, _t = _NDMSG.unpack_from(data, off)
+        if family != AF_INET or index != ifindex or not state & NUD_PERMANENT:
+            return None  # kernel-learnt cache entries are not ours
+        a = _attrs(data, off + _NDMSG.size, end)
+        dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
+        if dst and lladdr and len(dst) == 4:
+            return Neigh(ifindex, self._interned.addr(dst), lladdr.hex(":"))
+        return None
+
+    def _parse_fdb(self, ifindex: int, data: bytes, off: int, end: int) -> Fdb | None:
+        family, index, state, _fl, _t = _NDMSG.unpack_from(data, off)
+        if family != AF_BRIDGE or index != ifindex or not state & NUD_PERMANENT:
+            return None
+        a = _attrs(data, off + _NDMSG.size, end)
+        dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
+        if dst and lladdr and len(dst) == 4:
+            return Fdb(ifindex, lladdr.hex(":"), self._interned.addr(dst))
+        return None
+
+    def _parse_route(self, table: int, data: bytes, off: int, end: int) -> Route | None:
+        family, dst_len, _s, _tos, rtable, proto, _sc, rtype, flags = \
+            _RTMSG.unpack_from(data, off)
+        if family != AF_INET or rtype != _RTN_UNICAST:
+            return None  # unicast only; local/broadcast/blackhole are never ours
+        a = _attrs(data, off + _RTMSG.size, end)
+        u32 = _U32.unpack
+        if _RTA_TABLE in a:
+            rtable = u32(a[_RTA_TABLE])[0]
+        if rtable != table or _RTA_MULTIPATH in a:
+            return None
+        gw, oif, prio = a.get(_RTA_GATEWAY), a.get(_RTA_OIF), a.get(_RTA_PRIORITY)
+        return Route(
+            dst=self._interned.net(a.get(_RTA_DST, b""), dst_len),
+            gateway=self._interned.addr(gw) if gw else None,
+            oif=u32(oif)[0] if oif else None,
+            onlink=bool(flags & RTNH_F_ONLINK),
+            table=table,
+            metric=u32(prio)[0] if prio else 0,
+            proto=proto,
+        )
 
     def _dump_neighs_pyroute2(self, ifindex: int) -> list[Neigh]:
         out = []

@@ -125,15 +125,15 @@ class FakeKernel:
 
     # -- dumps
 
-    def dump_neighs(self, ifindex: int) -> list[Neigh]:
+    def dump_neighs(self, ifindex: int, want: object = None) -> list[Neigh]:
         self.dumps.append("neigh")
         return [n for k, n in self.neighs.items() if k[0] == ifindex]
 
-    def dump_fdb(self, ifindex: int) -> list[Fdb]:
+    def dump_fdb(self, ifindex: int, want: object = None) -> list[Fdb]:
         self.dumps.append("fdb")
         return [f for k, f in self.fdb.items() if k[0] == ifindex]
 
-    def dump_routes(self, table: int) -> list[Route]:
+    def dump_routes(self, table: int, want: object = None) -> list[Route]:
         """The routes, plus the underlay routing that ``lookups`` stands for: one host route
         (proto kernel) per lookup answer, so a changed lookup shows in the dump as it would in
         a real kernel (the backends cache lookups until the non-peer routes change)."""

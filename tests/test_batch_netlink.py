@@ -382,3 +382,51 @@ def test_links_addresses_lookups_same_either_path(twins: tuple[Twin, Twin]) -> N
     finally:
         simple.close()
         raw.close()
+
+
+def test_remembered_dumps_still_see_every_change(twins: tuple[Twin, Twin]) -> None:
+    """Dumps skip parsing answers they saw last time; hand changes must still show, and an
+    entry equal to the wanted one comes back as that very object."""
+    a, _ = twins
+    simple, batched = NetlinkKernel(a.name, batched=False), NetlinkKernel(a.name)
+    try:
+        ops = peer_ops(a.dev, a.ua, 40)
+        assert batched.write(ops) == [None] * len(ops)
+        want: dict[str, dict[Any, Any]] = {"neigh": {}, "fdb": {}, "route": {}}
+        for op in ops:
+            want[op.entry.kind][op.entry.key] = op.entry
+
+        def same() -> None:
+            for _ in range(2):  # the second dump answers from memory
+                assert sorted(map(repr, batched.dump_neighs(a.dev, want["neigh"]))) == sorted(
+                    map(repr, simple.dump_neighs(a.dev)))
+                assert sorted(map(repr, batched.dump_fdb(a.dev, want["fdb"]))) == sorted(
+                    map(repr, simple.dump_fdb(a.dev)))
+                assert sorted(map(repr, batched.dump_routes(254, want["route"]))) == sorted(
+                    map(repr, simple.dump_routes(254)))
+
+        same()
+        got = {r.key: r for r in batched.dump_routes(254, want["route"])}
+        assert all(got[k] is r for k, r in want["route"].items())
+        assert all(n is want["neigh"][n.key] for n in batched.dump_neighs(a.dev, want["neigh"]))
+        # hand changes of every kind
+        a.ip("ip", "neigh", "replace", "10.5.3.0", "lladdr", "0e:cc:00:00:00:03", "dev", DEV,
+             "nud", "permanent")
+        a.ip("ip", "neigh", "del", "10.5.4.0", "dev", DEV)
+        a.ip("ip", "neigh", "replace", "10.5.5.0", "lladdr", "0e:00:00:00:00:05", "dev", DEV,
+             "nud", "reachable")  # no longer permanent: no longer ours
+        a.ip("bridge", "fdb", "replace", "0e:00:00:00:00:06", "dev", DEV, "dst", "172.29.0.6",
+             "self", "permanent")
+        a.ip("bridge", "fdb", "del", "0e:00:00:00:00:07", "dev", DEV, "dst", "172.20.0.7")
+        a.ip("ip", "route", "replace", "10.5.8.0/24", "via", "10.5.8.0", "dev", DEV, "onlink",
+             "proto", str(RTPROT_NETAGENT), "metric", "0")
+        a.ip("ip", "route", "change", "10.5.9.0/24", "via", "192.168.77.9", "dev", "ua",
+             "proto", str(RTPROT_NETAGENT))
+        a.ip("ip", "route", "del", "10.5.10.0/24")
+        same()
+        got = {r.key: r for r in batched.dump_routes(254, want["route"])}
+        changed = want["route"][(254, IPv4Network("10.5.9.0/24"), 0)]
+        assert got[changed.key] != changed and (254, IPv4Network("10.5.10.0/24"), 0) not in got
+    finally:
+        simple.close()
+        batched.close()
