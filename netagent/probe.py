@@ -7,7 +7,9 @@ of its subnet (the pod gateway of FLANNEL_SUBNET, present once the peer has a po
 subnet's network address (flannel's vxlan device address, present on any vxlan host).
 
 One round every `interval` seconds (default 5 s, one echo per address per round), answers
-awaited for `timeout`. A thread of its own that keeps its results to itself: it writes no
+awaited for `timeout`. Echoes are paced at `rate` per second (default 200), so a large cluster
+is probed at a low, flat rate (a round over 5,000 peers takes ~50 s) instead of in bursts.
+A thread of its own that keeps its results to itself: it writes no
 daemon state and never touches the kernel beyond sending packets (DESIGN.md single writer).
 """
 
@@ -40,9 +42,13 @@ class PeerProbe:
 
 
 def probe_targets(peers: Mapping[IPv4Network, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """subnet -> (public IP, addresses to ping) for a peer table of leases (pure)."""
+    """subnet -> (public IP, addresses to ping) for a peer table of leases (pure).
+
+    Runs in the probe thread while the main loop may change the table: the one-step dict copy
+    happens under the GIL, so the loop below never sees the table change size.
+    """
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
-    for subnet, lease in peers.items():
+    for subnet, lease in dict(peers).items():
         base = int(subnet.network_address)
         addrs = (str(subnet.network_address.__class__(base + 1)), str(subnet.network_address))
         out[str(subnet)] = (str(lease.attrs.public_ip), addrs)
@@ -81,11 +87,13 @@ def parse_reply(packet: bytes, raw: bool) -> tuple[int, int] | None:
 
 class Prober:
     def __init__(self, targets: Callable[[], Mapping[str, tuple[str, tuple[str, ...]]]],
-                 stop: threading.Event, interval: float = 5.0, timeout: float = 1.0) -> None:
+                 stop: threading.Event, interval: float = 5.0, timeout: float = 1.0,
+                 rate: float = 200.0) -> None:
         self.targets = targets
         self.stop = stop
         self.interval = interval
         self.timeout = timeout
+        self.rate = rate
         #: subnet -> last result; replaced as a whole each round (readers need no lock)
         self.results: dict[str, PeerProbe] = {}
         self.rounds = 0
@@ -121,36 +129,47 @@ class Prober:
     def round(self, sock: socket.socket, raw: bool) -> None:
         targets = dict(self.targets())
         sent: dict[int, tuple[str, float]] = {}
-        for subnet, (_pub, addrs) in targets.items():
-            for addr in addrs:
+        best: dict[str, float] = {}
+        pending = [(subnet, addr) for subnet, (_pub, addrs) in targets.items() for addr in addrs]
+        chunk = 20
+        for i in range(0, len(pending), chunk):
+            for subnet, addr in pending[i:i + chunk]:
                 self._seq = (self._seq + 1) & 0xFFFF
                 try:
                     sock.sendto(echo_request(self._ident, self._seq), (addr, 0))
                     sent[self._seq] = (subnet, time.monotonic())
                 except OSError:
                     pass  # no route: counts as unreachable
-        best: dict[str, float] = {}
-        deadline = time.monotonic() + self.timeout
-        while sent and len(best) < len(targets):
-            left = deadline - time.monotonic()
-            if left <= 0 or self.stop.is_set():
-                break
-            ready, _, _ = select.select([sock], [], [], left)
-            if not ready:
-                break
-            packet = sock.recv(2048)
-            got = parse_reply(packet, raw)
-            if got is None or got[1] not in sent or (raw and got[0] != self._ident):
-                continue
-            subnet, t0 = sent.pop(got[1])
-            rtt = time.monotonic() - t0
-            best[subnet] = min(rtt, best.get(subnet, rtt))
+            if i + chunk < len(pending):  # pace: read answers while the next chunk waits
+                self._collect(sock, raw, sent, best, len(targets),
+                              time.monotonic() + chunk / self.rate)
+            if self.stop.is_set():
+                return
+        self._collect(sock, raw, sent, best, len(targets), time.monotonic() + self.timeout)
         now = time.time()
         self.results = {
             subnet: PeerProbe(pub, subnet in best, best.get(subnet), now)
             for subnet, (pub, _addrs) in targets.items()
         }
         self.rounds += 1
+
+
+    def _collect(self, sock: socket.socket, raw: bool, sent: dict[int, tuple[str, float]],
+                 best: dict[str, float], wanted: int, deadline: float) -> None:
+        """Read echo replies until `deadline` (or every target answered)."""
+        while sent and len(best) < wanted:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.stop.is_set():
+                return
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                return
+            got = parse_reply(sock.recv(2048), raw)
+            if got is None or got[1] not in sent or (raw and got[0] != self._ident):
+                continue
+            subnet, t0 = sent.pop(got[1])
+            rtt = time.monotonic() - t0
+            best[subnet] = min(rtt, best.get(subnet, rtt))
 
 
 def peer_list(peers: Mapping[IPv4Network, Any], results: Mapping[str, PeerProbe] | None

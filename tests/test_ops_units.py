@@ -264,3 +264,33 @@ def test_docker_opts_from_ready_subnet_env(tmp_path: Path) -> None:
     # exit 1 only for the routing-table clash check, which reads this host's routes
     assert proc.returncode in (0, 1), proc.stderr
     assert 'DOCKER_OPTS=" --bip=10.5.72.1/24 --ip-masq=false --mtu=1450"' in out.read_text()
+
+
+def test_probe_targets_tolerate_a_table_changing_under_them() -> None:
+    """The probe thread reads the peer table while the main loop changes it."""
+    import threading
+    from ipaddress import IPv4Network
+    from types import SimpleNamespace
+
+    from netagent.probe import probe_targets
+
+    lease = SimpleNamespace(attrs=SimpleNamespace(public_ip="192.0.2.1"))
+    peers = {IPv4Network(f"10.{i // 256}.{i % 256}.0/24"): lease for i in range(3000)}
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set() and i < 2_000_000:
+            key = IPv4Network(f"10.200.{i % 256}.0/24")
+            peers[key] = lease
+            del peers[key]
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(150):
+            assert len(probe_targets(peers)) >= 3000
+    finally:
+        stop.set()
+        t.join(10)
