@@ -11,8 +11,9 @@ Three layers, so that everything but the last one runs without root:
   retried on the next apply; the rest still applies. A full resync re-reads the kernel with one
   dump per table and sweeps our own entries that nothing justifies.
 * :class:`Kernel` is the narrow interface the reconciler and the backends need;
-  :class:`NetlinkKernel` implements it with pyroute2 (imported lazily, so importing this module is
-  cheap), and ``tests/fakekernel.py`` implements it in memory with failure injection.
+  :class:`NetlinkKernel` implements it over raw rtnetlink (batched writes, one dump per table;
+  ``batched=False`` is the one-pyroute2-call-per-entry reference path), and
+  ``tests/fakekernel.py`` implements it in memory with failure injection.
 
 **What is ours.** Routes carry ``proto`` :data:`RTPROT_NETAGENT`; neighbours and FDB entries are
 ours because they live on our own vxlan device. Nothing else is ever deleted.
@@ -513,8 +514,9 @@ def kernel_needs_csum_workaround(release: str) -> bool:
 # seconds; packing with precompiled ``struct`` formats costs ~2 µs. Writes go out many messages
 # per ``send``: the kernel walks every message of one buffer in order, answers only failures
 # (no NLM_F_ACK) and acknowledges the last message of each buffer, whose answer therefore means
-# "everything before me was processed". Links, addresses and route lookups stay on pyroute2:
-# they are a handful of calls.
+# "everything before me was processed". Links, addresses and route lookups use the same socket
+# (one request each; lookups batched too), so the agent does not import pyroute2 at all; the
+# pyroute2 versions stay as the reference path the tests compare against.
 
 _SOL_NETLINK = 270
 _NETLINK_CAP_ACK = 10
