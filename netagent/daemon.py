@@ -7,6 +7,7 @@ place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sy
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ EXIT_FATAL = 1
 EXIT_OUT_OF_SUBNETS = 2
 
 _LEASE_GONE = object()
+_PROBED = object()  # a probe round finished: status.json should show its results
 
 
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
@@ -130,6 +132,7 @@ class Daemon:
         self._last_status = ""
         self._status_dirty = False
         self._status_written_at = 0.0
+        self._peer_list_key: tuple[int, int, int] = (0, -1, -1)
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
@@ -356,13 +359,18 @@ class Daemon:
                 self.events.put(WatchEvent("put", kv.key, kv.value, 0, kv.mod_revision))
         self.peers = PeerTable(lease.subnet, cfg.network)
         self._log_rejected(self.peers.reset(self._raw(items)))
+        del listed, items  # ~2.5 MB at 5,000 peers, otherwise held for the agent's lifetime
         self._phase("programming backend")
         self._sync(None)
         self._masquerade()
         self.write_subnet_env()
         self._start_threads(revision + 1)
+        # everything built so far lives as long as the agent: keep the cyclic GC off it
+        gc.collect()
+        gc.freeze()
         if cfg.backend.type != "alloc":
-            self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop).start()
+            self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop,
+                                 on_round=lambda: self.events.put(_PROBED)).start()
         self._loop()
         log.info("stopping; kernel state and lease left in place")
         return EXIT_OK
@@ -457,6 +465,9 @@ class Daemon:
         assert self.leases is not None
         if item is _LEASE_GONE:
             return self._recover("our etcd lease expired or was revoked")
+        if item is _PROBED:
+            self._write_status()
+            return set()
         if isinstance(item, WatchResync):
             cfg_kv = next((kv for kv in item.items if kv.key == self._config_key), None)
             if cfg_kv is not None and cfg_kv.value != self._config_raw:
@@ -683,9 +694,12 @@ class Daemon:
             self._status_dirty = True
             return
         self._status_dirty = False
-        # O(peers): built only when the file is actually written
-        self.status.peer_list = peer_list(self.peers.peers,
-                                          self.prober.results if self.prober else None)
+        # O(peers): rebuilt only when the peers or the probe results changed
+        key = (id(self.peers), self.peers.version, self.prober.rounds if self.prober else 0)
+        if key != self._peer_list_key:
+            self._peer_list_key = key
+            self.status.peer_list = peer_list(self.peers.peers,
+                                              self.prober.results if self.prober else None)
         text = json.dumps(self.status.__dict__, sort_keys=True, indent=1)
         if text == self._last_status:
             return

@@ -30,7 +30,7 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any, ClassVar, Literal, Protocol
 
 log = logging.getLogger(__name__)
@@ -1361,3 +1361,65 @@ def lookup_all(kernel: Kernel, ips: Iterable[IPv4Address]) -> Mapping[IPv4Addres
     if bulk is not None:
         return bulk(set(ips))  # type: ignore[no-any-return]
     return {ip: kernel.lookup_route(ip) for ip in set(ips)}
+
+
+# --------------------------------------------------------------------------- host interfaces
+
+AF_INET6 = 10
+
+
+@dataclass(frozen=True)
+class HostInterface:
+    """A link as interface selection needs it (read-only)."""
+
+    name: str
+    index: int
+    mtu: int
+    addrs: tuple[IPv4Address, ...]
+    #: global-scope IPv6 addresses (link-local ones cannot carry the overlay)
+    addrs6: tuple[IPv6Address, ...]
+
+
+def host_interfaces(netns: str | None = None) -> tuple[list[HostInterface], int | None]:
+    """Every link with its IPv4 and global IPv6 addresses, and the interface of the IPv4
+    default route with the lowest metric (None without one): three dumps on one raw socket,
+    so choosing the interface needs no pyroute2 in the agent."""
+    rt = RtNetlink(netns)
+    try:
+        links: dict[int, tuple[str, int]] = {}
+        for data, off, end in rt.dump(_RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
+            index = _IFINFO.unpack_from(data, off)[2]
+            a = _attrs(data, off + _IFINFO.size, end)
+            mtu = a.get(_IFLA_MTU)
+            links[index] = (a.get(_IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+                            _U32.unpack(mtu)[0] if mtu else 1500)
+        v4: dict[int, list[IPv4Address]] = {}
+        v6: dict[int, list[IPv6Address]] = {}
+        for data, off, end in rt.dump(_RTM_GETADDR, _IFADDR.pack(0, 0, 0, 0, 0)):
+            family, _plen, _fl, scope, index = _IFADDR.unpack_from(data, off)
+            ad = _attrs(data, off + _IFADDR.size, end)
+            if family == AF_INET:
+                raw = ad.get(_IFA_LOCAL) or ad.get(_IFA_ADDRESS)
+                if raw:
+                    v4.setdefault(index, []).append(IPv4Address(raw))
+            elif family == AF_INET6 and scope == 0 and _IFA_ADDRESS in ad:
+                v6.setdefault(index, []).append(IPv6Address(ad[_IFA_ADDRESS]))
+        best: tuple[int, int] | None = None
+        for data, off, end in rt.dump(_RTM_GETROUTE, _RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
+            family, dst_len, _s, _tos, table, _proto, _scope, rtype, _flags = \
+                _RTMSG.unpack_from(data, off)
+            if family != AF_INET or dst_len != 0 or rtype != _RTN_UNICAST:
+                continue
+            ra = _attrs(data, off + _RTMSG.size, end)
+            rtable = _U32.unpack(ra[_RTA_TABLE])[0] if _RTA_TABLE in ra else table
+            if rtable != 254 or _RTA_OIF not in ra:
+                continue
+            prio = _U32.unpack(ra[_RTA_PRIORITY])[0] if _RTA_PRIORITY in ra else 0
+            oif = _U32.unpack(ra[_RTA_OIF])[0]
+            if best is None or prio < best[0]:
+                best = (prio, oif)
+    finally:
+        rt.close()
+    out = [HostInterface(name, index, mtu, tuple(v4.get(index, ())), tuple(v6.get(index, ())))
+           for index, (name, mtu) in sorted(links.items())]
+    return out, best[1] if best else None

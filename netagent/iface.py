@@ -28,40 +28,12 @@ class Iface:
     addrs6: tuple[IPv6Address, ...] = ()
 
 
-def list_ifaces() -> list[Iface]:
-    from pyroute2 import IPRoute
+def list_ifaces() -> tuple[list[Iface], int | None]:
+    """The links with their addresses, and the index of the IPv4 default route's interface."""
+    from netagent.dataplane import host_interfaces
 
-    with IPRoute() as ipr:
-        links = {link["index"]: link for link in ipr.get_links()}
-        addrs: dict[int, list[IPv4Address]] = {}
-        for msg in ipr.get_addr(family=socket.AF_INET):
-            addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
-        addrs6: dict[int, list[IPv6Address]] = {}
-        for msg in ipr.get_addr(family=socket.AF_INET6):
-            if msg["scope"] == 0:  # RT_SCOPE_UNIVERSE
-                addrs6.setdefault(msg["index"], []).append(
-                    IPv6Address(msg.get_attr("IFA_ADDRESS")))
-    out = []
-    for index, link in sorted(links.items()):
-        out.append(
-            Iface(link.get_attr("IFLA_IFNAME"), index, int(link.get_attr("IFLA_MTU") or 1500),
-                  tuple(addrs.get(index, ())), tuple(addrs6.get(index, ())))
-        )
-    return out
-
-
-def default_route_ifindex() -> int | None:
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        routes = ipr.get_default_routes(family=socket.AF_INET)
-        best = None
-        for r in routes:
-            oif = r.get_attr("RTA_OIF")
-            prio = r.get_attr("RTA_PRIORITY") or 0
-            if oif and (best is None or prio < best[0]):
-                best = (prio, oif)
-        return best[1] if best else None
+    links, default = host_interfaces()
+    return [Iface(h.name, h.index, h.mtu, h.addrs, h.addrs6) for h in links], default
 
 
 def choose_iface(
@@ -134,8 +106,8 @@ def public_ipv6_for(iface: Iface, wanted: str) -> IPv6Address:
 
 def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str
                ) -> tuple[Iface, IPv4Address, IPv4Address]:
-    ifaces = list_ifaces()
-    default = None if (names or regexes) else default_route_ifindex()
+    ifaces, default_index = list_ifaces()
+    default = None if (names or regexes) else default_index
     try:
         return choose_iface(ifaces, names, regexes, public_ip, default)
     except ValueError as exc:

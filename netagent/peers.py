@@ -54,6 +54,8 @@ class PeerTable:
         self.outside: dict[IPv4Network, Lease] = {}
         #: key name -> reason, for keys currently holding an unusable value
         self.invalid: dict[str, str] = {}
+        #: bumped whenever `peers` changes, so readers can cache what they derive from it
+        self.version = 0
 
     def _inside(self, subnet: IPv4Network) -> bool:
         return self.network is None or subnet.subnet_of(self.network)
@@ -91,6 +93,7 @@ class PeerTable:
                 changes.added.add(subnet)
         changes.removed = set(self.peers) - set(new)
         self.peers = new
+        self.version += 1
         return changes
 
     def put(self, raw: RawLease) -> PeerChanges:
@@ -103,10 +106,12 @@ class PeerTable:
             self.outside[lease.subnet] = lease
             if self.peers.pop(lease.subnet, None) is not None:
                 changes.removed.add(lease.subnet)
+                self.version += 1
             return changes
         if self.peers.get(lease.subnet) != lease:
             self.peers[lease.subnet] = lease
             changes.added.add(lease.subnet)
+            self.version += 1
         return changes
 
     def delete(self, name: str) -> PeerChanges:
@@ -127,6 +132,8 @@ class PeerTable:
             lease = self.outside.get(subnet)
             if lease is not None and lease.key == name:
                 del self.outside[subnet]
+        if changes:
+            self.version += 1
         return changes
 
     def set_network(self, network: IPv4Network | None) -> PeerChanges:
@@ -141,6 +148,8 @@ class PeerTable:
             if self._inside(subnet) and subnet != self.own_subnet:
                 self.peers[subnet] = self.outside.pop(subnet)
                 changes.added.add(subnet)
+        if changes:
+            self.version += 1
         return changes
 
     def set_own(self, subnet: IPv4Network | None) -> PeerChanges:
@@ -150,4 +159,5 @@ class PeerTable:
         if subnet is not None and subnet in self.peers:
             del self.peers[subnet]
             changes.removed.add(subnet)
+            self.version += 1
         return changes

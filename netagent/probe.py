@@ -88,7 +88,9 @@ def parse_reply(packet: bytes, raw: bool) -> tuple[int, int] | None:
 class Prober:
     def __init__(self, targets: Callable[[], Mapping[str, tuple[str, tuple[str, ...]]]],
                  stop: threading.Event, interval: float = 5.0, timeout: float = 1.0,
-                 rate: float = 200.0) -> None:
+                 rate: float = 200.0, on_round: Callable[[], None] | None = None) -> None:
+        #: told after each round (the daemon queues a status refresh: it stays the writer)
+        self.on_round = on_round
         self.targets = targets
         self.stop = stop
         self.interval = interval
@@ -152,6 +154,8 @@ class Prober:
             for subnet, (pub, _addrs) in targets.items()
         }
         self.rounds += 1
+        if self.on_round is not None:
+            self.on_round()
 
 
     def _collect(self, sock: socket.socket, raw: bool, sent: dict[int, tuple[str, float]],

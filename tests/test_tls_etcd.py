@@ -185,7 +185,10 @@ def test_agent_keeps_running_when_the_serving_member_is_killed(lab: Lab) -> None
     renewals = one(before, "netagent_lease_renewals_total")
     # the agent talks to the first endpoint; kill that member outright
     cluster.members[0].kill()
-    cluster.ctl("put", f"{PREFIX}/subnets/10.15.99.0-24", '{"PublicIP":"192.0.2.9"}')
+    # if it was the leader, the two left elect a new one first: writes time out until then
+    wait_for(lambda: cluster.ctl("put", f"{PREFIX}/subnets/10.15.99.0-24",
+                                 '{"PublicIP":"192.0.2.9"}', check=False).returncode == 0, 20,
+             interval=0.5, what="a write through the remaining members")
 
     def recovered() -> bool:
         m = metrics(h)
