@@ -25,35 +25,42 @@ def lease_of(lab: Lab, ip: str) -> str | None:
     return None
 
 
-def test_twenty_agents_twenty_subnets_and_the_21st_is_out(lab: Lab) -> None:
+@pytest.mark.parametrize("agents, free", [(21, 20), (50, 40)], ids=["21-for-20", "50-for-40"])
+def test_more_agents_than_subnets(lab: Lab, agents: int, free: int) -> None:
+    """All agents start at once: `free` distinct leases, every other agent exits with status 2
+    and "out of subnets", writes no subnet.env, and no etcd lease is left from a lost race."""
     assert lab.etcd is not None
     lab.etcd.put(f"{PREFIX}/config", '{"Network":"10.6.0.0/16","SubnetMin":"10.6.1.0",'
-                 '"SubnetMax":"10.6.20.0","Backend":{"Type":"alloc"}}')
-    hosts = [lab.add_host() for _ in range(21)]
+                 f'"SubnetMax":"10.6.{free}.0","Backend":{{"Type":"alloc"}}}}')
+    hosts = [lab.add_host() for _ in range(agents)]
     for h in hosts:
         lab.start_agent(h)
-    # exactly one agent must give up; the others hold distinct leases
-    wait_for(lambda: sum(1 for h in hosts if h.agent is not None and h.agent.poll() is not None)
-             >= 1 and len(subnets(lab)) >= 20, timeout=120, what="20 leases and one exit")
+
+    def settled() -> bool:
+        done = sum(1 for h in hosts if h.agent is not None and h.agent.poll() is not None)
+        return done >= agents - free and sum(h.subnet_file.exists() for h in hosts) >= free
+
+    wait_for(settled, 180, interval=0.5, what=f"{free} leases and {agents - free} exits")
     time.sleep(1.0)
     exited = [h for h in hosts if h.agent is not None and h.agent.poll() is not None]
-    assert len(exited) == 1, [lab.log(h)[-500:] for h in exited]
-    loser = exited[0]
-    assert loser.agent is not None and loser.agent.returncode != 0
-    assert "out of subnets" in lab.log(loser)
-    assert not loser.subnet_file.exists()
+    assert len(exited) == agents - free, [lab.log(h)[-500:] for h in exited]
+    for h in exited:
+        assert h.agent is not None and h.agent.returncode == 2, lab.log(h)[-800:]
+        assert "out of subnets" in lab.log(h)
+        assert not h.subnet_file.exists()
     leases = subnets(lab)
-    assert len(leases) == 20
-    owners = [json.loads(v)["PublicIP"] for v in leases.values()]
-    assert len(set(owners)) == 20 and loser.ip not in owners
-    winners = [h for h in hosts if h is not loser]
+    assert len(leases) == free
+    owners = {json.loads(v)["PublicIP"] for v in leases.values()}
+    assert len(owners) == free and not owners & {h.ip for h in exited}
+    listed = lab.etcd.ctl("lease", "list").stdout.splitlines()
+    assert len(listed) - 1 == free, listed[:3]  # one etcd lease per key, no orphans
+    winners = [h for h in hosts if h not in exited]
     got = set()
     for h in winners:
-        wait_for(h.subnet_file.exists, 20, what=f"{h.name} subnet.env")
         env = read_env_file(h.subnet_file)
         got.add(env["FLANNEL_SUBNET"])
         assert lease_of(lab, h.ip) == env["FLANNEL_SUBNET"].replace(".1/", ".0-")
-    assert len(got) == 20
+    assert len(got) == free
     for h in winners:
         assert lab.stop_agent(h) == 0
 

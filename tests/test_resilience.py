@@ -149,39 +149,6 @@ def test_watch_relists_after_compaction_past_its_revision(lab: Lab) -> None:
     assert lab.pods[0].ping(lab.pods[1].ip)
 
 
-def test_fifty_agents_forty_subnets(lab: Lab) -> None:
-    assert lab.etcd is not None
-    lab.etcd.put(f"{PREFIX}/config", '{"Network":"10.30.0.0/16","SubnetMin":"10.30.1.0",'
-                 '"SubnetMax":"10.30.40.0","Backend":{"Type":"alloc"}}')
-    hosts = [lab.add_host() for _ in range(50)]
-    for h in hosts:
-        lab.start_agent(h)
-
-    def settled() -> bool:
-        done = [h for h in hosts if h.agent is not None and h.agent.poll() is not None]
-        ready = [h for h in hosts if h.subnet_file.exists()]
-        return len(done) >= 10 and len(ready) >= 40
-
-    wait_for(settled, 180, interval=0.5, what="40 leases and 10 exits")
-    time.sleep(1)
-    exited = [h for h in hosts if h.agent is not None and h.agent.poll() is not None]
-    assert len(exited) == 10
-    for h in exited:
-        assert h.agent is not None and h.agent.returncode == 2, lab.log(h)[-800:]
-        assert "out of subnets" in lab.log(h)
-        assert not h.subnet_file.exists()
-    values = leases(lab)
-    assert len(values) == 40
-    owners = {json.loads(v)["PublicIP"] for v in values.values()}
-    assert len(owners) == 40 and not owners & {h.ip for h in exited}
-    # nothing half-written: one etcd lease per key, no orphans from lost races
-    assert lab.etcd is not None
-    listed = lab.etcd.ctl("lease", "list").stdout.splitlines()
-    assert len(listed) - 1 == 40, listed[:3]
-    subnets = {read_env_file(h.subnet_file)["FLANNEL_SUBNET"] for h in hosts if h not in exited}
-    assert len(subnets) == 40
-
-
 def _malformed_values(n: int, seed: int) -> list[tuple[str, str]]:
     """(key name, value) pairs that no host may act on."""
     import random
