@@ -20,12 +20,13 @@ deps-apt:
 deps-pip:
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 
-test: deps
+# lint first: ruff and mypy are cheap and keep the tree clean for the next change
+test: deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: deps
 	$(PY) contrib/demo.py
 
-lint:
+lint: deps-pip
 	$(PY) -m ruff check netagent backends cni tests bench contrib
 	$(PY) -m mypy netagent backends cni
