@@ -28,7 +28,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = os.environ.get("NETAGENT_TEST_RUN_ID") or f"{os.getpid() % 10000:04d}{random.randrange(16**2):02x}"
@@ -274,6 +276,17 @@ class Host:
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return sh(*args, ns=self.name, check=check, timeout=timeout)
 
+    def status(self) -> dict[str, Any]:
+        """The agent's status.json ({} while it is missing or being replaced)."""
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return {}
+
+    def subnet(self) -> IPv4Network:
+        """This host's leased subnet, from its subnet.env."""
+        return IPv4Interface(read_env_file(self.subnet_file)["FLANNEL_SUBNET"]).network
+
 
 @dataclass
 class Pod:
@@ -285,6 +298,16 @@ class Pod:
         proc = sh("ping", "-c", str(count), "-W", str(wait), "-i", "0.2", ip, ns=self.name,
                   check=False, timeout=count * (wait + 1) + 5)
         return proc.returncode == 0
+
+
+def ping_all(pods: Sequence[Pod], timeout: float = 20.0) -> None:
+    """Every pod pings every other one; each pair polled (bounded) since the first packets may
+    race the peers' programming. The error names the pair that never answered."""
+    for a in pods:
+        for b in pods:
+            if a is not b:
+                wait_for(lambda a=a, b=b: a.ping(b.ip), timeout=timeout, interval=0.2,
+                         what=f"ping {a.name} ({a.ip}) → {b.name} ({b.ip})")
 
 
 class PingRun:

@@ -11,11 +11,11 @@ import re
 import signal
 import subprocess
 import time
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, Pod, read_env_file, wait_for
+from harness import RUN_ID, Host, Lab, ping_all, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -25,18 +25,6 @@ NETWORK = "10.42.0.0/16"
 
 def net_config(backend: dict[str, Any]) -> str:
     return json.dumps({"Network": NETWORK, "Backend": backend})
-
-
-def host_subnet(host: Host) -> IPv4Network:
-    return IPv4Interface(read_env_file(host.subnet_file)["FLANNEL_SUBNET"]).network
-
-
-def status(host: Host) -> dict[str, Any]:
-    path = host.state_dir / "status.json"
-    try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return {}
 
 
 def start_all(lab: Lab, backend: dict[str, Any], *extra: str) -> list[Host]:
@@ -51,18 +39,9 @@ def start_all(lab: Lab, backend: dict[str, Any], *extra: str) -> list[Host]:
         assert h.subnet_file.exists(), lab.log(h)
     # every agent has seen every other lease
     for h in hosts:
-        wait_for(lambda h=h: status(h).get("peers") == 2, timeout=20,
+        wait_for(lambda h=h: h.status().get("peers") == 2, timeout=20,
                  what=f"{h.name} to see both peers")
     return hosts
-
-
-def all_pairs_ping(pods: list[Pod]) -> None:
-    for a in pods:
-        for b in pods:
-            if a is not b:
-                # the first packets may race the peers' programming: poll, bounded
-                wait_for(lambda a=a, b=b: a.ping(b.ip), timeout=20, interval=0.2,
-                         what=f"ping {a.name} ({a.ip}) → {b.name} ({b.ip})")
 
 
 def kernel_state(host: Host, dev: str | None) -> tuple[Any, ...]:
@@ -93,9 +72,9 @@ def test_mesh_ping_and_drift_repair(lab: Lab, backend: dict[str, Any],
                                     via_overlay: bool) -> None:
     hosts = start_all(lab, backend, "--repair-interval", "2")
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
-    all_pairs_ping(pods)
+    ping_all(pods)
     h1, h2 = hosts[0], hosts[1]
-    s2 = host_subnet(h2)
+    s2 = h2.subnet()
     route = h1.run("ip", "route", "show", str(s2)).stdout
     if via_overlay:
         assert f"via {s2.network_address} dev flannel.1" in route and "onlink" in route
@@ -120,7 +99,7 @@ def test_mesh_ping_and_drift_repair(lab: Lab, backend: dict[str, Any],
 def test_vxlan_restart_lease_delete_and_malformed(lab: Lab) -> None:
     hosts = start_all(lab, {"Type": "vxlan"}, "--repair-interval", "30")
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
-    all_pairs_ping(pods)
+    ping_all(pods)
     h1, h2, h3 = hosts
     assert lab.etcd is not None
 
@@ -132,10 +111,10 @@ def test_vxlan_restart_lease_delete_and_malformed(lab: Lab) -> None:
                  '"BackendData":{"VNI":1,"VtepMAC":"not-a-mac"}}')
     lab.etcd.put(f"{PREFIX}/subnets/10.42.251.0-24", '{"PublicIP":')
     for h in hosts:
-        wait_for(lambda h=h: str(bad_mac) in status(h).get("skipped_peers", {}), timeout=10,
+        wait_for(lambda h=h: str(bad_mac) in h.status().get("skipped_peers", {}), timeout=10,
                  what=f"{h.name} to report the malformed lease")
         assert not has_route(h, bad_mac) and not has_route(h, bad_json)
-    assert "VtepMAC" in status(h1)["skipped_peers"][str(bad_mac)]
+    assert "VtepMAC" in h1.status()["skipped_peers"][str(bad_mac)]
     assert len(re.findall(r"skipping peer 10\.42\.250\.0/24", lab.log(h1))) == 1
     lab.etcd.ctl("del", f"{PREFIX}/subnets/10.42.250.0-24")
     lab.etcd.ctl("del", f"{PREFIX}/subnets/10.42.251.0-24")
@@ -152,7 +131,7 @@ def test_vxlan_restart_lease_delete_and_malformed(lab: Lab) -> None:
         log_mark = len(lab.log(h1))
         (h1.state_dir / "status.json").unlink()
         lab.start_agent(h1, "--repair-interval", "30")
-        wait_for(lambda: status(h1).get("reconciles", 0) >= 1, timeout=60,
+        wait_for(lambda: h1.status().get("reconciles", 0) >= 1, timeout=60,
                  what="the restarted agent's first sync")
         out, _ = pinger.communicate(timeout=60)
     finally:
@@ -166,7 +145,7 @@ def test_vxlan_restart_lease_delete_and_malformed(lab: Lab) -> None:
     assert "ready" in restarted and "reconciled" not in restarted  # zero kernel changes
 
     # a peer's lease deleted with etcdctl: its entries leave the other hosts
-    s3 = host_subnet(h3)
+    s3 = h3.subnet()
     lab.stop_agent(h3, signal.SIGKILL)  # else it would re-create its key
     t0 = time.monotonic()
     lab.etcd.ctl("del", f"{PREFIX}/subnets/{s3.network_address}-{s3.prefixlen}")

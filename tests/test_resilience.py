@@ -12,7 +12,7 @@ import signal
 import time
 
 import pytest
-from harness import Host, Lab, PingRun, kernel_state, read_env_file, sh, wait_for
+from harness import Host, Lab, PingRun, kernel_state, sh, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -27,7 +27,7 @@ def leases(lab: Lab) -> dict[str, str]:
 
 
 def subnet_of(host: Host) -> str:
-    return read_env_file(host.subnet_file)["FLANNEL_SUBNET"].replace(".1/", ".0/")
+    return str(host.subnet())
 
 
 def vxlan_lab(lab: Lab, n: int = 3, *agent_args: str) -> list[Host]:

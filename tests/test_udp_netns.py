@@ -12,11 +12,11 @@ import json
 import signal
 import subprocess
 import sys
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, Pod, read_env_file, sh, wait_for
+from harness import RUN_ID, Host, Lab, Pod, ping_all, read_env_file, sh, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -67,17 +67,6 @@ else:
 """
 
 
-def status(host: Host) -> dict[str, Any]:
-    try:
-        return json.loads((host.state_dir / "status.json").read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return {}
-
-
-def subnet_of(host: Host) -> IPv4Network:
-    return IPv4Interface(read_env_file(host.subnet_file)["FLANNEL_SUBNET"]).network
-
-
 def start_udp_hosts(lab: Lab, n: int) -> list[Host]:
     assert lab.etcd is not None
     lab.etcd.put(f"{PREFIX}/config",
@@ -90,17 +79,9 @@ def start_udp_hosts(lab: Lab, n: int) -> list[Host]:
                  timeout=60, what=f"{h.name} subnet.env")
         assert h.subnet_file.exists(), lab.log(h)
     for h in hosts:
-        wait_for(lambda h=h: status(h).get("peers") == n - 1 and status(h).get("ready"),
+        wait_for(lambda h=h: h.status().get("peers") == n - 1 and h.status().get("ready"),
                  timeout=20, what=f"{h.name} to see its peers")
     return hosts
-
-
-def ping_matrix(pods: list[Pod]) -> None:
-    for a in pods:
-        for b in pods:
-            if a is not b:
-                wait_for(lambda a=a, b=b: a.ping(b.ip), timeout=20, interval=0.2,
-                         what=f"ping {a.ip} → {b.ip}")
 
 
 def tcp_transfer(src: Pod, dst: Pod, size: int, seed: int) -> tuple[str, str]:
@@ -129,7 +110,7 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     hosts = start_udp_hosts(lab, 3)
     # flannel's lease value, byte for byte (no BackendType: flannel udp hosts accept it)
     for h in hosts:
-        s = subnet_of(h)
+        s = h.subnet()
         value = lab.etcd.get(f"{PREFIX}/subnets/{s.network_address}-{s.prefixlen}")
         assert value == f'{{"PublicIP":"{h.ip}","PublicIPv6":null}}'
         assert read_env_file(h.subnet_file)["FLANNEL_MTU"] == "1472"
@@ -140,13 +121,13 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     assert dev["linkinfo"]["info_data"]["pi"] is False
     assert dev["linkinfo"]["info_data"]["persist"] is True
     assert [(a["local"], a["prefixlen"]) for a in dev["addr_info"] if a["family"] == "inet"] == [
-        (str(subnet_of(h1).network_address), 32)]
+        (str(h1.subnet().network_address), 32)]
     route = h1.run("ip", "route", "show", "exact", NETWORK).stdout
     assert "dev flannel0" in route and "proto 111" in route
     assert h1.run("ss", "-lunH", "sport", "= :8285").stdout.count(f"{h1.ip}:8285") == 1
 
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
-    ping_matrix(pods)
+    ping_all(pods)
     sent, got = tcp_transfer(pods[0], pods[2], TRANSFER_BYTES, seed=int(RUN_ID[:4]) + 1)
     assert got == sent and sent.startswith(f"{TRANSFER_BYTES} ")
     sent, got = tcp_transfer(pods[2], pods[1], TRANSFER_BYTES // 5, seed=7)
@@ -158,7 +139,7 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     assert link_json(h1, "flannel0")["ifindex"] == index  # outlives the agent
     (h1.state_dir / "status.json").unlink()
     lab.start_agent(h1, "--repair-interval", "2")
-    wait_for(lambda: status(h1).get("ready") and status(h1).get("reconciles", 0) >= 1,
+    wait_for(lambda: h1.status().get("ready") and h1.status().get("reconciles", 0) >= 1,
              timeout=30, what="restarted agent ready")
     assert link_json(h1, "flannel0")["ifindex"] == index
     wait_for(lambda: pods[0].ping(pods[1].ip) and pods[1].ping(pods[0].ip), timeout=20,
@@ -173,9 +154,9 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     lab.etcd.put(f"{PREFIX}/subnets/10.44.250.0-24",
                  '{"PublicIP":"10.9.9.9","PublicIPv6":null,"BackendType":"vxlan",'
                  '"BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:01"}}')
-    wait_for(lambda: str(vx) in status(h1).get("skipped_peers", {}), timeout=20,
+    wait_for(lambda: str(vx) in h1.status().get("skipped_peers", {}), timeout=20,
              what="vxlan lease skipped")
-    assert "not udp" in status(h1)["skipped_peers"][str(vx)]
+    assert "not udp" in h1.status()["skipped_peers"][str(vx)]
     # its destination gets net-unreachable at once (a connected UDP socket sees ENETUNREACH)
     out = sh(sys.executable, "-c", UDP_PROBE, "10.44.250.5", ns=pods[0].name).stdout
     assert out.strip() == "ENETUNREACH", out
@@ -188,15 +169,15 @@ def test_udp_three_hosts_ping_transfer_restart(lab: Lab) -> None:
     assert link_json(h1, "flannel0")["ifindex"] == index
     (h1.state_dir / "status.json").unlink()  # so "ready" below is this run's
     lab.start_agent(h1, "--repair-interval", "2")
-    wait_for(lambda: status(h1).get("ready"), timeout=30, what="h1 back")
+    wait_for(lambda: h1.status().get("ready"), timeout=30, what="h1 back")
     lab.etcd.ctl("del", f"{PREFIX}/subnets/10.44.250.0-24")
 
     # a live switch to vxlan: udp's teardown removes flannel0 and its route; pods stay reachable
     lab.etcd.put(f"{PREFIX}/config", json.dumps({"Network": NETWORK,
                                                  "Backend": {"Type": "vxlan"}}))
     for h in hosts:
-        wait_for(lambda h=h: status(h).get("backend") == "vxlan" and h.run(
+        wait_for(lambda h=h: h.status().get("backend") == "vxlan" and h.run(
             "ip", "link", "show", "flannel0", check=False).returncode != 0,
             timeout=30, interval=0.2, what=f"{h.name} to drop flannel0 for vxlan")
         assert "flannel0" not in h.run("ip", "route").stdout
-    ping_matrix(pods)
+    ping_all(pods)
