@@ -112,8 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     key = st.get("lease_key")
     try:
-        reg = registry(args)
-        try:
+        with registry(args) as reg:
             kv = reg.get(key) if key else None
             lease = doc["lease"]
             lease["in_etcd"] = kv is not None
@@ -125,8 +124,6 @@ def cmd_status(args: argparse.Namespace) -> int:
                     lease["public_ip"] = json.loads(kv.value).get("PublicIP")
                 except ValueError:
                     pass
-        finally:
-            reg.close()
     except RegistryError as exc:
         doc["etcd"] = str(exc)
     lease = doc["lease"]
@@ -182,13 +179,10 @@ def cmd_leases(args: argparse.Namespace) -> int:
     from netagent.registry import RegistryError
 
     try:
-        reg = registry(args)
-        try:
+        with registry(args) as reg:
             prefix = reg.key("subnets/")
             items, revision = reg.list_prefix(prefix)
             ttls = reg.lease_ttls([kv.lease_id for kv in items])
-        finally:
-            reg.close()
     except RegistryError as exc:
         err(str(exc))
         return 1
@@ -219,14 +213,11 @@ def cmd_config_get(args: argparse.Namespace) -> int:
     from netagent.registry import RegistryError
 
     try:
-        reg = registry(args)
-        try:
+        with registry(args) as reg:
             kv = reg.get(reg.key("config"))
             if kv is None:
                 err(missing_config_message(reg))
                 return 1
-        finally:
-            reg.close()
     except RegistryError as exc:
         err(str(exc))
         return 1
@@ -280,12 +271,9 @@ def cmd_config_set(args: argparse.Namespace) -> int:
         return 1
     raw, cfg = checked
     try:
-        reg = registry(args)
-        try:
+        with registry(args) as reg:
             key = reg.key("config")
             reg.put(key, raw.strip())
-        finally:
-            reg.close()
     except RegistryError as exc:
         err(str(exc))
         return 1
@@ -303,8 +291,7 @@ def cmd_migrate_v2(args: argparse.Namespace) -> int:
     from netagent.registry import RegistryError
 
     try:
-        reg = registry(args)
-        try:
+        with registry(args) as reg:
             key = reg.key("config")
             v2 = reg.find_v2_value(key)
             if v2 is None:
@@ -327,8 +314,6 @@ def cmd_migrate_v2(args: argparse.Namespace) -> int:
                         "(use --force to replace it with the v2 one)")
                     return 1
             reg.put(key, v2.strip())
-        finally:
-            reg.close()
     except RegistryError as exc:
         err(str(exc))
         return 1

@@ -319,6 +319,12 @@ class Registry:
             self._closed = True
         self._drop(rotate=False)
 
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ keys
 
     def key(self, suffix: str) -> str:
