@@ -503,7 +503,7 @@ class Daemon:
             seen = decode_lease(ev.key[len(self._subnets_prefix):], ev.value, ev.lease_id)
         except LeaseError as exc:
             log.error("our lease key was overwritten with an unreadable value (%s); restoring", exc)
-            self.registry.put(self.leases.key, self._own_value(), self.leases.lease.lease_id)
+            self.leases.restore()
             return set()
         if seen.attrs.public_ip != self.leases.public_ip:
             log.error("our lease key %s was overwritten by %s", ev.key, seen.attrs.public_ip)
@@ -627,12 +627,6 @@ class Daemon:
             backend.teardown()
         except Exception:  # noqa: BLE001 - leftovers are swept by the next full sync or start
             log.exception("removing the %s backend's kernel entries failed", name)
-
-    def _own_value(self) -> str:
-        from netagent.lease import encode_attrs
-
-        assert self.leases is not None
-        return encode_attrs(self.leases.attrs)
 
     def _recover(self, why: str) -> set[IPv4Network] | None:
         assert self.leases is not None

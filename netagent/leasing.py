@@ -170,6 +170,12 @@ class LeaseManager:
         self.registry.put(self.key, encode_attrs(attrs), state.lease.lease_id)
         state.lease = replace(state.lease, attrs=attrs)
 
+    def restore(self) -> None:
+        """Our key was overwritten with something unreadable: write our value back on our own
+        etcd lease (none for a reservation)."""
+        if self.state is not None:
+            self.registry.put(self.key, encode_attrs(self.attrs), self.state.lease.lease_id)
+
     def release(self) -> None:
         """Give our subnet back (renumbering): delete the key and revoke its etcd lease."""
         state = self.state
