@@ -7,7 +7,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,22 +204,124 @@ def pod_routes(netns_path: str, family: str = "-4") -> list[str]:
     return [" ".join(line.split()) for line in out.splitlines()]
 
 
-def _install_plugin(tmp_path_factory: Any) -> str:
+# --------------------------------------------------------------------------- install + server
+
+
+def is_elf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
+
+
+class CniServer:
+    """``netagent.py --server`` (cni/server.py) on a socket of its own, started by PID.
+
+    ``ns`` starts it inside that namespace (as systemd starts it on a host); stderr goes to
+    ``log_path``. Only this process (and its children, the requests) is ever signalled.
+    """
+
+    def __init__(self, launcher: str, socket_path: Path, log_path: Path, *args: str,
+                 ns: str | None = None) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        cmd = [launcher, "--server", "--socket", str(socket_path), "--verbose", *args]
+        if ns is not None:
+            cmd = ["ip", "netns", "exec", ns, *cmd]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"CNI server did not start: {self.log()}")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def children(self) -> list[int]:
+        """PIDs of the requests running now (the server's child processes)."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(x) for x in text.split()]
+
+    def wait_for_child(self, timeout: float = 10) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            kids = self.children()
+            if kids:
+                return kids[0]
+            time.sleep(0.01)
+        raise AssertionError(f"no request started within {timeout} s: {self.log()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def install_plugin(d: Path, client: str = "auto", socket_path: Path | None = None
+                   ) -> tuple[str, str]:
+    """install_cni into ``d``: (what runtimes exec, the Python launcher)."""
     from cni.install import install_cni
 
-    d = tmp_path_factory.mktemp("cni-bin")
-    return install_cni(str(d / "bin"), str(d / "net.d"))[0]
+    sock = socket_path or d / "run" / "cni.sock"
+    written = install_cni(str(d / "bin"), str(d / "net.d"), client=client,
+                          socket_path=str(sock))
+    return written[0], written[1]
 
 
 def plugin_fixture() -> Any:
-    """The plugin installed by install_cni into a temp bin dir (exactly what runtimes exec)."""
+    """What install_cni installs (the C client when a compiler exists) into a temp bin dir,
+    exactly what runtimes exec, with a CNI server for the session on the socket built into the
+    client: every call goes client → server → forked plugin. Without a compiler the plugin is
+    the Python launcher and no server runs."""
     import pytest
 
     @pytest.fixture(scope="session")
-    def plugin_exe(tmp_path_factory: Any) -> str:
-        return _install_plugin(tmp_path_factory)
+    def plugin_exe(tmp_path_factory: Any) -> Iterator[str]:
+        d = tmp_path_factory.mktemp("cni-bin")
+        exe, launcher = install_plugin(d)
+        if not is_elf(exe):
+            yield exe
+            return
+        server = CniServer(launcher, d / "run" / "cni.sock", d / "server.log")
+        try:
+            yield exe
+        finally:
+            alive = server.alive()
+            server.stop()
+            assert alive, f"the session's CNI server died: {server.log()[-3000:]}"
 
     return plugin_exe
+
+
+def launcher_fixture() -> Any:
+    """The Python launcher alone (``install-cni --client python``, the old behaviour)."""
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def launcher_exe(tmp_path_factory: Any) -> str:
+        return install_plugin(tmp_path_factory.mktemp("cni-launcher"), client="python")[0]
+
+    return launcher_exe
 
 
 def cni_path(exe: str) -> str:

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from cni_helpers import plugin_fixture, run_plugin, write_subnet_env
+from cni_helpers import is_elf, plugin_fixture, run_plugin, write_subnet_env
 
 from cni.errors import CniError
 from cni.fast import dumps, loads
-from cni.install import CONFLIST_NAME, install_cni
+from cni.install import CONFLIST_NAME, find_compiler, install_cni
 from cni.plugin import (
     SUPPORTED_VERSIONS,
     Config,
@@ -262,27 +262,68 @@ def test_start_up_path_imports_no_heavy_module() -> None:
 # --------------------------------------------------------------------------- install
 
 
-def test_install_cni_writes_launcher_and_conflist(tmp_path: Path) -> None:
+def test_install_cni_writes_client_launcher_and_conflist(tmp_path: Path) -> None:
     bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
     written = install_cni(str(bin_dir), str(conf_dir), subnet_file="/x/subnet.env")
-    exe, conflist = bin_dir / "netagent", conf_dir / CONFLIST_NAME
-    assert written == [str(exe), str(conflist)]
-    assert os.access(exe, os.X_OK)
-    assert exe.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    exe, launcher = bin_dir / "netagent", bin_dir / "netagent.py"
+    conflist = conf_dir / CONFLIST_NAME
+    assert written == [str(exe), str(launcher), str(conflist)]
+    assert os.access(exe, os.X_OK) and os.access(launcher, os.X_OK)
+    assert launcher.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    # the C client when there is a compiler, else the launcher itself (and a note says so)
+    assert is_elf(str(exe)) == (find_compiler() is not None)
     doc = json.loads(conflist.read_text())
     assert [p["type"] for p in doc["plugins"]] == ["netagent", "portmap"]
     assert doc["plugins"][0]["subnetFile"] == "/x/subnet.env"
     # direct exec from a foreign working directory, with a hostile PYTHONPATH, as runtimes do
-    proc = subprocess.run([str(exe)], input='{"cniVersion":"0.4.0"}', capture_output=True,
-                          text=True, cwd="/", env={"CNI_COMMAND": "VERSION",
-                                                   "PYTHONPATH": "/nonexistent"}, check=True)
-    assert json.loads(proc.stdout)["cniVersion"] == "0.4.0"
-    # an operator's conflist survives a re-install unless forced; the binary is refreshed
+    # (no server on the default socket here, or one: the answer is the same)
+    for prog in (exe, launcher):
+        proc = subprocess.run([str(prog)], input='{"cniVersion":"0.4.0"}', capture_output=True,
+                              text=True, cwd="/", env={"CNI_COMMAND": "VERSION",
+                                                       "PYTHONPATH": "/nonexistent"},
+                              check=True)
+        assert json.loads(proc.stdout)["cniVersion"] == "0.4.0"
+    # an operator's conflist survives a re-install unless forced; the binaries are refreshed
     conflist.write_text("{}")
-    assert install_cni(str(bin_dir), str(conf_dir)) == [str(exe)]
+    assert install_cni(str(bin_dir), str(conf_dir)) == [str(exe), str(launcher)]
     assert conflist.read_text() == "{}"
-    assert install_cni(str(bin_dir), str(conf_dir), force=True) == [str(exe), str(conflist)]
+    assert install_cni(str(bin_dir), str(conf_dir), force=True) == written
     assert json.loads(conflist.read_text())["name"] == "netagent"
+
+
+def test_install_cni_python_client_is_the_old_launcher(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    install_cni(str(bin_dir), str(tmp_path / "net.d"), client="python")
+    exe, launcher = bin_dir / "netagent", bin_dir / "netagent.py"
+    assert exe.read_text() == launcher.read_text()
+    assert exe.read_text().splitlines()[0] == f"#!{sys.executable} -IS"
+    with pytest.raises(ValueError):
+        install_cni(str(bin_dir), str(tmp_path / "net.d"), client="rust")
+
+
+def test_install_cni_without_compiler_falls_back_to_the_launcher(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cni.install
+
+    monkeypatch.setattr(cni.install, "find_compiler", lambda: None)
+    exe = install_cni(str(tmp_path / "bin"), str(tmp_path / "net.d"))[0]
+    assert not is_elf(exe)
+    assert "no C compiler found" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="needs a C compiler"):
+        install_cni(str(tmp_path / "bin"), str(tmp_path / "net.d"), client="c")
+    # a compiler that fails: auto says so and keeps the launcher, c raises
+    exe = install_cni(str(tmp_path / "bin"), str(tmp_path / "net.d"), cc="false")[0]
+    assert not is_elf(exe) and "cannot build the C client" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="false failed"):
+        install_cni(str(tmp_path / "bin"), str(tmp_path / "net.d"), client="c", cc="false")
+
+
+def test_c_string_escapes_for_the_compiler() -> None:
+    from cni.install import _c_string
+
+    assert _c_string("/run/netagent/cni.sock") == '"/run/netagent/cni.sock"'
+    assert _c_string('a"b\\c\né') == '"a\\042b\\134c\\012\\303\\251"'
 
 
 def test_install_parser() -> None:
@@ -294,6 +335,9 @@ def test_install_parser() -> None:
     add_install_parser(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(["install-cni", "--bin-dir", "/b", "--conf-dir", "/c", "--force"])
     assert (args.bin_dir, args.conf_dir, args.force) == ("/b", "/c", True) and args.func
+    assert (args.client, args.socket) == ("auto", "/run/netagent/cni.sock")
+    args = parser.parse_args(["install-cni", "--client", "python", "--socket", "/s"])
+    assert (args.client, args.socket) == ("python", "/s")
 
 
 # --------------------------------------------------------------------------- IPv6 / dual stack
