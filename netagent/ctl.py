@@ -435,8 +435,8 @@ def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
         routes = kernel.dump_routes(RT_TABLE_MAIN)
     finally:
         kernel.close()
-    bad = [r for r in routes if r.dst.subnet_of(network) and r.proto != RTPROT_NETAGENT
-           and not (own is not None and r.dst.subnet_of(own))]
+    bad = [r for r in routes if isinstance(r.dst, IPv4Network) and r.dst.subnet_of(network)
+           and r.proto != RTPROT_NETAGENT and not (own is not None and r.dst.subnet_of(own))]
     if not bad:
         return Check("conflicting routes", True, f"no foreign routes inside {network}")
     desc = "; ".join(f"{r.dst} via {r.gateway or '-'} proto {r.proto}" for r in bad[:5])

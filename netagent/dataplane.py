@@ -30,8 +30,21 @@ import struct
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any, ClassVar, Literal, Protocol
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+IPInterface = IPv4Interface | IPv6Interface
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +58,10 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 AF_INET = 2
+AF_INET6 = 10
 AF_BRIDGE = 7
+#: the metric the kernel gives an IPv6 route added with none (IP6_RT_PRIO_USER)
+IPV6_DEFAULT_METRIC = 1024
 
 #: kinds in apply order; deletes run in the reverse order
 KINDS: tuple[EntryKind, ...] = ("neigh", "fdb", "route")
@@ -62,10 +78,10 @@ EntryKind = Literal["neigh", "fdb", "route"]
 
 @dataclass(frozen=True, slots=True)
 class Neigh:
-    """A permanent ARP entry: the peer's overlay gateway address → its VTEP MAC."""
+    """A permanent ARP (IPv6: NDP) entry: the peer's overlay gateway address → its VTEP MAC."""
 
     ifindex: int
-    dst: IPv4Address
+    dst: IPAddress
     lladdr: str
     _key: tuple[Any, ...] = field(init=False, repr=False, compare=False, hash=False)
     kind: ClassVar[EntryKind] = "neigh"
@@ -85,7 +101,7 @@ class Fdb:
 
     ifindex: int
     lladdr: str
-    dst: IPv4Address
+    dst: IPAddress
     _key: tuple[Any, ...] = field(init=False, repr=False, compare=False, hash=False)
     kind: ClassVar[EntryKind] = "fdb"
 
@@ -100,10 +116,12 @@ class Fdb:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """An IPv4 unicast route; compared on every attribute we set, keyed like the kernel."""
+    """A unicast route (either family); compared on every attribute we set, keyed like the
+    kernel. An IPv6 route asked for with metric 0 gets 1024 from the kernel, so it is stored
+    as 1024 here and a read-back compares equal."""
 
-    dst: IPv4Network
-    gateway: IPv4Address | None
+    dst: IPNetwork
+    gateway: IPAddress | None
     oif: int | None
     onlink: bool = False
     table: int = RT_TABLE_MAIN
@@ -113,6 +131,8 @@ class Route:
     kind: ClassVar[EntryKind] = "route"
 
     def __post_init__(self) -> None:
+        if self.metric == 0 and self.dst.version == 6:
+            object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
         object.__setattr__(self, "_key", (self.table, self.dst, self.metric))
 
     @property
@@ -143,10 +163,10 @@ class LinkInfo:
     mac: str
     mtu: int
     up: bool
-    addrs: tuple[IPv4Interface, ...] = ()
+    addrs: tuple[IPInterface, ...] = ()
     vni: int | None = None
     port: int | None = None
-    local: IPv4Address | None = None
+    local: IPAddress | None = None
     underlay_index: int | None = None
     learning: bool | None = None
     gbp: bool = False
@@ -159,7 +179,8 @@ class VxlanSpec:
     name: str
     vni: int
     port: int
-    local: IPv4Address
+    #: an IPv6 local address makes an IPv6-underlay device (``flannel-v6.<VNI>``)
+    local: IPAddress
     underlay_index: int
     mtu: int
     learning: bool = False
@@ -170,7 +191,7 @@ class VxlanSpec:
 class RouteLookup:
     """The kernel's answer to ``ip route get``: gateway (None = directly connected) and oif."""
 
-    gateway: IPv4Address | None
+    gateway: IPAddress | None
     oif: int | None
 
 
@@ -190,14 +211,14 @@ class Kernel(Protocol):
     def delete_link(self, index: int) -> None: ...
     def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
                  mac: str | None = None) -> None: ...
-    def add_addr(self, index: int, addr: IPv4Interface) -> None: ...
-    def del_addr(self, index: int, addr: IPv4Interface) -> None: ...
-    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None
-                    ) -> list[Neigh]: ...
+    def add_addr(self, index: int, addr: IPInterface) -> None: ...
+    def del_addr(self, index: int, addr: IPInterface) -> None: ...
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> list[Neigh]: ...
     def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]: ...
-    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None
-                    ) -> list[Route]: ...
-    def lookup_route(self, dst: IPv4Address) -> RouteLookup | None: ...
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> list[Route]: ...
+    def lookup_route(self, dst: IPAddress) -> RouteLookup | None: ...
     def write(self, ops: Sequence[Op]) -> list[Exception | None]: ...
     def disable_tx_checksum(self, ifname: str) -> str: ...
 
@@ -219,16 +240,21 @@ class Reconciler:
 
     ``route_is_ours`` decides which dumped routes we own (our proto inside our network);
     ``device`` is the ifindex whose permanent neighbours/FDB entries are ours (None: we own none,
-    as in host-gw). Several peers may want the same key (two leases of one host share an FDB
-    entry): the entry stays while any peer wants it, and the lowest subnet wins a conflict, so the
-    result does not depend on event order.
+    as in host-gw), ``device6`` the same for the IPv6 device (``flannel-v6.<VNI>``); ``ipv6``
+    adds the IPv6 route table to read-backs (dual stack). A peer is known by its IPv4 subnet
+    (its lease key) and its entries may be of both families. Several peers may want the same
+    key (two leases of one host share an FDB entry): the entry stays while any peer wants it,
+    and the lowest subnet wins a conflict, so the result does not depend on event order.
     """
 
     def __init__(self, kernel: Kernel, route_is_ours: Callable[[Route], bool],
-                 device: int | None = None) -> None:
+                 device: int | None = None, *, device6: int | None = None,
+                 ipv6: bool = False) -> None:
         self.kernel = kernel
         self.route_is_ours = route_is_ours
         self.device = device
+        self.device6 = device6
+        self.ipv6 = ipv6 or device6 is not None
         self._by_peer: dict[IPv4Network, tuple[Entry, ...]] = {}
         #: kind -> key -> the peer that wants it, or {peer: entry} when several do (rare: two
         #: leases of one host share an FDB entry); a dict per key would cost ~3 MB at 5,000 peers
@@ -333,13 +359,18 @@ class Reconciler:
             w = eff[kind].get(e.key)
             actual[kind][e.key] = w if w is e or (w is not None and w == e) else e
 
-        if self.device is not None:
-            for n in self.kernel.dump_neighs(self.device, eff["neigh"]):
+        for device, family in ((self.device, 4), (self.device6, 6)):
+            if device is None:
+                continue
+            for n in self.kernel.dump_neighs(device, eff["neigh"], family):
                 keep("neigh", n)
-            for f in self.kernel.dump_fdb(self.device, eff["fdb"]):
+            for f in self.kernel.dump_fdb(device, eff["fdb"]):
                 keep("fdb", f)
         foreign: dict[tuple[Any, ...], Route] = {}
-        for r in self.kernel.dump_routes(RT_TABLE_MAIN, eff["route"]):
+        routes = self.kernel.dump_routes(RT_TABLE_MAIN, eff["route"])
+        if self.ipv6:
+            routes = [*routes, *self.kernel.dump_routes(RT_TABLE_MAIN, eff["route"], 6)]
+        for r in routes:
             if self.route_is_ours(r):
                 keep("route", r)
             else:
@@ -369,11 +400,16 @@ class Reconciler:
             dirty.update(want.keys() - have.keys())
         self.synced = True
 
-    def forget_device(self) -> None:
-        """Our device went away (and with it its neighbours and FDB entries)."""
+    def forget_device(self, index: int | None = None) -> None:
+        """Our device ``index`` (None: every device of ours) went away, and with it its
+        neighbours and FDB entries."""
         for kind in ("neigh", "fdb"):
-            self._dirty[kind] |= set(self._actual[kind])
-            self._actual[kind] = {}
+            actual = self._actual[kind]
+            gone = [k for k, e in actual.items()
+                    if index is None or e.ifindex == index]  # type: ignore[union-attr]
+            self._dirty[kind].update(gone)
+            for k in gone:
+                del actual[k]
 
     def apply(self) -> ApplyResult:
         """Write the dirty keys in order: upserts neigh → fdb → route, then deletes reversed.
@@ -409,11 +445,13 @@ class Reconciler:
             dirty.difference_update(settled)
         # phase 1: neighbours and FDB
         first = [Op("replace", e) for k in ("neigh", "fdb") for e in ups[k]]
-        broken: dict[IPv4Network, str] = {}
+        #: (peer, IP version) whose L2 entries failed: only that family's route waits
+        broken: dict[tuple[IPv4Network, int], str] = {}
         for op, err in zip(first, self.kernel.write(first), strict=True):
             if self._record(op, err, result):
+                version = _entry_version(op.entry)
                 for peer in self._claims(op.entry.kind, op.entry.key):
-                    broken[peer] = f"{op.entry.kind} failed: {err}"
+                    broken[(peer, version)] = f"{op.entry.kind} failed: {err}"
         # phase 2: routes (not over foreign routes, not for peers whose L2 entries failed)
         routes: list[Op] = []
         foreign, actual_routes = self._foreign, self._actual["route"]
@@ -423,7 +461,9 @@ class Reconciler:
             other = foreign.get(key)
             if broken or other is not None:
                 peers = self._claims("route", key)
-                why = next((broken[p] for p in peers if p in broken), None)
+                version = e.dst.version
+                why = next((broken[(p, version)] for p in peers if (p, version) in broken),
+                           None)
                 if why is None and other is not None and not self._adoptable(other, e):
                     why = (f"route {e.dst} already exists with proto {other.proto} via "
                            f"{other.gateway} (not ours, left alone)")
@@ -480,11 +520,19 @@ class Reconciler:
 
     def _adoptable(self, other: Route, want: Route) -> bool:
         same_but_proto = (other.gateway, other.oif) == (want.gateway, want.oif)
-        return same_but_proto or (self.device is not None and other.oif == self.device)
+        return same_but_proto or (other.oif is not None
+                                  and other.oif in (self.device, self.device6))
 
     def counts(self) -> dict[str, int]:
+        has_device = self.device is not None or self.device6 is not None
         return {kind: len(table) for kind, table in self._actual.items()
-                if kind == "route" or self.device is not None}
+                if kind == "route" or has_device}
+
+
+def _entry_version(e: Entry) -> int:
+    """The IP version an entry serves: a neighbour's overlay address, an FDB entry's underlay
+    address (the IPv6 device's entries point at PublicIPv6), a route's destination."""
+    return e.dst.version
 
 
 # --------------------------------------------------------------------------- checksum offload
@@ -535,8 +583,11 @@ _RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINKINFO = 1, 3, 4, 18
 _IFLA_INFO_KIND, _IFLA_INFO_DATA = 1, 2
 _IFLA_VXLAN_ID, _IFLA_VXLAN_LINK, _IFLA_VXLAN_LOCAL, _IFLA_VXLAN_LEARNING = 1, 3, 4, 7
-_IFLA_VXLAN_PORT, _IFLA_VXLAN_GBP = 15, 23
+_IFLA_VXLAN_PORT, _IFLA_VXLAN_LOCAL6, _IFLA_VXLAN_GBP = 15, 17, 23
 _IFA_ADDRESS, _IFA_LOCAL = 1, 2
+#: no duplicate address detection: our /128 on the IPv6 vxlan device is unique by lease, and
+#: DAD would keep it "tentative" (unusable as a source) for a second after every start
+_IFA_F_NODAD = 0x02
 _RT_SCOPE_UNIVERSE, _RT_SCOPE_NOWHERE = 0, 255
 #: one send: well under the default socket send buffer (212,992 bytes)
 _BATCH_BYTES = 64 * 1024
@@ -568,11 +619,20 @@ _NEIGH_SET = struct.Struct("=IHHII BxxxiHBB HH4s HH6sxx")
 _FDB_MSG = struct.Struct("=IHHII BxxxiHBB HH6sxx HH4s")
 _ROUTE_SET = struct.Struct("=IHHII BBBBBBBBI HHI HH4s HHI HH4s HHI")
 #: where a neighbour's NDA_DST and NDA_LLADDR headers sit, and an FDB entry's NDA_LLADDR and
-#: NDA_DST (the kernel's fill order); the 32 bytes up to there identify the entry
-_NEIGH_SIG = (12, _RTA.pack(8, _NDA_DST), 20, _RTA.pack(10, _NDA_LLADDR))
-_FDB_SIG = (12, _RTA.pack(10, _NDA_LLADDR), 24, _RTA.pack(8, _NDA_DST))
+#: NDA_DST (the kernel's fill order), for IPv4 and IPv6 addresses: (offset, header, offset,
+#: header, length); the bytes up to that length identify the entry
+_Sig = tuple[int, bytes, int, bytes, int]
+_NEIGH_SIGS: tuple[_Sig, ...] = (
+    (12, _RTA.pack(8, _NDA_DST), 20, _RTA.pack(10, _NDA_LLADDR), 32),
+    (12, _RTA.pack(20, _NDA_DST), 32, _RTA.pack(10, _NDA_LLADDR), 44),
+)
+_FDB_SIGS: tuple[_Sig, ...] = (
+    (12, _RTA.pack(10, _NDA_LLADDR), 24, _RTA.pack(8, _NDA_DST), 32),
+    (12, _RTA.pack(10, _NDA_LLADDR), 24, _RTA.pack(20, _NDA_DST), 44),
+)
 _UNSEEN = object()
 _GET_ROUTE = struct.Struct("=IHHII BBBBBBBBI HH4s")
+_GET_ROUTE6 = struct.Struct("=IHHII BBBBBBBBI HH16s")
 _mac_cache: dict[str, bytes] = {}
 
 
@@ -588,42 +648,55 @@ def _mac_bytes(mac: str) -> bytes:
 def encode_op(op: Op, seq: int) -> bytes:
     """One rtnetlink request for ``op``, with what ``ip``/``bridge`` send for it.
 
-    Neighbour: RTM_NEWNEIGH/DELNEIGH, AF_INET, state PERMANENT. FDB: the same on AF_BRIDGE with
-    flag NTF_SELF (the vxlan device's own table) and the remote as NDA_DST. Route: unicast,
+    Neighbour: RTM_NEWNEIGH/DELNEIGH, AF_INET(6), state PERMANENT. FDB: the same on AF_BRIDGE
+    with flag NTF_SELF (the vxlan device's own table) and the remote as NDA_DST. Route: unicast,
     scope universe (our routes always have a gateway), our proto; a delete names the proto (the
     kernel then refuses to delete a route of another proto) and scope NOWHERE, as ``ip route
-    del`` does. "replace" is CREATE|REPLACE, "create" is CREATE|EXCL.
+    del`` does. "replace" is CREATE|REPLACE, "create" is CREATE|EXCL. IPv4 messages of the
+    common shapes are packed whole; IPv6 ones (rare) are assembled attribute by attribute.
     """
     e = op.entry
     flags = _ACTION_FLAGS[op.action]
     delete = op.action == "delete"
     if isinstance(e, Neigh):
-        if not delete:
+        v6 = e.dst.version == 6
+        if not delete and not v6:
             return _NEIGH_SET.pack(_NEIGH_SET.size, _RTM_NEWNEIGH, flags, seq, 0,
                                    AF_INET, e.ifindex, NUD_PERMANENT, 0, 0,
                                    8, _NDA_DST, e.dst.packed, 10, _NDA_LLADDR,
                                    _mac_bytes(e.lladdr))
-        body = _NDMSG.pack(AF_INET, e.ifindex, NUD_PERMANENT, 0, 0) + _rta(_NDA_DST, e.dst.packed)
-        return _HDR.pack(_HDR.size + len(body), _RTM_DELNEIGH, flags, seq, 0) + body
+        body = (_NDMSG.pack(AF_INET6 if v6 else AF_INET, e.ifindex, NUD_PERMANENT, 0, 0)
+                + _rta(_NDA_DST, e.dst.packed))
+        if not delete:
+            body += _rta(_NDA_LLADDR, _mac_bytes(e.lladdr))
+        return (_HDR.pack(_HDR.size + len(body), _RTM_DELNEIGH if delete else _RTM_NEWNEIGH,
+                          flags, seq, 0) + body)
     if isinstance(e, Fdb):
-        return _FDB_MSG.pack(_FDB_MSG.size, _RTM_DELNEIGH if delete else _RTM_NEWNEIGH, flags,
-                             seq, 0, AF_BRIDGE, e.ifindex, NUD_PERMANENT, NTF_SELF, 0,
-                             10, _NDA_LLADDR, _mac_bytes(e.lladdr), 8, _NDA_DST, e.dst.packed)
+        mtype = _RTM_DELNEIGH if delete else _RTM_NEWNEIGH
+        if e.dst.version == 4:
+            return _FDB_MSG.pack(_FDB_MSG.size, mtype, flags, seq, 0, AF_BRIDGE, e.ifindex,
+                                 NUD_PERMANENT, NTF_SELF, 0, 10, _NDA_LLADDR,
+                                 _mac_bytes(e.lladdr), 8, _NDA_DST, e.dst.packed)
+        body = (_NDMSG.pack(AF_BRIDGE, e.ifindex, NUD_PERMANENT, NTF_SELF, 0)
+                + _rta(_NDA_LLADDR, _mac_bytes(e.lladdr)) + _rta(_NDA_DST, e.dst.packed))
+        return _HDR.pack(_HDR.size + len(body), mtype, flags, seq, 0) + body
     table = e.table if e.table < 256 else 0
-    if not delete and e.gateway is not None and e.oif is not None:
+    v6 = e.dst.version == 6
+    if not delete and not v6 and e.gateway is not None and e.oif is not None:
         return _ROUTE_SET.pack(_ROUTE_SET.size, _RTM_NEWROUTE, flags, seq, 0,
                                AF_INET, e.dst.prefixlen, 0, 0, table, e.proto,
                                _RT_SCOPE_UNIVERSE, _RTN_UNICAST, RTNH_F_ONLINK if e.onlink else 0,
                                8, _RTA_TABLE, e.table, 8, _RTA_DST, e.dst.network_address.packed,
                                8, _RTA_PRIORITY, e.metric, 8, _RTA_GATEWAY, e.gateway.packed,
                                8, _RTA_OIF, e.oif)
+    family = AF_INET6 if v6 else AF_INET
     if delete:
         mtype = _RTM_DELROUTE
-        head = _RTMSG.pack(AF_INET, e.dst.prefixlen, 0, 0, table, e.proto, _RT_SCOPE_NOWHERE,
+        head = _RTMSG.pack(family, e.dst.prefixlen, 0, 0, table, e.proto, _RT_SCOPE_NOWHERE,
                            0, 0)
     else:
         mtype = _RTM_NEWROUTE
-        head = _RTMSG.pack(AF_INET, e.dst.prefixlen, 0, 0, table, e.proto,
+        head = _RTMSG.pack(family, e.dst.prefixlen, 0, 0, table, e.proto,
                            _RT_SCOPE_UNIVERSE, _RTN_UNICAST, RTNH_F_ONLINK if e.onlink else 0)
     body = (head + _rta(_RTA_TABLE, _U32.pack(e.table))
             + _rta(_RTA_DST, e.dst.network_address.packed)
@@ -799,7 +872,7 @@ class RtNetlink:
                     out.append((rtype, data[off + 16:off + length]))
                 off += (length + 3) & ~3
 
-    def lookup_routes(self, dsts: Sequence[IPv4Address]) -> list[tuple[int, bytes]]:
+    def lookup_routes(self, dsts: Sequence[IPAddress]) -> list[tuple[int, bytes]]:
         """``ip route get`` for each address, many per send: (errno, answer body) per address.
 
         A get without NLM_F_ACK is answered by exactly one message (the route or an error),
@@ -813,6 +886,10 @@ class RtNetlink:
                 _GET_ROUTE.pack(_GET_ROUTE.size, _RTM_GETROUTE, _NLM_F_REQUEST, first + j, 0,
                                 AF_INET, 32, 0, 0, 0, 0, 0, 0, 0, 8, _RTA_DST,
                                 dsts[i + j].packed)
+                if dsts[i + j].version == 4 else
+                _GET_ROUTE6.pack(_GET_ROUTE6.size, _RTM_GETROUTE, _NLM_F_REQUEST, first + j, 0,
+                                 AF_INET6, 128, 0, 0, 0, 0, 0, 0, 0, 20, _RTA_DST,
+                                 dsts[i + j].packed)
                 for j in range(count)))
             pending = count
             while pending:
@@ -834,27 +911,32 @@ class RtNetlink:
 
 class _Interned:
     """Address objects by their packed bytes, so a dump of 5,000 routes does not parse 5,000
-    strings (``IPv4Network("a.b.c.d/n")`` costs ~4 µs; a dict hit ~0.1 µs)."""
+    strings (``IPv4Network("a.b.c.d/n")`` costs ~4 µs; a dict hit ~0.1 µs). 16-byte values
+    are IPv6; ``v6`` says which family a network of a short (or empty) prefix belongs to."""
 
     def __init__(self) -> None:
-        self.addrs: dict[bytes, IPv4Address] = {}
-        self.nets: dict[tuple[bytes, int], IPv4Network] = {}
+        self.addrs: dict[bytes, IPAddress] = {}
+        self.nets: dict[tuple[bytes, int, bool], IPNetwork] = {}
 
-    def addr(self, raw: bytes) -> IPv4Address:
+    def addr(self, raw: bytes) -> IPAddress:
         a = self.addrs.get(raw)
         if a is None:
             if len(self.addrs) > 200_000:
                 self.addrs.clear()
-            a = self.addrs[raw] = IPv4Address(raw)
+            a = self.addrs[raw] = IPv6Address(raw) if len(raw) == 16 else IPv4Address(raw)
         return a
 
-    def net(self, raw: bytes, plen: int) -> IPv4Network:
-        key = (raw, plen)
+    def net(self, raw: bytes, plen: int, v6: bool = False) -> IPNetwork:
+        key = (raw, plen, v6)
         n = self.nets.get(key)
         if n is None:
             if len(self.nets) > 200_000:
                 self.nets.clear()
-            n = self.nets[key] = IPv4Network((int.from_bytes(raw.ljust(4, b"\0"), "big"), plen))
+            if v6:
+                n = IPv6Network((int.from_bytes(raw.ljust(16, b"\0"), "big"), plen))
+            else:
+                n = IPv4Network((int.from_bytes(raw.ljust(4, b"\0"), "big"), plen))
+            self.nets[key] = n
         return n
 
 
@@ -876,7 +958,7 @@ class NetlinkKernel:
         self._rt: RtNetlink | None = None
         self._interned = _Interned()
         #: (kind, ifindex or table) -> message bytes -> entry (None: not one of ours)
-        self._remembered: dict[tuple[str, int], dict[bytes, Any]] = {}
+        self._remembered: dict[tuple[Any, ...], dict[bytes, Any]] = {}
 
     @property
     def _ipr(self) -> Any:
@@ -932,26 +1014,29 @@ class NetlinkKernel:
             data = li.get(_IFLA_INFO_DATA)
             if kind == "vxlan" and data is not None:
                 d = _attrs(data, 0, len(data))
-                local = d.get(_IFLA_VXLAN_LOCAL)
+                local = d.get(_IFLA_VXLAN_LOCAL) or d.get(_IFLA_VXLAN_LOCAL6)
                 vx = dict(
                     vni=_U32.unpack(d[_IFLA_VXLAN_ID])[0] if _IFLA_VXLAN_ID in d else None,
                     port=struct.unpack("!H", d[_IFLA_VXLAN_PORT])[0]
                     if _IFLA_VXLAN_PORT in d else None,
-                    local=IPv4Address(local) if local else None,
+                    local=self._interned.addr(local) if local else None,
                     underlay_index=_U32.unpack(d[_IFLA_VXLAN_LINK])[0]
                     if _IFLA_VXLAN_LINK in d else None,
                     learning=bool(d.get(_IFLA_VXLAN_LEARNING, b"\0")[0]),
                     gbp=_IFLA_VXLAN_GBP in d,
                 )
-        addrs = []
-        for data, off, end in self.rt.dump(_RTM_GETADDR, _IFADDR.pack(AF_INET, 0, 0, 0, index)):
-            family, plen, _fl, _scope, aindex = _IFADDR.unpack_from(data, off)
-            if family != AF_INET or aindex != index:
+        addrs: list[IPInterface] = []
+        for data, off, end in self.rt.dump(_RTM_GETADDR, _IFADDR.pack(0, 0, 0, 0, index)):
+            family, plen, _fl, scope, aindex = _IFADDR.unpack_from(data, off)
+            # IPv6: global addresses only (every link has a link-local one nobody configured)
+            if aindex != index or not (family == AF_INET or (family == AF_INET6 and scope == 0)):
                 continue
             ad = _attrs(data, off + _IFADDR.size, end)
-            raw = ad.get(_IFA_ADDRESS) or ad.get(_IFA_LOCAL)
-            if raw:
+            raw = ad.get(_IFA_LOCAL) or ad.get(_IFA_ADDRESS)
+            if raw and family == AF_INET:
                 addrs.append(IPv4Interface((IPv4Address(raw), plen)))
+            elif raw:
+                addrs.append(IPv6Interface((IPv6Address(raw), plen)))
         mtu = a.get(_IFLA_MTU)
         return LinkInfo(
             index=index, name=name, kind=kind, mac=a.get(_IFLA_ADDRESS, b"").hex(":"),
@@ -964,7 +1049,8 @@ class NetlinkKernel:
             return self._create_vxlan_pyroute2(spec, mac)
         data = (_rta(_IFLA_VXLAN_ID, _U32.pack(spec.vni))
                 + _rta(_IFLA_VXLAN_LINK, _U32.pack(spec.underlay_index))
-                + _rta(_IFLA_VXLAN_LOCAL, spec.local.packed)
+                + _rta(_IFLA_VXLAN_LOCAL6 if spec.local.version == 6 else _IFLA_VXLAN_LOCAL,
+                       spec.local.packed)
                 + _rta(_IFLA_VXLAN_PORT, struct.pack("!H", spec.port))
                 + _rta(_IFLA_VXLAN_LEARNING, bytes([1 if spec.learning else 0])))
         if spec.gbp:
@@ -996,17 +1082,20 @@ class NetlinkKernel:
             self.rt.request(_RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs)
         return None
 
-    def _addr(self, mtype: int, flags: int, index: int, addr: IPv4Interface) -> None:
+    def _addr(self, mtype: int, flags: int, index: int, addr: IPInterface) -> None:
         raw = addr.ip.packed
-        self.rt.request(mtype, flags, _IFADDR.pack(AF_INET, addr.network.prefixlen, 0, 0, index)
-                        + _rta(_IFA_LOCAL, raw) + _rta(_IFA_ADDRESS, raw))
+        if addr.version == 6:
+            head = _IFADDR.pack(AF_INET6, addr.network.prefixlen, _IFA_F_NODAD, 0, index)
+        else:
+            head = _IFADDR.pack(AF_INET, addr.network.prefixlen, 0, 0, index)
+        self.rt.request(mtype, flags, head + _rta(_IFA_LOCAL, raw) + _rta(_IFA_ADDRESS, raw))
 
-    def add_addr(self, index: int, addr: IPv4Interface) -> None:
+    def add_addr(self, index: int, addr: IPInterface) -> None:
         if not self.batched:
             return self._add_addr_pyroute2(index, addr)
         return self._addr(_RTM_NEWADDR, _NLM_F_CREATE | _NLM_F_EXCL, index, addr)
 
-    def del_addr(self, index: int, addr: IPv4Interface) -> None:
+    def del_addr(self, index: int, addr: IPInterface) -> None:
         if not self.batched:
             return self._del_addr_pyroute2(index, addr)
         return self._addr(_RTM_DELADDR, 0, index, addr)
@@ -1025,17 +1114,20 @@ class NetlinkKernel:
         info = msg.get("IFLA_LINKINFO")
         kind = info.get("IFLA_INFO_KIND") if info else ""
         data = info.get("IFLA_INFO_DATA") if info else None
-        addrs = tuple(
-            IPv4Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-            for a in self._call(self._ipr.addr, "dump", index=msg["index"], family=AF_INET)
+        addrs: tuple[IPInterface, ...] = tuple(
+            IPv4Interface(f"{a.get('IFA_LOCAL') or a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            if a["family"] == AF_INET
+            else IPv6Interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+            for a in self._call(self._ipr.addr, "dump", index=msg["index"])
+            if a["family"] == AF_INET or (a["family"] == AF_INET6 and a["scope"] == 0)
         )
         vx: dict[str, Any] = {}
         if kind == "vxlan" and data is not None:
-            local = data.get("IFLA_VXLAN_LOCAL")
+            local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
             vx = dict(
                 vni=data.get("IFLA_VXLAN_ID"),
                 port=data.get("IFLA_VXLAN_PORT"),
-                local=IPv4Address(local) if local else None,
+                local=ip_address(local) if local else None,
                 underlay_index=data.get("IFLA_VXLAN_LINK"),
                 learning=bool(data.get("IFLA_VXLAN_LEARNING")),
                 gbp=data.get("IFLA_VXLAN_GBP") is not None,
@@ -1048,9 +1140,10 @@ class NetlinkKernel:
     def _create_vxlan_pyroute2(self, spec: VxlanSpec, mac: str) -> None:
         kw: dict[str, Any] = dict(
             ifname=spec.name, kind="vxlan", vxlan_id=spec.vni, vxlan_link=spec.underlay_index,
-            vxlan_local=str(spec.local), vxlan_port=spec.port,
+            vxlan_port=spec.port,
             vxlan_learning=1 if spec.learning else 0, address=mac, mtu=spec.mtu,
         )
+        kw["vxlan_local6" if spec.local.version == 6 else "vxlan_local"] = str(spec.local)
         if spec.gbp:
             kw["vxlan_gbp"] = True
         self._call(self._ipr.link, "add", **kw)
@@ -1070,11 +1163,12 @@ class NetlinkKernel:
         if kw:
             self._call(self._ipr.link, "set", index=index, **kw)
 
-    def _add_addr_pyroute2(self, index: int, addr: IPv4Interface) -> None:
+    def _add_addr_pyroute2(self, index: int, addr: IPInterface) -> None:
+        kw: dict[str, Any] = {"flags": _IFA_F_NODAD} if addr.version == 6 else {}
         self._call(self._ipr.addr, "add", index=index, address=str(addr.ip),
-                   prefixlen=addr.network.prefixlen)
+                   prefixlen=addr.network.prefixlen, **kw)
 
-    def _del_addr_pyroute2(self, index: int, addr: IPv4Interface) -> None:
+    def _del_addr_pyroute2(self, index: int, addr: IPInterface) -> None:
         self._call(self._ipr.addr, "del", index=index, address=str(addr.ip),
                    prefixlen=addr.network.prefixlen)
 
@@ -1087,52 +1181,60 @@ class NetlinkKernel:
     # dump's answers are remembered, so the memory is bounded by the table, and it holds the
     # wanted objects rather than copies.
 
-    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None
-                    ) -> list[Neigh]:
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> list[Neigh]:
         if not self.batched:
-            return self._dump_neighs_pyroute2(ifindex)
-        body = _NDMSG.pack(AF_INET, 0, 0, 0, 0) + _rta(_NDA_IFINDEX, _U32.pack(ifindex))
-        return self._dump_remembered(("neigh", ifindex), _RTM_GETNEIGH, body, _NEIGH_SIG,
-                                     lambda d, o, e: self._parse_neigh(ifindex, d, o, e), want)
+            return self._dump_neighs_pyroute2(ifindex, family)
+        af = AF_INET6 if family == 6 else AF_INET
+        body = _NDMSG.pack(af, 0, 0, 0, 0) + _rta(_NDA_IFINDEX, _U32.pack(ifindex))
+        return self._dump_remembered(("neigh", ifindex, af), _RTM_GETNEIGH, body, _NEIGH_SIGS,
+                                     lambda d, o, e: self._parse_neigh(ifindex, af, d, o, e),
+                                     want)
 
     def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]:
         if not self.batched:
             return self._dump_fdb_pyroute2(ifindex)
         # an ifinfomsg (not an ndmsg) is what makes the kernel filter by bridge port/device
         body = _IFINFO.pack(AF_BRIDGE, 0, ifindex, 0, 0)
-        return self._dump_remembered(("fdb", ifindex), _RTM_GETNEIGH, body, _FDB_SIG,
+        return self._dump_remembered(("fdb", ifindex, AF_BRIDGE), _RTM_GETNEIGH, body, _FDB_SIGS,
                                      lambda d, o, e: self._parse_fdb(ifindex, d, o, e), want)
 
-    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None) -> list[Route]:
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> list[Route]:
         if not self.batched:
-            return self._dump_routes_pyroute2(table)
-        body = _RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-        return self._dump_remembered(("route", table), _RTM_GETROUTE, body, None,
-                                     lambda d, o, e: self._parse_route(table, d, o, e), want)
+            return self._dump_routes_pyroute2(table, family)
+        af = AF_INET6 if family == 6 else AF_INET
+        body = _RTMSG.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
+        return self._dump_remembered(("route", table, af), _RTM_GETROUTE, body, (),
+                                     lambda d, o, e: self._parse_route(table, af, d, o, e), want)
 
-    def _dump_remembered(self, what: tuple[str, int], mtype: int, body: bytes,
-                         sig: tuple[int, bytes, int, bytes] | None,
+    def _dump_remembered(self, what: tuple[Any, ...], mtype: int, body: bytes,
+                         sigs: tuple[_Sig, ...],
                          parse: Callable[[bytes, int, int], Any],
                          want: Mapping[Any, Entry] | None) -> list[Any]:
         """One dump; answers seen in the previous dump of ``what`` are not parsed again.
 
-        ``sig`` = (offset, attribute header, offset, attribute header): when both headers are
-        where the kernel puts them, the first 32 bytes are the message's identity; otherwise
-        (and for routes, ``sig`` None) the whole message is."""
+        ``sigs``: (offset, attribute header, offset, attribute header, length) alternatives:
+        when both headers of one are where the kernel puts them, the first ``length`` bytes are
+        the message's identity; otherwise the message is parsed afresh. Without ``sigs``
+        (routes) the whole message is the identity."""
         before = self._remembered.get(what, {})
         now: dict[bytes, Any] = {}
         out = []
         for data, off, end in self.rt.dump(mtype, body):
-            if sig is None:
+            if not sigs:
                 key = data[off:end]
-            elif (end - off >= 32 and data[off + sig[0]:off + sig[0] + 4] == sig[1]
-                  and data[off + sig[2]:off + sig[2] + 4] == sig[3]):
-                key = data[off:off + 32]
             else:
-                e = parse(data, off, end)
-                if e is not None:
-                    out.append(e)
-                continue
+                for o1, h1, o2, h2, n in sigs:
+                    if (end - off >= n and data[off + o1:off + o1 + 4] == h1
+                            and data[off + o2:off + o2 + 4] == h2):
+                        key = data[off:off + n]
+                        break
+                else:
+                    e = parse(data, off, end)
+                    if e is not None:
+                        out.append(e)
+                    continue
             e = before.get(key, _UNSEEN)
             if e is _UNSEEN:
                 e = parse(data, off, end)
@@ -1146,13 +1248,14 @@ class NetlinkKernel:
         self._remembered[what] = now
         return out
 
-    def _parse_neigh(self, ifindex: int, data: bytes, off: int, end: int) -> Neigh | None:
+    def _parse_neigh(self, ifindex: int, af: int, data: bytes, off: int, end: int
+                     ) -> Neigh | None:
         family, index, state, _fl, _t = _NDMSG.unpack_from(data, off)
-        if family != AF_INET or index != ifindex or not state & NUD_PERMANENT:
+        if family != af or index != ifindex or not state & NUD_PERMANENT:
             return None  # kernel-learnt cache entries are not ours
         a = _attrs(data, off + _NDMSG.size, end)
         dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
-        if dst and lladdr and len(dst) == 4:
+        if dst and lladdr and len(dst) == (16 if af == AF_INET6 else 4):
             return Neigh(ifindex, self._interned.addr(dst), lladdr.hex(":"))
         return None
 
@@ -1162,14 +1265,15 @@ class NetlinkKernel:
             return None
         a = _attrs(data, off + _NDMSG.size, end)
         dst, lladdr = a.get(_NDA_DST), a.get(_NDA_LLADDR)
-        if dst and lladdr and len(dst) == 4:
+        if dst and lladdr and len(dst) in (4, 16):
             return Fdb(ifindex, lladdr.hex(":"), self._interned.addr(dst))
         return None
 
-    def _parse_route(self, table: int, data: bytes, off: int, end: int) -> Route | None:
+    def _parse_route(self, table: int, af: int, data: bytes, off: int, end: int
+                     ) -> Route | None:
         family, dst_len, _s, _tos, rtable, proto, _sc, rtype, flags = \
             _RTMSG.unpack_from(data, off)
-        if family != AF_INET or rtype != _RTN_UNICAST:
+        if family != af or rtype != _RTN_UNICAST:
             return None  # unicast only; local/broadcast/blackhole are never ours
         a = _attrs(data, off + _RTMSG.size, end)
         u32 = _U32.unpack
@@ -1179,7 +1283,7 @@ class NetlinkKernel:
             return None
         gw, oif, prio = a.get(_RTA_GATEWAY), a.get(_RTA_OIF), a.get(_RTA_PRIORITY)
         return Route(
-            dst=self._interned.net(a.get(_RTA_DST, b""), dst_len),
+            dst=self._interned.net(a.get(_RTA_DST, b""), dst_len, af == AF_INET6),
             gateway=self._interned.addr(gw) if gw else None,
             oif=u32(oif)[0] if oif else None,
             onlink=bool(flags & RTNH_F_ONLINK),
@@ -1188,14 +1292,15 @@ class NetlinkKernel:
             proto=proto,
         )
 
-    def _dump_neighs_pyroute2(self, ifindex: int) -> list[Neigh]:
+    def _dump_neighs_pyroute2(self, ifindex: int, family: int = 4) -> list[Neigh]:
         out = []
-        for m in self._call(self._ipr.neigh, "dump", ifindex=ifindex, family=AF_INET):
+        af = AF_INET6 if family == 6 else AF_INET
+        for m in self._call(self._ipr.neigh, "dump", ifindex=ifindex, family=af):
             if m["ifindex"] != ifindex or not m["state"] & NUD_PERMANENT:
                 continue  # kernel-learnt cache entries are not ours
             dst, lladdr = m.get("NDA_DST"), m.get("NDA_LLADDR")
             if dst and lladdr:
-                out.append(Neigh(ifindex, IPv4Address(dst), lladdr.lower()))
+                out.append(Neigh(ifindex, ip_address(dst), lladdr.lower()))
         return out
 
     def _dump_fdb_pyroute2(self, ifindex: int) -> list[Fdb]:
@@ -1204,21 +1309,23 @@ class NetlinkKernel:
             if m["ifindex"] != ifindex or not m["state"] & NUD_PERMANENT:
                 continue
             dst, lladdr = m.get("NDA_DST"), m.get("NDA_LLADDR")
-            if dst and lladdr and ":" not in dst:
-                out.append(Fdb(ifindex, lladdr.lower(), IPv4Address(dst)))
+            if dst and lladdr:
+                out.append(Fdb(ifindex, lladdr.lower(), ip_address(dst)))
         return out
 
-    def _dump_routes_pyroute2(self, table: int) -> list[Route]:
+    def _dump_routes_pyroute2(self, table: int, family: int = 4) -> list[Route]:
         out = []
-        for m in self._call(self._ipr.route, "dump", table=table, family=AF_INET):
+        af = AF_INET6 if family == 6 else AF_INET
+        for m in self._call(self._ipr.route, "dump", table=table, family=af):
             if m["type"] != 1 or (m.get("RTA_TABLE") or m["table"]) != table:
                 continue  # unicast only; local/broadcast/blackhole are never ours
             if m.get("RTA_MULTIPATH"):
                 continue
             gw = m.get("RTA_GATEWAY")
+            zero = "::" if af == AF_INET6 else "0.0.0.0"
             out.append(Route(
-                dst=IPv4Network(f"{m.get('RTA_DST') or '0.0.0.0'}/{m['dst_len']}"),
-                gateway=IPv4Address(gw) if gw else None,
+                dst=ip_network(f"{m.get('RTA_DST') or zero}/{m['dst_len']}"),
+                gateway=ip_address(gw) if gw else None,
                 oif=m.get("RTA_OIF"),
                 onlink=bool(m["flags"] & RTNH_F_ONLINK),
                 table=table,
@@ -1228,15 +1335,15 @@ class NetlinkKernel:
         return out
 
 
-    def lookup_route(self, dst: IPv4Address) -> RouteLookup | None:
+    def lookup_route(self, dst: IPAddress) -> RouteLookup | None:
         return self.lookup_routes([dst])[dst]
 
-    def lookup_routes(self, dsts: Iterable[IPv4Address]) -> dict[IPv4Address, RouteLookup | None]:
+    def lookup_routes(self, dsts: Iterable[IPAddress]) -> dict[IPAddress, RouteLookup | None]:
         """``ip route get`` for many addresses in a few sends (host-gw asks one per peer)."""
         todo = list(dict.fromkeys(dsts))
         if not self.batched:
             return {ip: self._lookup_route_pyroute2(ip) for ip in todo}
-        out: dict[IPv4Address, RouteLookup | None] = {}
+        out: dict[IPAddress, RouteLookup | None] = {}
         for ip, (code, body) in zip(todo, self.rt.lookup_routes(todo), strict=True):
             if code:
                 out[ip] = None  # unreachable
@@ -1247,7 +1354,7 @@ class NetlinkKernel:
                                   _U32.unpack(oif)[0] if oif else None)
         return out
 
-    def _lookup_route_pyroute2(self, dst: IPv4Address) -> RouteLookup | None:
+    def _lookup_route_pyroute2(self, dst: IPAddress) -> RouteLookup | None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         try:
@@ -1255,7 +1362,7 @@ class NetlinkKernel:
         except NetlinkError:
             return None  # unreachable
         gw = msg.get("RTA_GATEWAY")
-        return RouteLookup(IPv4Address(gw) if gw else None, msg.get("RTA_OIF"))
+        return RouteLookup(ip_address(gw) if gw else None, msg.get("RTA_OIF"))
 
     # writes
 
@@ -1278,7 +1385,8 @@ class NetlinkKernel:
         e = op.entry
         cmd = {"replace": "replace", "create": "add", "delete": "del"}[op.action]
         if isinstance(e, Neigh):
-            kw: dict[str, Any] = dict(dst=str(e.dst), ifindex=e.ifindex, family=AF_INET)
+            kw: dict[str, Any] = dict(dst=str(e.dst), ifindex=e.ifindex,
+                                      family=AF_INET6 if e.dst.version == 6 else AF_INET)
             if cmd != "del":
                 kw.update(lladdr=e.lladdr, state=NUD_PERMANENT)
             self._call(self._ipr.neigh, cmd, **kw)
@@ -1336,25 +1444,33 @@ class NetlinkKernel:
         return "ethtool binary"
 
 
-def route_owner(network: IPv4Network | None, own: Callable[[], IPv4Network | None]
+def route_owner(network: IPv4Network | None, own: Callable[[], IPv4Network | None],
+                network6: IPv6Network | None = None,
+                own6: Callable[[], IPv6Network | None] | None = None
                 ) -> Callable[[Route], bool]:
-    """Our peer routes: our proto, a destination strictly inside the flannel Network, and not
-    our own subnet (other parts of the agent may mark whole-Network or own-subnet routes with
-    the same proto; the peer sweep must not touch those)."""
+    """Our peer routes: our proto, a destination strictly inside the flannel Network (IPv6:
+    IPv6Network), and not our own subnet (other parts of the agent may mark whole-Network or
+    own-subnet routes with the same proto; the peer sweep must not touch those)."""
 
     def is_ours(r: Route) -> bool:
-        if r.proto != RTPROT_NETAGENT or network is None:
+        if r.proto != RTPROT_NETAGENT:
             return False
-        if not r.dst.subnet_of(network) or r.dst.prefixlen <= network.prefixlen:
+        if r.dst.version == 6:
+            net: IPNetwork | None = network6
+            mine: IPNetwork | None = own6() if own6 is not None else None
+        else:
+            net, mine = network, own()
+        if net is None:
             return False
-        mine = own()
-        return mine is None or not r.dst.overlaps(mine)
+        if not r.dst.subnet_of(net) or r.dst.prefixlen <= net.prefixlen:  # type: ignore[arg-type]
+            return False
+        return mine is None or not r.dst.overlaps(mine)  # type: ignore[arg-type]
 
     return is_ours
 
 
-def lookup_all(kernel: Kernel, ips: Iterable[IPv4Address]) -> Mapping[IPv4Address,
-                                                                        RouteLookup | None]:
+def lookup_all(kernel: Kernel, ips: Iterable[IPAddress]) -> Mapping[IPAddress,
+                                                                     RouteLookup | None]:
     """Route lookups for a set of underlay addresses (one per distinct address; in a few
     netlink sends when the kernel offers ``lookup_routes``)."""
     bulk = getattr(kernel, "lookup_routes", None)
@@ -1364,8 +1480,6 @@ def lookup_all(kernel: Kernel, ips: Iterable[IPv4Address]) -> Mapping[IPv4Addres
 
 
 # --------------------------------------------------------------------------- host interfaces
-
-AF_INET6 = 10
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, ip_network
 from typing import Any
 
 from netagent.dataplane import (
     RT_TABLE_MAIN,
     Fdb,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
     KernelError,
     LinkInfo,
     Neigh,
@@ -31,11 +34,11 @@ from netagent.lease import Lease, LeaseAttrs, canonical_json
 @dataclass
 class FakeKernel:
     links: dict[str, LinkInfo] = field(default_factory=dict)
-    neighs: dict[tuple[int, IPv4Address], Neigh] = field(default_factory=dict)
+    neighs: dict[tuple[int, IPAddress], Neigh] = field(default_factory=dict)
     fdb: dict[tuple[int, str], Fdb] = field(default_factory=dict)
-    routes: dict[tuple[int, IPv4Network, int], Route] = field(default_factory=dict)
+    routes: dict[tuple[int, IPNetwork, int], Route] = field(default_factory=dict)
     #: underlay address -> answer of `ip route get` (missing = unreachable)
-    lookups: dict[IPv4Address, RouteLookup] = field(default_factory=dict)
+    lookups: dict[IPAddress, RouteLookup] = field(default_factory=dict)
     #: every write, as (action, entry); link/addr changes as ("link", description)
     log: list[tuple[str, Any]] = field(default_factory=list)
     dumps: list[str] = field(default_factory=list)
@@ -106,12 +109,12 @@ class FakeKernel:
             mac=link.mac if mac is None else mac)
         self.log.append(("link", f"set {link.name} mtu={mtu} up={up} mac={mac}"))
 
-    def add_addr(self, index: int, addr: IPv4Interface) -> None:
+    def add_addr(self, index: int, addr: IPInterface) -> None:
         link = self._by_index(index)
         self.links[link.name] = replace(link, addrs=(*link.addrs, addr))
         self.log.append(("link", f"addr add {addr} {link.name}"))
 
-    def del_addr(self, index: int, addr: IPv4Interface) -> None:
+    def del_addr(self, index: int, addr: IPInterface) -> None:
         link = self._by_index(index)
         self.links[link.name] = replace(link, addrs=tuple(a for a in link.addrs if a != addr))
         self.log.append(("link", f"addr del {addr} {link.name}"))
@@ -125,24 +128,26 @@ class FakeKernel:
 
     # -- dumps
 
-    def dump_neighs(self, ifindex: int, want: object = None) -> list[Neigh]:
-        self.dumps.append("neigh")
-        return [n for k, n in self.neighs.items() if k[0] == ifindex]
+    def dump_neighs(self, ifindex: int, want: object = None, family: int = 4) -> list[Neigh]:
+        self.dumps.append("neigh" if family == 4 else "neigh6")
+        return [n for k, n in self.neighs.items() if k[0] == ifindex and n.dst.version == family]
 
     def dump_fdb(self, ifindex: int, want: object = None) -> list[Fdb]:
         self.dumps.append("fdb")
         return [f for k, f in self.fdb.items() if k[0] == ifindex]
 
-    def dump_routes(self, table: int, want: object = None) -> list[Route]:
+    def dump_routes(self, table: int, want: object = None, family: int = 4) -> list[Route]:
         """The routes, plus the underlay routing that ``lookups`` stands for: one host route
         (proto kernel) per lookup answer, so a changed lookup shows in the dump as it would in
         a real kernel (the backends cache lookups until the non-peer routes change)."""
-        self.dumps.append("route")
-        underlay = [Route(IPv4Network(ip), look.gateway, look.oif, proto=2)
-                    for ip, look in self.lookups.items() if table == RT_TABLE_MAIN]
-        return [r for r in self.routes.values() if r.table == table] + underlay
+        self.dumps.append("route" if family == 4 else "route6")
+        underlay = [Route(ip_network(ip), look.gateway, look.oif, proto=2)
+                    for ip, look in self.lookups.items()
+                    if table == RT_TABLE_MAIN and ip.version == family]
+        return [r for r in self.routes.values()
+                if r.table == table and r.dst.version == family] + underlay
 
-    def lookup_route(self, dst: IPv4Address) -> RouteLookup | None:
+    def lookup_route(self, dst: IPAddress) -> RouteLookup | None:
         return self.lookups.get(dst)
 
     # -- writes
