@@ -3,18 +3,30 @@
 No device of its own: the routes live on the shared underlay interface and are ours only by
 their ``proto``. host-gw needs every host on one L2 segment; a peer that is not directly
 reachable is skipped and reported (log + ``SyncReport.skipped``) instead of being left for the
-kernel to refuse with "network is unreachable" (flannel #598, #996).
+kernel to refuse with "network is unreachable" (flannel #598, #996). Dual stack adds the same
+route for the peer's IPv6 subnet via its PublicIPv6.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 from backends.base import LeaseContribution
 from backends.render import ReconcilingBackend, Rendered, is_direct
-from netagent.dataplane import Entry, Route, RouteLookup
+from netagent.dataplane import Entry, IPAddress, Route, RouteLookup
 from netagent.lease import Lease
+
+
+def _not_direct(public: IPAddress, lookup: RouteLookup | None) -> str:
+    if lookup is None:
+        how = "no route"
+    elif lookup.gateway is not None:
+        how = f"reached via gateway {lookup.gateway}"
+    else:
+        how = f"reached through another interface (index {lookup.oif})"
+    return (f"{public} is not directly reachable on the interface ({how}); host-gw needs all "
+            "hosts on one L2 segment")
 
 
 def render_hostgw_peers(
@@ -22,9 +34,13 @@ def render_hostgw_peers(
     *,
     iface_index: int,
     own_ip: IPv4Address | None = None,
-    lookups: Mapping[IPv4Address, RouteLookup | None],
+    lookups: Mapping[IPAddress, RouteLookup | None],
+    ipv6: bool = False,
+    own_ip6: IPv6Address | None = None,
 ) -> Rendered:
-    """A route via the peer's PublicIP for each host-gw peer the interface reaches directly."""
+    """A route via the peer's PublicIP for each host-gw peer the interface reaches directly;
+    with ``ipv6``, also its IPv6 subnet via its PublicIPv6 (a peer whose IPv6 side is missing
+    or unreachable keeps its IPv4 route and is reported)."""
     entries: dict[IPv4Network, tuple[Entry, ...]] = {}
     skipped: dict[IPv4Network, str] = {}
     for subnet, lease in peers.items():
@@ -37,17 +53,32 @@ def render_hostgw_peers(
             continue
         lookup = lookups.get(public)
         if not is_direct(lookup, iface_index):
-            if lookup is None:
-                how = "no route"
-            elif lookup.gateway is not None:
-                how = f"reached via gateway {lookup.gateway}"
-            else:
-                how = f"reached through another interface (index {lookup.oif})"
-            skipped[subnet] = (f"PublicIP {public} is not directly reachable on the interface "
-                               f"({how}); host-gw needs all hosts on one L2 segment")
+            skipped[subnet] = "PublicIP " + _not_direct(public, lookup)
             continue
-        entries[subnet] = (Route(subnet, gateway=public, oif=iface_index),)
+        routes = [Route(subnet, gateway=public, oif=iface_index)]
+        if ipv6:
+            why, route6 = _hostgw_v6_route(lease, iface_index, own_ip6, lookups)
+            if route6 is not None:
+                routes.append(route6)
+            else:
+                skipped[subnet] = f"IPv6 side left out: {why}"
+        entries[subnet] = tuple(routes)
     return Rendered(entries, skipped)
+
+
+def _hostgw_v6_route(lease: Lease, iface_index: int, own_ip6: IPv6Address | None,
+                     lookups: Mapping[IPAddress, RouteLookup | None]) -> tuple[str, Route | None]:
+    subnet6, public6 = lease.ipv6_subnet, lease.attrs.public_ipv6
+    if subnet6 is None:
+        return "the lease has no IPv6 subnet", None
+    if public6 is None:
+        return "the lease has no PublicIPv6", None
+    if own_ip6 is not None and public6 == own_ip6:
+        return f"lease has our own PublicIPv6 {own_ip6}", None
+    lookup = lookups.get(public6)
+    if not is_direct(lookup, iface_index):
+        return "PublicIPv6 " + _not_direct(public6, lookup), None
+    return "", Route(subnet6, gateway=public6, oif=iface_index)
 
 
 class HostGwBackend(ReconcilingBackend):
@@ -59,6 +90,8 @@ class HostGwBackend(ReconcilingBackend):
                 f"host-gw: PublicIP {self.host.public_ip} differs from the interface address "
                 f"{self.host.iface_addr}; probably behind NAT, which host-gw cannot work through"
             )
+        if self.ipv6 and self.host.public_ipv6 is None:
+            raise RuntimeError("host-gw: EnableIPv6 is set but this host has no PublicIPv6")
         self.reconciler = self._new_reconciler(None)
         return LeaseContribution(backend_type="host-gw", backend_data="",
                                  mtu=self.host.iface_mtu)
@@ -67,9 +100,15 @@ class HostGwBackend(ReconcilingBackend):
         self.own = own
 
     def render(self, peers: Mapping[IPv4Network, Lease],
-               lookups: Mapping[IPv4Address, RouteLookup | None]) -> Rendered:
+               lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
         return render_hostgw_peers(peers, iface_index=self.host.iface_index,
-                                   own_ip=self.host.public_ip, lookups=lookups)
+                                   own_ip=self.host.public_ip, lookups=lookups,
+                                   ipv6=self.ipv6, own_ip6=self.host.public_ipv6)
 
-    def wants_lookup(self, lease: Lease) -> bool:
-        return lease.attrs.backend_type == "host-gw"
+    def lookup_targets(self, lease: Lease) -> tuple[IPAddress, ...]:
+        if lease.attrs.backend_type != "host-gw":
+            return ()
+        public6 = lease.attrs.public_ipv6
+        if self.ipv6 and public6 is not None:
+            return (lease.attrs.public_ip, public6)
+        return (lease.attrs.public_ip,)

@@ -17,12 +17,13 @@ import secrets
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 
 from backends.base import Backend, HostFacts, SyncReport
 from netagent.config import NetworkConfig
 from netagent.dataplane import (
     Entry,
+    IPAddress,
     Kernel,
     Reconciler,
     RouteLookup,
@@ -110,12 +111,12 @@ class ReconcilingBackend(Backend):
         #: peers the render left out, and peers whose routes the apply held back
         self._skipped: dict[IPv4Network, str] = {}
         self._blocked: dict[IPv4Network, str] = {}
-        #: subnet -> (lease, its route lookup) it was last rendered from: a full sync renders
-        #: only peers whose lease or lookup changed (5,000 JSON parses every 10 s otherwise)
-        self._rendered_from: dict[IPv4Network, tuple[Lease, RouteLookup | None]] = {}
+        #: subnet -> (lease, its route lookups) it was last rendered from: a full sync renders
+        #: only peers whose lease or lookups changed (5,000 JSON parses every 10 s otherwise)
+        self._rendered_from: dict[IPv4Network, tuple[Lease, tuple[RouteLookup | None, ...]]] = {}
         #: ``ip route get`` answers by underlay address, valid while the kernel's non-peer
         #: routes (``Reconciler.underlay``) stay the same, and at most LOOKUP_REFRESH full syncs
-        self._lookups: dict[IPv4Address, RouteLookup | None] = {}
+        self._lookups: dict[IPAddress, RouteLookup | None] = {}
         self._lookups_basis: frozenset[object] | None = None
         self._lookups_age = 0
 
@@ -127,23 +128,30 @@ class ReconcilingBackend(Backend):
             self._kernel = NetlinkKernel()
         return self._kernel
 
-    def _new_reconciler(self, device: int | None) -> Reconciler:
+    @property
+    def ipv6(self) -> bool:
+        """Dual stack: the backend programs IPv6 entries beside the IPv4 ones."""
+        return self.config.enable_ipv6
+
+    def _new_reconciler(self, device: int | None, device6: int | None = None) -> Reconciler:
         return Reconciler(
             self.kernel,
-            route_owner(self.config.network, lambda: self.own.subnet if self.own else None),
-            device=device,
+            route_owner(self.config.network, lambda: self.own.subnet if self.own else None,
+                        self.config.ipv6_network,
+                        lambda: self.own.ipv6_subnet if self.own else None),
+            device=device, device6=device6, ipv6=self.ipv6,
         )
 
     # hooks for the concrete backends
 
     @abstractmethod
     def render(self, peers: Mapping[IPv4Network, Lease],
-               lookups: Mapping[IPv4Address, RouteLookup | None]) -> Rendered:
+               lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
         """The backend's pure render, with its parameters bound."""
 
-    def wants_lookup(self, lease: Lease) -> bool:
-        """Whether rendering this peer needs ``ip route get <PublicIP>``."""
-        return False
+    def lookup_targets(self, lease: Lease) -> tuple[IPAddress, ...]:
+        """The underlay addresses of this peer the render needs ``ip route get`` for."""
+        return ()
 
     def repair_devices(self) -> bool:
         """Full sync only: make devices right; True when every peer must be re-rendered."""
@@ -189,15 +197,16 @@ class ReconcilingBackend(Backend):
             for subnet in todo:  # a changed lease is looked up afresh
                 lz = peers.get(subnet)
                 if lz is not None:
-                    self._lookups.pop(lz.attrs.public_ip, None)
+                    for ip in (lz.attrs.public_ip, lz.attrs.public_ipv6):
+                        self._lookups.pop(ip, None)  # type: ignore[arg-type]
         if self.own is not None:
             todo.discard(self.own.subnet)
         present = {s: peers[s] for s in todo if s in peers}
-        lookups = self._lookup(lz.attrs.public_ip for lz in present.values()
-                               if self.wants_lookup(lz))
+        targets = {s: self.lookup_targets(lz) for s, lz in present.items()}
+        lookups = self._lookup(ip for ips in targets.values() for ip in ips)
         subset = {}
         for subnet, lz in present.items():
-            basis = (lz, lookups.get(lz.attrs.public_ip))
+            basis = (lz, tuple(lookups[ip] for ip in targets[subnet]))
             if self._rendered_from.get(subnet) != basis:
                 subset[subnet] = lz
                 self._rendered_from[subnet] = basis
@@ -228,7 +237,7 @@ class ReconcilingBackend(Backend):
             self._lookups_basis = basis
             self._lookups_age = 0
 
-    def _lookup(self, ips: Iterable[IPv4Address]) -> Mapping[IPv4Address, RouteLookup | None]:
+    def _lookup(self, ips: Iterable[IPAddress]) -> Mapping[IPAddress, RouteLookup | None]:
         """Route lookups for these addresses: cached ones reused, the rest asked once each."""
         wanted = set(ips)
         missing = [ip for ip in wanted if ip not in self._lookups]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from pathlib import Path
 
 from backends.base import HostFacts, LeaseContribution
@@ -26,6 +26,9 @@ from netagent.config import NetworkConfig
 from netagent.dataplane import (
     Entry,
     Fdb,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
     Kernel,
     KernelError,
     LinkInfo,
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 DEFAULT_VXLAN_PORT = 8472
 #: inner Ethernet 14 + VXLAN 8 + UDP 8 + outer IPv4 20
 VXLAN_OVERHEAD = 50
+#: the same with an outer IPv6 header (40)
+VXLAN6_OVERHEAD = 70
 
 
 def render_vxlan_peers(
@@ -52,33 +57,53 @@ def render_vxlan_peers(
     device_index: int,
     own_ip: IPv4Address | None = None,
     direct_routing: bool = False,
-    lookups: Mapping[IPv4Address, RouteLookup | None] | None = None,
+    lookups: Mapping[IPAddress, RouteLookup | None] | None = None,
+    device6_index: int | None = None,
+    own_ip6: IPv6Address | None = None,
 ) -> Rendered:
     """Desired entries per peer, in apply order (neighbour, FDB, route).
 
     A peer on the same L2 segment gets one plain route via its PublicIP when DirectRouting is
     on; every other vxlan peer gets neighbour (gateway → VtepMAC), FDB (VtepMAC → PublicIP) and
-    an onlink route via its subnet's network address on our device.
+    an onlink route via its subnet's network address on our device. With ``device6_index``
+    (dual stack) the same again for the peer's IPv6 subnet on the IPv6 device, from its
+    BackendV6Data and PublicIPv6; a peer whose IPv6 side is unusable keeps its IPv4 entries and
+    is reported.
     """
     entries: dict[IPv4Network, tuple[Entry, ...]] = {}
     skipped: dict[IPv4Network, str] = {}
+    looked = lookups or {}
     for subnet, lease in peers.items():
         why, mac = _vxlan_peer_mac(lease, vni, own_ip)
         if why:
             skipped[subnet] = why
             continue
         public = lease.attrs.public_ip
-        lookup = (lookups or {}).get(public)
-        if direct_routing and is_direct(lookup) and lookup and lookup.oif != device_index:
-            entries[subnet] = (Route(subnet, gateway=public, oif=lookup.oif),)
-            continue
-        gw = subnet.network_address
-        entries[subnet] = (
-            Neigh(device_index, gw, mac),
-            Fdb(device_index, mac, public),
-            Route(subnet, gateway=gw, oif=device_index, onlink=True),
-        )
+        out = _vxlan_entries(subnet, mac, public, device_index, direct_routing, looked)
+        if device6_index is not None:
+            why6, mac6 = _vxlan_peer_mac6(lease, vni, own_ip6)
+            if why6:
+                skipped[subnet] = f"IPv6 side left out: {why6}"
+            else:
+                assert lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None
+                out += _vxlan_entries(lease.ipv6_subnet, mac6, lease.attrs.public_ipv6,
+                                      device6_index, direct_routing, looked)
+        entries[subnet] = out
     return Rendered(entries, skipped)
+
+
+def _vxlan_entries(subnet: IPNetwork, mac: str, public: IPAddress, device_index: int,
+                   direct_routing: bool, lookups: Mapping[IPAddress, RouteLookup | None]
+                   ) -> tuple[Entry, ...]:
+    lookup = lookups.get(public)
+    if direct_routing and is_direct(lookup) and lookup and lookup.oif != device_index:
+        return (Route(subnet, gateway=public, oif=lookup.oif),)
+    gw = subnet.network_address
+    return (
+        Neigh(device_index, gw, mac),
+        Fdb(device_index, mac, public),
+        Route(subnet, gateway=gw, oif=device_index, onlink=True),
+    )
 
 
 def _vxlan_peer_mac(lease: Lease, vni: int, own_ip: IPv4Address | None) -> tuple[str, str]:
@@ -92,15 +117,36 @@ def _vxlan_peer_mac(lease: Lease, vni: int, own_ip: IPv4Address | None) -> tuple
         data = lease.attrs.data()
     except ValueError as exc:
         return f"BackendData is not valid JSON: {exc}", ""
+    return _mac_from(data, "BackendData", vni)
+
+
+def _vxlan_peer_mac6(lease: Lease, vni: int, own_ip6: IPv6Address | None) -> tuple[str, str]:
+    """The IPv6 side of a vxlan lease: (reason to skip, "") or ("", VtepMAC of its v6 device)."""
+    if lease.ipv6_subnet is None:
+        return "the lease has no IPv6 subnet", ""
+    if lease.attrs.public_ipv6 is None:
+        return "the lease has no PublicIPv6", ""
+    if own_ip6 is not None and lease.attrs.public_ipv6 == own_ip6:
+        return f"lease has our own PublicIPv6 {own_ip6}", ""
+    try:
+        data = lease.attrs.v6_data()
+    except ValueError as exc:
+        return f"BackendV6Data is not valid JSON: {exc}", ""
+    if not data:
+        return "the lease has no BackendV6Data", ""
+    return _mac_from(data, "BackendV6Data", vni)
+
+
+def _mac_from(data: object, name: str, vni: int) -> tuple[str, str]:
     if not isinstance(data, dict):
-        return "BackendData is not a JSON object", ""
+        return f"{name} is not a JSON object", ""
     low = {k.lower(): v for k, v in data.items() if isinstance(k, str)}
     if "vtepmac" not in low:
-        return "BackendData has no VtepMAC", ""
+        return f"{name} has no VtepMAC", ""
     try:
         mac = parse_unicast_mac(low["vtepmac"])
     except ValueError as exc:
-        return f"BackendData: {exc}", ""
+        return f"{name}: {exc}", ""
     peer_vni = low.get("vni")
     if peer_vni is not None and peer_vni != vni:
         return f"peer VNI {peer_vni!r} differs from ours ({vni})", ""
@@ -126,77 +172,18 @@ def vxlan_incompatibility(spec: VxlanSpec, link: LinkInfo) -> str:
     return ", ".join(diffs)
 
 
-class VxlanBackend(ReconcilingBackend):
-    type_name = "vxlan"
+class VxlanDevice:
+    """One vxlan device of ours (``flannel.<VNI>``, or ``flannel-v6.<VNI>`` over IPv6): create
+    or reuse it, keep its MAC across restarts and reboots, give it our one address."""
 
-    def __init__(self, config: NetworkConfig, host: HostFacts, *, kernel: Kernel | None = None,
-                 csum_workaround: bool | None = None) -> None:
-        super().__init__(config, host, kernel=kernel)
-        b = config.backend
-        self.vni = b.vni
-        self.mtu = (b.mtu or host.iface_mtu) - VXLAN_OVERHEAD
-        self.spec = VxlanSpec(
-            name=f"flannel.{b.vni}", vni=b.vni, port=b.port or DEFAULT_VXLAN_PORT,
-            local=host.public_ip, underlay_index=host.iface_index, mtu=self.mtu,
-            learning=b.learning, gbp=b.gbp,
-        )
-        #: None = decide from the kernel release (see kernel_needs_csum_workaround)
-        self.csum_workaround = csum_workaround
+    def __init__(self, spec: VxlanSpec, kernel: Kernel, state_dir: Path) -> None:
+        self.spec = spec
+        self.kernel = kernel
+        self.mac_file = state_dir / f"{spec.name}.mac"
         self.mac = ""
         self.ifindex = 0
 
-    @property
-    def mac_file(self) -> Path:
-        return self.host.state_dir / f"{self.spec.name}.mac"
-
-    # -- lifecycle
-
-    def prepare(self) -> LeaseContribution:
-        self._ensure_device()
-        self.reconciler = self._new_reconciler(self.ifindex)
-        data = canonical_json({"VNI": self.vni, "VtepMAC": self.mac})
-        return LeaseContribution(backend_type="vxlan", backend_data=data, mtu=self.mtu)
-
-    def activate(self, own: Lease) -> None:
-        self.own = own
-        self._ensure_address()
-
-    def render(self, peers: Mapping[IPv4Network, Lease],
-               lookups: Mapping[IPv4Address, RouteLookup | None]) -> Rendered:
-        return render_vxlan_peers(
-            peers, vni=self.vni, device_index=self.ifindex, own_ip=self.host.public_ip,
-            direct_routing=self.config.backend.direct_routing, lookups=lookups,
-        )
-
-    def wants_lookup(self, lease: Lease) -> bool:
-        return self.config.backend.direct_routing and lease.attrs.backend_type == "vxlan"
-
-    def teardown(self) -> None:
-        """Live switch away from this device: remove our peer entries (DirectRouting routes
-        live on the underlay, not on the device), then the device itself."""
-        self.sync({}, None)
-        link = self.kernel.link(self.spec.name)
-        if link is not None and link.kind == "vxlan":
-            self.kernel.delete_link(link.index)
-            log.info("removed %s", self.spec.name)
-        self.ifindex = 0
-
-    def repair_devices(self) -> bool:
-        before = self.ifindex
-        self._ensure_device()
-        if self.own is not None:
-            self._ensure_address()
-        if self.reconciler is not None and self.ifindex != before:
-            log.warning("%s was recreated (index %d → %d); reprogramming every peer",
-                        self.spec.name, before, self.ifindex)
-            self.reconciler.device = self.ifindex
-            self.reconciler.forget_device()
-            return True
-        return False
-
-    # -- device
-
-    def _ensure_device(self) -> None:
+    def ensure(self) -> None:
         """Reuse a compatible device as is (MAC kept); otherwise (re)create it.
 
         The MAC is chosen before the link exists and passed in the create request (systemd
@@ -227,27 +214,27 @@ class VxlanBackend(ReconcilingBackend):
                     raise KernelError(0, f"{spec.name} will not keep MAC {mac}")
             log.info("created %s (VNI %d, port %d, local %s, MTU %d, MAC %s)", spec.name,
                      spec.vni, spec.port, spec.local, spec.mtu, mac)
+            if spec.local.version == 6:
+                _no_router_advertisements(spec.name)
         elif link.mtu != spec.mtu:
             log.info("setting %s MTU %d → %d", spec.name, link.mtu, spec.mtu)
             k.set_link(link.index, mtu=spec.mtu)
         self.mac, self.ifindex = link.mac.lower(), link.index
-        self._apply_csum_workaround()
         if self._stored_mac() != self.mac:
             from netagent.files import write_atomic
 
             write_atomic(self.mac_file, self.mac + "\n")
 
-    def _ensure_address(self) -> None:
-        """Our subnet's network address as /32 (no connected route), nothing else, link up."""
-        assert self.own is not None
+    def ensure_address(self, want: IPInterface, network: IPNetwork | None) -> None:
+        """``want`` (our subnet's network address as /32 or /128: no connected route) and no
+        other address from ``network``; link up."""
         k = self.kernel
         link = k.link(self.spec.name)
         if link is None:
             return  # the next full sync recreates it
-        want = IPv4Interface(f"{self.own.subnet.network_address}/32")
-        net = self.config.network
         for addr in link.addrs:
-            if addr != want and net is not None and addr.ip in net:
+            if (addr != want and network is not None and addr.version == network.version
+                    and addr.ip in network):
                 log.info("removing stale address %s from %s", addr, self.spec.name)
                 k.del_addr(link.index, addr)
         if want not in link.addrs:
@@ -255,13 +242,172 @@ class VxlanBackend(ReconcilingBackend):
         if not link.up:
             k.set_link(link.index, up=True)
 
+    def delete(self) -> None:
+        link = self.kernel.link(self.spec.name)
+        if link is not None and link.kind == "vxlan":
+            self.kernel.delete_link(link.index)
+            log.info("removed %s", self.spec.name)
+        self.ifindex = 0
+
     def _stored_mac(self) -> str:
         try:
             return parse_unicast_mac(self.mac_file.read_text().strip())
         except (OSError, ValueError):
             return ""
 
-    def _apply_csum_workaround(self) -> None:
+
+def _no_router_advertisements(name: str) -> None:
+    """flannel sets ``net.ipv6.conf.<dev>.accept_ra = 0`` on its IPv6 device: the overlay
+    device must never pick up an address or default route from a stray RA."""
+    path = Path("/proc/sys/net/ipv6/conf") / name / "accept_ra"
+    try:
+        path.write_text("0")
+    except OSError as exc:
+        log.warning("could not set accept_ra=0 on %s: %s", name, exc)
+
+
+class VxlanBackend(ReconcilingBackend):
+    type_name = "vxlan"
+
+    def __init__(self, config: NetworkConfig, host: HostFacts, *, kernel: Kernel | None = None,
+                 csum_workaround: bool | None = None) -> None:
+        super().__init__(config, host, kernel=kernel)
+        b = config.backend
+        self.vni = b.vni
+        underlay_mtu = b.mtu or host.iface_mtu
+        self.mtu = underlay_mtu - VXLAN_OVERHEAD
+        port = b.port or DEFAULT_VXLAN_PORT
+        self.spec = VxlanSpec(
+            name=f"flannel.{b.vni}", vni=b.vni, port=port,
+            local=host.public_ip, underlay_index=host.iface_index, mtu=self.mtu,
+            learning=b.learning, gbp=b.gbp,
+        )
+        #: the IPv6 device (dual stack): outer IPv6 needs 20 bytes more than IPv4 (flannel
+        #: applies −50 here too, #1781, which makes full-size packets fail)
+        self.spec6: VxlanSpec | None = None
+        if self.ipv6 and host.public_ipv6 is not None:
+            self.spec6 = VxlanSpec(
+                name=f"flannel-v6.{b.vni}", vni=b.vni, port=port, local=host.public_ipv6,
+                underlay_index=host.iface_index, mtu=underlay_mtu - VXLAN6_OVERHEAD,
+                learning=b.learning, gbp=b.gbp,
+            )
+        #: None = decide from the kernel release (see kernel_needs_csum_workaround)
+        self.csum_workaround = csum_workaround
+        self._dev: VxlanDevice | None = None
+        self._dev6: VxlanDevice | None = None
+
+    @property
+    def dev(self) -> VxlanDevice:
+        if self._dev is None:
+            self._dev = VxlanDevice(self.spec, self.kernel, self.host.state_dir)
+        return self._dev
+
+    @property
+    def dev6(self) -> VxlanDevice | None:
+        if self._dev6 is None and self.spec6 is not None:
+            self._dev6 = VxlanDevice(self.spec6, self.kernel, self.host.state_dir)
+        return self._dev6
+
+    @property
+    def mac(self) -> str:
+        return self.dev.mac
+
+    @property
+    def ifindex(self) -> int:
+        return self.dev.ifindex
+
+    @property
+    def mac_file(self) -> Path:
+        return self.dev.mac_file
+
+    @property
+    def subnet_mtu(self) -> int:
+        """The pods' MTU (subnet.env): small enough for every device a pod's packet may take."""
+        return min(self.mtu, self.spec6.mtu) if self.spec6 is not None else self.mtu
+
+    # -- lifecycle
+
+    def prepare(self) -> LeaseContribution:
+        if self.ipv6 and self.spec6 is None:
+            raise RuntimeError("vxlan: EnableIPv6 is set but this host has no PublicIPv6")
+        self._ensure_devices()
+        self.reconciler = self._new_reconciler(self.ifindex, self._index6())
+        data = canonical_json({"VNI": self.vni, "VtepMAC": self.mac})
+        data6 = ""
+        if self.dev6 is not None:
+            data6 = canonical_json({"VNI": self.vni, "VtepMAC": self.dev6.mac})
+        return LeaseContribution(backend_type="vxlan", backend_data=data, mtu=self.subnet_mtu,
+                                 backend_v6_data=data6)
+
+    def activate(self, own: Lease) -> None:
+        self.own = own
+        self._ensure_addresses()
+
+    def render(self, peers: Mapping[IPv4Network, Lease],
+               lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
+        return render_vxlan_peers(
+            peers, vni=self.vni, device_index=self.ifindex, own_ip=self.host.public_ip,
+            direct_routing=self.config.backend.direct_routing, lookups=lookups,
+            device6_index=self._index6(), own_ip6=self.host.public_ipv6,
+        )
+
+    def lookup_targets(self, lease: Lease) -> tuple[IPAddress, ...]:
+        if not self.config.backend.direct_routing or lease.attrs.backend_type != "vxlan":
+            return ()
+        public6 = lease.attrs.public_ipv6
+        if self.dev6 is not None and public6 is not None:
+            return (lease.attrs.public_ip, public6)
+        return (lease.attrs.public_ip,)
+
+    def teardown(self) -> None:
+        """Live switch away from these devices: remove our peer entries (DirectRouting routes
+        live on the underlay, not on the device), then the devices themselves."""
+        self.sync({}, None)
+        self.dev.delete()
+        if self.dev6 is not None:
+            self.dev6.delete()
+
+    def repair_devices(self) -> bool:
+        before, before6 = self.ifindex, self._index6()
+        self._ensure_devices()
+        if self.own is not None:
+            self._ensure_addresses()
+        rec = self.reconciler
+        if rec is None:
+            return False
+        changed = False
+        for old, new, name in ((before, self.ifindex, self.spec.name),
+                               (before6, self._index6(), self.spec6 and self.spec6.name)):
+            if old != new:
+                log.warning("%s was recreated (index %s → %s); reprogramming every peer",
+                            name, old, new)
+                rec.forget_device(old)
+                changed = True
+        rec.device, rec.device6 = self.ifindex, self._index6()
+        return changed
+
+    # -- devices
+
+    def _index6(self) -> int | None:
+        return self.dev6.ifindex if self.dev6 is not None else None
+
+    def _ensure_devices(self) -> None:
+        self.dev.ensure()
+        self._apply_csum_workaround(self.spec.name)
+        if self.dev6 is not None:
+            self.dev6.ensure()
+            self._apply_csum_workaround(self.dev6.spec.name)
+
+    def _ensure_addresses(self) -> None:
+        assert self.own is not None
+        self.dev.ensure_address(IPv4Interface(f"{self.own.subnet.network_address}/32"),
+                                self.config.network)
+        if self.dev6 is not None and self.own.ipv6_subnet is not None:
+            self.dev6.ensure_address(
+                IPv6Interface(f"{self.own.ipv6_subnet.network_address}/128"),
+                self.config.ipv6_network)
+
+    def _apply_csum_workaround(self, name: str) -> None:
         release = os.uname().release
         apply = self.csum_workaround
         if apply is None:
@@ -270,12 +416,11 @@ class VxlanBackend(ReconcilingBackend):
             log.debug("kernel %s is not affected by the vxlan checksum bug", release)
             return
         try:
-            how = self.kernel.disable_tx_checksum(self.spec.name)
+            how = self.kernel.disable_tx_checksum(name)
         except (KernelError, OSError) as exc:
-            log.warning("could not disable tx-checksum-ip-generic on %s: %s", self.spec.name, exc)
+            log.warning("could not disable tx-checksum-ip-generic on %s: %s", name, exc)
             return
         if not how:
             return  # already off (a restart): nothing changed, nothing to say
         log.info("disabled tx-checksum-ip-generic on %s (kernel %s ≤ 5.7, vxlan checksum bug, "
-                 "flannel #1282/#2152) via %s", self.spec.name, release, how)
-
+                 "flannel #1282/#2152) via %s", name, release, how)

@@ -65,6 +65,9 @@ def unsupported(config: NetworkConfig) -> str:
     if not config.enable_ipv4:
         return ("EnableIPv4: IPv6-only networks are not supported yet (flannel's etcd keys need "
                 "an IPv4 subnet); enable IPv4 beside IPv6")
+    if config.enable_ipv6 and config.backend.type == "udp":
+        return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw with "
+                "EnableIPv6, or turn EnableIPv6 off")
     return ""
 
 
@@ -197,11 +200,12 @@ class Daemon:
             self.stop.wait(1.0)
         return None
 
-    def host_facts(self) -> HostFacts:
+    def host_facts(self, config: NetworkConfig | None = None) -> HostFacts:
         s = self.settings
+        config = config or self.config
         iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip)
         public6 = None
-        if self.config is not None and self.config.enable_ipv6:
+        if config is not None and config.enable_ipv6:
             public6 = public_ipv6_for(iface, s.public_ipv6)
         log.info("using interface %s (index %d, MTU %d, address %s), public IP %s%s",
                  iface.name, iface.index, iface.mtu, addr, public,
@@ -575,6 +579,14 @@ class Daemon:
             old_backend.shutdown()
         if network_changed:
             self._teardown(old_backend, old_cfg.backend.type)
+        if new.enable_ipv6 and self.host.public_ipv6 is None:
+            try:  # IPv6 turned on: this host's PublicIPv6 is a new fact
+                self.host = self.host_facts(new)
+            except IfaceError as exc:
+                log.error("cannot enable IPv6 (%s); keeping the current config", exc)
+                if same_device or network_changed:
+                    old_backend.prepare()
+                return
         backend = backend_class(new.backend.type)(new, self.host)
         try:
             contribution = backend.prepare()
