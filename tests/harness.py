@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +270,7 @@ class Host:
     index: int
     subnet_file: Path
     state_dir: Path
+    ip6: str = ""  # underlay IPv6 address
     agent: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -293,6 +294,7 @@ class Pod:
     name: str  # namespace
     ip: str
     host: Host
+    ip6: str = ""  # set when the host's subnet.env has an IPv6 subnet
 
     def ping(self, ip: str, count: int = 1, wait: float = 1.0) -> bool:
         proc = sh("ping", "-c", str(count), "-W", str(wait), "-i", "0.2", ip, ns=self.name,
@@ -346,8 +348,11 @@ class Lab:
         self.tmp = tmp
         self.ul = f"{self.tag}-ul"
         third = random.randrange(1, 250)
-        self.prefix = f"10.{random.randrange(200, 250)}.{third}"
+        second = random.randrange(200, 250)
+        self.prefix = f"10.{second}.{third}"
         self.etcd_ip = f"{self.prefix}.1"
+        #: the underlay's IPv6 /64 (every host has an address in it, used by dual-stack tests)
+        self.prefix6 = f"fd00:{second:x}:{third:x}::"
         self.hosts: list[Host] = []
         self.pods: list[Pod] = []
         self._clusters: list[EtcdCluster] = []
@@ -357,6 +362,7 @@ class Lab:
         self._made.append(self.ul)
         sh("ip", "link", "add", "ul0", "type", "bridge", ns=self.ul)
         sh("ip", "addr", "add", f"{self.etcd_ip}/24", "dev", "ul0", ns=self.ul)
+        sh("ip", "-6", "addr", "add", f"{self.prefix6}1/64", "dev", "ul0", "nodad", ns=self.ul)
         sh("ip", "link", "set", "ul0", "up", ns=self.ul)
 
     def start_etcd(self, **kw: object) -> Etcd:
@@ -390,13 +396,15 @@ class Lab:
            "name", peer, "mtu", str(mtu), "netns", self.ul)
         sh("ip", "link", "set", peer, "master", "ul0", "up", ns=self.ul)
         ip = f"{self.prefix}.{10 + i}"
+        ip6 = f"{self.prefix6}{10 + i:x}"
         sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=name)
+        sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad", ns=name)
         sh("ip", "link", "set", "eth0", "up", ns=name)
         sh("ip", "route", "add", "default", "via", self.etcd_ip, ns=name)
-        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=name)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", ns=name)
         d = self.tmp / name
         d.mkdir(parents=True, exist_ok=True)
-        return Host(name, ip, i, d / "subnet.env", d / "state")
+        return Host(name, ip, i, d / "subnet.env", d / "state", ip6)
 
     def agent_cmd(self, host: Host, *extra: str) -> list[str]:
         endpoints = self._clusters[-1].endpoints if self._clusters else None
@@ -470,6 +478,14 @@ class Lab:
         sh("ip", "link", "set", "eth0", "up", ns=name)
         sh("ip", "route", "add", "default", "via", gw, ns=name)
         pod = Pod(name, ip, host)
+        if "FLANNEL_IPV6_SUBNET" in env:  # dual stack: the same again for IPv6, no DAD wait
+            gw6_cidr = env["FLANNEL_IPV6_SUBNET"]
+            gw6, plen6 = gw6_cidr.split("/")
+            if gw6_cidr not in sh("ip", "-6", "addr", "show", "dev", bridge, ns=host.name).stdout:
+                sh("ip", "-6", "addr", "add", gw6_cidr, "dev", bridge, "nodad", ns=host.name)
+            pod.ip6 = str(IPv6Address(int(IPv6Address(gw6)) + 9 + k))
+            sh("ip", "-6", "addr", "add", f"{pod.ip6}/{plen6}", "dev", "eth0", "nodad", ns=name)
+            sh("ip", "-6", "route", "add", "default", "via", gw6, ns=name)
         self.pods.append(pod)
         return pod
 
