@@ -317,7 +317,8 @@ class Server:
             conn = Conn(sock, (pid, uid), time.monotonic() + self.request_timeout)
             try:
                 sock.send(HELLO)
-            except OSError:
+            except OSError:  # it waited in the backlog past its connect timeout
+                _log(f"client pid {pid} gave up before it was served (it runs the launcher)")
                 sock.close()
                 continue
             self.pending[sock.fileno()] = conn
@@ -493,6 +494,9 @@ class Server:
             status = b"X" + bytes([rc & 0xFF]) + b"\0\0"
         try:
             os.write(self.done_w, struct.pack("i", os.getpid()))
+        except BaseException:  # noqa: BLE001 - the server is gone: the client still waits
+            pass
+        try:
             conn.sock.send(status)
         except BaseException:  # noqa: BLE001 - the client is gone; nothing to tell
             pass
