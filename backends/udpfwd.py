@@ -28,6 +28,11 @@ syscalls release the GIL, so the two directions overlap on two cores.
 **Batching.** On Linux the UDP side uses ``recvmmsg``/``sendmmsg`` through ctypes (one syscall for
 up to :data:`BATCH` datagrams) when libc has them; the TUN side has no batched read or write, so
 it is one ``read``/``write`` per packet. Both paths share one per-packet body.
+
+**Runs.** A UDP_GRO buffer holding a run of one TCP flow (what a GSO-sending peer produces) is
+checked as a whole by :func:`backends.udprun.tcp_run` and written to the TUN as one GSO
+super-packet straight from the receive buffer (``writev``); the packets a run cannot take go
+through the per-packet body, so drops are counted by reason exactly as before.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
+
+from backends.udprun import PSH_ACK, continues_run, super_header, tcp_run
 
 log = logging.getLogger(__name__)
 
@@ -896,6 +903,40 @@ class Forwarder:
 
     # -- UDP → TUN
 
+    @staticmethod
+    def _write_run(whole: memoryview, seg: int, k: int, total: int, hlen: int,
+                   iov: list[memoryview], hdr: memoryview, writev: Any, tun_fd: int,
+                   drops: dict[str, int]) -> tuple[int, int]:
+        """Write the `k` checked packets of a run (:func:`~backends.udprun.tcp_run`), and the
+        short packet after them if it continues the flow, as one GSO super-packet: the payloads
+        go to ``writev`` straight from the receive buffer. Returns (bytes consumed from
+        `whole`, packets merged); what is left is for the packet-by-packet path."""
+        mss = seg - hlen
+        end = k * seg
+        iov.clear()
+        iov.append(hdr)
+        iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
+        size = hlen + k * mss
+        psh = whole[end - seg + 33] == PSH_ACK
+        merged = k
+        rest = total - end
+        if 0 < rest < seg and not psh:
+            tail = whole[end:total]
+            seq = (int.from_bytes(whole[24:28], "big") + k * mss) & 0xFFFFFFFF
+            if continues_run(whole, tail, rest, hlen, seq, mss):
+                iov.append(tail[hlen:rest])
+                size += rest - hlen
+                psh = tail[33] == PSH_ACK
+                end = total
+                merged += 1
+        iov[0] = hdr[:super_header(hdr, whole, hlen, size, mss, psh)]
+        try:
+            writev(tun_fd, iov)
+        except OSError:
+            drops["tun_write_error"] += merged
+        iov.clear()
+        return end, merged
+
     def _udp_to_tun(self) -> None:
         tun_fd = self.tun_fd
         os_write = os.write
@@ -929,6 +970,9 @@ class Forwarder:
                 errors[0] += 1
 
         gro = Coalescer(write) if self.gro else None
+        run_hdr = memoryview(bytearray(VNET_LEN + 80))  # IPv4 20 + TCP up to 60
+        run_iov: list[memoryview] = []
+        writev = os.writev
         since_flush = 0
         while True:
             got = libc.recvmmsg(fileno, msgs_addr, count, dontwait, None)
@@ -957,57 +1001,82 @@ class Forwarder:
                     continue
                 whole = packets[i]
                 single = seg >= total
-                for off in range(0, total or 1, seg or 1):
-                    if single:
-                        buf, n = whole, total
-                    else:
-                        n = min(seg, total - off)
-                        buf = whole[off:off + n]
-                    if n < 20:
-                        drops["malformed"] += 1
-                        continue
-                    b0 = buf[0]
-                    ihl = (b0 & 0x0F) << 2
-                    if b0 >> 4 != 4 or ihl < 20 or ihl > n or (buf[2] << 8 | buf[3]) != n or \
-                            from_bytes(buf[:ihl], "big") % 0xFFFF:
-                        drops["malformed"] += 1
-                        continue
-                    inner_src = from_bytes(buf[12:16], "big")
-                    for net, mask in nets:
-                        if inner_src & mask == net:
-                            break
-                    else:
-                        drops["spoofed_inner_source"] += 1
-                        continue
-                    if from_bytes(buf[16:20], "big") & own_mask != own_net:
-                        drops["not_for_us"] += 1
-                        continue
-                    ttl = buf[8]
-                    if ttl <= 1:
-                        drops["ttl_expired"] += 1
-                        continue
-                    buf[8] = ttl - 1
-                    csum = ((buf[10] << 8) | buf[11]) + 0x0100
-                    csum = (csum & 0xFFFF) + (csum >> 16)
-                    buf[10] = csum >> 8
-                    buf[11] = csum & 0xFF
-                    counts["rx_packets"] += 1
-                    counts["rx_bytes"] += n
-                    if gro is not None:
-                        # TCP, no IP options, not a fragment (DF allowed), flags ACK or ACK|PSH
-                        if buf[9] == 6 and ihl == 20 and not (buf[6] & 0x3F or buf[7]) and \
-                                n >= 40 and buf[33] in (0x10, 0x18):
-                            gro.add(buf, n, slots[i] if single else None)
+                off = 0
+                while True:
+                    stop = total
+                    if gro is not None and not single and total - off >= seg << 1:
+                        # a run of one TCP flow: checked and merged as a whole (udprun)
+                        view = whole[off:total]
+                        m, hlen = tcp_run(view, seg, (total - off) // seg, nets, own_net,
+                                          own_mask)
+                        if m >= 2:
+                            gro.flush()
+                            used, merged = self._write_run(view, seg, m, total - off, hlen,
+                                                           run_iov, run_hdr, writev, tun_fd,
+                                                           drops)
+                            counts["rx_packets"] += merged
+                            counts["rx_bytes"] += used
+                            counts["rx_gro_merged"] += merged - 1
+                            off += used
+                            if off >= total:
+                                break
                             continue
-                        gro.flush()
-                    try:
+                        stop = off + seg  # one packet the slow way, then look for a run again
+                    for pos in range(off, stop or 1, seg or 1):
                         if single:
-                            os_write(tun_fd, slots[i][:n + h])
-                        else:  # no headroom in front of a packet inside a run: copy it out
-                            scratch[h:h + n] = buf
-                            os_write(tun_fd, scratch[:h + n])
-                    except OSError:
-                        drops["tun_write_error"] += 1
+                            buf, n = whole, total
+                        else:
+                            n = min(seg, total - pos)
+                            buf = whole[pos:pos + n]
+                        if n < 20:
+                            drops["malformed"] += 1
+                            continue
+                        b0 = buf[0]
+                        ihl = (b0 & 0x0F) << 2
+                        if b0 >> 4 != 4 or ihl < 20 or ihl > n or (buf[2] << 8 | buf[3]) != n or \
+                                from_bytes(buf[:ihl], "big") % 0xFFFF:
+                            drops["malformed"] += 1
+                            continue
+                        inner_src = from_bytes(buf[12:16], "big")
+                        for net, mask in nets:
+                            if inner_src & mask == net:
+                                break
+                        else:
+                            drops["spoofed_inner_source"] += 1
+                            continue
+                        if from_bytes(buf[16:20], "big") & own_mask != own_net:
+                            drops["not_for_us"] += 1
+                            continue
+                        ttl = buf[8]
+                        if ttl <= 1:
+                            drops["ttl_expired"] += 1
+                            continue
+                        buf[8] = ttl - 1
+                        csum = ((buf[10] << 8) | buf[11]) + 0x0100
+                        csum = (csum & 0xFFFF) + (csum >> 16)
+                        buf[10] = csum >> 8
+                        buf[11] = csum & 0xFF
+                        counts["rx_packets"] += 1
+                        counts["rx_bytes"] += n
+                        if gro is not None:
+                            # TCP, no IP options, not a fragment (DF allowed), flags ACK or
+                            # ACK|PSH
+                            if buf[9] == 6 and ihl == 20 and not (buf[6] & 0x3F or buf[7]) and \
+                                    n >= 40 and buf[33] in (0x10, 0x18):
+                                gro.add(buf, n, slots[i] if single else None)
+                                continue
+                            gro.flush()
+                        try:
+                            if single:
+                                os_write(tun_fd, slots[i][:n + h])
+                            else:  # no headroom in front of a packet inside a run: copy it out
+                                scratch[h:h + n] = buf
+                                os_write(tun_fd, scratch[:h + n])
+                        except OSError:
+                            drops["tun_write_error"] += 1
+                    off = stop
+                    if off >= total:
+                        break
             if gro is not None:
                 gro.flush()
                 if gro.packets:
