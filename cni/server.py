@@ -101,11 +101,8 @@ class Request:
         return [fd for fd in (*self.stdio, self.netns, self.cwd) if fd >= 0]
 
 
-def decode_request(data: bytes, fds: list[int]) -> Request:
-    """Check a whole request (header + environment) and its fds; raise BadRequest otherwise.
-
-    Pure, so tests can feed it any bytes. ``fds`` are not closed here.
-    """
+def check_header(data: bytes) -> tuple[int, int, int]:
+    """(flags, umask, environment length) of a request's header; BadRequest if it is none."""
     if len(data) < HEADER.size:
         raise BadRequest(f"short request ({len(data)} bytes)")
     magic, flags, umask, env_len = HEADER.unpack_from(data)
@@ -113,7 +110,18 @@ def decode_request(data: bytes, fds: list[int]) -> Request:
         raise BadRequest(f"bad magic {magic!r}")
     if flags & ~(FLAG_NETNS | FLAG_CWD):
         raise BadRequest(f"unknown flags {flags:#x}")
-    if env_len > MAX_ENV or len(data) != HEADER.size + env_len:
+    if env_len > MAX_ENV:
+        raise BadRequest(f"environment length {env_len} over the limit of {MAX_ENV}")
+    return flags, umask, env_len
+
+
+def decode_request(data: bytes, fds: list[int]) -> Request:
+    """Check a whole request (header + environment) and its fds; raise BadRequest otherwise.
+
+    Pure, so tests can feed it any bytes. ``fds`` are not closed here.
+    """
+    flags, umask, env_len = check_header(data)
+    if len(data) != HEADER.size + env_len:
         raise BadRequest(f"environment length {env_len} does not match {len(data)} bytes")
     want = 3 + bin(flags).count("1")
     if len(fds) != want:
@@ -161,8 +169,8 @@ class Conn:
 
 
 def _peer_cred(sock: socket.socket) -> tuple[int, int]:
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                         struct.calcsize("3i")))
+    pid, uid, _gid = struct.unpack("iII", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("iII")))
     return pid, uid
 
 
@@ -365,8 +373,8 @@ class Server:
             conn.buf += data
             if len(conn.buf) < HEADER.size:
                 return
-            env_len = HEADER.unpack_from(conn.buf)[3]
-            if len(conn.buf) < HEADER.size + env_len and env_len <= MAX_ENV:
+            env_len = check_header(conn.buf)[2]  # garbage is dropped at once, not timed out
+            if len(conn.buf) < HEADER.size + env_len:
                 return
             req = decode_request(conn.buf, conn.fds)
         except BadRequest as e:
