@@ -17,7 +17,9 @@ Pod attachments (``--attach``, side by side in one lab):
 * ``bridge``: veth into a bridge holding the subnet's gateway, what the CNI plugin does;
 * ``routed``: veth with no bridge (Calico style): ``/32`` on the pod, a ``/32`` route to the pod
   on the host end, static neighbours both ways, the gateway address on no device;
-* ``+gro`` after either: GRO on both ends of the pair's veths (veth NAPI in recent kernels).
+* ``+gro`` after either: GRO on both ends of the pair's veths (veth NAPI in recent kernels);
+  ``+mtuN`` after ``routed``: that pod MTU instead of ``FLANNEL_MTU`` (to separate vxlan's
+  smaller MTU from its encapsulation cost on host-gw).
 
 Every iperf3 option (``--cc``, ``--pin``, ``--zerocopy``, ``--streams``) applies to the underlay
 and the pod runs alike, so the comparison stays the same single TCP stream between the same two
@@ -104,7 +106,7 @@ def wait_idle(limit: float) -> float:
 # --------------------------------------------------------------------------- pods
 
 
-def add_routed_pod(lab: Lab, host: Host, k: int, *, gro: bool = False) -> Pod:
+def add_routed_pod(lab: Lab, host: Host, k: int, *, gro: bool = False, mtu: str = "") -> Pod:
     """A pod on a veth routed by the host, no bridge (how Calico attaches pods).
 
     The pod has its address as /32 and a default route via the subnet's gateway address,
@@ -114,7 +116,7 @@ def add_routed_pod(lab: Lab, host: Host, k: int, *, gro: bool = False) -> Pod:
     """
     env = read_env_file(host.subnet_file)
     gw = env["FLANNEL_SUBNET"].split("/")[0]
-    mtu = env.get("FLANNEL_MTU", "1500")
+    mtu = mtu or env.get("FLANNEL_MTU", "1500")
     name = f"{lab.tag}-r{host.index}{k}"
     add_netns(name)
     lab._made.append(name)  # removed with the lab
@@ -154,16 +156,33 @@ def set_veth_gro(host_ns: str, host_veth: str, pod_ns: str) -> None:
 
 
 def add_pods(lab: Lab, hosts: list[Host], attach: str) -> list[Pod]:
-    kind, _, mod = attach.partition("+")
+    kind, *mods = attach.split("+")
+    gro = "gro" in mods
+    mtu = next((m[3:] for m in mods if m.startswith("mtu")), "")
     if kind == "routed":
         k = 1 + sum(1 for p in lab.pods if p.host is hosts[0] and "-r" in p.name)
-        return [add_routed_pod(lab, h, k, gro=mod == "gro") for h in hosts]
+        return [add_routed_pod(lab, h, k, gro=gro, mtu=mtu) for h in hosts]
+    if mtu:
+        raise ValueError("+mtu is only for routed pods (the bridge pods share one bridge)")
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
-    if mod == "gro":
+    if gro:
         for p in pods:
             veth = _bridge_port_of(p)
             set_veth_gro(p.host.name, veth, p.name)
     return pods
+
+
+def split_cpus(hosts: list[Host]) -> None:
+    """RPS on each host's ``eth0``: what host i receives is processed on CPU i-1, as if each
+    "host" were a machine of its own. Without it the whole receive path of both hosts runs in
+    softirq on the CPU of whoever transmitted (veth hands packets over on the sender's CPU).
+    Applies to the underlay and the pods alike."""
+    ncpu = os.cpu_count() or 1
+    for i, h in enumerate(hosts):
+        mask = f"{1 << (i % ncpu):x}"
+        queues = sh("ls", "/sys/class/net/eth0/queues", ns=h.name).stdout.split()
+        for q in (q for q in queues if q.startswith("rx-")):
+            sh("sh", "-c", f"echo {mask} > /sys/class/net/eth0/queues/{q}/rps_cpus", ns=h.name)
 
 
 def _bridge_port_of(pod: Pod) -> str:
@@ -179,14 +198,25 @@ def _bridge_port_of(pod: Pod) -> str:
 def parse_attach(text: str) -> list[str]:
     out = []
     for item in text.split(","):
-        kind, _, mod = item.strip().partition("+")
-        if kind not in ATTACH_KINDS or mod not in ("", "gro"):
+        kind, *mods = item.strip().split("+")
+        mtus = [m for m in mods if m.startswith("mtu") and m[3:].isdigit()]
+        bad = [m for m in mods if m != "gro" and m not in mtus]
+        if kind not in ATTACH_KINDS or bad or (kind == "bridge" and mtus):
             raise argparse.ArgumentTypeError(
-                f"{item!r}: want one of {', '.join(ATTACH_KINDS)}, optionally with +gro")
+                f"{item!r}: want one of {', '.join(ATTACH_KINDS)}, optionally +gro "
+                "(and for routed +mtuN)")
         out.append(item.strip())
     if len(set(out)) != len(out):
         raise argparse.ArgumentTypeError("an attachment is listed twice")
     return out
+
+
+def parse_feature(text: str) -> tuple[str, str, str]:
+    dev, _, rest = text.partition(":")
+    feature, _, value = rest.partition(":")
+    if not dev or not feature or value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: want DEV:FEATURE:on|off")
+    return dev, feature, value
 
 
 # --------------------------------------------------------------------------- iperf3
@@ -241,6 +271,11 @@ def measure_backend(backend: str, args: argparse.Namespace, tmp: Path) -> dict[s
             lab.start_agent(h)
         for h in hosts:
             wait_for(lambda h=h: h.subnet_file.exists(), timeout=60, what=f"{h.name} lease")
+        if args.split_cpus:
+            split_cpus(hosts)
+        for dev, feature, value in args.host_feature:
+            for h in hosts:
+                sh("ethtool", "-K", dev, feature, value, ns=h.name)
         pairs: dict[str, tuple[str, str, str]] = {
             "underlay": (hosts[0].name, hosts[1].name, hosts[1].ip)}
         for attach in args.attach:
@@ -272,6 +307,8 @@ def measure_backend(backend: str, args: argparse.Namespace, tmp: Path) -> dict[s
         return {
             "backend": backend, "pod_mtu": int(mtu), "route": route,
             "cc": runs["underlay"][0]["cc"], "iperf_extra": extra,
+            "split_cpus": args.split_cpus,
+            "host_features": [":".join(f) for f in args.host_feature],
             "underlay_bps": med["underlay"], "overlay_bps": med[first],
             "underlay_runs": [r["bps"] for r in runs["underlay"]],
             "overlay_runs": [r["bps"] for r in runs[first]],
@@ -314,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", metavar="C,S",
                     help="CPU of the iperf3 client and server for every run (iperf3 -A)")
     ap.add_argument("--zerocopy", action="store_true", help="iperf3 -Z (sendfile)")
+    ap.add_argument("--host-feature", type=parse_feature, action="append", default=[],
+                    metavar="DEV:FEATURE:on|off",
+                    help="ethtool -K DEV FEATURE on|off in both hosts before measuring "
+                         "(repeatable), e.g. flannel.1:gro:off")
+    ap.add_argument("--split-cpus", action="store_true",
+                    help="RPS on each host's eth0 to a CPU of its own (models two machines)")
     ap.add_argument("--idle-wait", type=float, default=60.0, metavar="S",
                     help="before each run, wait up to S s for the machine to be idle "
                          f"(< {IDLE_BUSY_PCT:.0f} %% busy over 1 s; 0: do not wait)")
