@@ -1,7 +1,7 @@
 # Two entry points for a fresh Debian 12 machine, as root: `make demo` and `make test`.
 PY ?= python3
 APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool openssl systemd \
-           containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static
+           containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static gcc libc6-dev
 PYTEST_ARGS ?=
 
 .PHONY: deps deps-apt deps-pip test demo lint bench
