@@ -75,9 +75,13 @@ _PRELOADED = (cni.ipam, cni.link, cni.masq, cni.subnet, json)
 
 
 def _log(msg: str) -> None:
-    """One line on stderr (the journal under systemd); flushed, as a fork may follow."""
-    sys.stderr.write(f"netagent-cni-server: {msg}\n")
-    sys.stderr.flush()
+    """One line on stderr (the journal under systemd); flushed, as a fork may follow. A log
+    that cannot be written (its reader gone) must not take the server down."""
+    try:
+        sys.stderr.write(f"netagent-cni-server: {msg}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 class BadRequest(Exception):
@@ -197,6 +201,7 @@ class Server:
         self.pending: dict[int, Conn] = {}  # fd -> connection still sending its request
         self.children: dict[int, Conn] = {}  # pid -> connection whose child runs
         self.accepting = False
+        self.accept_paused_until = 0.0  # after an accept error (EMFILE): no busy loop
         self.stopping = False
         self.drain_deadline = 0.0
         self.wake_r, self.wake_w = os.pipe()
@@ -233,7 +238,8 @@ class Server:
                 self._shut_listener()
             self._reap()
             self._expire()
-            self._set_accepting(not self.stopping and self._slots() > 0)
+            self._set_accepting(not self.stopping and self._slots() > 0
+                                and time.monotonic() >= self.accept_paused_until)
         _log("stopped")
         return 0
 
@@ -248,6 +254,8 @@ class Server:
         deadlines += [c.deadline for c in self.children.values()]
         if self.stopping:
             deadlines.append(self.drain_deadline)
+        elif self.accept_paused_until > time.monotonic():
+            deadlines.append(self.accept_paused_until)
         if not deadlines:
             return None
         return max(min(deadlines) - time.monotonic(), 0.0) + 0.01
@@ -303,8 +311,10 @@ class Server:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            except OSError as e:  # EMFILE and friends: try again on the next wake-up
-                _log(f"accept failed: {e}")
+            except OSError as e:  # EMFILE and friends: try again a little later
+                _log(f"accept failed: {e}; pausing for 0.2 s")
+                self.accept_paused_until = time.monotonic() + 0.2
+                self._set_accepting(False)
                 return
             sock.setblocking(False)
             try:
@@ -520,7 +530,7 @@ class Server:
         if self.listener.fileno() >= 0:
             self.listener.close()
         for other in [*self.pending.values(), *self.children.values()]:
-            other.sock.close()
+            other.close()  # with the fds of requests still arriving: not ours to hold open
         os.close(self.wake_r)
         os.close(self.wake_w)
         os.close(self.done_r)  # done_w stays: _child reports through it

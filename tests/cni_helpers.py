@@ -220,10 +220,10 @@ class CniServer:
     """
 
     def __init__(self, launcher: str, socket_path: Path, log_path: Path, *args: str,
-                 ns: str | None = None) -> None:
+                 ns: str | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
-        cmd = [launcher, "--server", "--socket", str(socket_path), "--verbose", *args]
+        cmd = [*prefix, launcher, "--server", "--socket", str(socket_path), "--verbose", *args]
         if ns is not None:
             cmd = ["ip", "netns", "exec", ns, *cmd]
         with open(log_path, "ab") as log:

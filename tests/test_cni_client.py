@@ -69,11 +69,12 @@ def servers() -> Iterator[Callable[..., CniServer]]:
     started: list[CniServer] = []
     dirs: list[str] = []
 
-    def start(launcher: str, *args: str, ns: str | None = None) -> CniServer:
+    def start(launcher: str, *args: str, ns: str | None = None,
+              prefix: tuple[str, ...] = ()) -> CniServer:
         d = tempfile.mkdtemp(prefix=f"nasrv{RUN_ID}")
         dirs.append(d)
         srv = CniServer(launcher, Path(d) / "run" / "cni.sock", Path(d) / "server.log", *args,
-                        ns=ns)
+                        ns=ns, prefix=prefix)
         started.append(srv)
         return srv
 
@@ -434,6 +435,40 @@ def test_malformed_requests_are_logged_and_dropped(client: tuple[str, str],
     # the server holds no fd it was sent
     fds = os.listdir(f"/proc/{srv.pid}/fd")
     assert len(fds) < 12, [os.readlink(f"/proc/{srv.pid}/fd/{fd}") for fd in fds]
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_out_of_fds_pauses_accepting_without_spinning(client: tuple[str, str],
+                                                      servers: Callable[..., CniServer]) -> None:
+    """At RLIMIT_NOFILE accept fails (EMFILE): the server pauses instead of a busy loop, and
+    serves the waiting call once an fd is free; the client meanwhile just waits."""
+    need(shutil.which("prlimit") is not None, "needs prlimit (util-linux)")
+    limit = 20
+    srv = servers(client[1], prefix=("prlimit", f"--nofile={limit}:{limit}"))
+    free = limit - len(os.listdir(f"/proc/{srv.pid}/fd"))
+    assert free >= 6  # what a request needs: its connection + 5 fds
+    holders = []
+    for _ in range(free):  # idle connections take every free fd
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.connect(str(srv.socket_path))
+        assert holder.recv(4) == b"NAH1"
+        holders.append(holder)
+    proc = subprocess.Popen([client[0]], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=cni_env("VERSION", ifname="", extra=_via(srv)))
+    _wait(lambda: "accept failed" in srv.log(), "EMFILE")
+    ticks = _cpu_ticks(srv.pid)
+    time.sleep(1)
+    assert _cpu_ticks(srv.pid) - ticks < 20  # < 0.2 s of CPU in 1 s: not spinning
+    for holder in holders:
+        holder.close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and json.loads(out)["supportedVersions"], (out, err)
+    assert _requests(srv, "VERSION", 1) == 1
 
 
 # --------------------------------------------------------------------------- real namespaces
