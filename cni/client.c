@@ -83,8 +83,11 @@ static void fail(int code, const char *msg, const char *details)
 static void fallback(int sock, char **argv)
 {
     char details[512];
+    char *bare[] = {(char *)NETAGENT_LAUNCHER, NULL};
     if (sock >= 0)
         close(sock);
+    if (argv[0] == NULL) /* argc 0: what follows argv is envp, not arguments */
+        argv = bare;
     argv[0] = (char *)NETAGENT_LAUNCHER;
     execv(NETAGENT_LAUNCHER, argv);
     snprintf(details, sizeof details, "execv %s: %s", NETAGENT_LAUNCHER, strerror(errno));
