@@ -48,6 +48,7 @@ from backends.udpfwd import (
     open_tun,
     tun_txqueuelen,
 )
+from backends.udprun import numpy_payload_sums, payload_sums_python
 from netagent.config import NetworkConfig
 from netagent.dataplane import Kernel, KernelError, Op, Route
 from netagent.lease import Lease
@@ -61,6 +62,8 @@ UDP_LEASE_TYPES = frozenset({"", "udp"})
 SOCKET_BUFFER = 4 << 20
 #: flannel0's transmit queue: bursts wait here while the loop is descheduled (TUN default 500)
 TX_QUEUE_LEN = 5000
+#: the packet loop's offloads unless NETAGENT_UDP_OFFLOAD says otherwise (see _new_forwarder)
+OFFLOADS = "gro,gso,udpgro,tso"
 
 
 def render_udp_peers(
@@ -122,10 +125,13 @@ class UdpBackend(Backend):
         assert self.sock is not None
         self.forwarder = self._new_forwarder()
         self.forwarder.start()
-        log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (%s)", DEVICE,
-                 self.ifindex, self.mtu, self.host.iface_addr, self.port,
-                 f"offloads: gro {self.forwarder.gro}, gso {self.forwarder.gso}, "
-                 f"udp gro {self.forwarder.udp_gro}, tso {self.forwarder.tso}")
+        fwd = self.forwarder
+        sums = "numpy" if fwd.payload_sums is not payload_sums_python else "python"
+        log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (offloads: gro %s, "
+                 "udp gso %s, udp gro %s, tso %s%s; %s)", DEVICE, self.ifindex, self.mtu,
+                 self.host.iface_addr, self.port, fwd.gro, fwd.gso, fwd.udp_gro, fwd.tso,
+                 f" with {sums} checksums" if fwd.tso else "",
+                 "one thread" if fwd.threads == 1 else "a thread per direction")
         return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
 
     def activate(self, own: Lease) -> None:
@@ -188,16 +194,32 @@ class UdpBackend(Backend):
             self.tun_fd = -1
 
     def _new_forwarder(self) -> Forwarder:
-        """The loop, with offloads as ``NETAGENT_UDP_OFFLOAD`` says (a bench knob: "gro" by
-        default; "gro,tso", "tso" or "none" to measure each step). TSO is off by default: the
-        per-segment TCP checksum in Python costs more than the kernel's own segmentation
-        (bench/README.md, udp section)."""
+        """The loop, with the offloads ``NETAGENT_UDP_OFFLOAD`` lists (a bench knob; the
+        default :data:`OFFLOADS`; any subset, or ``none``, measures one step back):
+
+        * ``tso``: flannel0 hands over TCP super-packets, segmented here in whole-packet steps
+          (:func:`~backends.udprun.segment_tso`). Only with numpy installed: its payload sums
+          are ~8× faster than pure Python's, without which TSO is slower than letting the
+          kernel segment (``tsopy`` forces it, to measure that).
+        * ``threads2``: one thread per direction, as before; the GIL hand-offs between two busy
+          threads cost more than their overlap gains (bench/README.md, udp section).
+
+        What the kernel cannot do is switched off by the Forwarder (and logged by prepare).
+        """
         assert self.sock is not None
-        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", "gro,gso,udpgro").replace(" ", "")
-        want = knob.split(",")
-        return Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in want,
-                         tso="tso" in want, gso="gso" in want, udp_gro="udpgro" in want,
-                         stats=self.stats)
+        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", OFFLOADS).replace(" ", "")
+        want = set(knob.split(","))
+        sums = numpy_payload_sums() if "tso" in want else None
+        if "tso" in want and sums is None:
+            log.info("udp: TSO off: numpy is not installed (segmenting with pure-Python "
+                     "checksums costs more than the kernel's own segmentation)")
+        fwd = Forwarder(self.tun_fd, self.sock, vnet=True, gro="gro" in want,
+                        tso=sums is not None or "tsopy" in want, gso="gso" in want,
+                        udp_gro="udpgro" in want, stats=self.stats,
+                        threads=2 if "threads2" in want else 1)
+        if sums is not None:
+            fwd.payload_sums = sums
+        return fwd
 
     def teardown(self) -> None:
         """Remove what this backend made, for a live switch to another backend or network:

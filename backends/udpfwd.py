@@ -49,12 +49,19 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from backends.udprun import PSH_ACK, continues_run, super_header, tcp_run
+from backends.udprun import (
+    PSH_ACK,
+    continues_run,
+    payload_sums_python,
+    segment_tso,
+    super_header,
+    tcp_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +279,27 @@ def open_tun(name: str, *, persist: bool = True, vnet: bool = True) -> int:
 def set_tun_offload(fd: int, tso: bool) -> None:
     """Let the kernel hand us TCP super-packets with partial checksums (we segment them)."""
     fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 if tso else 0)
+
+
+def _tun_offload(fd: int, tso: bool) -> bool:
+    """:func:`set_tun_offload`; False where the fd is no TUN or the kernel refuses."""
+    try:
+        set_tun_offload(fd, tso)
+    except OSError:
+        return False
+    return True
+
+
+def _sockopt_supported(sock: socket.socket, option: int, value: int | None = None) -> bool:
+    """Whether the kernel knows the SOL_UDP `option` (set it to `value`, or just read it)."""
+    try:
+        if value is None:
+            sock.getsockopt(socket.SOL_UDP, option)
+        else:
+            sock.setsockopt(socket.SOL_UDP, option, value)
+    except OSError:
+        return False
+    return True
 
 
 SIOCGIFTXQLEN = 0x8942
@@ -563,59 +591,6 @@ class Coalescer:
         self.size = self.count = 0
 
 
-def segment_tcp(src: memoryview, n: int, out: memoryview, mss: int, hlen: int) -> tuple[int, int]:
-    """TSO in user space: cut the IPv4/TCP super-packet `src[:n]` into wire segments in `out`.
-
-    Segments are laid end to end, each a full IPv4 packet of ``hlen + mss`` bytes (the last
-    shorter), as one UDP_SEGMENT send wants them; IP ID, lengths, TCP sequence, flags and both
-    checksums are per segment. Returns (bytes used in `out`, segment size).
-    """
-    ihl = (src[0] & 0x0F) << 2
-    ip_id = (src[4] << 8) | src[5]
-    seq0 = int.from_bytes(src[ihl + 4:ihl + 8], "big")
-    flags = src[ihl + 13]
-    addrs = int.from_bytes(src[12:20], "big")
-    payload = n - hlen
-    seg_size = hlen + mss
-    off = pos = 0
-    k = 0
-    from_bytes = int.from_bytes
-    while off < payload:
-        chunk = min(mss, payload - off)
-        total = hlen + chunk
-        out[pos:pos + hlen] = src[:hlen]
-        out[pos + hlen:pos + total] = src[hlen + off:hlen + off + chunk]
-        out[pos + 2] = total >> 8
-        out[pos + 3] = total & 0xFF
-        i = (ip_id + k) & 0xFFFF
-        out[pos + 4] = i >> 8
-        out[pos + 5] = i & 0xFF
-        out[pos + 10] = out[pos + 11] = 0
-        c = ~_fold(from_bytes(out[pos:pos + ihl], "big")) & 0xFFFF
-        out[pos + 10] = c >> 8
-        out[pos + 11] = c & 0xFF
-        t = pos + ihl
-        out[t + 4:t + 8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
-        f = flags
-        if off + chunk < payload:
-            f &= ~0x09  # FIN and PSH only on the last segment
-        if k:
-            f &= ~0x80  # CWR only on the first
-        out[t + 13] = f
-        out[t + 16] = out[t + 17] = 0
-        tlen = total - ihl
-        body = from_bytes(out[t:pos + total], "big")
-        if tlen & 1:
-            body <<= 8  # pad to a whole 16-bit word
-        c = ~_fold(body + addrs + 6 + tlen) & 0xFFFF
-        out[t + 16] = c >> 8
-        out[t + 17] = c & 0xFF
-        pos += total
-        off += chunk
-        k += 1
-    return pos, seg_size
-
-
 def complete_checksum(pkt: memoryview, n: int, start: int, offset: int) -> bool:
     """Finish a CHECKSUM_PARTIAL packet: the field already holds the pseudo-header sum."""
     if start + offset + 2 > n:
@@ -634,17 +609,108 @@ def complete_checksum(pkt: memoryview, n: int, start: int, offset: int) -> bool:
 # --------------------------------------------------------------------------- the loop
 
 
+class RunWriter:
+    """Runs of one TCP flow (:func:`~backends.udprun.tcp_run`) → GSO super-packets on the TUN,
+    the payloads handed to ``writev`` straight from the receive buffers.
+
+    A TSO packet of the sender (45 segments of 1420 bytes) does not fit one UDP GSO send
+    (64 kB), so it arrives as a run of 44 and one more datagram with the last segment. The
+    last run stays pending while the next datagram from the same peer may continue it, so the
+    receiver still writes one super-packet per TSO packet. Whoever writes anything else to
+    the TUN calls :meth:`flush` first (order is kept), and the loop flushes before the next
+    ``recvmmsg`` reuses the buffers.
+    """
+
+    LIMIT = 65535
+
+    def __init__(self, write: Any) -> None:
+        self.writev = write
+        self.iov: list[memoryview] = []
+        self.hdr = memoryview(bytearray(VNET_LEN + 80))  # IPv4 20 + TCP up to 60
+        self.first: memoryview | None = None  # first packet of the pending run
+        self.source = self.hlen = self.mss = self.size = self.next_seq = self.merged = 0
+        self.psh = False
+        self.errors = 0
+
+    def start(self, whole: memoryview, seg: int, k: int, total: int, hlen: int,
+              source: int) -> tuple[int, int]:
+        """Take the `k` checked packets of a run at the start of ``whole[:total]``, and the
+        short packet after them if it continues the flow. Returns (bytes taken, packets);
+        what is left is for the packet-by-packet path."""
+        if self.first is not None:
+            self.flush()
+        mss = seg - hlen
+        end = k * seg
+        iov = self.iov
+        iov.append(self.hdr)
+        iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
+        self.first, self.source, self.hlen, self.mss = whole, source, hlen, mss
+        self.size = hlen + k * mss
+        self.next_seq = (int.from_bytes(whole[24:28], "big") + k * mss) & 0xFFFFFFFF
+        self.psh = whole[end - seg + 33] == PSH_ACK
+        self.merged = k
+        rest = total - end
+        if not rest:
+            if self.psh:
+                self.flush()
+            return end, k
+        if rest < seg and self.extend(whole[end:total], rest, source):
+            return total, k + 1
+        self.flush()  # the packet-by-packet path writes what follows
+        return end, k
+
+    def extend(self, pkt: memoryview, n: int, source: int) -> bool:
+        """Append `pkt` to the pending run if it continues it (same peer, next sequence number,
+        the receive checks: :func:`~backends.udprun.continues_run`); a short packet or PSH ends
+        the run and writes it."""
+        first = self.first
+        if first is None or self.psh or source != self.source or \
+                self.size + n - self.hlen > self.LIMIT or \
+                not continues_run(first, pkt, n, self.hlen, self.next_seq, self.mss):
+            return False
+        plen = n - self.hlen
+        self.iov.append(pkt[self.hlen:n])
+        self.size += plen
+        self.next_seq = (self.next_seq + plen) & 0xFFFFFFFF
+        self.merged += 1
+        self.psh = pkt[33] == PSH_ACK
+        if self.psh or plen < self.mss:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        first = self.first
+        if first is None:
+            return
+        iov = self.iov
+        iov[0] = self.hdr[:super_header(self.hdr, first, self.hlen, self.size, self.mss,
+                                        self.psh)]
+        try:
+            self.writev(iov)
+        except OSError:
+            self.errors += self.merged
+        iov.clear()
+        self.first = None
+
+
 class Forwarder:
-    """The running data path of one udp backend: TUN fd + UDP socket + two threads.
+    """The running data path of one udp backend: TUN fd + UDP socket + one thread (both
+    directions in turn) or two (one each).
 
     ``vnet``: the TUN fd carries virtio-net headers (IFF_VNET_HDR), which ``gro`` (coalesce
     received TCP into super-packets) and ``tso`` (take super-packets from the kernel, segment
     them, send with UDP_SEGMENT) need. Without vnet the loop is one packet per TUN read/write.
+
+    What the kernel cannot do is found out here, before the loop starts, and switched off:
+    ``gso`` without ``UDP_SEGMENT`` (Linux < 4.18), ``udp_gro`` without ``UDP_GRO`` (< 5.0),
+    ``tso`` without ``TUNSETOFFLOAD`` or without UDP GSO to send the segments with. The flags
+    left on say which path runs (the backend logs them).
     """
 
     def __init__(self, tun_fd: int, sock: socket.socket, *, vnet: bool = False,
                  gro: bool | None = None, tso: bool | None = None, gso: bool = True,
-                 udp_gro: bool = True, stats: dict[str, Any] | None = None) -> None:
+                 udp_gro: bool = True, stats: dict[str, Any] | None = None,
+                 threads: int = 2) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
         #: swapped whole by the backend's sync; the loop reads it once per batch
@@ -660,21 +726,51 @@ class Forwarder:
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg not available in libc")
         self.vnet = vnet
         self.gro = vnet if gro is None else (gro and vnet)
-        self.tso = vnet if tso is None else (tso and vnet)
         #: UDP GSO for runs of equal packets; switched off for good if the kernel refuses it
-        self.gso = gso
+        self.gso = gso and _sockopt_supported(sock, UDP_SEGMENT)
         #: receive runs of datagrams as one buffer (UDP_GRO), split here
-        self.udp_gro = udp_gro
+        self.udp_gro = udp_gro and _sockopt_supported(sock, UDP_GRO, 1)
+        want_tso = vnet if tso is None else (tso and vnet)
+        self.tso = want_tso and self.gso and _tun_offload(tun_fd, True)
+        if vnet and not self.tso:
+            _tun_offload(tun_fd, False)  # a persistent device may still have it from before
+        #: one's-complement sums of a TSO packet's payload chunks (see udprun)
+        self.payload_sums: Any = payload_sums_python
+        #: 1: both directions in one thread; 2: a thread each
+        self.threads = threads
 
     # -- control
 
     def start(self) -> None:
         self.sock.setblocking(True)  # sends block (back-pressure); reads use MSG_DONTWAIT
-        for name, target in (("tun-udp", self._tun_to_udp), ("udp-tun", self._udp_to_tun)):
+        if self.threads == 1:
+            loops: list[tuple[str, Any]] = [("udp", self._run_both)]
+        else:
+            loops = [("tun-udp", lambda: self._run_one(self._tun_to_udp, self.tun_fd)),
+                     ("udp-tun", lambda: self._run_one(self._udp_to_tun, self.sock.fileno()))]
+        for name, target in loops:
             t = threading.Thread(target=self._guard, args=(target,), name=f"netagent-{name}",
                                  daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _run_one(self, loop: Any, fd: int) -> None:
+        """One direction in its own thread, sleeping in poll() on its fd when idle."""
+        poller = self._poller(fd)
+        for idle in loop():
+            if idle and not self._wait(poller):
+                return
+
+    def _run_both(self) -> None:
+        """Both directions in one thread, a batch of each in turn; poll() on both fds when
+        neither has anything to read. No GIL hand-offs between two busy threads (a futex
+        wake and a context switch each time one blocks in a syscall)."""
+        poller = self._poller(self.tun_fd)
+        poller.register(self.sock.fileno(), select.POLLIN)
+        tun_udp, udp_tun = self._tun_to_udp(), self._udp_to_tun()
+        while True:
+            if next(tun_udp) & next(udp_tun) and not self._wait(poller):
+                return
 
     def stop(self) -> None:
         """Stop both threads (each finishes its batch in hand); the caller closes the fds."""
@@ -737,21 +833,20 @@ class Forwarder:
 
     # -- TUN → UDP
 
-    def _tun_to_udp(self) -> None:
+    def _tun_to_udp(self) -> Iterator[bool]:
+        """TUN → UDP, one batch per step; yields True when the TUN had nothing more to read."""
         tun = io.FileIO(self.tun_fd, "r+b", closefd=False)
         readinto, write_tun = tun.readinto, tun.write
-        poller = self._poller(self.tun_fd)
         sock = self.sock
         fileno = sock.fileno()
         libc = self._libc
         h = VNET_LEN if self.vnet else 0
-        if self.tso:
-            set_tun_offload(self.tun_fd, True)
         batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h)
         slots, packets = batch.slots, batch.packets
         name_slots, iov_lens = batch.name_slots, batch.iov_lens
         msgs_addr, stride, limit = batch.msgs_addr, batch.stride, batch.count
-        gso_out = memoryview(bytearray(2 * BUF_SIZE))
+        # the segment headers of one TSO packet: 64 kB in segments of TCP's smallest MSS (48)
+        gso_hdrs = memoryview(bytearray(80 * (BUF_SIZE // 48 + 1)))
         groups = GsoGroups(batch) if self.gso else None
         sendmsg = sock.sendmsg
         counts = {"tx_packets": 0, "tx_bytes": 0, "tx_tso_packets": 0}
@@ -765,11 +860,13 @@ class Forwarder:
             idle = False
             table = self.table
             routes = table.routes
-            while nq < limit:
+            budget = limit  # packets per step, a TSO packet counting as its segments
+            while nq < limit and budget > 0:
                 n = readinto(slots[nq])
                 if not n:  # None: EAGAIN
                     idle = True
                     break
+                budget -= 1
                 buf = packets[nq]
                 n -= h
                 if n < 20 or buf[0] >> 4 != 4:
@@ -799,7 +896,7 @@ class Forwarder:
                 buf[11] = csum & 0xFF
                 if h:
                     vflags, gso, _, gso_size, cstart, coff = unpack_vnet(slots[nq])
-                    if gso == VNET_GSO_TCPV4 and gso_size and buf[9] == 6:
+                    if gso & 0x7F == VNET_GSO_TCPV4 and gso_size and buf[9] == 6:
                         # flush what is queued first: packets leave in the order they came
                         if nq:
                             sent, sbytes = self._sendmmsg(libc, fileno, msgs_addr, stride, nq,
@@ -807,8 +904,8 @@ class Forwarder:
                             counts["tx_packets"] += sent
                             nbytes += sbytes
                             nq = 0
-                        self._send_gso(sendmsg, buf, n, gso_out, gso_size, peer[0], counts,
-                                       drops)
+                        budget -= self._send_gso(sendmsg, buf, n, gso_hdrs, gso_size, peer[0],
+                                                 counts, drops) - 1
                         continue
                     if vflags & VNET_F_NEEDS_CSUM and not complete_checksum(buf, n, cstart,
                                                                              coff):
@@ -818,7 +915,7 @@ class Forwarder:
                 name_slots[nq][:] = peer[1]
                 nq += 1
             if nq:
-                if groups is not None and self.gso:
+                if groups is not None and self.gso and nq > 1:
                     sent, sbytes = self._send_groups(libc, fileno, groups, nq, drops)
                     if sent < 0:  # the kernel has no UDP GSO: plain datagrams from now on
                         log.warning("UDP GSO refused (%s); sending datagram by datagram",
@@ -836,8 +933,7 @@ class Forwarder:
             if idle or since_flush >= FLUSH_EVERY:
                 since_flush = 0
                 self._flush(counts, drops)
-            if idle and not self._wait(poller):
-                return
+            yield idle
 
     @staticmethod
     def _sendmmsg(libc: Any, fileno: int, msgs_addr: int, stride: int, nq: int,
@@ -874,86 +970,47 @@ class Forwarder:
         sent = sum(per[:done])
         return sent, sum(lens[2 * i + 1] for i in range(sent))
 
-    @staticmethod
-    def _send_gso(sendmsg: Any, buf: memoryview, n: int, out: memoryview, mss: int,
-                  addr: tuple[str, int], counts: dict[str, int], drops: dict[str, int]) -> None:
-        """Segment one TSO super-packet and send it in as few UDP_SEGMENT calls as fit."""
+    def _send_gso(self, sendmsg: Any, buf: memoryview, n: int, hdrs: memoryview, mss: int,
+                  addr: tuple[str, int], counts: dict[str, int], drops: dict[str, int]) -> int:
+        """Segment one TSO super-packet (:func:`~backends.udprun.segment_tso`) and send it in as
+        few ``UDP_SEGMENT`` calls as fit (64 kB and 64 segments per call); returns the number
+        of segments."""
         ihl = (buf[0] & 0x0F) << 2
         thl = (buf[ihl + 12] >> 4) << 2
         hlen = ihl + thl
-        if thl < 20 or hlen >= n or mss <= 0:
+        if ihl < 20 or thl < 20 or hlen >= n or mss < 48:
             drops["not_ipv4"] += 1
-            return
-        used, seg = segment_tcp(buf, n, out, mss, hlen)
-        per_call = max(1, GSO_SEND_LIMIT // seg) * seg
-        pos = 0
-        while pos < used:
-            end = min(used, pos + per_call)
+            return 1
+        iov, seg, count = segment_tso(buf, n, mss, hdrs, self.payload_sums)
+        per_call = max(1, min(GsoGroups.MAX_SEGMENTS, GSO_SEND_LIMIT // seg))
+        cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
+        for a in range(0, count, per_call):
+            b = min(count, a + per_call)
+            part = iov[2 * a:2 * b]
             try:
-                sendmsg([out[pos:end]], [(socket.SOL_UDP, UDP_SEGMENT,
-                                          struct.pack("=H", seg))], 0, addr)
+                sent = sendmsg(part, cmsg, 0, addr)
             except OSError:
-                drops["send_error"] += -(-(end - pos) // seg)
+                drops["send_error"] += b - a
             else:
-                k = -(-(end - pos) // seg)
-                counts["tx_packets"] += k
-                counts["tx_bytes"] += end - pos
+                counts["tx_packets"] += b - a
+                counts["tx_bytes"] += sent
                 counts["tx_tso_packets"] += 1
-            pos = end
+        return count
 
     # -- UDP → TUN
 
-    @staticmethod
-    def _write_run(whole: memoryview, seg: int, k: int, total: int, hlen: int,
-                   iov: list[memoryview], hdr: memoryview, writev: Any, tun_fd: int,
-                   drops: dict[str, int]) -> tuple[int, int]:
-        """Write the `k` checked packets of a run (:func:`~backends.udprun.tcp_run`), and the
-        short packet after them if it continues the flow, as one GSO super-packet: the payloads
-        go to ``writev`` straight from the receive buffer. Returns (bytes consumed from
-        `whole`, packets merged); what is left is for the packet-by-packet path."""
-        mss = seg - hlen
-        end = k * seg
-        iov.clear()
-        iov.append(hdr)
-        iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
-        size = hlen + k * mss
-        psh = whole[end - seg + 33] == PSH_ACK
-        merged = k
-        rest = total - end
-        if 0 < rest < seg and not psh:
-            tail = whole[end:total]
-            seq = (int.from_bytes(whole[24:28], "big") + k * mss) & 0xFFFFFFFF
-            if continues_run(whole, tail, rest, hlen, seq, mss):
-                iov.append(tail[hlen:rest])
-                size += rest - hlen
-                psh = tail[33] == PSH_ACK
-                end = total
-                merged += 1
-        iov[0] = hdr[:super_header(hdr, whole, hlen, size, mss, psh)]
-        try:
-            writev(tun_fd, iov)
-        except OSError:
-            drops["tun_write_error"] += merged
-        iov.clear()
-        return end, merged
-
-    def _udp_to_tun(self) -> None:
+    def _udp_to_tun(self) -> Iterator[bool]:
+        """UDP → TUN, one batch per step; yields True when the socket had nothing more."""
         tun_fd = self.tun_fd
         os_write = os.write
         sock = self.sock
         fileno = sock.fileno()
-        poller = self._poller(fileno)
         counts = {"rx_packets": 0, "rx_bytes": 0, "rx_gro_merged": 0}
         drops = dict.fromkeys(DROP_REASONS, 0)
         from_bytes = int.from_bytes
         libc = self._libc
         h = VNET_LEN if self.vnet else 0
         batch = MmsgBatch(BATCH, BUF_SIZE + h, headroom=h, control=self.udp_gro)
-        if self.udp_gro:
-            try:
-                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
-            except OSError:
-                batch.ctl_index = []
         ctl_index, ctl_words = batch.ctl_index, batch.ctl_words
         dontwait = socket.MSG_DONTWAIT
         slots, packets, addr_slots, words = batch.slots, batch.packets, batch.addr_slots, \
@@ -970,16 +1027,13 @@ class Forwarder:
                 errors[0] += 1
 
         gro = Coalescer(write) if self.gro else None
-        run_hdr = memoryview(bytearray(VNET_LEN + 80))  # IPv4 20 + TCP up to 60
-        run_iov: list[memoryview] = []
-        writev = os.writev
+        runs = RunWriter(lambda iov: os.writev(tun_fd, iov))
         since_flush = 0
         while True:
             got = libc.recvmmsg(fileno, msgs_addr, count, dontwait, None)
             if got <= 0:  # EAGAIN (or a transient error): flush, then sleep
                 self._flush(counts, drops)
-                if not self._wait(poller):
-                    return
+                yield True
                 continue
             table = self.table
             sources = table.sources
@@ -995,7 +1049,8 @@ class Forwarder:
                             ctl_words[6 * i + 3] == UDP_GRO:
                         seg = (ctl_words[6 * i + 4] & 0xFFFF) or total
                     words[c] = GsoGroups.CMSG_SPACE
-                nets = sources.get(from_bytes(addr_slots[i], "big"))
+                source = from_bytes(addr_slots[i], "big")
+                nets = sources.get(source)
                 if nets is None:
                     drops["unknown_source"] += -(-total // seg) if seg else 1
                     continue
@@ -1011,9 +1066,7 @@ class Forwarder:
                                           own_mask)
                         if m >= 2:
                             gro.flush()
-                            used, merged = self._write_run(view, seg, m, total - off, hlen,
-                                                           run_iov, run_hdr, writev, tun_fd,
-                                                           drops)
+                            used, merged = runs.start(view, seg, m, total - off, hlen, source)
                             counts["rx_packets"] += merged
                             counts["rx_bytes"] += used
                             counts["rx_gro_merged"] += merged - 1
@@ -1028,6 +1081,13 @@ class Forwarder:
                         else:
                             n = min(seg, total - pos)
                             buf = whole[pos:pos + n]
+                        if runs.first is not None:
+                            if runs.extend(buf, n, source):  # the rest of a TSO packet
+                                counts["rx_packets"] += 1
+                                counts["rx_bytes"] += n
+                                counts["rx_gro_merged"] += 1
+                                continue
+                            runs.flush()
                         if n < 20:
                             drops["malformed"] += 1
                             continue
@@ -1077,6 +1137,10 @@ class Forwarder:
                     off = stop
                     if off >= total:
                         break
+            runs.flush()  # before recvmmsg reuses the buffers
+            if runs.errors:
+                drops["tun_write_error"] += runs.errors
+                runs.errors = 0
             if gro is not None:
                 gro.flush()
                 if gro.packets:
@@ -1089,3 +1153,4 @@ class Forwarder:
             if since_flush >= FLUSH_EVERY:
                 since_flush = 0
                 self._flush(counts, drops)
+            yield False

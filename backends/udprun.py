@@ -24,6 +24,7 @@ packet would have passed them.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 #: TCP flag bytes a run may carry: ACK on every packet, PSH|ACK allowed on the last one only
 ACK, PSH_ACK = 0x10, 0x18
@@ -156,3 +157,169 @@ def super_header(out: memoryview, first: memoryview, hlen: int, size: int, mss: 
     # struct virtio_net_hdr: flags NEEDS_CSUM, gso TCPV4, hdr_len, gso_size, csum_start/offset
     out[0:v] = bytes((1, 1, hlen & 0xFF, hlen >> 8, mss & 0xFF, mss >> 8, 20, 0, 16, 0))
     return v + hlen
+
+
+# --------------------------------------------------------------------------- send: TSO
+
+
+FIN, PSH, CWR = 0x01, 0x08, 0x80
+
+
+@lru_cache(maxsize=64)
+def _fold_plan(mss: int) -> tuple[tuple[int, int], ...]:
+    """(width, mask) of each fold step for a chunk of `mss` bytes, widest first."""
+    plan = []
+    b = ((8 * mss + 63) >> 7) << 6
+    while b:
+        plan.append((b, (1 << b) - 1))
+        b = ((b + 63) >> 7) << 6
+    return tuple(plan)
+
+
+def payload_sums_python(payload: memoryview, mss: int, count: int) -> int:
+    """The one's-complement sums of the `count` chunks of `mss` bytes at the start of
+    `payload`, as 32-bit lanes (chunk 0 most significant), each lane ≤ 0xFFFF.
+
+    ``int.from_bytes`` reads a chunk at C speed; the reduction mod 0xFFFF is a fold at 64-bit
+    boundaries (2^64 ≡ 1), halving the width each step: cheaper than ``%`` on a 1.4 kB integer
+    (one machine division per 30-bit digit). ~2.4 µs per 1.4 kB chunk."""
+    fb = int.from_bytes
+    out = bytearray(4 * count)
+    plan = _fold_plan(mss)
+    pos = 2
+    for o in range(0, count * mss, mss):
+        v = fb(payload[o:o + mss], "big")
+        if mss & 1:
+            v <<= 8
+        for b, mask in plan:
+            v = (v >> b) + (v & mask)
+        v %= 0xFFFF
+        out[pos] = v >> 8
+        out[pos + 1] = v & 0xFF
+        pos += 4
+    return fb(out, "big")
+
+
+def numpy_payload_sums() -> Any:
+    """:func:`payload_sums_python` done by numpy (~0.3 µs instead of ~2.4 µs per 1.4 kB chunk),
+    or None when numpy is not installed. numpy is optional: the agent runs without it."""
+    try:
+        import numpy as np
+    except ImportError:
+        return None
+
+    def payload_sums_numpy(payload: memoryview, mss: int, count: int) -> int:
+        # Native (little-endian) words: the one's-complement sum of byte-swapped words is the
+        # byte-swapped sum (RFC 1071), and no conversion pass is needed; 32-bit words where the
+        # chunk allows (2^32 ≡ 1 mod 0xFFFF too), so half as many additions.
+        if count <= 0 or mss & 1:  # odd chunks do not split into 16-bit words
+            return payload_sums_python(payload, mss, count)
+        width = 4 if mss & 3 == 0 else 2
+        words = np.frombuffer(payload, dtype=f"<u{width}", count=count * mss // width)
+        sums = words.reshape(count, mss // width).sum(axis=1, dtype=np.uint64) % 0xFFFF
+        sums = ((sums & 0xFF) << 8) | (sums >> 8)
+        return int.from_bytes(sums.astype(">u4").tobytes(), "big")
+
+    return payload_sums_numpy
+
+
+def _put16(hdrs: memoryview, at: int, stride: int, values: int, count: int) -> None:
+    """Store the low 16 bits of each 32-bit lane of `values` at `at` in each header."""
+    raw = values.to_bytes(4 * count, "big")
+    hdrs[at::stride] = raw[2::4]
+    hdrs[at + 1::stride] = raw[3::4]
+
+
+def segment_tso(pkt: memoryview, n: int, mss: int, hdrs: memoryview,
+                payload_sums: Any = payload_sums_python) -> tuple[list[memoryview], int, int]:
+    """TSO in user space: cut the IPv4/TCP super-packet ``pkt[:n]`` into wire packets of
+    ``mss`` payload bytes, the way Linux's ``tcp_gso_segment`` does.
+
+    Returns (iovec list: header, payload, header, payload, ..., segment size, count). The
+    headers are built in `hdrs` (at least count × header length bytes), the payloads are
+    slices of `pkt`, so the caller hands the list to one ``sendmsg`` with ``UDP_SEGMENT`` and
+    the kernel cuts the datagrams at segment-size boundaries: each datagram is one complete,
+    checksummed IPv4 packet, as flannel's wire format wants.
+
+    Per segment: IP total length, ID (+1 each), header checksum; TCP sequence, flags (CWR only
+    on the first, FIN and PSH only on the last) and checksum; everything else (TTL included) is
+    the super-packet's. Header fields are computed for all segments at
+    once, as 32-bit lanes of one integer, and stored with strided slice assignments; the
+    payload sums come from `payload_sums` (:func:`payload_sums_python`, or a numpy one).
+    """
+    t = (pkt[0] & 0x0F) << 2
+    thl = (pkt[t + 12] >> 4) << 2
+    hlen = t + thl
+    payload = n - hlen
+    count = -(-payload // mss)
+    last_len = payload - (count - 1) * mss
+    fb = int.from_bytes
+    flags = pkt[t + 13]
+    # a middle segment, with ID, sequence number and both checksums zero
+    tmpl = bytearray(pkt[:hlen])
+    tmpl[2] = (hlen + mss) >> 8
+    tmpl[3] = (hlen + mss) & 0xFF
+    tmpl[4] = tmpl[5] = tmpl[10] = tmpl[11] = 0
+    tmpl[t + 4:t + 8] = b"\0\0\0\0"
+    tmpl[t + 13] = flags & ~(FIN | PSH | CWR)
+    tmpl[t + 16] = tmpl[t + 17] = 0
+    h = hdrs[:count * hlen]
+    h[:] = bytes(tmpl) * count
+    ones, m16, ramp = lanes(count)
+    ids = ((pkt[4] << 8 | pkt[5]) * ones + ramp) & m16
+    x = _fold(fb(tmpl[:t], "big")) * ones + ids
+    _put16(h, 4, hlen, ids, count)
+    _put16(h, 10, hlen, m16 - ((x & m16) + ((x >> 16) & ones)), count)
+    seq0 = fb(pkt[t + 4:t + 8], "big")
+    if seq0 + (count - 1) * mss <= 0xFFFFFFFF:
+        seq = seq0 * ones + mss * ramp
+    else:  # the sequence space wraps inside this packet
+        seq = fb(b"".join(((seq0 + k * mss) & 0xFFFFFFFF).to_bytes(4, "big")
+                          for k in range(count)), "big")
+    raw = seq.to_bytes(4 * count, "big")
+    for i in range(4):
+        h[t + 4 + i::hlen] = raw[i::4]
+    # TCP checksums: pseudo-header and template header (the same for all), sequence number
+    # words and payload sum per lane; lanes stay below 2^28, so two folds bring them to 16 bits
+    pay = pkt[hlen:n]
+    full = payload // mss
+    sums = payload_sums(pay, mss, full)
+    last_sum = sums & 0xFFFF
+    if full < count:  # a short last chunk
+        last_sum = payload_sums_python(pay[full * mss:], last_len, 1)
+        sums <<= 32
+    base = _fold(fb(pkt[12:20], "big") + 6 + thl + mss + fb(tmpl[t:hlen], "big"))
+    x = base * ones + ((seq >> 16) & m16) + (seq & m16) + sums
+    x = (x & m16) + ((x >> 16) & m16)
+    x = (x & m16) + ((x >> 16) & m16)
+    _put16(h, t + 16, hlen, m16 - x, count)
+    # first segment keeps CWR, last keeps FIN/PSH and may be short: redone one by one
+    if count > 1 and flags & CWR:
+        h[t + 13] = flags & ~(FIN | PSH)
+        _tcp_checksum(h, 0, t, hlen, pkt, mss, sums >> (32 * (count - 1)))
+    end = (count - 1) * hlen
+    size = hlen + last_len
+    h[end + 2] = size >> 8
+    h[end + 3] = size & 0xFF
+    h[end + t + 13] = flags & ~CWR if count > 1 else flags
+    h[end + 10] = h[end + 11] = 0
+    c = ~_fold(fb(h[end:end + t], "big")) & 0xFFFF
+    h[end + 10] = c >> 8
+    h[end + 11] = c & 0xFF
+    _tcp_checksum(h, end, t, hlen, pkt, last_len, last_sum)
+    iov: list[memoryview] = [h] * (2 * count)
+    iov[0::2] = [h[o:o + hlen] for o in range(0, count * hlen, hlen)]
+    iov[1::2] = [pay[o:o + mss] for o in range(0, payload, mss)]
+    return iov, hlen + mss, count
+
+
+def _tcp_checksum(h: memoryview, off: int, t: int, hlen: int, pkt: memoryview, size: int,
+                  payload_sum: int) -> None:
+    """The TCP checksum of the header at ``h[off:off + hlen]`` followed by `size` payload
+    bytes whose one's-complement sum is `payload_sum`."""
+    h[off + t + 16] = h[off + t + 17] = 0
+    total = int.from_bytes(pkt[12:20], "big") + 6 + hlen - t + size + \
+        int.from_bytes(h[off + t:off + hlen], "big") + payload_sum
+    c = ~_fold(total) & 0xFFFF
+    h[off + t + 16] = c >> 8
+    h[off + t + 17] = c & 0xFF

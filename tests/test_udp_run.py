@@ -18,7 +18,7 @@ import pytest
 from harness import wait_for
 from test_udp_unit import OWN, PEER, LoopRig, finish, slow_checksum, tcp_segments
 
-from backends.udpfwd import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_LEN, Forwarder
+from backends.udpfwd import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_LEN, RunWriter
 from backends.udprun import continues_run, super_header, tcp_run
 
 NETS = ((int(PEER.network_address), 0xFFFFFF00),)
@@ -136,28 +136,58 @@ def test_spoofed_or_misdirected_runs_are_refused_from_the_first_packet() -> None
         assert run_of([bytes(p) for p in pkts]) == 0
 
 
-def test_super_header_and_tail_make_one_valid_packet() -> None:
+def check_super_packet(write: bytes, segs: list[bytes]) -> None:
+    """`write` is one valid GSO super-packet carrying exactly the payloads of `segs`."""
     from scapy.layers.inet import IP, TCP
 
-    segs = tcp_segments(20, last_flags="A") + tcp_segments(1, seq=5000 + 20 * 1000,
-                                                           mss=300, short_last=300)
-    whole = memoryview(bytearray(b"".join(segs)))
-    written: list[bytes] = []
-    end, merged = Forwarder._write_run(
-        whole, 1052, 20, len(whole), 52, [], memoryview(bytearray(VNET_LEN + 80)),
-        lambda fd, iov: written.append(b"".join(bytes(v) for v in iov)), -1, {})
-    assert (end, merged) == (len(whole), 21)
-    (w,) = written
-    assert struct.unpack("<BBHHHH", w[:VNET_LEN]) == (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52,
-                                                      1000, 20, 16)
-    raw = finish(w)
+    assert struct.unpack("<BBHHHH", write[:VNET_LEN]) == (VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52,
+                                                          1000, 20, 16)
+    raw = finish(write)
     pkt = IP(raw)
-    assert pkt.len == len(raw) == 52 + 20 * 1000 + 300
-    assert pkt.ttl == 62 and "P" in str(pkt[TCP].flags) and pkt[TCP].seq == 5000
+    assert pkt.len == len(raw) == 52 + sum(len(s) - 52 for s in segs)
+    assert pkt.ttl == segs[0][8] - 1 and pkt[TCP].seq == IP(segs[0])[TCP].seq
+    assert ("P" in str(pkt[TCP].flags)) == ("P" in str(IP(segs[-1])[TCP].flags))
     assert bytes(pkt[TCP].payload) == b"".join(s[52:] for s in segs)
     assert slow_checksum(raw[:20]) == 0
     pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
     assert slow_checksum(pseudo + raw[20:]) == 0
+
+
+def writer() -> tuple[RunWriter, list[bytes]]:
+    written: list[bytes] = []
+    return RunWriter(lambda iov: written.append(b"".join(bytes(v) for v in iov))), written
+
+
+def test_a_run_and_its_short_tail_make_one_valid_packet() -> None:
+    segs = tcp_segments(20, last_flags="A") + tcp_segments(1, seq=5000 + 20 * 1000,
+                                                           mss=300, short_last=300)
+    whole = memoryview(bytearray(b"".join(segs)))
+    w, written = writer()
+    assert w.start(whole, 1052, 20, len(whole), 52, source=7) == (len(whole), 21)
+    (write,) = written  # the short tail ended the run: written at once
+    check_super_packet(write, segs)
+
+
+def test_a_run_waits_for_the_rest_of_its_tso_packet_in_the_next_datagram() -> None:
+    """44 segments in one GSO datagram, the 45th in the next one: one super-packet."""
+    segs = tcp_segments(45, last_flags="PA")
+    run = memoryview(bytearray(b"".join(segs[:44])))
+    last = memoryview(bytearray(segs[44]))
+    w, written = writer()
+    assert w.start(run, 1052, 44, len(run), 52, source=7) == (len(run), 44)
+    assert not written  # pending: the next datagram may continue it
+    assert not w.extend(last, len(last), source=8)  # another peer cannot
+    assert w.extend(last, len(last), source=7) and len(written) == 1
+    check_super_packet(written[0], segs)
+    # a pending run that nothing continues is written by flush(), alone
+    w.start(run, 1052, 44, len(run), 52, source=7)
+    assert not w.extend(memoryview(bytearray(tcp_segments(1, seq=1)[0])), 1052, source=7)
+    w.flush()
+    assert len(written) == 2
+    check_super_packet(written[1], segs[:44])
+    # a PSH inside the datagram ends the run there and writes it at once
+    w.start(memoryview(bytearray(b"".join(segs[34:45]))), 1052, 11, 11 * 1052, 52, source=7)
+    assert len(written) == 3 and w.first is None
 
 
 def test_a_tail_that_does_not_continue_is_left_for_the_slow_path() -> None:
@@ -235,3 +265,59 @@ def test_loop_splits_a_run_at_a_bad_packet_and_counts_it(rig: LoopRig) -> None:
     wait_for(lambda: rig.drops() == {"malformed": 1, "spoofed_inner_source": 1},
              what="the two bad packets counted")
     assert rig.fwd.stats["rx_packets"] == 10
+
+
+def test_loop_joins_a_tso_packet_split_over_two_datagrams(rig: LoopRig) -> None:
+    from scapy.layers.inet import IP, TCP
+
+    segs = tcp_segments(45)
+    send_run(rig, segs[:44])
+    rig.peer.sendto(segs[44], ("127.0.0.1", rig.port))
+    got, writes = b"", 0
+    while len(got) < 45 * 1000:
+        got += bytes(IP(finish(rig.tun.recv(65536 + VNET_LEN)))[TCP].payload)
+        writes += 1
+    assert got == b"".join(s[52:] for s in segs)
+    assert writes <= 2  # one, unless the second datagram came after the loop's next poll
+    wait_for(lambda: rig.fwd.stats["rx_packets"] == 45, what="rx counter")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_loop_sends_a_tso_packet_as_single_valid_datagrams(threads: int) -> None:
+    """A TCP super-packet from the TUN (virtio GSO header, partial checksum) leaves as one
+    complete IPv4 packet per datagram, as a flannel peer must receive it."""
+    from scapy.layers.inet import IP, TCP
+
+    r = LoopRig(True, threads)
+    try:
+        (big,) = tcp_segments(1, mss=20 * 1000 + 123, seq=777)
+        pkt = bytearray(ipv4_swap(big, "10.60.1.5", "10.60.2.9"))
+        # what the kernel hands over with TUN_F_TSO4: the TCP checksum field holds the
+        # pseudo-header sum only (CHECKSUM_PARTIAL)
+        pseudo = pkt[12:20] + struct.pack("!BBH", 0, 6, len(pkt) - 20)
+        pkt[36:38] = struct.pack("!H", ~slow_checksum(bytes(pseudo)) & 0xFFFF)
+        vnet = struct.pack("<BBHHHH", VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, 52, 1000, 20, 16)
+        r.tun.send(vnet + bytes(pkt))
+        got = [r.peer.recvfrom(65536)[0] for _ in range(21)]
+        payload = b""
+        for k, raw in enumerate(got):
+            assert len(raw) == IP(raw).len <= 1052 and slow_checksum(raw[:20]) == 0
+            tcp_pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
+            assert slow_checksum(tcp_pseudo + raw[20:]) == 0
+            assert IP(raw)[TCP].seq == 777 + 1000 * k and IP(raw).ttl == 62
+            payload += raw[52:]
+        assert payload == big[52:]
+        wait_for(lambda: r.fwd.stats["tx_packets"] == 21, what="tx counter")
+        assert r.fwd.stats["tx_tso_packets"] >= 1 and not r.drops()
+    finally:
+        r.close()
+
+
+def ipv4_swap(pkt: bytes, src: str, dst: str) -> bytes:
+    """`pkt` with other addresses and a fresh IP header checksum."""
+    p = bytearray(pkt)
+    p[12:16] = socket.inet_aton(src)
+    p[16:20] = socket.inet_aton(dst)
+    p[10:12] = b"\0\0"
+    p[10:12] = struct.pack("!H", slow_checksum(bytes(p[:20])))
+    return bytes(p)

@@ -33,8 +33,8 @@ from backends.udpfwd import (
     header_ok,
     ip_checksum,
     net_unreachable,
-    segment_tcp,
 )
+from backends.udprun import numpy_payload_sums, payload_sums_python, segment_tso
 from netagent.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
 
 NET = IPv4Network("10.60.0.0/16")
@@ -159,7 +159,7 @@ class LoopRig:
     With ``vnet`` every TUN read/write carries the 10-byte virtio header, as on flannel0.
     """
 
-    def __init__(self, vnet: bool) -> None:
+    def __init__(self, vnet: bool, threads: int = 1) -> None:
         self.h = VNET_LEN if vnet else 0
         self.tun_agent, self.tun = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_blocking(self.tun_agent.fileno(), False)
@@ -172,7 +172,8 @@ class LoopRig:
         self.peer.settimeout(5)
         self.stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.stranger.bind(("127.0.0.3", 0))
-        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, vnet=vnet, gro=vnet, tso=False)
+        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, vnet=vnet, gro=vnet, tso=False,
+                             threads=threads)
         self.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.2"))],
                                                 own_subnet=OWN, port=self.port, subnet_len=24)
         self.fwd.start()
@@ -209,9 +210,10 @@ def drain(sock: socket.socket) -> None:
         sock.settimeout(timeout)
 
 
-@pytest.fixture(params=[True, False], ids=["vnet", "plain"])
+@pytest.fixture(params=[(True, 1), (True, 2), (False, 1), (False, 2)],
+                ids=["vnet", "vnet-2threads", "plain", "plain-2threads"])
 def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
-    r = LoopRig(request.param)
+    r = LoopRig(*request.param)
     try:
         yield r
     finally:
@@ -403,27 +405,58 @@ def test_coalescer_keeps_order_and_splits_where_linux_gro_would() -> None:
     assert writes[3][:VNET_LEN] == bytes(VNET_LEN) and writes[3][VNET_LEN:] == after_psh[0]
 
 
-def test_segment_tcp_cuts_valid_wire_packets() -> None:
+@pytest.mark.parametrize(("seq", "size", "mss", "flags"), [
+    (0xFFFFF000, 10_003, 1400, "PA"),  # wraps the sequence space, short last segment
+    (5000, 63_900, 1420, "FPA"),  # 45 full segments; FIN and PSH only on the last
+    (77, 3 * 1421, 1421, "A"),  # odd MSS: payload sums padded per segment
+    (1, 3000, 1500, "CA"),  # CWR only on the first
+    (5, 4000, 1400, "CPA"),  # CWR on the first, PSH on the short last
+    (9, 100, 1400, "PA"),  # one segment: the packet itself
+])
+def test_segment_tso_cuts_valid_wire_packets(seq: int, size: int, mss: int, flags: str) -> None:
     from scapy.layers.inet import IP, TCP
 
-    (big,) = tcp_segments(1, mss=10_003, seq=0xFFFFF000, last_flags="PA")  # wraps seq space
+    (big,) = tcp_segments(1, mss=size, seq=seq, last_flags=flags)
     src = memoryview(bytearray(big))
-    out = memoryview(bytearray(2 * 65536))
-    used, seg = segment_tcp(src, len(big), out, 1400, 52)
-    assert seg == 1452
-    parts = [bytes(out[i:min(used, i + seg)]) for i in range(0, used, seg)]
-    assert len(parts) == 8 and len(parts[-1]) == 52 + 10_003 - 7 * 1400
-    payload = b""
-    for k, raw in enumerate(parts):
-        pkt = IP(raw)
-        assert pkt.len == len(raw) and pkt.id == 100 + k
-        assert slow_checksum(raw[:20]) == 0
-        pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
-        assert slow_checksum(pseudo + raw[20:]) == 0
-        assert pkt[TCP].seq == (0xFFFFF000 + k * 1400) & 0xFFFFFFFF
-        assert ("P" in str(pkt[TCP].flags)) == (k == 7)
-        payload += bytes(pkt[TCP].payload)
-    assert payload == big[52:]
+    hdrs = memoryview(bytearray(80 * 100))
+    for sums in (payload_sums_python, *([numpy_payload_sums()] if numpy_payload_sums() else [])):
+        iov, seg, count = segment_tso(src, len(big), mss, hdrs, sums)
+        assert seg == 52 + mss and count == -(-size // mss) and len(iov) == 2 * count
+        wire = b"".join(bytes(v) for v in iov)  # what UDP_SEGMENT cuts at `seg` bytes
+        parts = [wire[i:i + seg] for i in range(0, len(wire), seg)]
+        assert len(parts) == count
+        payload = b""
+        for k, raw in enumerate(parts):
+            pkt = IP(raw)
+            assert pkt.len == len(raw) and pkt.id == 100 + k and pkt.ttl == 63
+            assert slow_checksum(raw[:20]) == 0
+            pseudo = raw[12:20] + struct.pack("!BBH", 0, 6, len(raw) - 20)
+            assert slow_checksum(pseudo + raw[20:]) == 0
+            assert pkt[TCP].seq == (seq + k * mss) & 0xFFFFFFFF
+            got = str(pkt[TCP].flags)
+            last, first = k == count - 1, k == 0
+            assert ("P" in got, "F" in got, "C" in got) == \
+                ("P" in flags and last, "F" in flags and last, "C" in flags and first)
+            # scapy's own view: the checksums it computes are the ones on the wire
+            fresh = IP(raw)
+            del fresh.chksum, fresh[TCP].chksum
+            again = IP(bytes(fresh))
+            assert (again.chksum, again[TCP].chksum) == (pkt.chksum, pkt[TCP].chksum)
+            payload += bytes(pkt[TCP].payload)
+        assert payload == big[52:]
+
+
+def test_payload_sums_match_the_word_loop() -> None:
+    rng = random.Random(9)
+    impls = [payload_sums_python, *([numpy_payload_sums()] if numpy_payload_sums() else [])]
+    for mss in (1, 2, 3, 7, 100, 1420, 1421, 8999):
+        data = memoryview(bytearray(rng.randbytes(5 * mss)))
+        for sums in impls:
+            lanes = sums(data, mss, 5).to_bytes(20, "big")
+            for k in range(5):
+                chunk = bytes(data[k * mss:(k + 1) * mss])
+                want = (~slow_checksum(chunk) & 0xFFFF) % 0xFFFF
+                assert int.from_bytes(lanes[4 * k:4 * k + 4], "big") % 0xFFFF == want
 
 
 def test_udp_gso_runs_go_out_as_one_datagram_per_packet(rig: LoopRig) -> None:
