@@ -10,9 +10,11 @@ lower wherever GRO/GSO carries several segments per skb), retransmits, kernel dr
 CPU time of both agents per second of test (100 % = one core). The result line is the
 udp/vxlan ratio (goal ≥ 0.30).
 
-``NETAGENT_UDP_OFFLOAD`` (the agent's default ``gro,gso,udpgro``; any subset, ``tso``, or
-``none``) is passed to the udp agents to measure each step (``--udp-offload``). Needs root,
-etcd and iperf3; everything lives in run-unique namespaces and is removed at the end.
+``--udp-offload`` passes ``NETAGENT_UDP_OFFLOAD`` to the udp agents to measure one step (see
+``UdpBackend._new_forwarder``: a subset of ``gro,gso,udpgro,tso``, ``tsopy``, ``threads2``, or
+``none``); without it the agents run their defaults. The path each agent chose (offloads the
+kernel has, numpy or not) is printed from its log. Needs root, etcd and iperf3; everything
+lives in run-unique namespaces and is removed at the end.
 
     sudo python3 bench/udp_vs_vxlan.py                      # 3 × 5 s per backend
     sudo python3 bench/udp_vs_vxlan.py --seconds 10 --repeat 5 --json out.json
@@ -170,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel TCP streams (-P)")
     ap.add_argument("--backend", choices=("udp", "vxlan"), action="append",
                     help="measure only this backend (default: both, and the ratio)")
-    ap.add_argument("--udp-offload", default="gro,gso,udpgro",
-                    help="NETAGENT_UDP_OFFLOAD for the udp agents: a subset of "
-                         "gro,gso,udpgro,tso, or none")
+    ap.add_argument("--udp-offload", default=None,
+                    help="NETAGENT_UDP_OFFLOAD for the udp agents (default: theirs): a subset "
+                         "of gro,gso,udpgro,tso, tsopy, threads2, or none")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     for tool in ("iperf3", "etcd", "etcdctl", "ip"):
@@ -185,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         labs: list[BackendLab] = []
         try:
             for b in backends:
-                env = {"NETAGENT_UDP_OFFLOAD": args.udp_offload} if b == "udp" else {}
+                env = {"NETAGENT_UDP_OFFLOAD": args.udp_offload} \
+                    if b == "udp" and args.udp_offload is not None else {}
                 labs.append(BackendLab(b, Path(tmp), env))
+                if b == "udp":
+                    for line in labs[-1].lab.log(labs[-1].hosts[0]).splitlines():
+                        if "udp: flannel0" in line:
+                            print("udp agent:", line.split("udp: ", 1)[1], flush=True)
             for i in range(args.repeat):
                 for bl in labs:
                     r = bl.run_once(args.seconds, args.streams)
@@ -217,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = ratio >= GOAL
         print(f"\nudp / vxlan = {ratio:.3f} (goal ≥ {GOAL:.2f}){'' if ok else '  (below goal)'}")
         results["ratio"] = {"udp_over_vxlan": ratio, "goal": GOAL}
-    print(f"udp offloads: {args.udp_offload}; {args.repeat} × {args.seconds:g} s, "
-          f"{args.streams} stream(s)")
+    print(f"udp offloads: {args.udp_offload or 'the agent defaults'}; {args.repeat} × "
+          f"{args.seconds:g} s, {args.streams} stream(s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0 if ok else 1
