@@ -49,6 +49,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -74,6 +75,8 @@ BUF_SIZE = 65536
 BATCH = 64
 #: packets between counter flushes while a burst lasts (so a scrape is never far behind)
 FLUSH_EVERY = 1024
+#: seconds: an idle loop flushes its counters at most this often (and at least this late)
+FLUSH_INTERVAL = 0.05
 
 DROP_REASONS = ("unknown_source", "spoofed_inner_source", "malformed", "not_for_us",
                 "no_route", "ttl_expired", "not_ipv4", "send_error", "tun_write_error")
@@ -631,24 +634,32 @@ class RunWriter:
         self.source = self.hlen = self.mss = self.size = self.next_seq = self.merged = 0
         self.psh = False
         self.errors = 0
+        self.saved = 0  # TUN writes saved (packets merged into another's write), for stats
 
     def start(self, whole: memoryview, seg: int, k: int, total: int, hlen: int,
               source: int) -> tuple[int, int]:
-        """Take the `k` checked packets of a run at the start of ``whole[:total]``, and the
-        short packet after them if it continues the flow. Returns (bytes taken, packets);
-        what is left is for the packet-by-packet path."""
-        if self.first is not None:
-            self.flush()
+        """Take the `k` checked packets of a run at the start of ``whole[:total]`` (appended
+        to the pending run if they continue it), and the short packet after them if it
+        continues the flow. Returns (bytes taken, packets); what is left is for the
+        packet-by-packet path."""
         mss = seg - hlen
-        end = k * seg
+        if self.first is not None and not (
+                source == self.source and hlen == self.hlen and mss == self.mss and
+                not self.psh and self.size + k * mss <= self.LIMIT and
+                continues_run(self.first, whole, seg, hlen, self.next_seq, mss)):
+            self.flush()
         iov = self.iov
-        iov.append(self.hdr)
+        if self.first is None:
+            iov.append(self.hdr)
+            self.first, self.source, self.hlen, self.mss = whole, source, hlen, mss
+            self.size, self.merged = hlen, 0
+            self.next_seq = int.from_bytes(whole[24:28], "big")
+        end = k * seg
         iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
-        self.first, self.source, self.hlen, self.mss = whole, source, hlen, mss
-        self.size = hlen + k * mss
-        self.next_seq = (int.from_bytes(whole[24:28], "big") + k * mss) & 0xFFFFFFFF
+        self.size += k * mss
+        self.next_seq = (self.next_seq + k * mss) & 0xFFFFFFFF
         self.psh = whole[end - seg + 33] == PSH_ACK
-        self.merged = k
+        self.merged += k
         rest = total - end
         if not rest:
             if self.psh:
@@ -689,6 +700,7 @@ class RunWriter:
             self.writev(iov)
         except OSError:
             self.errors += self.merged
+        self.saved += self.merged - 1
         iov.clear()
         self.first = None
 
@@ -738,6 +750,8 @@ class Forwarder:
         self.payload_sums: Any = payload_sums_python
         #: 1: both directions in one thread; 2: a thread each
         self.threads = threads
+        self._flush_at = 0.0  # counters are flushed when idle at most this often
+        self._dirty = False  # a loop went idle with counts not flushed yet
 
     # -- control
 
@@ -758,19 +772,36 @@ class Forwarder:
         """One direction in its own thread, sleeping in poll() on its fd when idle."""
         poller = self._poller(fd)
         for idle in loop():
-            if idle and not self._wait(poller):
+            if idle and self._wait(poller) is None:
                 return
 
     def _run_both(self) -> None:
-        """Both directions in one thread, a batch of each in turn; poll() on both fds when
-        neither has anything to read. No GIL hand-offs between two busy threads (a futex
-        wake and a context switch each time one blocks in a syscall)."""
+        """Both directions in one thread, a batch of each in turn while it has work; poll() on
+        both fds when neither has, and step only the ones poll() found readable. No GIL
+        hand-offs between two busy threads (a futex wake and a context switch each time one
+        blocks in a syscall), no reads just to learn that an fd is empty."""
         poller = self._poller(self.tun_fd)
-        poller.register(self.sock.fileno(), select.POLLIN)
+        sock_fd = self.sock.fileno()
+        poller.register(sock_fd, select.POLLIN)
         tun_udp, udp_tun = self._tun_to_udp(), self._udp_to_tun()
+        tun_busy = udp_busy = True
         while True:
-            if next(tun_udp) & next(udp_tun) and not self._wait(poller):
+            if tun_busy:
+                tun_busy = not next(tun_udp)
+            if udp_busy:
+                udp_busy = not next(udp_tun)
+            if tun_busy or udp_busy:
+                continue
+            events = self._wait(poller)
+            if events is None:
                 return
+            if not events:  # the flush timeout: let both flush their counters
+                tun_busy = udp_busy = True
+            for fd, _ in events:
+                if fd == sock_fd:
+                    udp_busy = True
+                elif fd != self._wake_r:
+                    tun_busy = True
 
     def stop(self) -> None:
         """Stop both threads (each finishes its batch in hand); the caller closes the fds."""
@@ -806,6 +837,7 @@ class Forwarder:
 
     def _flush(self, counts: dict[str, int], drops: dict[str, int]) -> None:
         """Move a thread's local counters into ``stats`` (the only place both threads write)."""
+        self._flush_at = time.monotonic() + FLUSH_INTERVAL
         with self._stats_lock:
             st = self.stats
             for k, v in counts.items():
@@ -818,12 +850,30 @@ class Forwarder:
                     d[k] += v
                     drops[k] = 0
 
-    def _wait(self, poller: select.poll) -> bool:
-        """Sleep until the fd is readable; False when asked to stop."""
-        if self._stop.is_set():
+    def _flush_now(self, pending: int) -> bool:
+        """Whether an idle loop with `pending` unflushed packets should flush its counters now.
+
+        Flushing (a lock and two small dicts) on every idle moment cost more than forwarding
+        when the loop wakes up once per ACK; so at most every :data:`FLUSH_INTERVAL`, and a
+        loop that leaves counts behind sleeps with that timeout, then flushes."""
+        if not pending:
             return False
-        poller.poll()
-        return not self._stop.is_set()
+        if time.monotonic() >= self._flush_at:
+            return True
+        self._dirty = True
+        return False
+
+    def _wait(self, poller: select.poll) -> list[tuple[int, int]] | None:
+        """Sleep until an fd is readable (or unflushed counters are due); the poll events, or
+        None when asked to stop."""
+        if self._stop.is_set():
+            return None
+        if self._dirty:
+            self._dirty = False
+            events = poller.poll(FLUSH_INTERVAL * 1000)
+        else:
+            events = poller.poll()
+        return None if self._stop.is_set() else events
 
     def _poller(self, fd: int) -> select.poll:
         p = select.poll()
@@ -929,8 +979,8 @@ class Forwarder:
                 counts["tx_packets"] += sent
                 nbytes += sbytes
             counts["tx_bytes"] += nbytes
-            since_flush += nq or 1
-            if idle or since_flush >= FLUSH_EVERY:
+            since_flush += limit - budget  # packets read (a TSO packet: its segments)
+            if since_flush >= FLUSH_EVERY or idle and self._flush_now(since_flush):
                 since_flush = 0
                 self._flush(counts, drops)
             yield idle
@@ -1032,7 +1082,9 @@ class Forwarder:
         while True:
             got = libc.recvmmsg(fileno, msgs_addr, count, dontwait, None)
             if got <= 0:  # EAGAIN (or a transient error): flush, then sleep
-                self._flush(counts, drops)
+                if self._flush_now(since_flush):
+                    since_flush = 0
+                    self._flush(counts, drops)
                 yield True
                 continue
             table = self.table
@@ -1069,7 +1121,6 @@ class Forwarder:
                             used, merged = runs.start(view, seg, m, total - off, hlen, source)
                             counts["rx_packets"] += merged
                             counts["rx_bytes"] += used
-                            counts["rx_gro_merged"] += merged - 1
                             off += used
                             if off >= total:
                                 break
@@ -1085,7 +1136,6 @@ class Forwarder:
                             if runs.extend(buf, n, source):  # the rest of a TSO packet
                                 counts["rx_packets"] += 1
                                 counts["rx_bytes"] += n
-                                counts["rx_gro_merged"] += 1
                                 continue
                             runs.flush()
                         if n < 20:
@@ -1141,6 +1191,8 @@ class Forwarder:
             if runs.errors:
                 drops["tun_write_error"] += runs.errors
                 runs.errors = 0
+            counts["rx_gro_merged"] += runs.saved
+            runs.saved = 0
             if gro is not None:
                 gro.flush()
                 if gro.packets:

@@ -185,9 +185,24 @@ def test_a_run_waits_for_the_rest_of_its_tso_packet_in_the_next_datagram() -> No
     w.flush()
     assert len(written) == 2
     check_super_packet(written[1], segs[:44])
+    # the rest as a run of two (a TSO packet of 46 segments is sent as 44 + 2)
+    w.start(run, 1052, 44, len(run), 52, source=7)
+    segs46 = tcp_segments(46, last_flags="PA")
+    two = memoryview(bytearray(b"".join(segs46[44:])))
+    assert w.start(two, 1052, 2, len(two), 52, source=7) == (len(two), 2)
+    assert len(written) == 3
+    check_super_packet(written[2], segs46)
+    # ...but not a run from another peer, nor one that does not continue the sequence
+    for source, seq in ((8, 5000 + 44 * 1000), (7, 5000 + 45 * 1000)):
+        w.start(run, 1052, 44, len(run), 52, source=7)
+        other = memoryview(bytearray(b"".join(tcp_segments(2, seq=seq))))
+        w.start(other, 1052, 2, len(other), 52, source=source)
+        assert len(written) == 5 and w.first is None  # the 44 alone, then the 2 (PSH)
+        check_super_packet(written[3], segs[:44])
+        del written[3:]
     # a PSH inside the datagram ends the run there and writes it at once
     w.start(memoryview(bytearray(b"".join(segs[34:45]))), 1052, 11, 11 * 1052, 52, source=7)
-    assert len(written) == 3 and w.first is None
+    assert len(written) == 4 and w.first is None
 
 
 def test_a_tail_that_does_not_continue_is_left_for_the_slow_path() -> None:
