@@ -57,6 +57,7 @@ from typing import Any
 
 from backends.udprun import (
     PSH_ACK,
+    SliceCache,
     continues_run,
     payload_sums_python,
     segment_tso,
@@ -635,9 +636,10 @@ class RunWriter:
         self.psh = False
         self.errors = 0
         self.saved = 0  # TUN writes saved (packets merged into another's write), for stats
+        self._slices = SliceCache()
 
     def start(self, whole: memoryview, seg: int, k: int, total: int, hlen: int,
-              source: int) -> tuple[int, int]:
+              source: int, stable: bool = False) -> tuple[int, int]:
         """Take the `k` checked packets of a run at the start of ``whole[:total]`` (appended
         to the pending run if they continue it), and the short packet after them if it
         continues the flow. Returns (bytes taken, packets); what is left is for the
@@ -655,7 +657,10 @@ class RunWriter:
             self.size, self.merged = hlen, 0
             self.next_seq = int.from_bytes(whole[24:28], "big")
         end = k * seg
-        iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
+        if stable:  # a receive slot: the same slices as for the last run in it
+            iov.extend(self._slices.slices(whole, hlen, mss, seg)[:k])
+        else:
+            iov.extend([whole[o:o + mss] for o in range(hlen, end, seg)])
         self.size += k * mss
         self.next_seq = (self.next_seq + k * mss) & 0xFFFFFFFF
         self.psh = whole[end - seg + 33] == PSH_ACK
@@ -750,6 +755,7 @@ class Forwarder:
         self.payload_sums: Any = payload_sums_python
         #: 1: both directions in one thread; 2: a thread each
         self.threads = threads
+        self._slices = SliceCache()  # for the TSO path (one thread sends)
         self._flush_at = 0.0  # counters are flushed when idle at most this often
         self._dirty = False  # a loop went idle with counts not flushed yet
 
@@ -1031,7 +1037,7 @@ class Forwarder:
         if ihl < 20 or thl < 20 or hlen >= n or mss < 48:
             drops["not_ipv4"] += 1
             return 1
-        iov, seg, count = segment_tso(buf, n, mss, hdrs, self.payload_sums)
+        iov, seg, count = segment_tso(buf, n, mss, hdrs, self.payload_sums, self._slices)
         per_call = max(1, min(GsoGroups.MAX_SEGMENTS, GSO_SEND_LIMIT // seg))
         cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))]
         for a in range(0, count, per_call):
@@ -1113,12 +1119,13 @@ class Forwarder:
                     stop = total
                     if gro is not None and not single and total - off >= seg << 1:
                         # a run of one TCP flow: checked and merged as a whole (udprun)
-                        view = whole[off:total]
+                        view = whole[off:total] if off else whole
                         m, hlen = tcp_run(view, seg, (total - off) // seg, nets, own_net,
                                           own_mask)
                         if m >= 2:
                             gro.flush()
-                            used, merged = runs.start(view, seg, m, total - off, hlen, source)
+                            used, merged = runs.start(view, seg, m, total - off, hlen, source,
+                                                      not off)
                             counts["rx_packets"] += merged
                             counts["rx_bytes"] += used
                             off += used

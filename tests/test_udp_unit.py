@@ -34,7 +34,7 @@ from backends.udpfwd import (
     ip_checksum,
     net_unreachable,
 )
-from backends.udprun import numpy_payload_sums, payload_sums_python, segment_tso
+from backends.udprun import SliceCache, numpy_payload_sums, payload_sums_python, segment_tso
 from netagent.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
 
 NET = IPv4Network("10.60.0.0/16")
@@ -419,8 +419,10 @@ def test_segment_tso_cuts_valid_wire_packets(seq: int, size: int, mss: int, flag
     (big,) = tcp_segments(1, mss=size, seq=seq, last_flags=flags)
     src = memoryview(bytearray(big))
     hdrs = memoryview(bytearray(80 * 100))
-    for sums in (payload_sums_python, *([numpy_payload_sums()] if numpy_payload_sums() else [])):
-        iov, seg, count = segment_tso(src, len(big), mss, hdrs, sums)
+    cache = SliceCache()
+    impls = (payload_sums_python, *([numpy_payload_sums()] if numpy_payload_sums() else []))
+    for sums, views in [(s, v) for s in impls for v in (None, cache, cache)]:
+        iov, seg, count = segment_tso(src, len(big), mss, hdrs, sums, views)
         assert seg == 52 + mss and count == -(-size // mss) and len(iov) == 2 * count
         wire = b"".join(bytes(v) for v in iov)  # what UDP_SEGMENT cuts at `seg` bytes
         parts = [wire[i:i + seg] for i in range(0, len(wire), seg)]
