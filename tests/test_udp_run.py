@@ -336,3 +336,28 @@ def ipv4_swap(pkt: bytes, src: str, dst: str) -> bytes:
     p[10:12] = b"\0\0"
     p[10:12] = struct.pack("!H", slow_checksum(bytes(p[:20])))
     return bytes(p)
+
+
+def test_a_kernel_without_udp_gso_or_gro_gets_the_plain_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """UDP_SEGMENT / UDP_GRO unknown (Linux < 4.18 / 5.0): found out at start, switched off
+    (and with them TSO, which needs UDP GSO to send its segments), and traffic still flows."""
+    import backends.udpfwd as udpfwd
+
+    monkeypatch.setattr(udpfwd, "_sockopt_supported", lambda *a: False)
+    r = LoopRig(True, 1)
+    try:
+        assert not (r.fwd.gso or r.fwd.udp_gro or r.fwd.tso)
+        segs = tcp_segments(3, last_flags="A")
+        for s in segs:
+            r.peer.sendto(s, ("127.0.0.1", r.port))
+        from scapy.layers.inet import IP, TCP
+
+        got = b""
+        while len(got) < 3000:
+            got += bytes(IP(finish(r.tun.recv(65536 + VNET_LEN)))[TCP].payload)
+        assert got == b"".join(s[52:] for s in segs)
+        r.send(ipv4_swap(segs[0], "10.60.1.5", "10.60.2.9"))
+        assert len(r.peer.recvfrom(65536)[0]) == len(segs[0])
+    finally:
+        r.close()
