@@ -597,14 +597,11 @@ class Coalescer:
 
 def complete_checksum(pkt: memoryview, n: int, start: int, offset: int) -> bool:
     """Finish a CHECKSUM_PARTIAL packet: the field already holds the pseudo-header sum."""
-    if start + offset + 2 > n:
+    if start + offset + 2 > n or start >= n:
         return False
-    body = int.from_bytes(pkt[start:n], "big")
-    if (n - start) & 1:
-        body <<= 8
-    c = ~_fold(body) & 0xFFFF
-    if c == 0 and pkt[9] == 17:
-        c = 0xFFFF  # UDP: 0 would mean "no checksum"
+    # the sum mod 0xFFFF (the folds of payload_sums_python: cheaper than % on 1.4 kB); a sum
+    # of 0 gives 0xFFFF, which is valid for every protocol (and required for UDP)
+    c = ~payload_sums_python(pkt[start:n], n - start, 1) & 0xFFFF
     pkt[start + offset] = c >> 8
     pkt[start + offset + 1] = c & 0xFF
     return True
