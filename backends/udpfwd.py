@@ -774,8 +774,9 @@ class Forwarder:
     def _run_one(self, loop: Any, fd: int) -> None:
         """One direction in its own thread, sleeping in poll() on its fd when idle."""
         poller = self._poller(fd)
+        stopping = self._stop.is_set
         for idle in loop():
-            if idle and self._wait(poller) is None:
+            if idle and self._wait(poller) is None or stopping():
                 return
 
     def _run_both(self) -> None:
@@ -788,7 +789,10 @@ class Forwarder:
         poller.register(sock_fd, select.POLLIN)
         tun_udp, udp_tun = self._tun_to_udp(), self._udp_to_tun()
         tun_busy = udp_busy = True
+        stopping = self._stop.is_set
         while True:
+            if stopping():  # a loop that never idles must still stop
+                return
             if tun_busy:
                 tun_busy = not next(tun_udp)
             if udp_busy:
@@ -807,7 +811,10 @@ class Forwarder:
                     tun_busy = True
 
     def stop(self) -> None:
-        """Stop both threads (each finishes its batch in hand); the caller closes the fds."""
+        """Stop the loop threads (each finishes its batch in hand); the caller closes the fds.
+        A second call does nothing (the wake pipe's fd numbers may belong to others by then)."""
+        if self._wake_w < 0:
+            return
         self._stop.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -817,6 +824,7 @@ class Forwarder:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     @property
     def running(self) -> bool:

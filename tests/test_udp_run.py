@@ -361,3 +361,34 @@ def test_a_kernel_without_udp_gso_or_gro_gets_the_plain_path(
         assert len(r.peer.recvfrom(65536)[0]) == len(segs[0])
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stop_is_prompt_while_the_loop_never_idles(threads: int) -> None:
+    import threading
+    import time
+
+    from test_udp_unit import ipv4
+
+    r = LoopRig(True, threads)
+    done = threading.Event()
+    pkt = ipv4("10.60.2.7", "10.60.1.9", b"x" * 1000)
+
+    def flood() -> None:
+        while not done.is_set():
+            try:
+                r.peer.sendto(pkt, ("127.0.0.1", r.port))
+            except OSError:
+                pass
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        wait_for(lambda: r.fwd.stats["rx_packets"] > 1000, what="the loop busy")
+        t0 = time.monotonic()
+        r.fwd.stop()
+        assert not r.fwd.running and time.monotonic() - t0 < 2
+    finally:
+        done.set()
+        t.join()
+        r.close()
