@@ -18,16 +18,20 @@ the loop reads the reference once per packet and sees either the old or the new 
 prefix match is a dict per distinct prefix length, longest first: O(distinct lengths), which is
 one dict lookup when every lease has the network's SubnetLen, however many peers there are.
 
-**Loop.** Two threads, one per direction, each doing non-blocking reads until the kernel says
-EAGAIN and only then ``poll()``-ing its fd and a wake pipe (so an idle loop sleeps and a busy one
-makes no poll calls). Buffers are allocated once per thread and packets are edited in place (TTL
-decrement with the RFC 1624 incremental checksum fix). Counters are plain local integers,
-flushed into ``stats`` when a burst ends or every :data:`FLUSH_EVERY` packets. Blocking
-syscalls release the GIL, so the two directions overlap on two cores.
+**Loop.** Each direction is a generator that does non-blocking reads, one batch per step,
+and says when the kernel answered EAGAIN. By default one thread steps both in turn while they
+have work and ``poll()``-s both fds and a wake pipe when neither has (an idle loop sleeps, a busy
+one makes no poll calls); two busy threads in one process spent ~20 % of their time handing the
+GIL to each other. Buffers are allocated once and packets are edited in place (TTL decrement
+with the RFC 1624 incremental checksum fix). Counters are plain local integers, flushed into
+``stats`` every :data:`FLUSH_EVERY` packets or, when idle, at most every
+:data:`FLUSH_INTERVAL`.
 
 **Batching.** On Linux the UDP side uses ``recvmmsg``/``sendmmsg`` through ctypes (one syscall for
-up to :data:`BATCH` datagrams) when libc has them; the TUN side has no batched read or write, so
-it is one ``read``/``write`` per packet. Both paths share one per-packet body.
+up to :data:`BATCH` datagrams) when libc has them, and UDP GSO/GRO where the kernel has them. The
+TUN side has no batched read: with TSO (``TUN_F_TSO4``) one read returns a TCP super-packet of up
+to 64 kB, which :func:`backends.udprun.segment_tso` cuts into wire packets sent with one
+``UDP_SEGMENT`` ``sendmsg`` per 44; other packets are one ``read`` each.
 
 **Runs.** A UDP_GRO buffer holding a run of one TCP flow (what a GSO-sending peer produces) is
 checked as a whole by :func:`backends.udprun.tcp_run` and written to the TUN as one GSO

@@ -19,6 +19,11 @@ stride not a multiple of 4) makes the check answer "no", and the caller falls ba
 packet-by-packet path, which counts each drop by reason exactly as before. So the trust checks
 hold for every inner packet either way: the fast path only ever accepts a run in which every
 packet would have passed them.
+
+The send side does the same in reverse (:func:`segment_tso`): a TCP super-packet from the TUN
+becomes all its wire packets' headers at once (lane arithmetic again, stored with strided slice
+assignments), their payloads stay where they were read, and the payload sums every TCP checksum
+needs come from :func:`payload_sums_python` or, when numpy is installed, one numpy reduction.
 """
 
 from __future__ import annotations
