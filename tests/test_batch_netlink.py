@@ -430,3 +430,78 @@ def test_remembered_dumps_still_see_every_change(twins: tuple[Twin, Twin]) -> No
     finally:
         simple.close()
         batched.close()
+
+
+def test_ipv6_entries_same_either_path(twins: tuple[Twin, Twin]) -> None:
+    """Dual stack: IPv6 neighbours and FDB entries on an IPv6-underlay vxlan device and IPv6
+    routes, raw vs pyroute2: same kernel, same per-op results, same dumps and lookups."""
+    from ipaddress import IPv6Address, IPv6Interface, IPv6Network
+
+    from netagent.dataplane import IPV6_DEFAULT_METRIC, VxlanSpec
+
+    a, b = twins
+    simple, raw = NetlinkKernel(a.name, batched=False), NetlinkKernel(b.name)
+    try:
+        for k, t in ((simple, a), (raw, b)):
+            t.ip("ip", "-6", "addr", "add", "fd77::1/64", "dev", "ua", "nodad")
+            k.create_vxlan(VxlanSpec("flannel-v6.1", 1, 8472, IPv6Address("fd77::1"), t.ua, 1430),
+                           "0e:66:00:00:00:01")
+            k.add_addr(t.index("flannel-v6.1"), IPv6Interface("fd42::/128"))
+            k.set_link(t.index("flannel-v6.1"), up=True)
+        dev6 = a.index("flannel-v6.1")
+        assert dev6 == b.index("flannel-v6.1")
+        la, lb = simple.link("flannel-v6.1"), raw.link("flannel-v6.1")
+        assert la is not None and lb is not None
+        assert (la.local, la.addrs, la.mtu) == (IPv6Address("fd77::1"),
+                                                (IPv6Interface("fd42::/128"),), 1430)
+        assert (lb.local, lb.addrs, lb.mtu) == (la.local, la.addrs, la.mtu)
+        ops: list[Op] = []
+        for i in range(2, 40):
+            subnet = IPv6Network(f"fd42:0:0:{i:x}::/64")
+            gw = subnet.network_address
+            m = f"0e:66:00:00:01:{i:02x}"
+            ops += [Op("replace", Neigh(dev6, gw, m)),
+                    Op("replace", Fdb(dev6, m, IPv6Address(f"fd77::{i:x}"))),
+                    Op("create" if i % 2 else "replace", Route(subnet, gw, dev6, onlink=True))]
+        ops += [Op("replace", Route(IPv6Network("fd42:0:0:99::/64"), IPv6Address("fd77::99"),
+                                    a.ua)),
+                Op("delete", Route(IPv6Network("fd42:0:0:98::/64"), IPv6Address("fd77::98"),
+                                   a.ua)),  # ESRCH: not there
+                Op("replace", Neigh(9999, IPv6Address("fd42::9"), "0e:66:00:00:00:09"))]  # ENODEV
+        ra, rb = apply_both(a, b, ops)
+        assert ra == rb and ra[-2] == errno.ESRCH and ra[-1] == errno.ENODEV
+        assert ra[:-2] == [None] * (len(ops) - 2)
+
+        def state6(t: Twin) -> Any:
+            return (sorted(json.dumps(r, sort_keys=True)
+                           for r in t.json("ip", "-6", "-j", "-d", "route", "show", "table", "main")),
+                    sorted(json.dumps(n, sort_keys=True)
+                           for n in t.json("ip", "-6", "-j", "neigh", "show", "nud", "permanent")),
+                    sorted(json.dumps(f, sort_keys=True)
+                           for f in t.json("bridge", "-j", "fdb", "show", "dev", "flannel-v6.1")))
+
+        assert state6(a) == state6(b)
+        reader = NetlinkKernel(a.name)
+        try:
+            for batched, ref in ((reader, simple),):
+                assert sorted(map(repr, batched.dump_routes(254, None, 6))) == sorted(
+                    map(repr, ref.dump_routes(254, None, 6)))
+                assert sorted(map(repr, batched.dump_neighs(dev6, None, 6))) == sorted(
+                    map(repr, ref.dump_neighs(dev6, None, 6)))
+                assert sorted(map(repr, batched.dump_fdb(dev6))) == sorted(
+                    map(repr, ref.dump_fdb(dev6)))
+            routes = {r.key: r for r in reader.dump_routes(254, None, 6)}
+            want = Route(IPv6Network("fd42:0:0:2::/64"), IPv6Address("fd42:0:0:2::"), dev6,
+                         onlink=True)
+            assert routes[want.key] == want and want.metric == IPV6_DEFAULT_METRIC
+            assert len(reader.dump_neighs(dev6, None, 6)) == 38
+            assert reader.dump_neighs(dev6) == []  # the IPv4 table of that device is empty
+            dsts = [IPv6Address("fd77::5"), IPv6Address("2001:db8::1"), IPv4Address("192.168.77.5")]
+            got = reader.lookup_routes(dsts)
+            assert got == {ip: simple.lookup_route(ip) for ip in dsts}
+            assert got[IPv6Address("fd77::5")] is not None and got[IPv6Address("2001:db8::1")] is None
+        finally:
+            reader.close()
+    finally:
+        simple.close()
+        raw.close()
