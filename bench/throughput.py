@@ -19,7 +19,13 @@ Pod attachments (``--attach``, side by side in one lab):
 * ``bridge``: veth into a bridge holding the subnet's gateway, what the CNI plugin does;
 * ``routed``: veth with no bridge (Calico style): ``/32`` on the pod, a ``/32`` route to the pod
   on the host end, static neighbours both ways, the gateway address on no device;
-* ``+gro`` after either: GRO on both ends of the pair's veths (veth NAPI in recent kernels);
+* ``cni-bridge``, ``cni-routed``: the pod attached by the real CNI plugin (``cni/plugin.py``,
+  installed as ``netagent install-cni --client python`` installs it, run in the host namespace
+  as a runtime runs it) with ``"mode": "bridge"`` (the default) or ``"mode": "routed"``, the
+  conf otherwise ``install-cni``'s default (hairpin on) without ipMasq; the figures then
+  come from the product rather than a set-up by hand. The bridge is the same one the
+  ``bridge`` attachment uses, so all four can share a lab;
+* ``+gro`` after any: GRO on both ends of the pair's veths (veth NAPI in recent kernels);
   ``+mtuN`` after ``routed``: that pod MTU instead of ``FLANNEL_MTU`` (to separate vxlan's
   smaller MTU from its encapsulation cost on host-gw).
 
@@ -31,6 +37,7 @@ usual ``cubic``.
     sudo python3 bench/throughput.py                # both backends, 3 × 5 s each
     sudo python3 bench/throughput.py --seconds 10 --repeat 5 --backend vxlan --json out.json
     sudo python3 bench/throughput.py --attach bridge,routed --cc cubic --pin 0,1
+    sudo python3 bench/throughput.py --seconds 5 --repeat 5 --attach cni-bridge,cni-routed
 """
 
 from __future__ import annotations
@@ -53,11 +60,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
+from cni_helpers import install_plugin, run_plugin  # noqa: E402
 from harness import RUN_ID, Host, Lab, Pod, add_netns, read_env_file, sh, wait_for  # noqa: E402
 
 GOALS = {"vxlan": 0.90, "host-gw": 0.95}
 NETWORK = "10.42.0.0/16"
-ATTACH_KINDS = ("bridge", "routed")
+ATTACH_KINDS = ("bridge", "routed", "cni-bridge", "cni-routed")
 #: a machine below this share of busy CPU (all CPUs, over one second) counts as idle
 IDLE_BUSY_PCT = 8.0
 #: user-space CPU (all CPUs added) above which a run counts as disturbed: iperf3 itself uses
@@ -150,6 +158,31 @@ def add_routed_pod(lab: Lab, host: Host, k: int, *, gro: bool = False, mtu: str 
     return pod
 
 
+def add_cni_pod(lab: Lab, host: Host, mode: str, plugin: str) -> tuple[Pod, str]:
+    """A pod attached by the CNI plugin itself (ADD as a runtime calls it, in the host's
+    namespace); (the pod, its host veth). Removed with the lab: the pod namespace takes the
+    veth pair, and with it the routed mode's routes and neighbours."""
+    k = 1 + sum(1 for p in lab.pods if p.host is host and f"-c{mode[0]}" in p.name)
+    name = f"{lab.tag}-c{mode[0]}{host.index}{k}"
+    add_netns(name)
+    lab._made.append(name)
+    conf = {"cniVersion": "1.0.0", "name": "nabench", "type": "netagent", "mode": mode,
+            "bridge": f"nb{RUN_ID}", "subnetFile": str(host.subnet_file),
+            "dataDir": str(lab.tmp / host.name / "cni-ipam"), "hairpinMode": True,
+            "isDefaultGateway": True, "ipMasq": False, "subnetFileWait": 0}
+    call = run_plugin(plugin, "ADD", conf, host_ns=host.name, cid=name,
+                      netns=f"/run/netns/{name}", path=str(Path(plugin).parent))
+    if call.rc != 0 or not isinstance(call.json, dict):
+        raise RuntimeError(f"CNI ADD ({mode}) on {host.name} failed: {call}")
+    res = call.json
+    ip = str(res["ips"][0]["address"]).split("/")[0]
+    host_veth = next(str(i["name"]) for i in res["interfaces"]
+                     if not i.get("sandbox") and i["name"] != f"nb{RUN_ID}")
+    pod = Pod(name, ip, host)
+    lab.pods.append(pod)
+    return pod, host_veth
+
+
 def _mac(ns: str, dev: str) -> str:
     return str(json.loads(sh("ip", "-j", "link", "show", dev, ns=ns).stdout)[0]["address"])
 
@@ -161,10 +194,16 @@ def set_veth_gro(host_ns: str, host_veth: str, pod_ns: str) -> None:
     sh("ethtool", "-K", "eth0", "gro", "on", ns=pod_ns)
 
 
-def add_pods(lab: Lab, hosts: list[Host], attach: str) -> list[Pod]:
+def add_pods(lab: Lab, hosts: list[Host], attach: str, plugin: str = "") -> list[Pod]:
     kind, *mods = attach.split("+")
     gro = "gro" in mods
     mtu = next((m[3:] for m in mods if m.startswith("mtu")), "")
+    if kind.startswith("cni-"):
+        made = [add_cni_pod(lab, h, kind[4:], plugin) for h in hosts]
+        if gro:
+            for p, veth in made:
+                set_veth_gro(p.host.name, veth, p.name)
+        return [p for p, _ in made]
     if kind == "routed":
         k = 1 + sum(1 for p in lab.pods if p.host is hosts[0] and "-r" in p.name)
         return [add_routed_pod(lab, h, k, gro=gro, mtu=mtu) for h in hosts]
@@ -207,7 +246,7 @@ def parse_attach(text: str) -> list[str]:
         kind, *mods = item.strip().split("+")
         mtus = [m for m in mods if m.startswith("mtu") and m[3:].isdigit()]
         bad = [m for m in mods if m != "gro" and m not in mtus]
-        if kind not in ATTACH_KINDS or bad or (kind == "bridge" and mtus):
+        if kind not in ATTACH_KINDS or bad or (kind != "routed" and mtus):
             raise argparse.ArgumentTypeError(
                 f"{item!r}: want one of {', '.join(ATTACH_KINDS)}, optionally +gro "
                 "(and for routed +mtuN)")
@@ -285,7 +324,7 @@ def measure_backend(backend: str, args: argparse.Namespace, tmp: Path) -> dict[s
         pairs: dict[str, tuple[str, str, str]] = {
             "underlay": (hosts[0].name, hosts[1].name, hosts[1].ip)}
         for attach in args.attach:
-            pods = add_pods(lab, hosts, attach)
+            pods = add_pods(lab, hosts, attach, args.cni_plugin)
             wait_for(lambda pods=pods: pods[0].ping(pods[1].ip), timeout=30, interval=0.2,
                      what=f"pod-to-pod connectivity ({attach})")
             pairs[attach] = (pods[0].name, pods[1].name, pods[1].ip)
@@ -356,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1, help="parallel TCP streams (-P)")
     ap.add_argument("--attach", type=parse_attach, default=["bridge"],
                     help="pod attachments measured side by side, comma-separated: bridge, "
-                         "routed, each optionally +gro (default: bridge; the first one is "
+                         "routed (set up by hand), cni-bridge, cni-routed (by the CNI "
+                         "plugin), each optionally +gro (default: bridge; the first one is "
                          "the one checked against the goal)")
     ap.add_argument("--cc", help="TCP congestion control for every run, both paths (iperf3 "
                                  "-C; default: the kernel's default)")
@@ -388,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     with tempfile.TemporaryDirectory(prefix=f"na-bench-{RUN_ID}-") as tmp:
+        args.cni_plugin = ""
+        if any(a.startswith("cni-") for a in args.attach):
+            args.cni_plugin = install_plugin(Path(tmp) / "cni", client="python")[0]
         for backend in args.backend or sorted(GOALS, reverse=True):
             t0 = time.monotonic()
             r = measure_backend(backend, args, Path(tmp))
