@@ -426,7 +426,8 @@ def test_gc_releases_stale_routed_attachments(plugin_exe: str, dual: CniHost) ->
 def _start_two_hosts(lab: Lab) -> list[Host]:
     assert lab.etcd is not None
     lab.etcd.put("/coreos.com/network/config", json.dumps(
-        {"Network": "10.44.0.0/16", "Backend": {"Type": "vxlan"}}))
+        {"Network": "10.44.0.0/16", "EnableIPv6": True, "IPv6Network": "fd44:44::/48",
+         "Backend": {"Type": "vxlan"}}))
     hosts = [lab.add_host() for _ in range(2)]
     for h in hosts:
         lab.start_agent(h, "--repair-interval", "1")
@@ -441,9 +442,9 @@ def _start_two_hosts(lab: Lab) -> list[Host]:
 
 @pytest.mark.slow
 def test_routed_pods_on_two_vxlan_hosts(lab: Lab, plugin_exe: str, tmp_path: Path) -> None:
-    """Routed pods on two hosts running the real agent reach each other, a bridge pod on one
-    host reaches the routed pod on the other, and the agent's drift repair (every second)
-    leaves the pods' host routes and neighbours alone."""
+    """Dual stack over vxlan with the real agent: routed pods on two hosts reach each other,
+    a bridge pod beside one of them reaches both, over both families; the agents' drift
+    repair (every second) leaves the pods' host routes, neighbours and proxy entries alone."""
     hosts = _start_two_hosts(lab)
 
     def conf(h: Host, mode: str) -> dict[str, Any]:
@@ -451,37 +452,50 @@ def test_routed_pods_on_two_vxlan_hosts(lab: Lab, plugin_exe: str, tmp_path: Pat
                 "subnetFile": str(h.subnet_file), "dataDir": str(tmp_path / h.name / "ipam"),
                 "bridge": "cni0", "ipMasq": False, "subnetFileWait": 0}
 
+    placement = ((hosts[0], "routed"), (hosts[1], "routed"), (hosts[0], "bridge"))
     pods: list[str] = []
     try:
-        ips: list[str] = []
-        for h, mode in ((hosts[0], "routed"), (hosts[1], "routed"), (hosts[0], "bridge")):
+        addrs: list[dict[str, str]] = []
+        for h, mode in placement:
             pod = f"{h.name}-{mode[0]}{len(pods)}"
             add_netns(pod)
             pods.append(pod)
             res = run_plugin(plugin_exe, "ADD", conf(h, mode), host_ns=h.name,
                              cid=f"rt{len(pods)}", netns=f"/run/netns/{pod}",
                              path=cni_path(plugin_exe)).ok()
-            ip = res["ips"][0]["address"].split("/")[0]
+            got = _ips(res)
             env = read_env_file(h.subnet_file)
-            assert ip.rsplit(".", 1)[0] == env["FLANNEL_SUBNET"].rsplit(".", 1)[0]
-            ips.append(ip)
+            assert got["4"].rsplit(".", 1)[0] == env["FLANNEL_SUBNET"].rsplit(".", 1)[0]
+            assert got["6"].startswith(env["FLANNEL_IPV6_SUBNET"].split("::")[0])
+            addrs.append(got)
 
         def reach(src: int, dst: int) -> None:
-            wait_for(lambda: sh("ping", "-c1", "-W1", ips[dst], ns=pods[src],
-                                check=False).returncode == 0,
-                     timeout=20, interval=0.2, what=f"pod {ips[src]} → {ips[dst]}")
+            for fam in ("4", "6"):
+                ip = addrs[dst][fam]
+                wait_for(lambda ip=ip: sh("ping", "-c1", "-W1", ip, ns=pods[src],
+                                          check=False).returncode == 0,
+                         timeout=20, interval=0.2, what=f"pod {addrs[src][fam]} → {ip}")
 
-        for src, dst in ((0, 1), (1, 0), (2, 1), (1, 2), (0, 2), (2, 0)):
+        pairs = ((0, 1), (1, 0), (2, 1), (1, 2), (0, 2), (2, 0))
+        for src, dst in pairs:
             reach(src, dst)
 
         def pod_state(h: Host) -> list[str]:
-            routes = h.run("ip", "route", "show", "proto", str(POD_ROUTE_PROTO)).stdout
-            neigh = h.run("ip", "neigh", "show", "nud", "permanent").stdout
-            return sorted(routes.splitlines() + [ln for ln in neigh.splitlines()
-                                                  if f"proto {POD_ROUTE_PROTO}" in ln])
+            out = []
+            for fam in ("-4", "-6"):
+                out += h.run("ip", fam, "route", "show", "proto",
+                             str(POD_ROUTE_PROTO)).stdout.splitlines()
+                out += [ln for ln in h.run("ip", fam, "neigh", "show", "nud",
+                                           "permanent").stdout.splitlines()
+                        if f"proto {POD_ROUTE_PROTO}" in ln]
+            if h.run("ip", "link", "show", "cni0", check=False).returncode == 0:
+                out += h.run("ip", "-6", "neigh", "show", "proxy", "dev",
+                             "cni0").stdout.splitlines()
+            return sorted(out)
 
         before = [pod_state(h) for h in hosts]
-        assert all(len(s) == 2 for s in before), before  # a route and a neighbour per host
+        # per routed pod: a route and a neighbour per family; host 1 adds the proxy entry
+        assert [len(s) for s in before] == [5, 4], before
         syncs = [int(h.status().get("reconciles", 0)) for h in hosts]
         time.sleep(2.5)  # more than two repair cycles (full compare + sweep) of each agent
         for h, n in zip(hosts, syncs, strict=True):
@@ -489,11 +503,10 @@ def test_routed_pods_on_two_vxlan_hosts(lab: Lab, plugin_exe: str, tmp_path: Pat
                      timeout=10, what=f"{h.name} ran two drift repairs")
             assert h.agent is not None and h.agent.poll() is None, lab.log(h)
         assert [pod_state(h) for h in hosts] == before
-        for src, dst in ((0, 1), (1, 0), (2, 1)):
+        for src, dst in pairs:
             reach(src, dst)
 
-        for i, (h, mode) in enumerate(((hosts[0], "routed"), (hosts[1], "routed"),
-                                       (hosts[0], "bridge"))):
+        for i, (h, mode) in enumerate(placement):
             call = run_plugin(plugin_exe, "DEL", conf(h, mode), host_ns=h.name,
                               cid=f"rt{i + 1}", netns=f"/run/netns/{pods[i]}",
                               path=cni_path(plugin_exe))
