@@ -888,9 +888,13 @@ def cmd_del(cfg: Config, env: Env, deadline_left: float) -> None:
     try:
         with Netlink() as nl:
             nl.del_link_by_name(host_veth_name(env.container_id, env.ifname))
-            # a routed pod's routes and neighbours went with its veth; its IPv6 proxy entry
-            # on the bridge did not. Whatever the mode now: it may have changed since ADD.
-            _sweep_bridge_proxies(nl, cfg.bridge)
+            try:
+                # a routed pod's routes and neighbours went with its veth; its IPv6 proxy
+                # entry on the bridge did not. Whatever the mode now: it may have changed
+                # since ADD. A failure is only logged: the pod is gone, the next DEL sweeps.
+                _sweep_bridge_proxies(nl, cfg.bridge)
+            except OSError as e:
+                _log(f"cannot sweep proxy entries on {cfg.bridge}: {e}")
     except OSError as e:
         errors.append(CniError(INTERNAL, f"netlink: {e.strerror}"))
     try:

@@ -251,6 +251,22 @@ def test_routed_not_default_gateway_routes_each_overlay(plugin_exe: str, dual: C
     assert _call(plugin_exe, dual, "CHECK", dict(conf, prevResult=res), "c1", pod).rc == 0
 
 
+def test_routed_with_delegated_host_local(plugin_exe: str, dual: CniHost,
+                                         tmp_path: Path) -> None:
+    pod = dual.pod(1)
+    hl_dir = tmp_path / "host-local"
+    conf = _routed(dual, ipam={"type": "host-local", "dataDir": str(hl_dir)})
+    res = _call(plugin_exe, dual, "ADD", conf, "c1", pod).ok()
+    got = _ips(res)
+    assert (hl_dir / dual.name / got["4"]).exists() and (hl_dir / dual.name / got["6"]).exists()
+    assert [ip["address"].rsplit("/", 1)[1] for ip in res["ips"]] == ["32", "128"]
+    _assert_routed_kernel(dual, pod, "c1", got["4"], dual.gateway)
+    _assert_routed_kernel(dual, pod, "c1", got["6"], dual.gateway6)
+    assert _call(plugin_exe, dual, "CHECK", dict(conf, prevResult=res), "c1", pod).rc == 0
+    _call(plugin_exe, dual, "DEL", dict(conf, prevResult=res), "c1", pod).ok()
+    assert not (hl_dir / dual.name / got["4"]).exists() and dual.host_veths() == []
+
+
 # --------------------------------------------------------------------------- reachability
 
 
