@@ -489,6 +489,23 @@ class Lab:
         self.pods.append(pod)
         return pod
 
+    def start_hosts(self, config: str, n: int, *agent_args: str) -> list[Host]:
+        """Put `config`, start n hosts with agents; return once each wrote subnet.env (an agent
+        that exits first fails with its log) and sees the n-1 others as peers."""
+        assert self.etcd is not None
+        self.etcd.put("/coreos.com/network/config", config)
+        hosts = [self.add_host() for _ in range(n)]
+        for h in hosts:
+            self.start_agent(h, *agent_args)
+        for h in hosts:
+            wait_for(lambda h=h: h.subnet_file.exists() or h.agent.poll() is not None,  # type: ignore[union-attr]
+                     timeout=60, what=f"{h.name} subnet.env")
+            assert h.subnet_file.exists(), self.log(h)
+        for h in hosts:
+            wait_for(lambda h=h: h.status().get("peers") == n - 1, timeout=20,
+                     what=f"{h.name} to see its {n - 1} peers")
+        return hosts
+
     def mesh(self, config: str, n: int, *agent_args: str) -> list[Host]:
         """Put `config`, start n hosts with agents and a pod each; return once every pod
         reaches every other pod."""

@@ -26,20 +26,9 @@ NETWORK6 = "fd42:42::/48"
 
 
 def start_dual(lab: Lab, backend: dict[str, Any]) -> tuple[list[Host], list[Pod]]:
-    assert lab.etcd is not None
-    lab.etcd.put(f"{PREFIX}/config", json.dumps({
+    hosts = lab.start_hosts(json.dumps({
         "Network": "10.43.0.0/16", "EnableIPv6": True, "IPv6Network": NETWORK6,
-        "Backend": backend}))
-    hosts = [lab.add_host() for _ in range(3)]
-    for h in hosts:
-        lab.start_agent(h, "--repair-interval", "2")
-    for h in hosts:
-        wait_for(lambda h=h: h.subnet_file.exists() or h.agent.poll() is not None,  # type: ignore[union-attr]
-                 timeout=60, what=f"{h.name} subnet.env")
-        assert h.subnet_file.exists(), lab.log(h)
-    for h in hosts:
-        wait_for(lambda h=h: h.status().get("peers") == 2, timeout=20,
-                 what=f"{h.name} to see both peers")
+        "Backend": backend}), 3, "--repair-interval", "2")
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
     return hosts, pods
 

@@ -28,20 +28,7 @@ def net_config(backend: dict[str, Any]) -> str:
 
 
 def start_all(lab: Lab, backend: dict[str, Any], *extra: str) -> list[Host]:
-    assert lab.etcd is not None
-    lab.etcd.put(f"{PREFIX}/config", net_config(backend))
-    hosts = [lab.add_host() for _ in range(3)]
-    for h in hosts:
-        lab.start_agent(h, *extra)
-    for h in hosts:
-        wait_for(lambda h=h: h.subnet_file.exists() or h.agent.poll() is not None,  # type: ignore[union-attr]
-                 timeout=60, what=f"{h.name} subnet.env")
-        assert h.subnet_file.exists(), lab.log(h)
-    # every agent has seen every other lease
-    for h in hosts:
-        wait_for(lambda h=h: h.status().get("peers") == 2, timeout=20,
-                 what=f"{h.name} to see both peers")
-    return hosts
+    return lab.start_hosts(net_config(backend), 3, *extra)
 
 
 def kernel_state(host: Host, dev: str | None) -> tuple[Any, ...]:
