@@ -1494,10 +1494,15 @@ class HostInterface:
     addrs6: tuple[IPv6Address, ...]
 
 
-def host_interfaces(netns: str | None = None) -> tuple[list[HostInterface], int | None]:
-    """Every link with its IPv4 and global IPv6 addresses, and the interface of the IPv4
-    default route with the lowest metric (None without one): three dumps on one raw socket,
-    so choosing the interface needs no pyroute2 in the agent."""
+def host_interfaces(netns: str | None = None
+                    ) -> tuple[list[HostInterface], int | None, int | None]:
+    """Every link with its IPv4 and global IPv6 addresses, and the interfaces of the IPv4 and of
+    the IPv6 default route (``0.0.0.0/0`` / ``::/0``, main table, unicast, lowest metric; None
+    without one): four dumps on one raw socket, so choosing the interface needs no pyroute2 in
+    the agent. An IPv6-only host has no IPv4 default route, so both are looked up.
+
+    A default route without an ``RTA_OIF`` (multipath, or a nexthop object) is not considered,
+    the same for both families."""
     rt = RtNetlink(netns)
     try:
         links: dict[int, tuple[str, int]] = {}
@@ -1518,22 +1523,27 @@ def host_interfaces(netns: str | None = None) -> tuple[list[HostInterface], int 
                     v4.setdefault(index, []).append(IPv4Address(raw))
             elif family == AF_INET6 and scope == 0 and _IFA_ADDRESS in ad:
                 v6.setdefault(index, []).append(IPv6Address(ad[_IFA_ADDRESS]))
-        best: tuple[int, int] | None = None
-        for data, off, end in rt.dump(_RTM_GETROUTE, _RTMSG.pack(AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
-            family, dst_len, _s, _tos, table, _proto, _scope, rtype, _flags = \
-                _RTMSG.unpack_from(data, off)
-            if family != AF_INET or dst_len != 0 or rtype != _RTN_UNICAST:
-                continue
-            ra = _attrs(data, off + _RTMSG.size, end)
-            rtable = _U32.unpack(ra[_RTA_TABLE])[0] if _RTA_TABLE in ra else table
-            if rtable != 254 or _RTA_OIF not in ra:
-                continue
-            prio = _U32.unpack(ra[_RTA_PRIORITY])[0] if _RTA_PRIORITY in ra else 0
-            oif = _U32.unpack(ra[_RTA_OIF])[0]
-            if best is None or prio < best[0]:
-                best = (prio, oif)
+        default: dict[int, int] = {}  # family -> oif of its best default route
+        for want in (AF_INET, AF_INET6):
+            best: tuple[int, int] | None = None
+            for data, off, end in rt.dump(_RTM_GETROUTE,
+                                          _RTMSG.pack(want, 0, 0, 0, 0, 0, 0, 0, 0)):
+                family, dst_len, _s, _tos, table, _proto, _scope, rtype, _flags = \
+                    _RTMSG.unpack_from(data, off)
+                if family != want or dst_len != 0 or rtype != _RTN_UNICAST:
+                    continue
+                ra = _attrs(data, off + _RTMSG.size, end)
+                rtable = _U32.unpack(ra[_RTA_TABLE])[0] if _RTA_TABLE in ra else table
+                if rtable != 254 or _RTA_OIF not in ra:
+                    continue
+                prio = _U32.unpack(ra[_RTA_PRIORITY])[0] if _RTA_PRIORITY in ra else 0
+                oif = _U32.unpack(ra[_RTA_OIF])[0]
+                if best is None or prio < best[0]:
+                    best = (prio, oif)
+            if best is not None:
+                default[want] = best[1]
     finally:
         rt.close()
     out = [HostInterface(name, index, mtu, tuple(v4.get(index, ())), tuple(v6.get(index, ())))
            for index, (name, mtu) in sorted(links.items())]
-    return out, best[1] if best else None
+    return out, default.get(AF_INET), default.get(AF_INET6)

@@ -28,12 +28,23 @@ class Iface:
     addrs6: tuple[IPv6Address, ...] = ()
 
 
-def list_ifaces() -> tuple[list[Iface], int | None]:
-    """The links with their addresses, and the index of the IPv4 default route's interface."""
+@dataclass(frozen=True)
+class HostIfaces:
+    """What interface selection reads from the kernel: the links, and the interface index of
+    the IPv4 and of the IPv6 default route (None without one)."""
+
+    ifaces: tuple[Iface, ...]
+    default_index: int | None
+    default6_index: int | None
+
+
+def list_ifaces(*, netns: str | None = None) -> HostIfaces:
+    """The links with their addresses, and the IPv4 and IPv6 default routes' interfaces."""
     from netagent.dataplane import host_interfaces
 
-    links, default = host_interfaces()
-    return [Iface(h.name, h.index, h.mtu, h.addrs, h.addrs6) for h in links], default
+    links, default, default6 = host_interfaces(netns)
+    return HostIfaces(tuple(Iface(h.name, h.index, h.mtu, h.addrs, h.addrs6) for h in links),
+                      default, default6)
 
 
 def choose_iface(
@@ -106,10 +117,10 @@ def public_ipv6_for(iface: Iface, wanted: str) -> IPv6Address:
 
 def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str
                ) -> tuple[Iface, IPv4Address, IPv4Address]:
-    ifaces, default_index = list_ifaces()
-    default = None if (names or regexes) else default_index
+    host = list_ifaces()
+    default = None if (names or regexes) else host.default_index
     try:
-        return choose_iface(ifaces, names, regexes, public_ip, default)
+        return choose_iface(host.ifaces, names, regexes, public_ip, default)
     except ValueError as exc:
         raise IfaceError(str(exc)) from None
 
