@@ -3,6 +3,9 @@
 flannel's rules (flannel-compat.md §15): `--iface` names or IPs tried in order, then
 `--iface-regex` on IPs then names, else the interface of the IPv4 default route; `--public-ip`
 overrides the advertised address (and without iface flags selects the interface owning it).
+An IPv6-only network (`"EnableIPv4": false`) uses the same rules on global IPv6 addresses, the
+IPv6 default route and `--public-ipv6` (`choose_iface6`): such a host may have no IPv4 address
+or IPv4 default route at all.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 
 class IfaceError(RuntimeError):
@@ -123,6 +126,114 @@ def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str
         return choose_iface(host.ifaces, names, regexes, public_ip, default)
     except ValueError as exc:
         raise IfaceError(str(exc)) from None
+
+
+def choose_iface6(
+    ifaces: Sequence[Iface],
+    names: Sequence[str] = (),
+    regexes: Sequence[str] = (),
+    public_ipv6: str = "",
+    default6_index: int | None = None,
+) -> tuple[Iface, IPv6Address, IPv6Address]:
+    """Pure selection for an IPv6-only network; returns (interface, its address, public IPv6).
+
+    The interface address is the global IPv6 address that matched (an `--iface` address, a
+    regex hit, the `--public-ipv6` the interface owns), else the interface's first global one.
+    The public IPv6 — what the lease advertises — is `--public-ipv6` when given (it need not
+    be on any interface: 1:1 NAT), else the interface address.
+
+    Order, as flannel: each `--iface` (a name or an IPv6 address) in turn; else each
+    `--iface-regex` in turn, first on every interface's global IPv6 addresses, then on the
+    names; else the interface owning `--public-ipv6`; else the interface of the IPv6 default
+    route (`default6_index`; pass None when iface flags are given, as `find_iface6` does).
+    Where flannel gives up on an entry that names an interface without a global IPv6 address,
+    the next entry (or, for a regex, the next interface whose name matches) is tried; the
+    error lists why each entry failed.
+    """
+    public: IPv6Address | None = None
+    if public_ipv6:
+        try:
+            public = IPv6Address(public_ipv6)
+        except ValueError:
+            raise IfaceError(f"--public-ipv6 {public_ipv6!r} is not an IPv6 address") from None
+    why: list[str] = []
+
+    def usable(i: Iface) -> bool:
+        if not i.addrs6:
+            why.append(f"interface {i.name} has no global IPv6 address")
+        return bool(i.addrs6)
+
+    found: tuple[Iface, IPv6Address] | None = None
+    for spec in names:
+        try:
+            want = ip_address(spec)
+        except ValueError:
+            named = next((i for i in ifaces if i.name == spec), None)
+            if named is None:
+                why.append(f"no interface {spec}")
+            elif usable(named):
+                found = (named, named.addrs6[0])
+        else:
+            if want.version == 4:
+                why.append(f"{spec} is an IPv4 address")
+            elif want.is_link_local:
+                why.append(f"{spec} is link-local (the overlay needs a global IPv6 address)")
+            else:
+                owner = next((i for i in ifaces if want in i.addrs6), None)
+                if owner is None:
+                    why.append(f"no interface has the global IPv6 address {spec}")
+                else:
+                    found = (owner, IPv6Address(want))
+        if found is not None:
+            break
+    if found is None and names:
+        raise IfaceError(f"none of --iface {', '.join(names)} is usable for IPv6: "
+                         + "; ".join(why))
+
+    if found is None and regexes:
+        for rx in regexes:
+            try:
+                pat = re.compile(rx)
+            except re.error as exc:
+                raise IfaceError(f"--iface-regex {rx!r} is not a valid regex: {exc}") from None
+            found = next(((i, a) for i in ifaces for a in i.addrs6 if pat.search(str(a))), None)
+            if found is None:
+                named = next((i for i in ifaces if pat.search(i.name) and usable(i)), None)
+                found = (named, named.addrs6[0]) if named is not None else None
+            if found is not None:
+                break
+            why.append(f"{rx!r} matches no global IPv6 address, nor the name of an interface "
+                       "with one")
+        if found is None:
+            raise IfaceError(f"no interface matches --iface-regex {', '.join(regexes)} for IPv6: "
+                             + "; ".join(why))
+
+    if found is None and public is not None:
+        owner = next((i for i in ifaces if public in i.addrs6), None)
+        found = (owner, public) if owner is not None else None
+
+    if found is None:
+        chosen = next((i for i in ifaces if i.index == default6_index), None) \
+            if default6_index is not None else None
+        if chosen is None:
+            hint = (f"no interface has --public-ipv6 {public}, and " if public is not None
+                    else "")
+            raise IfaceError(f"cannot find the external interface: {hint}no IPv6 default route; "
+                             "use --iface or --public-ipv6")
+        if not chosen.addrs6:
+            raise IfaceError(f"interface {chosen.name} has no global IPv6 address")
+        found = (chosen, chosen.addrs6[0])
+
+    iface, addr = found
+    return iface, addr, public if public is not None else addr
+
+
+def find_iface6(names: Sequence[str], regexes: Sequence[str], public_ipv6: str,
+                *, netns: str | None = None) -> tuple[Iface, IPv6Address, IPv6Address]:
+    """`choose_iface6` on the links of this host (or of namespace `netns`)."""
+    host = list_ifaces(netns=netns)
+    default6 = None if (names or regexes) else host.default6_index
+    return choose_iface6(host.ifaces, names, regexes, public_ipv6, default6)
 
 
 def routes_via_for(subnet_text: str) -> str:
