@@ -8,15 +8,22 @@ Why it is shaped this way:
 
 * **Pure render, thin shell.** :func:`render_rules` is plain data; :func:`restore_text` turns it
   into one ``iptables-restore --noflush`` batch; :func:`parse_save` reads ``iptables-save`` back.
-  Only :class:`Masquerade` runs commands, and only ``iptables-restore`` / ``iptables-save``.
+  Only :class:`Masquerade` runs commands, and only ``iptables-restore`` / ``iptables-save``
+  (or their ``ip6tables`` twins).
 * **Atomic and idempotent, never a gap** (flannel #2237): our two chains are flushed and refilled
   inside the same batch as everything else, so a reader never sees them half-filled, and a
   changed network or subnet replaces the old rules in the same transaction.
+* **One address family per instance.** An IPv6 network gets the same rules with multicast
+  ``ff00::/8``, applied with ``ip6tables-restore`` and read back with ``ip6tables-save`` (§14.2:
+  "ip6tables: same with IPv6 Network/subnet"). The families live in separate kernel tables, so a
+  dual-stack host runs two instances that cannot disturb each other. A network and subnet of
+  different families is a caller bug and raises ValueError before any command runs.
 * **Only our own chains.** We flush only ``FLANNEL-POSTRTG``/``FLANNEL-FWD`` and add or delete
   only our own hook rules (matched by exact text); other rules in POSTROUTING/FORWARD are never
   touched. The hook is appended only when missing, so nobody's ordering is disturbed on re-apply.
 * The rules are compared in ``iptables-save``'s canonical text, which is exactly what
-  :func:`render_rules` produces (checked against iptables 1.8.9, nft and legacy back ends), so a
+  :func:`render_rules` produces (checked against iptables 1.8.9, nft and legacy back ends;
+  ip6tables 1.8.9 nft prints IPv6 prefixes in the same compressed form as Python's ``str``), so a
   re-check costs one ``iptables-save`` and no rule is rewritten while it is in place.
 """
 
@@ -25,7 +32,7 @@ from __future__ import annotations
 import re
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 NAT_CHAIN = "FLANNEL-POSTRTG"
 FWD_CHAIN = "FLANNEL-FWD"
@@ -35,6 +42,35 @@ NAT_HOOK = f"-A POSTROUTING {NAT_COMMENT} -j {NAT_CHAIN}"
 FWD_HOOK = f"-A FORWARD {FWD_COMMENT} -j {FWD_CHAIN}"
 #: kube-proxy's masquerade mark: such packets are NATed by kube-proxy already
 KUBE_MARK = "0x4000/0x4000"
+#: multicast destinations are never masqueraded, per family (flannel's exact text)
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+
+Network = IPv4Network | IPv6Network
+
+
+@dataclass(frozen=True)
+class Commands:
+    """The iptables binaries of one address family."""
+
+    iptables: str
+    save: str
+    restore: str
+
+
+COMMANDS = {4: Commands("iptables", "iptables-save", "iptables-restore"),
+            6: Commands("ip6tables", "ip6tables-save", "ip6tables-restore")}
+
+
+def family(network: Network, subnet: Network) -> int:
+    """The IP version both share (4 or 6); ValueError when they differ.
+
+    Mixed families would render rules iptables rejects (or, worse, half a rule set), and the
+    caller almost certainly passed the other stack's subnet by mistake, so say so up front.
+    """
+    if network.version != subnet.version:
+        raise ValueError(f"masquerade network {network} is IPv{network.version} but subnet "
+                         f"{subnet} is IPv{subnet.version}: use one Masquerade per address family")
+    return network.version
 
 
 class MasqError(RuntimeError):
@@ -56,9 +92,13 @@ class RuleSet:
         return out
 
 
-def render_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: bool = True,
+def render_rules(network: Network, subnet: Network, *, random_fully: bool = True,
                  forward: bool = True) -> RuleSet:
-    """flannel's rules for overlay `network` and our leased `subnet` (pure)."""
+    """flannel's rules for overlay `network` and our leased `subnet` (pure), either family.
+
+    Raises ValueError when `network` and `subnet` are of different families.
+    """
+    mcast = MULTICAST[family(network, subnet)]
     rnd = " --random-fully" if random_fully else ""
     n, s = str(network), str(subnet)
     c = f"-A {NAT_CHAIN}"
@@ -67,7 +107,7 @@ def render_rules(network: IPv4Network, subnet: IPv4Network, *, random_fully: boo
         f"{c} -s {s} -d {n} {NAT_COMMENT} -j RETURN",
         f"{c} -s {n} -d {s} {NAT_COMMENT} -j RETURN",
         f"{c} ! -s {n} -d {s} {NAT_COMMENT} -j RETURN",
-        f"{c} -s {n} ! -d 224.0.0.0/4 {NAT_COMMENT} -j MASQUERADE{rnd}",
+        f"{c} -s {n} ! -d {mcast} {NAT_COMMENT} -j MASQUERADE{rnd}",
         f"{c} ! -s {n} -d {n} {NAT_COMMENT} -j MASQUERADE{rnd}",
     )
     fwd: tuple[str, ...] = ()
@@ -90,7 +130,7 @@ class Installed:
 
 
 def parse_save(text: str) -> Installed:
-    """Pick our chains and hook rules out of `iptables-save` output (all tables)."""
+    """Pick our chains and hook rules out of `iptables-save` (or `ip6tables-save`) output."""
     table = ""
     chains: dict[str, list[str] | None] = {NAT_CHAIN: None, FWD_CHAIN: None}
     hooks = {"nat": 0, "filter": 0}
@@ -173,7 +213,11 @@ def removal_text(have: Installed) -> str:
 
 
 def supports_random_fully(version_text: str) -> bool:
-    """`--random-fully` exists from iptables 1.6.2 on (flannel checks the same)."""
+    """`--random-fully` exists from iptables 1.6.2 on (flannel checks the same).
+
+    `version_text` is what `iptables --version` or `ip6tables --version` prints; both ship in the
+    same package with the same version.
+    """
     m = re.search(r"v(\d+)\.(\d+)\.(\d+)", version_text)
     if not m:
         return False
@@ -181,29 +225,50 @@ def supports_random_fully(version_text: str) -> bool:
 
 
 class Masquerade:
-    """The shell: runs iptables-save / iptables-restore in the current network namespace."""
+    """The shell: runs iptables-save / iptables-restore in the current network namespace.
 
-    def __init__(self, network: IPv4Network, subnet: IPv4Network, *, random_fully: bool = True,
+    The network's family picks the binaries (ip6tables* for IPv6): its rules live in that
+    family's tables, which another family's instance never reads or writes. A retarget() to the
+    other family leaves the old family's rules to be deleted by the next ensure() or remove().
+    """
+
+    def __init__(self, network: Network, subnet: Network, *, random_fully: bool = True,
                  forward: bool = True, timeout: float = 10.0) -> None:
+        self.commands = COMMANDS[family(network, subnet)]
         self.network = network
         self.subnet = subnet
         self.timeout = timeout
         self.forward = forward
         self._random_fully_wanted = random_fully
-        #: resolved on first use from `iptables --version`
+        #: resolved on first use from `iptables --version` (`ip6tables --version`)
         self._random_fully: bool | None = None
         #: times we found rules missing or different after they had been in place
         self.repairs = 0
         self.applied = 0
         self.in_place = False
+        #: binaries of a family we were retargeted away from, whose rules are still to delete
+        self._stale: Commands | None = None
 
     @property
     def want(self) -> RuleSet:
         return render_rules(self.network, self.subnet, random_fully=bool(self._random_fully),
                             forward=self.forward)
 
-    def retarget(self, network: IPv4Network, subnet: IPv4Network) -> None:
-        """The subnet changed (renumbering): the next ensure() replaces the rules in one batch."""
+    def retarget(self, network: Network, subnet: Network) -> None:
+        """The subnet changed (renumbering): the next ensure() replaces the rules in one batch.
+
+        A change of family (e.g. a live switch to an IPv6-only network) switches binaries; the
+        old family's rules are deleted by the next ensure() or remove(), no I/O here. ValueError,
+        with nothing changed, when `network` and `subnet` differ in family.
+        """
+        commands = COMMANDS[family(network, subnet)]
+        if commands != self.commands:
+            if self._stale is None:
+                self._stale = self.commands
+            elif self._stale == commands:  # switched back before the old rules were deleted
+                self._stale = None
+            self.commands = commands
+            self._random_fully = None  # probe the other binary
         self.network, self.subnet = network, subnet
         self.in_place = False
 
@@ -224,21 +289,37 @@ class Masquerade:
     def _resolve_random_fully(self) -> None:
         if self._random_fully is None:
             self._random_fully = self._random_fully_wanted and supports_random_fully(
-                self._run(["iptables", "--version"]))
+                self._run([self.commands.iptables, "--version"]))
 
     def installed(self) -> Installed:
-        return parse_save(self._run(["iptables-save"]))
+        return parse_save(self._run([self.commands.save]))
+
+    def _remove_with(self, commands: Commands) -> None:
+        text = removal_text(parse_save(self._run([commands.save])))
+        if text:
+            self._run([commands.restore, "-w", "5", "--noflush"], text)
+
+    def _drop_stale(self) -> None:
+        """Delete the rules of the family we were retargeted away from (stays due on error)."""
+        if self._stale is not None:
+            self._remove_with(self._stale)
+            self._stale = None
 
     def check(self) -> list[str]:
         """What is missing or different (empty = all in place). Raises MasqError."""
         self._resolve_random_fully()
-        return missing(self.want, self.installed())
+        out = missing(self.want, self.installed())
+        if self._stale is not None:
+            out.append(f"rules of the previous address family still to delete "
+                       f"({self._stale.save})")
+        return out
 
     def ensure(self) -> bool:
         """Re-check and re-apply when anything differs. True = rules in place; raises MasqError.
 
         Returns without writing when everything is already in place (the periodic re-check).
         """
+        self._drop_stale()
         self._resolve_random_fully()
         have = self.installed()
         diff = missing(self.want, have)
@@ -247,19 +328,18 @@ class Masquerade:
             return False
         if self.applied:
             self.repairs += 1
-        self._run(["iptables-restore", "-w", "5", "--noflush"], restore_text(self.want, have))
+        self._run([self.commands.restore, "-w", "5", "--noflush"], restore_text(self.want, have))
         self.applied += 1
         after = missing(self.want, self.installed())
         if after:
             self.in_place = False
-            raise MasqError(f"masquerade rules still not in place after iptables-restore: "
+            raise MasqError(f"masquerade rules still not in place after {self.commands.restore}: "
                             f"{'; '.join(after)}")
         self.in_place = True
         return True
 
     def remove(self) -> None:
-        """Delete our hooks and chains only."""
-        text = removal_text(self.installed())
-        if text:
-            self._run(["iptables-restore", "-w", "5", "--noflush"], text)
+        """Delete our hooks and chains only (and any left in a family we were retargeted from)."""
+        self._drop_stale()
+        self._remove_with(self.commands)
         self.in_place = False
