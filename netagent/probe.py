@@ -31,9 +31,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netagent.lease import PeerId
+if TYPE_CHECKING:  # annotations only: no import of the lease codec at run time
+    from netagent.lease import PeerId
 
 log = logging.getLogger("netagent.probe")
 
