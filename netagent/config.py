@@ -87,9 +87,16 @@ class NetworkConfig:
         for addr in range(int(self.ipv6_subnet_min), int(self.ipv6_subnet_max) + 1, size):
             yield IPv6Network((addr, self.ipv6_subnet_len))
 
-    def contains_subnet(self, subnet: IPv4Network) -> bool:
-        """flannel's isSubnetConfigCompat for the IPv4 side."""
-        if self.subnet_min is None or self.subnet_max is None:
+    @property
+    def primary_network(self) -> IPv4Network | IPv6Network | None:
+        """The network leases are known by: the IPv4 one, or IPv6Network when IPv4 is off."""
+        return self.network if self.enable_ipv4 else self.ipv6_network
+
+    def contains_subnet(self, subnet: IPv4Network | None) -> bool:
+        """flannel's isSubnetConfigCompat for the IPv4 side (IPv6-only: no IPv4 subnet)."""
+        if not self.enable_ipv4:
+            return subnet is None
+        if subnet is None or self.subnet_min is None or self.subnet_max is None:
             return False
         return (
             subnet.prefixlen == self.subnet_len

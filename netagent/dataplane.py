@@ -232,7 +232,7 @@ class ApplyResult:
     removed: int = 0
     failed: dict[tuple[str, tuple[Any, ...]], str] = field(default_factory=dict)
     #: peer subnet -> why its routes were not written (conflict, dependency failed)
-    blocked: dict[IPv4Network, str] = field(default_factory=dict)
+    blocked: dict[IPNetwork, str] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -241,8 +241,9 @@ class Reconciler:
     ``route_is_ours`` decides which dumped routes we own (our proto inside our network);
     ``device`` is the ifindex whose permanent neighbours/FDB entries are ours (None: we own none,
     as in host-gw), ``device6`` the same for the IPv6 device (``flannel-v6.<VNI>``); ``ipv6``
-    adds the IPv6 route table to read-backs (dual stack). A peer is known by its IPv4 subnet
-    (its lease key) and its entries may be of both families. Several peers may want the same
+    adds the IPv6 route table to read-backs (dual stack). A peer is known by its lease's ident
+    (its IPv4 subnet; its IPv6 subnet in an IPv6-only network; one family per reconciler) and
+    its entries may be of both families. Several peers may want the same
     key (two leases of one host share an FDB entry): the entry stays while any peer wants it,
     and the lowest subnet wins a conflict, so the result does not depend on event order.
     """
@@ -255,10 +256,10 @@ class Reconciler:
         self.device = device
         self.device6 = device6
         self.ipv6 = ipv6 or device6 is not None
-        self._by_peer: dict[IPv4Network, tuple[Entry, ...]] = {}
+        self._by_peer: dict[IPNetwork, tuple[Entry, ...]] = {}
         #: kind -> key -> the peer that wants it, or {peer: entry} when several do (rare: two
         #: leases of one host share an FDB entry); a dict per key would cost ~3 MB at 5,000 peers
-        self._owners: dict[str, dict[tuple[Any, ...], IPv4Network | dict[IPv4Network, Entry]]] = {
+        self._owners: dict[str, dict[tuple[Any, ...], IPNetwork | dict[IPNetwork, Entry]]] = {
             k: {} for k in KINDS}
         #: kind -> key -> the entry that wins the key (kept in step with _owners)
         self._effective: dict[str, dict[tuple[Any, ...], Entry]] = {k: {} for k in KINDS}
@@ -274,7 +275,7 @@ class Reconciler:
 
     # -- desired side (pure bookkeeping, no I/O)
 
-    def set_peer(self, subnet: IPv4Network, entries: Iterable[Entry] | None) -> None:
+    def set_peer(self, subnet: IPNetwork, entries: Iterable[Entry] | None) -> None:
         """Replace one peer's desired entries (None or empty = the peer is gone).
 
         Setting the same entries again is free (no key is marked), so a full sync can hand
@@ -292,7 +293,7 @@ class Reconciler:
         for e in new:
             self._claim(e.kind, e.key, subnet, e)
 
-    def _claim(self, kind: str, key: tuple[Any, ...], subnet: IPv4Network, e: Entry) -> None:
+    def _claim(self, kind: str, key: tuple[Any, ...], subnet: IPNetwork, e: Entry) -> None:
         owners, effective = self._owners[kind], self._effective[kind]
         o = owners.get(key)
         if o is None or (not isinstance(o, dict) and o == subnet):
@@ -305,7 +306,7 @@ class Reconciler:
             effective[key] = o[min(o)]  # the lowest subnet wins a key
         self._dirty[kind].add(key)
 
-    def _release(self, kind: str, key: tuple[Any, ...], subnet: IPv4Network) -> None:
+    def _release(self, kind: str, key: tuple[Any, ...], subnet: IPNetwork) -> None:
         owners, effective = self._owners[kind], self._effective[kind]
         o = owners.get(key)
         if o is None:
@@ -322,7 +323,7 @@ class Reconciler:
             del effective[key]
         self._dirty[kind].add(key)
 
-    def _claims(self, kind: str, key: tuple[Any, ...]) -> dict[IPv4Network, Entry]:
+    def _claims(self, kind: str, key: tuple[Any, ...]) -> dict[IPNetwork, Entry]:
         """Every peer that wants ``key``, with the entry it wants."""
         o = self._owners[kind].get(key)
         if o is None:
@@ -331,7 +332,7 @@ class Reconciler:
             return o
         return {o: self._effective[kind][key]}
 
-    def peers(self) -> frozenset[IPv4Network]:
+    def peers(self) -> frozenset[IPNetwork]:
         return frozenset(self._by_peer)
 
     def desired(self) -> dict[str, dict[tuple[Any, ...], Entry]]:
@@ -446,7 +447,7 @@ class Reconciler:
         # phase 1: neighbours and FDB
         first = [Op("replace", e) for k in ("neigh", "fdb") for e in ups[k]]
         #: (peer, IP version) whose L2 entries failed: only that family's route waits
-        broken: dict[tuple[IPv4Network, int], str] = {}
+        broken: dict[tuple[IPNetwork, int], str] = {}
         for op, err in zip(first, self.kernel.write(first), strict=True):
             if self._record(op, err, result):
                 version = _entry_version(op.entry)

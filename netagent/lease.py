@@ -22,10 +22,19 @@ DEFAULT_LEASE_TTL = 24 * 3600
 #: how many free subnets flannel collects before picking one at random.
 CANDIDATE_POOL = 100
 
+#: the IPv4 part of an IPv6-only lease's key (flannel's empty IP4Net printed the same way)
+NO_IPV4 = "0.0.0.0-0"
+#: the PublicIP of an IPv6-only lease (flannel's zero ip.IP4)
+NO_PUBLIC_IP = IPv4Address(0)
+
 _KEY_RE = re.compile(
     r"^(?P<v4>\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})-(?P<len4>\d{1,2})"
     r"(?:&(?P<v6>[0-9a-fA-F:]+)-(?P<len6>\d{1,3}))?$"
 )
+
+
+#: what names a peer: its lease's IPv4 subnet, or IPv6 subnet in an IPv6-only network
+PeerId = IPv4Network | IPv6Network
 
 
 class LeaseError(ValueError):
@@ -38,7 +47,8 @@ class OutOfSubnets(RuntimeError):
 
 @dataclass(frozen=True)
 class LeaseAttrs:
-    """The lease value (flannel's LeaseAttrs)."""
+    """The lease value (flannel's LeaseAttrs). An IPv6-only lease has PublicIP 0.0.0.0
+    (:data:`NO_PUBLIC_IP`): the host is known by its PublicIPv6."""
 
     public_ip: IPv4Address
     public_ipv6: IPv6Address | None = None
@@ -47,6 +57,11 @@ class LeaseAttrs:
     #: hashable and a re-encode is byte-identical.
     backend_data: str = ""
     backend_v6_data: str = ""
+
+    @property
+    def host_ip(self) -> IPv4Address | IPv6Address | None:
+        """The address that names the host: PublicIP, or PublicIPv6 for an IPv6-only host."""
+        return self.public_ip if self.public_ip != NO_PUBLIC_IP else self.public_ipv6
 
     def data(self) -> dict[str, Any]:
         return json.loads(self.backend_data) if self.backend_data else {}
@@ -57,7 +72,8 @@ class LeaseAttrs:
 
 @dataclass(frozen=True)
 class Lease:
-    subnet: IPv4Network
+    #: None for a lease of an IPv6-only network (key ``0.0.0.0-0&<ipv6>-<len>``)
+    subnet: IPv4Network | None
     attrs: LeaseAttrs
     ipv6_subnet: IPv6Network | None = None
     #: etcd lease id; 0 means a reservation (a key with no TTL)
@@ -74,25 +90,56 @@ class Lease:
     def key(self) -> str:
         return subnet_key(self.subnet, self.ipv6_subnet)
 
+    @property
+    def ident(self) -> PeerId:
+        """What names this lease among its peers: its IPv4 subnet, or its IPv6 subnet in an
+        IPv6-only network. Within one network every lease's ident has the same family."""
+        return lease_ident(self.subnet, self.ipv6_subnet)
 
-def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
-    """`10.5.52.0-24` or `10.5.1.0-24&fc00::-64`, as flannel names the key under subnets/."""
-    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    @property
+    def label(self) -> str:
+        """The subnets for logs and status: ``10.5.1.0/24``, ``fd00::/64`` or both."""
+        return subnets_label(self.subnet, self.ipv6_subnet)
+
+
+def lease_ident(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None) -> PeerId:
+    if subnet is not None:
+        return subnet
+    assert ipv6_subnet is not None, "a lease has an IPv4 or an IPv6 subnet"
+    return ipv6_subnet
+
+
+def subnets_label(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None) -> str:
+    return " + ".join(str(n) for n in (subnet, ipv6_subnet) if n is not None)
+
+
+def subnet_key(subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = None) -> str:
+    """`10.5.52.0-24`, `10.5.1.0-24&fc00::-64`, or for an IPv6-only network `0.0.0.0-0&fc00::-64`
+    (flannel's key grammar needs an IPv4 part: its empty IPv4 subnet prints as 0.0.0.0-0)."""
+    if subnet is None and ipv6_subnet is None:
+        raise ValueError("a subnet key needs an IPv4 or an IPv6 subnet")
+    key = NO_IPV4 if subnet is None else f"{subnet.network_address}-{subnet.prefixlen}"
     if ipv6_subnet is not None:
         key += f"&{ipv6_subnet.network_address.compressed}-{ipv6_subnet.prefixlen}"
     return key
 
 
-def parse_subnet_key(name: str) -> tuple[IPv4Network, IPv6Network | None]:
+def parse_subnet_key(name: str) -> tuple[IPv4Network | None, IPv6Network | None]:
     """Inverse of :func:`subnet_key`; raises LeaseError for anything off the grammar."""
     m = _KEY_RE.match(name)
     if not m:
         raise LeaseError(f"subnet key {name!r} does not look like a.b.c.d-N")
     try:
-        v4 = IPv4Network(f"{m['v4']}/{m['len4']}", strict=True)
         v6 = IPv6Network(f"{m['v6']}/{m['len6']}", strict=True) if m["v6"] else None
+        if f"{m['v4']}-{m['len4']}" == NO_IPV4:
+            if v6 is None:
+                raise LeaseError(f"subnet key {name!r} has neither an IPv4 nor an IPv6 subnet")
+            return None, v6
+        v4 = IPv4Network(f"{m['v4']}/{m['len4']}", strict=True)
     except ValueError as exc:
         raise LeaseError(f"subnet key {name!r}: {exc}") from None
+    if v4.prefixlen == 0:
+        raise LeaseError(f"subnet key {name!r}: /0 is not a subnet")
     return v4, v6
 
 
@@ -165,9 +212,17 @@ def decode_attrs(raw: str | bytes) -> LeaseAttrs:
 def decode_lease(
     name: str, raw: str | bytes, lease_id: int = 0, mod_revision: int = 0
 ) -> Lease:
-    """Build a Lease from the key's last path element and its value."""
+    """Build a Lease from the key's last path element and its value.
+
+    The key and the value must agree: an IPv4 subnet needs a real PublicIP, an IPv6-only
+    lease a PublicIPv6 (it names the host)."""
     v4, v6 = parse_subnet_key(name)
-    return Lease(v4, decode_attrs(raw), v6, lease_id, mod_revision)
+    attrs = decode_attrs(raw)
+    if v4 is not None and attrs.public_ip == NO_PUBLIC_IP:
+        raise LeaseError(f"lease {name} has an IPv4 subnet but PublicIP {NO_PUBLIC_IP}")
+    if v4 is None and attrs.public_ipv6 is None:
+        raise LeaseError(f"IPv6-only lease {name} has no PublicIPv6")
+    return Lease(v4, attrs, v6, lease_id, mod_revision)
 
 
 def _choose(candidates: Iterable[Any], sublen: int, taken: Iterable[Any],
@@ -229,9 +284,10 @@ def choose_subnet6(
 class LeasePlan:
     """What to do to get a lease: reuse an existing key, or create one."""
 
-    subnet: IPv4Network
+    #: None in an IPv6-only network
+    subnet: IPv4Network | None
     reuse: Lease | None = None
-    #: stale own keys (same PublicIP, incompatible with the config) to delete first
+    #: stale own keys (same host, incompatible with the config) to delete first
     delete: tuple[Lease, ...] = ()
     reason: str = ""
     ipv6_subnet: IPv6Network | None = None
@@ -240,7 +296,7 @@ class LeasePlan:
 def plan_lease(
     config: NetworkConfig,
     existing: Mapping[str, Lease],
-    public_ip: IPv4Address,
+    public_ip: IPv4Address | IPv6Address,
     previous_subnet: IPv4Network | None,
     *,
     rng: random.Random | None = None,
@@ -248,13 +304,14 @@ def plan_lease(
 ) -> LeasePlan:
     """Decide which subnet to ask for, in flannel's order.
 
-    1. a lease whose PublicIP is ours and that fits the config;
+    1. a lease whose host address is ours (PublicIP; PublicIPv6 for an IPv6-only host) and
+       that fits the config;
     2. the subnet recorded in the old subnet.env, if free and compatible;
     3. random among the first free subnets.
     """
     stale: list[Lease] = []
-    for lease in sorted(existing.values(), key=lambda lz: lz.subnet):
-        if lease.attrs.public_ip != public_ip:
+    for lease in sorted(existing.values(), key=lambda lz: (lz.ident.version, lz.ident)):
+        if lease.attrs.host_ip != public_ip:
             continue
         if config.contains_subnet(lease.subnet) and config.contains_ipv6_subnet(
             lease.ipv6_subnet
@@ -266,23 +323,28 @@ def plan_lease(
             stale.append(lease)
     stale_keys = {s.key for s in stale}
     live = [lz for lz in existing.values() if lz.key not in stale_keys]
-    taken = [lz.subnet for lz in live]
+    taken = [lz.subnet for lz in live if lz.subnet is not None]
     taken6 = [lz.ipv6_subnet for lz in live if lz.ipv6_subnet is not None]
+
+    def free4(want: IPv4Network | None) -> bool:
+        return want is not None and config.contains_subnet(want) and not any(
+            want.overlaps(t) for t in taken)
 
     def free6(want: IPv6Network | None) -> bool:
         return want is not None and config.contains_ipv6_subnet(want) and not any(
             want.overlaps(t) for t in taken6)
 
-    if previous_subnet is not None and (not config.enable_ipv6 or free6(previous_subnet6)):
-        if config.contains_subnet(previous_subnet) and not any(
-            previous_subnet.overlaps(t) for t in taken
-        ):
-            return LeasePlan(previous_subnet, delete=tuple(stale),
-                             reason=f"reusing {previous_subnet} from the subnet file",
-                             ipv6_subnet=previous_subnet6 if config.enable_ipv6 else None)
-    subnet = choose_subnet(config, taken, rng=rng)
+    if ((previous_subnet is not None or previous_subnet6 is not None)
+            and (not config.enable_ipv4 or free4(previous_subnet))
+            and (not config.enable_ipv6 or free6(previous_subnet6))):
+        prev4 = previous_subnet if config.enable_ipv4 else None
+        prev6 = previous_subnet6 if config.enable_ipv6 else None
+        return LeasePlan(prev4, delete=tuple(stale),
+                         reason=f"reusing {subnets_label(prev4, prev6)} from the subnet file",
+                         ipv6_subnet=prev6)
+    subnet = choose_subnet(config, taken, rng=rng) if config.enable_ipv4 else None
     subnet6 = choose_subnet6(config, taken6, rng=rng) if config.enable_ipv6 else None
-    reason = f"allocated free subnet {subnet}" + (f" and {subnet6}" if subnet6 else "")
+    reason = f"allocated free subnet {subnets_label(subnet, subnet6)}"
     return LeasePlan(subnet, delete=tuple(stale), reason=reason, ipv6_subnet=subnet6)
 
 

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from netagent.config import NetworkConfig
 from netagent.lease import (
@@ -24,6 +24,7 @@ from netagent.lease import (
     encode_attrs,
     plan_lease,
     subnet_key,
+    subnets_label,
 )
 from netagent.registry import Registry, RegistryError
 
@@ -72,12 +73,13 @@ class LeaseManager:
     def subnets_prefix(self) -> str:
         return self.registry.key("subnets/")
 
-    def _key(self, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
+    def _key(self, subnet: IPv4Network | None, subnet6: IPv6Network | None = None) -> str:
         return self.subnets_prefix + subnet_key(subnet, subnet6)
 
     @property
-    def public_ip(self) -> IPv4Address:
-        return self.attrs.public_ip
+    def public_ip(self) -> IPv4Address | IPv6Address | None:
+        """The address our leases are found by: PublicIP, or PublicIPv6 when IPv6-only."""
+        return self.attrs.host_ip
 
     def list_leases(self) -> tuple[dict[str, Lease], int]:
         items, revision = self.registry.list_prefix(self.subnets_prefix)
@@ -98,6 +100,7 @@ class LeaseManager:
         attempts = MAX_ATTEMPTS + self.config.candidate_count
         for attempt in range(1, attempts + 1):
             existing, _ = self.list_leases()
+            assert self.public_ip is not None
             plan = plan_lease(self.config, existing, self.public_ip, self.previous_subnet,
                               rng=self.rng, previous_subnet6=self.previous_subnet6)
             for stale in plan.delete:
@@ -113,14 +116,14 @@ class LeaseManager:
                 continue
             created, lease_id, holder = self.registry.create(key, value, self.ttl)
             if created:
-                log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason, plan.subnet,
-                         lease_id, self.ttl)
+                log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason,
+                         subnets_label(plan.subnet, plan.ipv6_subnet), lease_id, self.ttl)
                 return self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
                                   self.ttl)
             log.info("subnet %s was taken by another host meanwhile (attempt %d)",
-                     plan.subnet, attempt)
-            if plan.subnet == self.previous_subnet:
-                self.previous_subnet = None
+                     subnets_label(plan.subnet, plan.ipv6_subnet), attempt)
+            # a previous subnet that was just taken is no hint any more
+            self.previous_subnet = self.previous_subnet6 = None
         raise RegistryError(f"max retries ({attempts}) reached trying to acquire a subnet")
 
     def _reuse(self, old: Lease, key: str, value: str) -> Lease | None:
@@ -253,7 +256,7 @@ class LeaseManager:
         if holder is not None:
             try:
                 other = decode_lease(key[len(self.subnets_prefix):], holder.value)
-                if other.attrs.public_ip == self.public_ip:
+                if other.attrs.host_ip == self.public_ip:
                     # ours after all (e.g. written back by an operator): adopt it
                     return self._hold(
                         Lease(old.subnet, other.attrs, old.ipv6_subnet, holder.lease_id), state.ttl
@@ -261,11 +264,11 @@ class LeaseManager:
             except LeaseError:
                 pass
         log.error("SUBNET LOST: %s is now held by another host; acquiring a new subnet. Pods on "
-                  "this host must be re-attached.", old.subnet)
+                  "this host must be re-attached.", old.label)
         self.previous_subnet = None
         self.previous_subnet6 = None
         self.acquire()
-        raise LeaseLost(f"subnet {old.subnet} was taken by another host; now {self.lease.subnet}")
+        raise LeaseLost(f"subnet {old.label} was taken by another host; now {self.lease.label}")
 
 
 __all__ = ["LeaseManager", "LeaseLost", "OutOfSubnets", "LeaseState"]

@@ -1,4 +1,7 @@
-"""The peer table: a pure fold of lease snapshots and watch events into subnet -> Lease.
+"""The peer table: a pure fold of lease snapshots and watch events into peer id -> Lease.
+
+A peer is known by its lease's :attr:`~netagent.lease.Lease.ident`: the IPv4 subnet, or the
+IPv6 subnet in an IPv6-only network.
 
 Like flannel's LeaseWatcher (snapshot diff, upsert by subnet) but testable on its own: no I/O,
 no clock. Malformed values are skipped with a reason and never remove a peer that was valid
@@ -9,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
-from netagent.lease import Lease, LeaseError, decode_lease, parse_subnet_key
+from netagent.lease import Lease, LeaseError, PeerId, decode_lease, lease_ident, parse_subnet_key
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,13 @@ class RawLease:
 
 @dataclass
 class PeerChanges:
-    added: set[IPv4Network] = field(default_factory=set)
-    removed: set[IPv4Network] = field(default_factory=set)
+    added: set[PeerId] = field(default_factory=set)
+    removed: set[PeerId] = field(default_factory=set)
     #: key name -> why it was skipped
     rejected: dict[str, str] = field(default_factory=dict)
 
     @property
-    def changed(self) -> frozenset[IPv4Network]:
+    def changed(self) -> frozenset[PeerId]:
         return frozenset(self.added | self.removed)
 
     def __bool__(self) -> bool:
@@ -40,25 +42,31 @@ class PeerChanges:
 
 
 class PeerTable:
-    """subnet -> Lease for every lease in etcd inside our network, except our own subnet.
+    """ident -> Lease for every lease in etcd inside our network, except our own.
+
+    ``network`` is the config's primary network (IPv4, or IPv6 when IPv4 is off): a lease is
+    inside when its ident is in it, so after a switch to an IPv6-only network the old
+    dual-stack leases (known by their IPv4 subnet) step aside until their hosts re-lease.
 
     Leases outside the network (left over from before a live network change, or written for
     another network) are kept aside in `outside`, so a later network change can bring them back.
     """
 
-    def __init__(self, own_subnet: IPv4Network | None = None,
-                 network: IPv4Network | None = None) -> None:
+    def __init__(self, own_subnet: PeerId | None = None,
+                 network: PeerId | None = None) -> None:
         self.own_subnet = own_subnet
         self.network = network
-        self.peers: dict[IPv4Network, Lease] = {}
-        self.outside: dict[IPv4Network, Lease] = {}
+        self.peers: dict[PeerId, Lease] = {}
+        self.outside: dict[PeerId, Lease] = {}
         #: key name -> reason, for keys currently holding an unusable value
         self.invalid: dict[str, str] = {}
         #: bumped whenever `peers` changes, so readers can cache what they derive from it
         self.version = 0
 
-    def _inside(self, subnet: IPv4Network) -> bool:
-        return self.network is None or subnet.subnet_of(self.network)
+    def _inside(self, subnet: PeerId) -> bool:
+        net = self.network
+        return net is None or (subnet.version == net.version
+                               and subnet.subnet_of(net))  # type: ignore[arg-type]
 
     def _decode(self, raw: RawLease, changes: PeerChanges) -> Lease | None:
         try:
@@ -71,19 +79,19 @@ class PeerTable:
     def reset(self, snapshot: Iterable[RawLease]) -> PeerChanges:
         """Replace the table with a full listing; report what was added and removed."""
         changes = PeerChanges()
-        new: dict[IPv4Network, Lease] = {}
+        new: dict[PeerId, Lease] = {}
         self.invalid = {}
         self.outside = {}
         for raw in snapshot:
             lease = self._decode(raw, changes)
             if lease is None:
                 continue
-            if lease.subnet == self.own_subnet:
+            if lease.ident == self.own_subnet:
                 continue
-            if not self._inside(lease.subnet):
-                self.outside[lease.subnet] = lease
+            if not self._inside(lease.ident):
+                self.outside[lease.ident] = lease
                 continue
-            new[lease.subnet] = lease
+            new[lease.ident] = lease
         # a key whose value is now malformed keeps its last good lease
         for subnet, old in self.peers.items():
             if subnet not in new and old.key in self.invalid:
@@ -99,18 +107,18 @@ class PeerTable:
     def put(self, raw: RawLease) -> PeerChanges:
         changes = PeerChanges()
         lease = self._decode(raw, changes)
-        if lease is None or lease.subnet == self.own_subnet:
+        if lease is None or lease.ident == self.own_subnet:
             return changes
         self.invalid.pop(raw.name, None)
-        if not self._inside(lease.subnet):
-            self.outside[lease.subnet] = lease
-            if self.peers.pop(lease.subnet, None) is not None:
-                changes.removed.add(lease.subnet)
+        if not self._inside(lease.ident):
+            self.outside[lease.ident] = lease
+            if self.peers.pop(lease.ident, None) is not None:
+                changes.removed.add(lease.ident)
                 self.version += 1
             return changes
-        if self.peers.get(lease.subnet) != lease:
-            self.peers[lease.subnet] = lease
-            changes.added.add(lease.subnet)
+        if self.peers.get(lease.ident) != lease:
+            self.peers[lease.ident] = lease
+            changes.added.add(lease.ident)
             self.version += 1
         return changes
 
@@ -121,7 +129,7 @@ class PeerTable:
         changes = PeerChanges()
         self.invalid.pop(name, None)
         try:
-            candidates = [parse_subnet_key(name)[0]]
+            candidates = [lease_ident(*parse_subnet_key(name))]
         except LeaseError:  # never stored under this name, but look everywhere to be sure
             candidates = [*self.peers, *self.outside]
         for subnet in candidates:
@@ -136,7 +144,7 @@ class PeerTable:
             self.version += 1
         return changes
 
-    def set_network(self, network: IPv4Network | None) -> PeerChanges:
+    def set_network(self, network: PeerId | None) -> PeerChanges:
         """The network changed live: peers outside it step aside, returning ones come back."""
         changes = PeerChanges()
         self.network = network
@@ -152,7 +160,7 @@ class PeerTable:
             self.version += 1
         return changes
 
-    def set_own(self, subnet: IPv4Network | None) -> PeerChanges:
+    def set_own(self, subnet: PeerId | None) -> PeerChanges:
         """Our subnet changed (renumbering): it stops or starts being a peer entry."""
         changes = PeerChanges()
         self.own_subnet = subnet
