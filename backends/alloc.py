@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Network
 
 from backends.base import Backend, LeaseContribution, SyncReport
-from netagent.lease import Lease
+from netagent.lease import Lease, PeerId
 
 
 class AllocBackend(Backend):
@@ -20,6 +19,6 @@ class AllocBackend(Backend):
         return None
 
     def sync(
-        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+        self, peers: Mapping[PeerId, Lease], changed: frozenset[PeerId] | None = None
     ) -> SyncReport:
         return SyncReport()

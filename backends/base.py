@@ -17,12 +17,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import ClassVar
 
 from netagent.config import NetworkConfig
-from netagent.lease import Lease
+from netagent.lease import Lease, PeerId
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,13 @@ class HostFacts:
     iface: str
     iface_index: int
     iface_mtu: int
+    #: 0.0.0.0 for an IPv6-only network (the lease's PublicIP then is 0.0.0.0 too)
     iface_addr: IPv4Address
     public_ip: IPv4Address
     state_dir: Path
     public_ipv6: IPv6Address | None = None
+    #: the interface's own IPv6 address that matched (None when not known)
+    iface_addr6: IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class SyncReport:
     failed: int = 0
     #: kernel entries we own after the sync, by kind ("route", "neigh", "fdb", ...)
     entries: dict[str, int] = field(default_factory=dict)
-    #: peers skipped (wrong backend type, malformed data, unreachable), subnet -> reason
-    skipped: dict[IPv4Network, str] = field(default_factory=dict)
+    #: peers skipped (wrong backend type, malformed data, unreachable), peer id -> reason
+    skipped: dict[PeerId, str] = field(default_factory=dict)
 
     @property
     def changes(self) -> int:
@@ -85,7 +88,7 @@ class Backend(ABC):
 
     @abstractmethod
     def sync(
-        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+        self, peers: Mapping[PeerId, Lease], changed: frozenset[PeerId] | None = None
     ) -> SyncReport:
         """Make the kernel match `peers` (all peer leases, own lease excluded).
 

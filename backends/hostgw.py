@@ -10,12 +10,12 @@ route for the peer's IPv6 subnet via its PublicIPv6.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv6Address
 
 from backends.base import LeaseContribution
 from backends.render import ReconcilingBackend, Rendered, is_direct
 from netagent.dataplane import Entry, IPAddress, Route, RouteLookup
-from netagent.lease import Lease
+from netagent.lease import Lease, PeerId
 
 
 def _not_direct(public: IPAddress, lookup: RouteLookup | None) -> str:
@@ -30,39 +30,50 @@ def _not_direct(public: IPAddress, lookup: RouteLookup | None) -> str:
 
 
 def render_hostgw_peers(
-    peers: Mapping[IPv4Network, Lease],
+    peers: Mapping[PeerId, Lease],
     *,
     iface_index: int,
     own_ip: IPv4Address | None = None,
     lookups: Mapping[IPAddress, RouteLookup | None],
     ipv6: bool = False,
     own_ip6: IPv6Address | None = None,
+    ipv4: bool = True,
 ) -> Rendered:
     """A route via the peer's PublicIP for each host-gw peer the interface reaches directly;
     with ``ipv6``, also its IPv6 subnet via its PublicIPv6 (a peer whose IPv6 side is missing
-    or unreachable keeps its IPv4 route and is reported)."""
-    entries: dict[IPv4Network, tuple[Entry, ...]] = {}
-    skipped: dict[IPv4Network, str] = {}
-    for subnet, lease in peers.items():
+    or unreachable keeps its IPv4 route and is reported). Without ``ipv4`` (an IPv6-only
+    network) only the IPv6 route, and a peer without a usable IPv6 side is skipped."""
+    entries: dict[PeerId, tuple[Entry, ...]] = {}
+    skipped: dict[PeerId, str] = {}
+    for ident, lease in peers.items():
         btype, public = lease.attrs.backend_type, lease.attrs.public_ip
         if btype != "host-gw":
-            skipped[subnet] = f"BackendType {btype or '(none)'!r} is not host-gw; ignoring"
+            skipped[ident] = f"BackendType {btype or '(none)'!r} is not host-gw; ignoring"
             continue
-        if own_ip is not None and public == own_ip:
-            skipped[subnet] = f"lease has our own PublicIP {own_ip} (a stale lease of this host?)"
-            continue
-        lookup = lookups.get(public)
-        if not is_direct(lookup, iface_index):
-            skipped[subnet] = "PublicIP " + _not_direct(public, lookup)
-            continue
-        routes = [Route(subnet, gateway=public, oif=iface_index)]
-        if ipv6:
+        routes: list[Route] = []
+        if ipv4:
+            if lease.subnet is None:
+                skipped[ident] = "the lease has no IPv4 subnet (an IPv6-only lease)"
+                continue
+            if own_ip is not None and public == own_ip:
+                skipped[ident] = (f"lease has our own PublicIP {own_ip} (a stale lease of this "
+                                  "host?)")
+                continue
+            lookup = lookups.get(public)
+            if not is_direct(lookup, iface_index):
+                skipped[ident] = "PublicIP " + _not_direct(public, lookup)
+                continue
+            routes.append(Route(lease.subnet, gateway=public, oif=iface_index))
+        if ipv6 or not ipv4:
             why, route6 = _hostgw_v6_route(lease, iface_index, own_ip6, lookups)
             if route6 is not None:
                 routes.append(route6)
+            elif not ipv4:
+                skipped[ident] = why
+                continue
             else:
-                skipped[subnet] = f"IPv6 side left out: {why}"
-        entries[subnet] = tuple(routes)
+                skipped[ident] = f"IPv6 side left out: {why}"
+        entries[ident] = tuple(routes)
     return Rendered(entries, skipped)
 
 
@@ -85,7 +96,13 @@ class HostGwBackend(ReconcilingBackend):
     type_name = "host-gw"
 
     def prepare(self) -> LeaseContribution:
-        if self.host.public_ip != self.host.iface_addr:
+        if not self.config.enable_ipv4:
+            public6, addr6 = self.host.public_ipv6, self.host.iface_addr6
+            if public6 is None or public6 != addr6:
+                raise RuntimeError(
+                    f"host-gw: PublicIPv6 {public6} is not an address of {self.host.iface} "
+                    f"({addr6}); probably behind NAT, which host-gw cannot work through")
+        elif self.host.public_ip != self.host.iface_addr:
             raise RuntimeError(
                 f"host-gw: PublicIP {self.host.public_ip} differs from the interface address "
                 f"{self.host.iface_addr}; probably behind NAT, which host-gw cannot work through"
@@ -99,16 +116,20 @@ class HostGwBackend(ReconcilingBackend):
     def activate(self, own: Lease) -> None:
         self.own = own
 
-    def render(self, peers: Mapping[IPv4Network, Lease],
+    def render(self, peers: Mapping[PeerId, Lease],
                lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
         return render_hostgw_peers(peers, iface_index=self.host.iface_index,
                                    own_ip=self.host.public_ip, lookups=lookups,
-                                   ipv6=self.ipv6, own_ip6=self.host.public_ipv6)
+                                   ipv6=self.ipv6, own_ip6=self.host.public_ipv6,
+                                   ipv4=self.config.enable_ipv4)
 
     def lookup_targets(self, lease: Lease) -> tuple[IPAddress, ...]:
         if lease.attrs.backend_type != "host-gw":
             return ()
+        out: list[IPAddress] = []
+        if self.config.enable_ipv4:
+            out.append(lease.attrs.public_ip)
         public6 = lease.attrs.public_ipv6
         if self.ipv6 and public6 is not None:
-            return (lease.attrs.public_ip, public6)
-        return (lease.attrs.public_ip,)
+            out.append(public6)
+        return tuple(out)

@@ -17,7 +17,6 @@ import secrets
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 
 from backends.base import Backend, HostFacts, SyncReport
 from netagent.config import NetworkConfig
@@ -30,7 +29,7 @@ from netagent.dataplane import (
     lookup_all,
     route_owner,
 )
-from netagent.lease import Lease
+from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,8 @@ def generate_vtep_mac(randbytes: Callable[[int], bytes] = secrets.token_bytes) -
 class Rendered:
     """A render's output: entries per peer, and peers left out with the reason."""
 
-    entries: Mapping[IPv4Network, tuple[Entry, ...]] = field(default_factory=dict)
-    skipped: Mapping[IPv4Network, str] = field(default_factory=dict)
+    entries: Mapping[PeerId, tuple[Entry, ...]] = field(default_factory=dict)
+    skipped: Mapping[PeerId, str] = field(default_factory=dict)
 
 
 def _trim_heap() -> None:
@@ -109,11 +108,11 @@ class ReconcilingBackend(Backend):
         self.own: Lease | None = None
         self.reconciler: Reconciler | None = None
         #: peers the render left out, and peers whose routes the apply held back
-        self._skipped: dict[IPv4Network, str] = {}
-        self._blocked: dict[IPv4Network, str] = {}
+        self._skipped: dict[PeerId, str] = {}
+        self._blocked: dict[PeerId, str] = {}
         #: subnet -> (lease, its route lookups) it was last rendered from: a full sync renders
         #: only peers whose lease or lookups changed (5,000 JSON parses every 10 s otherwise)
-        self._rendered_from: dict[IPv4Network, tuple[Lease, tuple[RouteLookup | None, ...]]] = {}
+        self._rendered_from: dict[PeerId, tuple[Lease, tuple[RouteLookup | None, ...]]] = {}
         #: ``ip route get`` answers by underlay address, valid while the kernel's non-peer
         #: routes (``Reconciler.underlay``) stay the same, and at most LOOKUP_REFRESH full syncs
         self._lookups: dict[IPAddress, RouteLookup | None] = {}
@@ -145,7 +144,7 @@ class ReconcilingBackend(Backend):
     # hooks for the concrete backends
 
     @abstractmethod
-    def render(self, peers: Mapping[IPv4Network, Lease],
+    def render(self, peers: Mapping[PeerId, Lease],
                lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
         """The backend's pure render, with its parameters bound."""
 
@@ -160,7 +159,7 @@ class ReconcilingBackend(Backend):
     # the driver
 
     def sync(
-        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+        self, peers: Mapping[PeerId, Lease], changed: frozenset[PeerId] | None = None
     ) -> SyncReport:
         # A first sync of 5,000 peers allocates ~150,000 long-lived objects and no cycles; left
         # on, the cyclic collector runs dozens of times over the whole heap meanwhile (measured:
@@ -178,7 +177,7 @@ class ReconcilingBackend(Backend):
         return report
 
     def _sync(
-        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None
+        self, peers: Mapping[PeerId, Lease], changed: frozenset[PeerId] | None
     ) -> SyncReport:
         rec = self.reconciler
         full = changed is None or rec is None or not rec.synced
@@ -200,7 +199,7 @@ class ReconcilingBackend(Backend):
                     for ip in (lz.attrs.public_ip, lz.attrs.public_ipv6):
                         self._lookups.pop(ip, None)  # type: ignore[arg-type]
         if self.own is not None:
-            todo.discard(self.own.subnet)
+            todo.discard(self.own.ident)
         present = {s: peers[s] for s in todo if s in peers}
         targets = {s: self.lookup_targets(lz) for s, lz in present.items()}
         lookups = self._lookup(ip for ips in targets.values() for ip in ips)
@@ -246,7 +245,7 @@ class ReconcilingBackend(Backend):
         return {ip: self._lookups[ip] for ip in wanted}
 
     @staticmethod
-    def _note_skip(table: dict[IPv4Network, str], subnet: IPv4Network, why: str | None) -> None:
+    def _note_skip(table: dict[PeerId, str], subnet: PeerId, why: str | None) -> None:
         """Log a skipped peer once per reason, not on every sync."""
         before = table.get(subnet)
         if why is None:

@@ -35,7 +35,7 @@ import os
 import socket
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
+from typing import Any, cast
 
 from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
 from backends.udpfwd import (
@@ -51,7 +51,7 @@ from backends.udpfwd import (
 from backends.udprun import numpy_payload_sums, payload_sums_python
 from netagent.config import NetworkConfig
 from netagent.dataplane import Kernel, KernelError, Op, Route
-from netagent.lease import Lease
+from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class UdpBackend(Backend):
         return table, skipped
 
     def sync(
-        self, peers: Mapping[IPv4Network, Lease], changed: frozenset[IPv4Network] | None = None
+        self, peers: Mapping[PeerId, Lease], changed: frozenset[PeerId] | None = None
     ) -> SyncReport:
         """Render the whole table (cheap: thousands of peers take milliseconds) and swap it in.
 
@@ -162,7 +162,8 @@ class UdpBackend(Backend):
         if changed is None:
             report.added += self._repair()
         before = self.forwarder.table.peers if self.forwarder else 0
-        table, skipped = self._install(dict(peers))
+        # udp carries IPv4 only (daemon.unsupported refuses it with IPv6): peers are IPv4
+        table, skipped = self._install(cast(dict[IPv4Network, Lease], dict(peers)))
         for subnet, why in skipped.items():
             if self._skipped.get(subnet) != why:
                 log.warning("skipping peer %s: %s", subnet, why)
@@ -177,7 +178,7 @@ class UdpBackend(Backend):
             report.added += max(0, table.peers - before)
             report.removed += max(0, before - table.peers)
         report.entries = {"route": 1 if self._route_ok else 0, "udp_peer": table.peers}
-        report.skipped = dict(skipped)
+        report.skipped = {k: v for k, v in skipped.items()}
         return report
 
     def shutdown(self) -> None:
@@ -295,6 +296,7 @@ class UdpBackend(Backend):
         link = k.link(DEVICE)
         if link is None:
             return 0
+        assert self.own.subnet is not None, "udp runs IPv4 networks only"
         want = IPv4Interface(f"{self.own.subnet.network_address}/32")
         net = self.config.network
         for addr in link.addrs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
 from backends.base import HostFacts, LeaseContribution
@@ -38,7 +38,7 @@ from netagent.dataplane import (
     VxlanSpec,
     kernel_needs_csum_workaround,
 )
-from netagent.lease import Lease, canonical_json
+from netagent.lease import Lease, PeerId, canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ VXLAN6_OVERHEAD = 70
 
 
 def render_vxlan_peers(
-    peers: Mapping[IPv4Network, Lease],
+    peers: Mapping[PeerId, Lease],
     *,
     vni: int,
-    device_index: int,
+    device_index: int | None,
     own_ip: IPv4Address | None = None,
     direct_routing: bool = False,
     lookups: Mapping[IPAddress, RouteLookup | None] | None = None,
@@ -68,27 +68,38 @@ def render_vxlan_peers(
     an onlink route via its subnet's network address on our device. With ``device6_index``
     (dual stack) the same again for the peer's IPv6 subnet on the IPv6 device, from its
     BackendV6Data and PublicIPv6; a peer whose IPv6 side is unusable keeps its IPv4 entries and
-    is reported.
+    is reported. With ``device_index`` None (an IPv6-only network) only the IPv6 side is
+    rendered, and a peer whose IPv6 side is unusable is skipped.
     """
-    entries: dict[IPv4Network, tuple[Entry, ...]] = {}
-    skipped: dict[IPv4Network, str] = {}
+    entries: dict[PeerId, tuple[Entry, ...]] = {}
+    skipped: dict[PeerId, str] = {}
     looked = lookups or {}
-    for subnet, lease in peers.items():
-        why, mac = _vxlan_peer_mac(lease, vni, own_ip)
-        if why:
-            skipped[subnet] = why
+    for ident, lease in peers.items():
+        btype = lease.attrs.backend_type
+        if btype != "vxlan":
+            skipped[ident] = f"BackendType {btype or '(none)'!r} is not vxlan; ignoring this lease"
             continue
-        public = lease.attrs.public_ip
-        out = _vxlan_entries(subnet, mac, public, device_index, direct_routing, looked)
+        out: tuple[Entry, ...] = ()
+        if device_index is not None:
+            why, mac = _vxlan_peer_mac(lease, vni, own_ip)
+            if why:
+                skipped[ident] = why
+                continue
+            assert lease.subnet is not None
+            out = _vxlan_entries(lease.subnet, mac, lease.attrs.public_ip, device_index,
+                                 direct_routing, looked)
         if device6_index is not None:
             why6, mac6 = _vxlan_peer_mac6(lease, vni, own_ip6)
+            if why6 and device_index is None:
+                skipped[ident] = why6
+                continue
             if why6:
-                skipped[subnet] = f"IPv6 side left out: {why6}"
+                skipped[ident] = f"IPv6 side left out: {why6}"
             else:
                 assert lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None
                 out += _vxlan_entries(lease.ipv6_subnet, mac6, lease.attrs.public_ipv6,
                                       device6_index, direct_routing, looked)
-        entries[subnet] = out
+        entries[ident] = out
     return Rendered(entries, skipped)
 
 
@@ -107,10 +118,9 @@ def _vxlan_entries(subnet: IPNetwork, mac: str, public: IPAddress, device_index:
 
 
 def _vxlan_peer_mac(lease: Lease, vni: int, own_ip: IPv4Address | None) -> tuple[str, str]:
-    """(reason to skip, "") or ("", VtepMAC)."""
-    btype = lease.attrs.backend_type
-    if btype != "vxlan":
-        return f"BackendType {btype or '(none)'!r} is not vxlan; ignoring this lease", ""
+    """The IPv4 side of a vxlan lease: (reason to skip, "") or ("", VtepMAC)."""
+    if lease.subnet is None:
+        return "the lease has no IPv4 subnet (an IPv6-only lease)", ""
     if own_ip is not None and lease.attrs.public_ip == own_ip:
         return f"lease has our own PublicIP {own_ip} (a stale lease of this host?)", ""
     try:
@@ -275,15 +285,17 @@ class VxlanBackend(ReconcilingBackend):
         b = config.backend
         self.vni = b.vni
         underlay_mtu = b.mtu or host.iface_mtu
-        self.mtu = underlay_mtu - VXLAN_OVERHEAD
         port = b.port or DEFAULT_VXLAN_PORT
-        self.spec = VxlanSpec(
-            name=f"flannel.{b.vni}", vni=b.vni, port=port,
-            local=host.public_ip, underlay_index=host.iface_index, mtu=self.mtu,
-            learning=b.learning, gbp=b.gbp,
-        )
-        #: the IPv6 device (dual stack): outer IPv6 needs 20 bytes more than IPv4 (flannel
-        #: applies −50 here too, #1781, which makes full-size packets fail)
+        #: the IPv4 device, absent in an IPv6-only network
+        self.spec: VxlanSpec | None = None
+        if config.enable_ipv4:
+            self.spec = VxlanSpec(
+                name=f"flannel.{b.vni}", vni=b.vni, port=port,
+                local=host.public_ip, underlay_index=host.iface_index,
+                mtu=underlay_mtu - VXLAN_OVERHEAD, learning=b.learning, gbp=b.gbp,
+            )
+        #: the IPv6 device (dual stack, IPv6-only): outer IPv6 needs 20 bytes more than IPv4
+        #: (flannel applies −50 here too, #1781, which makes full-size packets fail)
         self.spec6: VxlanSpec | None = None
         if self.ipv6 and host.public_ipv6 is not None:
             self.spec6 = VxlanSpec(
@@ -297,8 +309,8 @@ class VxlanBackend(ReconcilingBackend):
         self._dev6: VxlanDevice | None = None
 
     @property
-    def dev(self) -> VxlanDevice:
-        if self._dev is None:
+    def dev(self) -> VxlanDevice | None:
+        if self._dev is None and self.spec is not None:
             self._dev = VxlanDevice(self.spec, self.kernel, self.host.state_dir)
         return self._dev
 
@@ -308,22 +320,36 @@ class VxlanBackend(ReconcilingBackend):
             self._dev6 = VxlanDevice(self.spec6, self.kernel, self.host.state_dir)
         return self._dev6
 
+    def _devices(self) -> list[VxlanDevice]:
+        return [d for d in (self.dev, self.dev6) if d is not None]
+
     @property
     def mac(self) -> str:
-        return self.dev.mac
+        """The IPv4 device's MAC ("" in an IPv6-only network)."""
+        return self.dev.mac if self.dev is not None else ""
 
     @property
     def ifindex(self) -> int:
-        return self.dev.ifindex
+        """The IPv4 device's index (0 in an IPv6-only network)."""
+        return self.dev.ifindex if self.dev is not None else 0
 
     @property
     def mac_file(self) -> Path:
-        return self.dev.mac_file
+        dev = self.dev or self.dev6
+        assert dev is not None
+        return dev.mac_file
+
+    @property
+    def mtu(self) -> int:
+        """The IPv4 device's MTU (the IPv6 device's in an IPv6-only network)."""
+        spec = self.spec or self.spec6
+        assert spec is not None
+        return spec.mtu
 
     @property
     def subnet_mtu(self) -> int:
         """The pods' MTU (subnet.env): small enough for every device a pod's packet may take."""
-        return min(self.mtu, self.spec6.mtu) if self.spec6 is not None else self.mtu
+        return min(d.spec.mtu for d in self._devices())
 
     # -- lifecycle
 
@@ -331,9 +357,10 @@ class VxlanBackend(ReconcilingBackend):
         if self.ipv6 and self.spec6 is None:
             raise RuntimeError("vxlan: EnableIPv6 is set but this host has no PublicIPv6")
         self._ensure_devices()
-        self.reconciler = self._new_reconciler(self.ifindex, self._index6())
-        data = canonical_json({"VNI": self.vni, "VtepMAC": self.mac})
-        data6 = ""
+        self.reconciler = self._new_reconciler(self._index4(), self._index6())
+        data = data6 = ""
+        if self.dev is not None:
+            data = canonical_json({"VNI": self.vni, "VtepMAC": self.dev.mac})
         if self.dev6 is not None:
             data6 = canonical_json({"VNI": self.vni, "VtepMAC": self.dev6.mac})
         return LeaseContribution(backend_type="vxlan", backend_data=data, mtu=self.subnet_mtu,
@@ -343,10 +370,10 @@ class VxlanBackend(ReconcilingBackend):
         self.own = own
         self._ensure_addresses()
 
-    def render(self, peers: Mapping[IPv4Network, Lease],
+    def render(self, peers: Mapping[PeerId, Lease],
                lookups: Mapping[IPAddress, RouteLookup | None]) -> Rendered:
         return render_vxlan_peers(
-            peers, vni=self.vni, device_index=self.ifindex, own_ip=self.host.public_ip,
+            peers, vni=self.vni, device_index=self._index4(), own_ip=self.host.public_ip,
             direct_routing=self.config.backend.direct_routing, lookups=lookups,
             device6_index=self._index6(), own_ip6=self.host.public_ipv6,
         )
@@ -354,21 +381,23 @@ class VxlanBackend(ReconcilingBackend):
     def lookup_targets(self, lease: Lease) -> tuple[IPAddress, ...]:
         if not self.config.backend.direct_routing or lease.attrs.backend_type != "vxlan":
             return ()
+        out: list[IPAddress] = []
+        if self.dev is not None:
+            out.append(lease.attrs.public_ip)
         public6 = lease.attrs.public_ipv6
         if self.dev6 is not None and public6 is not None:
-            return (lease.attrs.public_ip, public6)
-        return (lease.attrs.public_ip,)
+            out.append(public6)
+        return tuple(out)
 
     def teardown(self) -> None:
         """Live switch away from these devices: remove our peer entries (DirectRouting routes
         live on the underlay, not on the device), then the devices themselves."""
         self.sync({}, None)
-        self.dev.delete()
-        if self.dev6 is not None:
-            self.dev6.delete()
+        for dev in self._devices():
+            dev.delete()
 
     def repair_devices(self) -> bool:
-        before, before6 = self.ifindex, self._index6()
+        before, before6 = self._index4(), self._index6()
         self._ensure_devices()
         if self.own is not None:
             self._ensure_addresses()
@@ -376,35 +405,38 @@ class VxlanBackend(ReconcilingBackend):
         if rec is None:
             return False
         changed = False
-        for old, new, name in ((before, self.ifindex, self.spec.name),
-                               (before6, self._index6(), self.spec6 and self.spec6.name)):
+        for old, new, spec in ((before, self._index4(), self.spec),
+                               (before6, self._index6(), self.spec6)):
             if old != new:
                 log.warning("%s was recreated (index %s → %s); reprogramming every peer",
-                            name, old, new)
+                            spec and spec.name, old, new)
                 rec.forget_device(old)
                 changed = True
-        rec.device, rec.device6 = self.ifindex, self._index6()
+        rec.device, rec.device6 = self._index4(), self._index6()
         return changed
 
     # -- devices
+
+    def _index4(self) -> int | None:
+        return self.dev.ifindex if self.dev is not None else None
 
     def _index6(self) -> int | None:
         return self.dev6.ifindex if self.dev6 is not None else None
 
     def _ensure_devices(self) -> None:
-        self.dev.ensure()
-        self._apply_csum_workaround(self.spec.name)
-        if self.dev6 is not None:
-            self.dev6.ensure()
-            self._apply_csum_workaround(self.dev6.spec.name)
+        for dev in self._devices():
+            dev.ensure()
+            self._apply_csum_workaround(dev.spec.name)
 
     def _ensure_addresses(self) -> None:
-        assert self.own is not None
-        self.dev.ensure_address(IPv4Interface(f"{self.own.subnet.network_address}/32"),
-                                self.config.network)
-        if self.dev6 is not None and self.own.ipv6_subnet is not None:
+        own = self.own
+        assert own is not None
+        if self.dev is not None and own.subnet is not None:
+            self.dev.ensure_address(IPv4Interface(f"{own.subnet.network_address}/32"),
+                                    self.config.network)
+        if self.dev6 is not None and own.ipv6_subnet is not None:
             self.dev6.ensure_address(
-                IPv6Interface(f"{self.own.ipv6_subnet.network_address}/128"),
+                IPv6Interface(f"{own.ipv6_subnet.network_address}/128"),
                 self.config.ipv6_network)
 
     def _apply_csum_workaround(self, name: str) -> None:

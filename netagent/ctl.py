@@ -121,8 +121,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                 lease["reserved"] = kv.lease_id == 0
                 lease["ttl"] = reg.lease_ttl(kv.lease_id) if kv.lease_id else None
                 try:
-                    lease["public_ip"] = json.loads(kv.value).get("PublicIP")
-                except ValueError:
+                    value = json.loads(kv.value)
+                    pub = value.get("PublicIP")
+                    # an IPv6-only host advertises PublicIP 0.0.0.0 and is known by PublicIPv6
+                    lease["public_ip"] = value.get("PublicIPv6") if pub == "0.0.0.0" else pub
+                except (ValueError, AttributeError):
                     pass
     except RegistryError as exc:
         doc["etcd"] = str(exc)
@@ -167,7 +170,7 @@ def lease_rows(items: Sequence[Any], prefix: str, ttls: dict[int, int]) -> list[
                                "reserved": kv.lease_id == 0, "error": None}
         try:
             lease = decode_lease(name, kv.value, kv.lease_id, kv.mod_revision)
-            row.update(subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
+            row.update(subnet=lease.label, public_ip=str(lease.attrs.host_ip),
                        backend=lease.attrs.backend_type or "udp")
         except LeaseError as exc:
             row["error"] = str(exc)
@@ -376,9 +379,12 @@ def check_mtu(s: Any, backend: str | None, env: dict[str, str]) -> Check:
     if not env.get("FLANNEL_MTU"):
         return Check("mtu", None, f"{s.subnet_file} not written yet")
     try:
-        from netagent.iface import find_iface
+        from netagent.iface import find_iface, find_iface6
 
-        iface, _, _ = find_iface(s.iface, s.iface_regex, s.public_ip)
+        if env.get("FLANNEL_SUBNET") or not env.get("FLANNEL_IPV6_SUBNET"):
+            iface, _, _ = find_iface(s.iface, s.iface_regex, s.public_ip)
+        else:  # an IPv6-only network: the underlay is found by its IPv6 side
+            iface, _, _ = find_iface6(s.iface, s.iface_regex, s.public_ipv6)
     except Exception as exc:  # noqa: BLE001 - any failure is a finding, not a crash
         return Check("mtu", False, f"cannot find the underlay interface: {exc}",
                      "pass --iface NAME (or make sure a default route exists)")

@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,15 @@ from netagent import systemd
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
-from netagent.iface import IfaceError, find_iface, public_ipv6_for
-from netagent.lease import LeaseAttrs, LeaseError, OutOfSubnets, decode_lease
+from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
+from netagent.lease import (
+    NO_PUBLIC_IP,
+    LeaseAttrs,
+    LeaseError,
+    OutOfSubnets,
+    PeerId,
+    decode_lease,
+)
 from netagent.leasing import LeaseLost, LeaseManager
 from netagent.masq import MasqError, Masquerade
 from netagent.peers import PeerChanges, PeerTable, RawLease
@@ -62,9 +68,6 @@ def etcd_settings(s: AgentSettings) -> EtcdSettings:
 
 def unsupported(config: NetworkConfig) -> str:
     """Why netagent cannot run this (valid) config, or "" when it can."""
-    if not config.enable_ipv4:
-        return ("EnableIPv4: IPv6-only networks are not supported yet (flannel's etcd keys need "
-                "an IPv4 subnet); enable IPv4 beside IPv6")
     if config.enable_ipv6 and config.backend.type == "udp":
         return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw with "
                 "EnableIPv6, or turn EnableIPv6 off")
@@ -140,7 +143,8 @@ class Daemon:
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
-        self.masq: Masquerade | None = None
+        #: --ip-masq rule sets by address family (4: iptables, 6: ip6tables)
+        self.masqs: dict[int, Masquerade] = {}
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
@@ -203,6 +207,14 @@ class Daemon:
     def host_facts(self, config: NetworkConfig | None = None) -> HostFacts:
         s = self.settings
         config = config or self.config
+        if config is not None and not config.enable_ipv4:
+            # IPv6-only: the interface is chosen by its IPv6 side (the host may have no IPv4
+            # at all) and the lease's PublicIP is 0.0.0.0, as flannel writes it
+            iface6, addr6, only6 = find_iface6(s.iface, s.iface_regex, s.public_ipv6)
+            log.info("using interface %s (index %d, MTU %d, address %s), public IPv6 %s "
+                     "(IPv6-only network)", iface6.name, iface6.index, iface6.mtu, addr6, only6)
+            return HostFacts(iface6.name, iface6.index, iface6.mtu, NO_PUBLIC_IP, NO_PUBLIC_IP,
+                             Path(s.state_dir), only6, iface_addr6=addr6)
         iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip)
         public6 = None
         if config is not None and config.enable_ipv6:
@@ -211,7 +223,7 @@ class Daemon:
                  iface.name, iface.index, iface.mtu, addr, public,
                  f", public IPv6 {public6}" if public6 else "")
         return HostFacts(iface.name, iface.index, iface.mtu, addr, public, Path(s.state_dir),
-                         public6)
+                         public6, iface_addr6=public6 if public6 in iface.addrs6 else None)
 
     def subnet_env(self) -> SubnetEnv:
         assert self.config is not None and self.leases is not None
@@ -254,7 +266,8 @@ class Daemon:
             "backend": self.status.backend_programmed,
         }
         if self.settings.ip_masq:
-            checks["masquerade"] = self.masq is not None and self.masq.in_place
+            checks["masquerade"] = bool(self.masqs) and all(
+                m.in_place for m in self.masqs.values())
         return checks
 
     def _start_ops(self) -> None:
@@ -274,25 +287,40 @@ class Daemon:
             Watchdog(interval, self.heartbeat.alive, systemd.notify, self.stop).start()
 
     def _masquerade(self) -> None:
-        """Install or re-check the --ip-masq rules (before subnet.env; on the repair timer)."""
+        """Install or re-check the --ip-masq rules, one rule set per address family in use
+        (iptables / ip6tables), before subnet.env and on the repair timer. A family the
+        network no longer uses (a live switch) has its rules removed; a new subnet (renumbering)
+        replaces the rules in one batch."""
         if not self.settings.ip_masq or self.config is None or self.leases is None:
             return
-        network, subnet = self.config.network, self.leases.lease.subnet
-        if network is None or subnet is None:
-            return  # IPv6-only network: ip6tables rules are not implemented yet
-        if self.masq is None:
-            self.masq = Masquerade(network, subnet)
-        elif self.masq.subnet != subnet:
-            self.masq.retarget(network, subnet)
-        try:
-            if self.masq.ensure():
-                log.info("masquerade rules applied for %s (subnet %s)", network, subnet)
-            self.status.masquerade = "in place"
-        except MasqError as exc:
-            self.status.masquerade = str(exc)
-            if str(exc) not in self._warned:
-                log.error("%s (retrying)", exc)
-                self._warned.add(str(exc))
+        cfg, lease = self.config, self.leases.lease
+        wanted = {4: (cfg.network, lease.subnet), 6: (cfg.ipv6_network, lease.ipv6_subnet)}
+        problems = []
+        for fam, (network, subnet) in wanted.items():
+            masq = self.masqs.get(fam)
+            if network is None or subnet is None:
+                if masq is not None:
+                    try:
+                        masq.remove()
+                        del self.masqs[fam]
+                        log.info("IPv%d masquerade rules removed (the network has no IPv%d)",
+                                 fam, fam)
+                    except MasqError as exc:
+                        problems.append(str(exc))
+                continue
+            if masq is None:
+                masq = self.masqs[fam] = Masquerade(network, subnet)
+            elif (masq.network, masq.subnet) != (network, subnet):
+                masq.retarget(network, subnet)
+            try:
+                if masq.ensure():
+                    log.info("masquerade rules applied for %s (subnet %s)", network, subnet)
+            except MasqError as exc:
+                problems.append(str(exc))
+                if str(exc) not in self._warned:
+                    log.error("%s (retrying)", exc)
+                    self._warned.add(str(exc))
+        self.status.masquerade = "; ".join(problems) or "in place"
 
     def run(self) -> int:
         try:
@@ -327,10 +355,15 @@ class Daemon:
         if cfg.backend_defaulted:
             log.info("no Backend in the network config: using %s (netagent's default)",
                      cfg.backend.type)
-        log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
-                 cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend.type)
+        if cfg.enable_ipv4:
+            log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
+                     cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend.type)
+        if cfg.enable_ipv6:
+            log.info("IPv6 network %s, subnets /%d from %s to %s%s", cfg.ipv6_network,
+                     cfg.ipv6_subnet_len, cfg.ipv6_subnet_min, cfg.ipv6_subnet_max,
+                     "" if cfg.enable_ipv4 else f", backend {cfg.backend.type} (IPv6-only)")
         host = self.host = self.host_facts()
-        self.status.public_ip = str(host.public_ip)
+        self.status.public_ip = str(host.public_ip if cfg.enable_ipv4 else host.public_ipv6)
         self.backend = backend_class(cfg.backend.type)(cfg, host)
         self.status.backend = cfg.backend.type
         self._phase("preparing backend")
@@ -361,7 +394,7 @@ class Daemon:
         for kv in items:  # the config may have changed since we read it: handle it in the loop
             if kv.key == self._config_key and kv.value != self._config_raw:
                 self.events.put(WatchEvent("put", kv.key, kv.value, 0, kv.mod_revision))
-        self.peers = PeerTable(lease.subnet, cfg.network)
+        self.peers = PeerTable(lease.ident, cfg.primary_network)
         self._log_rejected(self.peers.reset(self._raw(items)))
         del listed, items  # ~2.5 MB at 5,000 peers, otherwise held for the agent's lifetime
         self._phase("programming backend")
@@ -383,7 +416,7 @@ class Daemon:
         assert self.leases is not None and self.backend is not None
         lease = self.leases.lease
         self.backend.activate(lease)
-        self.status.subnet = str(lease.subnet)
+        self.status.subnet = lease.label
         self.status.lease_key = self.leases.key
         self.status.mtu = self.contribution.mtu if self.contribution else 0
         self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
@@ -430,14 +463,14 @@ class Daemon:
                 if ready and not self._notified_ready:
                     self._notified_ready = True
                     systemd.notify("READY=1")
-                    log.info("ready: subnet %s, %d peers", self.leases.lease.subnet,
+                    log.info("ready: subnet %s, %d peers", self.leases.lease.label,
                              len(self.peers.peers))
             timeout = max(0.0, next_repair - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
                 item = None
-            changed: set[IPv4Network] = set()
+            changed: set[PeerId] = set()
             full = False
             # squash everything queued into one sync
             while item is not None:
@@ -464,7 +497,7 @@ class Daemon:
             elif changed:
                 self._sync(frozenset(changed))
 
-    def _handle(self, item: Any) -> set[IPv4Network] | None:
+    def _handle(self, item: Any) -> set[PeerId] | None:
         """Apply one queued item to state; return changed subnets (None = needs a full sync)."""
         assert self.leases is not None
         if item is _LEASE_GONE:
@@ -499,7 +532,7 @@ class Daemon:
             return set(changes.changed)
         return set()
 
-    def _own_key_event(self, ev: WatchEvent) -> set[IPv4Network] | None:
+    def _own_key_event(self, ev: WatchEvent) -> set[PeerId] | None:
         assert self.leases is not None
         if ev.kind == "delete":
             return self._recover("our lease key was deleted")
@@ -509,8 +542,8 @@ class Daemon:
             log.error("our lease key was overwritten with an unreadable value (%s); restoring", exc)
             self.leases.restore()
             return set()
-        if seen.attrs.public_ip != self.leases.public_ip:
-            log.error("our lease key %s was overwritten by %s", ev.key, seen.attrs.public_ip)
+        if seen.attrs.host_ip != self.leases.public_ip:
+            log.error("our lease key %s was overwritten by %s", ev.key, seen.attrs.host_ip)
             return self._recover("our subnet was taken over")
         if self.leases.state is not None and seen.lease_id != self.leases.lease.lease_id:
             kind = "a reservation" if seen.reserved else f"etcd lease {seen.lease_id:016x}"
@@ -520,7 +553,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ live reconfiguration
 
-    def _config_event(self, raw: bytes | None) -> set[IPv4Network] | None:
+    def _config_event(self, raw: bytes | None) -> set[PeerId] | None:
         """A new <prefix>/config: validate it, then apply it live (None = full sync needed)."""
         if raw is None:
             log.warning("network config %s was deleted; keeping the running configuration",
@@ -579,8 +612,9 @@ class Daemon:
             old_backend.shutdown()
         if network_changed:
             self._teardown(old_backend, old_cfg.backend.type)
-        if new.enable_ipv6 and self.host.public_ipv6 is None:
-            try:  # IPv6 turned on: this host's PublicIPv6 is a new fact
+        if ((new.enable_ipv6 and self.host.public_ipv6 is None)
+                or new.enable_ipv4 != old_cfg.enable_ipv4):
+            try:  # IPv6 turned on, or IPv4 on/off: the host's public addresses change
                 self.host = self.host_facts(new)
             except IfaceError as exc:
                 log.error("cannot enable IPv6 (%s); keeping the current config", exc)
@@ -603,7 +637,7 @@ class Daemon:
             old_backend.shutdown()
         self.config = new
         self.leases.config = new
-        self.peers.set_network(new.network)
+        self.peers.set_network(new.primary_network)
         attrs = LeaseAttrs(public_ip=self.host.public_ip, public_ipv6=self.host.public_ipv6,
                            backend_type=contribution.backend_type,
                            backend_data=contribution.backend_data,
@@ -614,7 +648,8 @@ class Daemon:
             self.leases.update_attrs(attrs)
         else:
             log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
-                      "subnet. Pods on this host must be re-attached.", lease.subnet, new.network)
+                      "subnet. Pods on this host must be re-attached.", lease.label,
+                      " + ".join(str(n) for n in (new.network, new.ipv6_network) if n))
             self.leases.attrs = attrs
             self.leases.release()
             try:
@@ -623,15 +658,12 @@ class Daemon:
                 log.error("%s", exc)
                 self.out_of_subnets = True
                 return
-            self.peers.set_own(self.leases.lease.subnet)
+            self.peers.set_own(self.leases.lease.ident)
         self._lease_changed()
         self._sync(None)
-        if self.masq is not None and new.network is not None and (
-                old_cfg.network != new.network or not keeps_lease):
-            self.masq.retarget(new.network, self.leases.lease.subnet)
         self._masquerade()
         self.write_subnet_env()
-        log.info("now running %s on %s", new.backend.type, self.leases.lease.subnet)
+        log.info("now running %s on %s", new.backend.type, self.leases.lease.label)
 
     @staticmethod
     def _teardown(backend: Backend, name: str) -> None:
@@ -640,20 +672,20 @@ class Daemon:
         except Exception:  # noqa: BLE001 - leftovers are swept by the next full sync or start
             log.exception("removing the %s backend's kernel entries failed", name)
 
-    def _recover(self, why: str) -> set[IPv4Network] | None:
+    def _recover(self, why: str) -> set[PeerId] | None:
         assert self.leases is not None
-        log.warning("%s; re-acquiring subnet %s", why, self.leases.lease.subnet)
-        old = self.leases.lease.subnet
+        log.warning("%s; re-acquiring subnet %s", why, self.leases.lease.label)
+        old = self.leases.lease.ident
         try:
             self._retry("re-acquiring our lease", self.leases.reacquire)
         except LeaseLost as exc:
             log.error("%s", exc)
         except OutOfSubnets as exc:
-            log.error("lost subnet %s and %s", old, exc)
+            log.error("lost subnet %s and %s", self.leases.lease.label, exc)
             self.out_of_subnets = True
             return set()
-        if self.leases.lease.subnet != old:
-            self.peers.set_own(self.leases.lease.subnet)
+        if self.leases.lease.ident != old:
+            self.peers.set_own(self.leases.lease.ident)
             self._lease_changed()
             self._masquerade()
             self.write_subnet_env()
@@ -665,7 +697,7 @@ class Daemon:
         for name, why in changes.rejected.items():
             log.warning("skipping malformed lease subnets/%s: %s", name, why)
 
-    def _sync(self, changed: frozenset[IPv4Network] | None) -> None:
+    def _sync(self, changed: frozenset[PeerId] | None) -> None:
         assert self.backend is not None
         start = time.monotonic()
         try:

@@ -57,7 +57,8 @@ class DaemonCollector(Collector):
         info = _gauge("netagent_lease_info", "The lease this host holds (value is always 1)",
                       labels=("subnet", "network", "backend", "public_ip", "reserved"))
         if state is not None and status is not None:
-            info.add_metric([str(state.lease.subnet), str(getattr(config, "network", "")),
+            nets = (getattr(config, "network", None), getattr(config, "ipv6_network", None))
+            info.add_metric([state.lease.label, " + ".join(str(n) for n in nets if n),
                              status.backend, status.public_ip,
                              "true" if state.lease.reserved else "false"], 1.0)
         yield info
@@ -112,14 +113,14 @@ class DaemonCollector(Collector):
                 yield _gauge("netagent_last_reconcile_timestamp_seconds",
                              "Unix time of the last backend sync", status.last_reconcile)
 
-        masq = getattr(d, "masq", None)
-        if masq is not None:
+        masqs = list((getattr(d, "masqs", None) or {}).values())
+        if masqs:
             yield _gauge("netagent_masquerade_rules_in_place",
-                         "1 when the --ip-masq rules were in place at the last check",
-                         float(masq.in_place))
+                         "1 when the --ip-masq rules (every address family) were in place at "
+                         "the last check", float(all(m.in_place for m in masqs)))
             yield CounterMetricFamily("netagent_masquerade_repairs",
                                       "Times the masquerade rules were found missing and re-applied",
-                                      value=masq.repairs)
+                                      value=sum(m.repairs for m in masqs))
 
         yield from self._udp(getattr(getattr(d, "backend", None), "stats", None))
         yield from self._reachability(getattr(getattr(d, "prober", None), "results", None))

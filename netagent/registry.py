@@ -257,7 +257,10 @@ class Registry:
             kwargs["user"] = s.username
             kwargs["password"] = s.password
         try:
-            return etcd3.client(parts.hostname, parts.port or 2379, **kwargs)
+            host = parts.hostname or ""
+            # gRPC wants an IPv6 literal in brackets ("[fd00::1]:2379"); urlsplit strips them
+            return etcd3.client(f"[{host}]" if ":" in host else host, parts.port or 2379,
+                                **kwargs)
         except Exception as exc:  # auth happens at construction
             kind, msg = _classify(exc)
             self.stats.count(kind)

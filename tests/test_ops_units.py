@@ -301,7 +301,7 @@ class FakeStatus:
 
 
 def fake_daemon() -> Any:
-    lease = SimpleNamespace(subnet=SUB, reserved=False)
+    lease = SimpleNamespace(subnet=SUB, reserved=False, label=str(SUB))
     peer = SimpleNamespace(attrs=SimpleNamespace(public_ip=IPv4Address("192.0.2.11"),
                                                  backend_type="vxlan"))
     d = SimpleNamespace(
@@ -317,7 +317,7 @@ def fake_daemon() -> Any:
                                        "tx_bytes": 1100, "drops": {"no_route": 2}}),
         prober=SimpleNamespace(results={"10.5.9.0/24": SimpleNamespace(
             public_ip="192.0.2.11", reachable=True, rtt=0.0012)}),
-        masq=SimpleNamespace(in_place=True, repairs=1),
+        masqs={4: SimpleNamespace(in_place=True, repairs=1)},
         readiness=lambda: {"lease": True, "subnet_env": True, "backend": True},
     )
     return d
