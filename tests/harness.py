@@ -121,8 +121,12 @@ class Etcd:
     scheme: str = "http"
 
     @property
+    def _hostport(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def endpoint(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self._hostport}:{self.client_port}"
 
     def start(self, wait: bool = True) -> Etcd:
         need_etcd()
@@ -131,7 +135,7 @@ class Etcd:
             self.peer_port = self.client_port + 1 if self.ns else free_port()
         if not self.data_dir:
             self.data_dir = tempfile.mkdtemp(prefix=f"na-etcd-{RUN_ID}-")
-        peer = f"http://{self.host}:{self.peer_port}"
+        peer = f"http://{self._hostport}:{self.peer_port}"
         cmd = [
             "etcd", "--name", self.name, "--data-dir", self.data_dir,
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
@@ -342,8 +346,11 @@ class PingRun:
 class Lab:
     """A run-unique underlay namespace with a bridge, etcd on it, and N host namespaces."""
 
-    def __init__(self, tmp: Path, tag: str = "") -> None:
+    def __init__(self, tmp: Path, tag: str = "", ipv4: bool = True) -> None:
+        """``ipv4=False``: IPv6-only hosts (no IPv4 address or route; etcd on the underlay's
+        IPv6 address)."""
         need_root()
+        self.ipv4 = ipv4
         self.tag = f"na{RUN_ID}{tag}"
         self.tmp = tmp
         self.ul = f"{self.tag}-ul"
@@ -366,7 +373,8 @@ class Lab:
         sh("ip", "link", "set", "ul0", "up", ns=self.ul)
 
     def start_etcd(self, **kw: object) -> Etcd:
-        self.etcd = Etcd(host=self.etcd_ip, ns=self.ul, **kw).start()  # type: ignore[arg-type]
+        host = self.etcd_ip if self.ipv4 else f"{self.prefix6}1"
+        self.etcd = Etcd(host=host, ns=self.ul, **kw).start()  # type: ignore[arg-type]
         return self.etcd
 
     def add_host(self, mtu: int = 1500) -> Host:
@@ -395,12 +403,16 @@ class Lab:
         sh("ip", "link", "add", "eth0", "mtu", str(mtu), "netns", name, "type", "veth", "peer",
            "name", peer, "mtu", str(mtu), "netns", self.ul)
         sh("ip", "link", "set", peer, "master", "ul0", "up", ns=self.ul)
-        ip = f"{self.prefix}.{10 + i}"
+        ip = f"{self.prefix}.{10 + i}" if self.ipv4 else ""
         ip6 = f"{self.prefix6}{10 + i:x}"
-        sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=name)
+        if ip:
+            sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=name)
         sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad", ns=name)
         sh("ip", "link", "set", "eth0", "up", ns=name)
-        sh("ip", "route", "add", "default", "via", self.etcd_ip, ns=name)
+        if ip:
+            sh("ip", "route", "add", "default", "via", self.etcd_ip, ns=name)
+        else:
+            sh("ip", "-6", "route", "add", "default", "via", f"{self.prefix6}1", ns=name)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", ns=name)
         d = self.tmp / name
         d.mkdir(parents=True, exist_ok=True)
@@ -457,28 +469,30 @@ class Lab:
         Plain veth + bridge (what a CNI bridge plugin does), read from the host's subnet.env.
         """
         env = read_env_file(host.subnet_file)
-        gw_cidr = env["FLANNEL_SUBNET"]
-        gw, plen = gw_cidr.split("/")
         mtu = env.get("FLANNEL_MTU", "1500")
         k = sum(1 for p in self.pods if p.host is host) + 1
         name = f"{self.tag}-p{host.index}{k}"
         add_netns(name)
         self._made.append(name)
+        gw_cidr = env.get("FLANNEL_SUBNET", "")
         if sh("ip", "link", "show", bridge, ns=host.name, check=False).returncode != 0:
             sh("ip", "link", "add", bridge, "mtu", mtu, "type", "bridge", ns=host.name)
-            sh("ip", "addr", "add", gw_cidr, "dev", bridge, ns=host.name)
+            if gw_cidr:
+                sh("ip", "addr", "add", gw_cidr, "dev", bridge, ns=host.name)
             sh("ip", "link", "set", bridge, "up", ns=host.name)
         hv = f"vp{k}"
         sh("ip", "link", "add", hv, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu,
            "netns", name, ns=host.name)
         sh("ip", "link", "set", hv, "master", bridge, "up", ns=host.name)
-        base = gw.rsplit(".", 1)[0]
-        ip = f"{base}.{int(gw.rsplit('.', 1)[1]) + 9 + k}"
-        sh("ip", "addr", "add", f"{ip}/{plen}", "dev", "eth0", ns=name)
         sh("ip", "link", "set", "eth0", "up", ns=name)
-        sh("ip", "route", "add", "default", "via", gw, ns=name)
-        pod = Pod(name, ip, host)
-        if "FLANNEL_IPV6_SUBNET" in env:  # dual stack: the same again for IPv6, no DAD wait
+        pod = Pod(name, "", host)
+        if gw_cidr:  # IPv4 (absent in an IPv6-only network)
+            gw, plen = gw_cidr.split("/")
+            base = gw.rsplit(".", 1)[0]
+            pod.ip = f"{base}.{int(gw.rsplit('.', 1)[1]) + 9 + k}"
+            sh("ip", "addr", "add", f"{pod.ip}/{plen}", "dev", "eth0", ns=name)
+            sh("ip", "route", "add", "default", "via", gw, ns=name)
+        if "FLANNEL_IPV6_SUBNET" in env:  # dual stack or IPv6-only, no DAD wait
             gw6_cidr = env["FLANNEL_IPV6_SUBNET"]
             gw6, plen6 = gw6_cidr.split("/")
             if gw6_cidr not in sh("ip", "-6", "addr", "show", "dev", bridge, ns=host.name).stdout:
