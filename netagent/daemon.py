@@ -27,6 +27,7 @@ from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, wa
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.lease import (
     NO_PUBLIC_IP,
+    Lease,
     LeaseAttrs,
     LeaseError,
     OutOfSubnets,
@@ -603,8 +604,9 @@ class Daemon:
         # the old entries belong to another network: the new backend's ownership rules would
         # not recognise them, so the old backend removes them first (renumbering breaks the
         # pods' traffic anyway)
-        network_changed = (old_cfg.network != new.network
-                           or old_cfg.ipv6_network != new.ipv6_network)
+        # (IPv6 turned on leaves the IPv4 entries as they are: the new backend owns them too)
+        network_changed = old_cfg.network != new.network or (
+            old_cfg.ipv6_network is not None and old_cfg.ipv6_network != new.ipv6_network)
         log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live",
                     old_cfg.backend.type, new.backend.type, old_cfg.network, new.network)
         if same_device or network_changed:
@@ -647,13 +649,18 @@ class Daemon:
         if keeps_lease:
             self.leases.update_attrs(attrs)
         else:
-            log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
-                      "subnet. Pods on this host must be re-attached.", lease.label,
-                      " + ".join(str(n) for n in (new.network, new.ipv6_network) if n))
+            self._announce_relabel(lease, new)
             self.leases.attrs = attrs
-            self.leases.release()
+            # the subnets that still fit are kept (an address family turned on or off changes
+            # the key, not the other family's subnet); the old key goes once the new one exists
+            self.leases.previous_subnet = (lease.subnet if new.contains_subnet(lease.subnet)
+                                           else None)
+            self.leases.previous_subnet6 = (lease.ipv6_subnet if lease.ipv6_subnet is not None
+                                            and new.contains_ipv6_subnet(lease.ipv6_subnet)
+                                            else None)
             try:
-                self._retry("leasing a subnet in the new network", self.leases.acquire)
+                self._retry("leasing a subnet in the new network",
+                            lambda: self.leases.acquire(replacing=lease))  # type: ignore[union-attr]
             except OutOfSubnets as exc:
                 log.error("%s", exc)
                 self.out_of_subnets = True
@@ -664,6 +671,31 @@ class Daemon:
         self._masquerade()
         self.write_subnet_env()
         log.info("now running %s on %s", new.backend.type, self.leases.lease.label)
+
+    @staticmethod
+    def _announce_relabel(lease: Lease, new: NetworkConfig) -> None:
+        """Say what a lease change means for the pods: a renumbered family breaks them, an
+        added family reaches only pods attached from now on, a removed one stops working."""
+        lost4 = lease.subnet is not None and new.enable_ipv4 and not new.contains_subnet(
+            lease.subnet)
+        lost6 = lease.ipv6_subnet is not None and new.enable_ipv6 and \
+            not new.contains_ipv6_subnet(lease.ipv6_subnet)
+        nets = " + ".join(str(n) for n in (new.network, new.ipv6_network) if n)
+        if lost4 or lost6:
+            log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
+                      "subnet. Pods on this host must be re-attached.", lease.label, nets)
+            return
+        notes = []
+        if lease.subnet is not None and not new.enable_ipv4:
+            notes.append(f"IPv4 is off: pods' IPv4 addresses in {lease.subnet} stop working")
+        if lease.ipv6_subnet is not None and not new.enable_ipv6:
+            notes.append(f"IPv6 is off: pods' IPv6 addresses in {lease.ipv6_subnet} stop working")
+        if lease.subnet is None and new.enable_ipv4:
+            notes.append("IPv4 is on: re-attach pods to give them an IPv4 address")
+        if lease.ipv6_subnet is None and new.enable_ipv6:
+            notes.append("IPv6 is on: re-attach pods to give them an IPv6 address")
+        log.warning("address families changed (%s); our lease key changes, subnets that still "
+                    "fit are kept. %s", nets, "; ".join(notes))
 
     @staticmethod
     def _teardown(backend: Backend, name: str) -> None:

@@ -334,18 +334,21 @@ def plan_lease(
         return want is not None and config.contains_ipv6_subnet(want) and not any(
             want.overlaps(t) for t in taken6)
 
-    if ((previous_subnet is not None or previous_subnet6 is not None)
-            and (not config.enable_ipv4 or free4(previous_subnet))
-            and (not config.enable_ipv6 or free6(previous_subnet6))):
-        prev4 = previous_subnet if config.enable_ipv4 else None
-        prev6 = previous_subnet6 if config.enable_ipv6 else None
-        return LeasePlan(prev4, delete=tuple(stale),
-                         reason=f"reusing {subnets_label(prev4, prev6)} from the subnet file",
-                         ipv6_subnet=prev6)
-    subnet = choose_subnet(config, taken, rng=rng) if config.enable_ipv4 else None
-    subnet6 = choose_subnet6(config, taken6, rng=rng) if config.enable_ipv6 else None
-    reason = f"allocated free subnet {subnets_label(subnet, subnet6)}"
-    return LeasePlan(subnet, delete=tuple(stale), reason=reason, ipv6_subnet=subnet6)
+    # each family's subnet from the subnet file is kept when it is still free and fits, so
+    # turning IPv6 on or off (or IPv4 off) keeps the other family's pods where they are
+    # (flannel drops both unless both fit)
+    prev4 = previous_subnet if config.enable_ipv4 and free4(previous_subnet) else None
+    prev6 = previous_subnet6 if config.enable_ipv6 and free6(previous_subnet6) else None
+    subnet = prev4 or (choose_subnet(config, taken, rng=rng) if config.enable_ipv4 else None)
+    subnet6 = prev6 or (choose_subnet6(config, taken6, rng=rng) if config.enable_ipv6 else None)
+    reasons = []
+    if prev4 or prev6:
+        reasons.append(f"reusing {subnets_label(prev4, prev6)} from the subnet file")
+    fresh4, fresh6 = (None if prev4 else subnet), (None if prev6 else subnet6)
+    if fresh4 or fresh6:
+        reasons.append(f"allocated free subnet {subnets_label(fresh4, fresh6)}")
+    return LeasePlan(subnet, delete=tuple(stale), reason="; ".join(reasons),
+                     ipv6_subnet=subnet6)
 
 
 def gateway_address(subnet: IPv4Network | IPv6Network) -> Any:

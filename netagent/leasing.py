@@ -92,39 +92,62 @@ class LeaseManager:
                 log.warning("ignoring subnets/%s: %s", name, exc)
         return leases, revision
 
-    def acquire(self) -> Lease:
-        """Get a lease (reuse, previous subnet, or a free one). Raises OutOfSubnets."""
+    def acquire(self, replacing: Lease | None = None) -> Lease:
+        """Get a lease (reuse, previous subnet, or a free one). Raises OutOfSubnets.
+
+        ``replacing`` is our current lease when a live config change needs another key (an
+        address family turned on or off): its subnets count as free, so the previous-subnet
+        hints can keep them, and its key is deleted only after the new one exists, so peers
+        never see this host without a lease. Stale own keys likewise go after the new key is
+        in place."""
         value = encode_attrs(self.attrs)
         # Each lost create race means another host got a subnet, so retrying while subnets are
         # free always ends; flannel's fixed 10 tries can fail a host in a thundering herd.
         attempts = MAX_ATTEMPTS + self.config.candidate_count
         for attempt in range(1, attempts + 1):
             existing, _ = self.list_leases()
+            if replacing is not None:
+                existing.pop(replacing.key, None)
             assert self.public_ip is not None
             plan = plan_lease(self.config, existing, self.public_ip, self.previous_subnet,
                               rng=self.rng, previous_subnet6=self.previous_subnet6)
-            for stale in plan.delete:
-                log.info("deleting our old lease %s: it no longer fits the network config",
-                         stale.key)
-                self.registry.delete(self.subnets_prefix + stale.key)
             key = self._key(plan.subnet, plan.ipv6_subnet)
             if plan.reuse is not None:
                 lease = self._reuse(plan.reuse, key, value)
                 if lease is not None:
                     log.info("%s", plan.reason)
+                    self._drop_old(plan.delete, replacing)
                     return lease
                 continue
             created, lease_id, holder = self.registry.create(key, value, self.ttl)
             if created:
                 log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason,
                          subnets_label(plan.subnet, plan.ipv6_subnet), lease_id, self.ttl)
-                return self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
-                                  self.ttl)
+                lease = self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
+                                   self.ttl)
+                self._drop_old(plan.delete, replacing)
+                return lease
             log.info("subnet %s was taken by another host meanwhile (attempt %d)",
                      subnets_label(plan.subnet, plan.ipv6_subnet), attempt)
             # a previous subnet that was just taken is no hint any more
             self.previous_subnet = self.previous_subnet6 = None
         raise RegistryError(f"max retries ({attempts}) reached trying to acquire a subnet")
+
+    def _drop_old(self, stale: tuple[Lease, ...], replacing: Lease | None) -> None:
+        """Delete our keys the new lease supersedes (after it exists)."""
+        for old in stale:
+            log.info("deleting our old lease %s: it no longer fits the network config", old.key)
+            self.registry.delete(self.subnets_prefix + old.key)
+        held = self.state.lease if self.state is not None else None
+        if replacing is None or held is None or replacing.key == held.key:
+            return
+        log.info("deleting our previous lease key %s (now %s)", replacing.key, held.key)
+        self.registry.delete(self.subnets_prefix + replacing.key)
+        if replacing.lease_id and replacing.lease_id != held.lease_id:
+            try:
+                self.registry.revoke(replacing.lease_id)
+            except RegistryError as exc:
+                log.warning("revoking our old etcd lease failed (it will expire): %s", exc)
 
     def _reuse(self, old: Lease, key: str, value: str) -> Lease | None:
         """Take over our own existing key, rewriting it only when its value changed."""
@@ -178,20 +201,6 @@ class LeaseManager:
         etcd lease (none for a reservation)."""
         if self.state is not None:
             self.registry.put(self.key, encode_attrs(self.attrs), self.state.lease.lease_id)
-
-    def release(self) -> None:
-        """Give our subnet back (renumbering): delete the key and revoke its etcd lease."""
-        state = self.state
-        if state is None:
-            return
-        self.registry.delete(self.key)
-        if state.lease.lease_id:
-            try:
-                self.registry.revoke(state.lease.lease_id)
-            except RegistryError as exc:
-                log.warning("revoking our old etcd lease failed (it will expire): %s", exc)
-        self.previous_subnet = None
-        self.previous_subnet6 = None
 
     def keepalive_interval(self) -> float:
         """Keepalives run often (a third of the TTL, at most every 5 min) so the TTL stays full."""

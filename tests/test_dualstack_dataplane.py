@@ -17,7 +17,7 @@ from ipaddress import IPv6Interface, IPv6Network
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, Pod, read_env_file, wait_for
+from harness import RUN_ID, Host, Lab, PingRun, Pod, read_env_file, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -164,3 +164,37 @@ def test_peer_without_ipv6_keeps_its_ipv4_entries(lab: Lab) -> None:
         "ip", "route", "show", "10.43.250.0/24").stdout, timeout=10, what="its IPv4 route")
     assert len(re.findall(r"skipping peer 10\.43\.250\.0/24", lab.log(h1))) == 1
     ping_all_families(pods)
+
+
+def test_live_enable_ipv6_keeps_ipv4_subnets_and_traffic(lab: Lab) -> None:
+    """An IPv4 vxlan network switched to dual stack with etcdctl: each host's key gains its
+    IPv6 part with the same IPv4 subnet (new key written before the old one is deleted), the
+    IPv4 entries stay untouched (a ping across the switch loses nothing), and pods attached
+    afterwards get IPv6 and reach each other over it."""
+    assert lab.etcd is not None
+    v4 = {"Network": "10.45.0.0/16", "Backend": {"Type": "vxlan"}}
+    hosts = lab.start_hosts(json.dumps(v4), 3, "--repair-interval", "2")
+    pods = [lab.add_pod(h, bridge=f"n4{RUN_ID}") for h in hosts]
+    wait_for(lambda: all(a.ping(b.ip) for a in pods for b in pods if a is not b), timeout=30,
+             interval=0.3, what="IPv4 pods reach each other")
+    subnets = {h.name: h.subnet() for h in hosts}
+    run = PingRun(pods[0], pods[1].ip, seconds=8, interval=0.05)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    lab.etcd.put(f"{PREFIX}/config", json.dumps({**v4, "EnableIPv6": True,
+                                                 "IPv6Network": NETWORK6}))
+    for h in hosts:
+        wait_for(lambda h=h: "FLANNEL_IPV6_SUBNET" in read_env_file(h.subnet_file),
+                 timeout=30, what=f"{h.name} to add IPv6 to subnet.env")
+    print(f"enable IPv6: subnet.env rewritten on every host in {time.monotonic() - t0:.2f} s")
+    sent, got = run.result()
+    print(f"IPv4 ping across the switch: {sent} sent, {got} received")
+    assert sent > 100 and got == sent, (sent, got)
+    for h in hosts:
+        assert h.subnet() == subnets[h.name]
+        assert "IPv6 is on" in lab.log(h) and "RENUMBERING" not in lab.log(h)
+    leases = lab.leases()
+    assert set(leases) == {f"{s.network_address}-{s.prefixlen}&{subnet6(h).network_address}-"
+                           f"{subnet6(h).prefixlen}" for h in hosts for s in [subnets[h.name]]}
+    pods6 = [lab.add_pod(h, bridge=f"n4{RUN_ID}") for h in hosts]  # the same bridge
+    ping_all_families(pods6)

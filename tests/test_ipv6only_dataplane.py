@@ -164,30 +164,28 @@ def test_ipv6_only_restart_reuses_lease_and_delete_sweeps(lab6: Lab) -> None:
 
 
 def test_live_switch_dual_stack_to_ipv6_only(lab: Lab) -> None:
-    """etcdctl put of a config with EnableIPv4 false: every host re-leases as IPv6-only (key
-    ``0.0.0.0-0&…``), drops flannel.1 and its IPv4 routes, rewrites subnet.env; pods re-attached
-    on IPv6 reach each other."""
+    """etcdctl put of a config with EnableIPv4 false: every host's lease key becomes
+    ``0.0.0.0-0&…`` with the same IPv6 subnet, flannel.1 and the IPv4 routes go, subnet.env is
+    rewritten IPv6-only, and the pods' IPv6 addresses keep working without a re-attach."""
     assert lab.etcd is not None
     dual = {"Network": "10.44.0.0/16", "EnableIPv6": True, "IPv6Network": NETWORK6,
             "Backend": {"Type": "vxlan"}}
     hosts = lab.start_hosts(json.dumps(dual), 3, "--repair-interval", "2")
     pods = [lab.add_pod(h, bridge=f"nd{RUN_ID}") for h in hosts]
-    wait_for(lambda: all(a.ping(b.ip6) for a in pods for b in pods if a is not b), timeout=30,
-             interval=0.3, what="dual-stack pods reach each other over IPv6")
+    ping6_all(pods)
+    before = {h.name: subnet6(h) for h in hosts}
     lab.etcd.put(f"{PREFIX}/config", json.dumps({**CONFIG6, "Backend": {"Type": "vxlan"}}))
     for h in hosts:
         wait_for(lambda h=h: "FLANNEL_SUBNET" not in read_env_file(h.subnet_file),
                  timeout=30, what=f"{h.name} to rewrite subnet.env IPv6-only")
-    wait_for(lambda: set(lab.leases()) == {key6(subnet6(h)) for h in hosts}, timeout=30,
-             what="only IPv6-only leases left")
+        assert subnet6(h) == before[h.name], "the IPv6 subnet is kept"
+    wait_for(lambda: set(lab.leases()) == {key6(s) for s in before.values()}, timeout=30,
+             what="only the IPv6-only keys left (the dual-stack keys deleted)")
     for h in hosts:
         wait_for(lambda h=h: h.run("ip", "link", "show", "flannel.1",
                                    check=False).returncode != 0,
                  timeout=10, what=f"{h.name} to remove flannel.1")
-        assert "proto 111" not in h.run("ip", "-4", "route", "show").stdout
-        assert "RENUMBERING" in lab.log(h)
-    # pods re-attached to the new IPv6 subnets (as the log asks)
-    pods6 = [lab.add_pod(h, bridge=f"nv{RUN_ID}") for h in hosts]
-    ping6_all(pods6)
-    for h in hosts:
         wait_for(lambda h=h: h.status().get("peers") == 2, timeout=10, what="2 peers")
+        assert "proto 111" not in h.run("ip", "-4", "route", "show").stdout
+        assert "IPv4 is off" in lab.log(h) and "RENUMBERING" not in lab.log(h)
+    ping6_all(pods)  # the same pods, no re-attach
