@@ -553,7 +553,11 @@ def _gone(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    try:  # reaped between the two looks: gone too
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(") ", 1)[1].startswith("Z")
 
 
 def test_server_killed_mid_request_child_still_answers(client: tuple[str, str], host: CniHost,

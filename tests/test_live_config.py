@@ -63,8 +63,9 @@ def test_invalid_config_leaves_the_network_untouched(lab: Lab) -> None:
         (cfg({"Type": "vxlan"}, network="10.50.0.0/30"), "too small"),
         (cfg({"Type": "quantum"}), "unknown backend type"),
         (cfg({"Type": "vxlan"}, SubnetLen=33), "SubnetLen"),
-        (json.dumps({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fc00::/48"}),
-         "IPv6-only"),
+        (json.dumps({"Network": "10.50.0.0/16", "EnableIPv6": True,
+                     "IPv6Network": "fc00::/48", "Backend": {"Type": "udp"}}),
+         "udp carries IPv4 only"),
     ]:
         lab.etcd.put(f"{PREFIX}/config", bad)
         for h in hosts:
