@@ -51,28 +51,35 @@ def render_hostgw_peers(
             skipped[ident] = f"BackendType {btype or '(none)'!r} is not host-gw; ignoring"
             continue
         routes: list[Route] = []
+        note = ""
         if ipv4:
             if lease.subnet is None:
-                skipped[ident] = "the lease has no IPv4 subnet (an IPv6-only lease)"
-                continue
-            if own_ip is not None and public == own_ip:
+                no4 = "the lease has no IPv4 subnet (an IPv6-only lease)"
+                if not ipv6:
+                    skipped[ident] = no4
+                    continue
+                note = f"IPv4 side left out: {no4}"  # a host switching from IPv6-only
+            elif own_ip is not None and public == own_ip:
                 skipped[ident] = (f"lease has our own PublicIP {own_ip} (a stale lease of this "
                                   "host?)")
                 continue
-            lookup = lookups.get(public)
-            if not is_direct(lookup, iface_index):
-                skipped[ident] = "PublicIP " + _not_direct(public, lookup)
-                continue
-            routes.append(Route(lease.subnet, gateway=public, oif=iface_index))
+            else:
+                lookup = lookups.get(public)
+                if not is_direct(lookup, iface_index):
+                    skipped[ident] = "PublicIP " + _not_direct(public, lookup)
+                    continue
+                routes.append(Route(lease.subnet, gateway=public, oif=iface_index))
         if ipv6 or not ipv4:
             why, route6 = _hostgw_v6_route(lease, iface_index, own_ip6, lookups)
             if route6 is not None:
                 routes.append(route6)
-            elif not ipv4:
+            elif not routes:
                 skipped[ident] = why
                 continue
             else:
-                skipped[ident] = f"IPv6 side left out: {why}"
+                note = f"IPv6 side left out: {why}"
+        if note:
+            skipped[ident] = note
         entries[ident] = tuple(routes)
     return Rendered(entries, skipped)
 
@@ -127,7 +134,7 @@ class HostGwBackend(ReconcilingBackend):
         if lease.attrs.backend_type != "host-gw":
             return ()
         out: list[IPAddress] = []
-        if self.config.enable_ipv4:
+        if self.config.enable_ipv4 and lease.subnet is not None:
             out.append(lease.attrs.public_ip)
         public6 = lease.attrs.public_ipv6
         if self.ipv6 and public6 is not None:

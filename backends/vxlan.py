@@ -68,8 +68,10 @@ def render_vxlan_peers(
     an onlink route via its subnet's network address on our device. With ``device6_index``
     (dual stack) the same again for the peer's IPv6 subnet on the IPv6 device, from its
     BackendV6Data and PublicIPv6; a peer whose IPv6 side is unusable keeps its IPv4 entries and
-    is reported. With ``device_index`` None (an IPv6-only network) only the IPv6 side is
-    rendered, and a peer whose IPv6 side is unusable is skipped.
+    is reported; a lease with no IPv4 subnet at all (a host that has not yet followed a switch
+    from IPv6-only to dual stack) gets its IPv6 entries alone. With ``device_index`` None (an
+    IPv6-only network) only the IPv6 side is rendered, and a peer whose IPv6 side is unusable
+    is skipped.
     """
     entries: dict[PeerId, tuple[Entry, ...]] = {}
     skipped: dict[PeerId, str] = {}
@@ -80,25 +82,31 @@ def render_vxlan_peers(
             skipped[ident] = f"BackendType {btype or '(none)'!r} is not vxlan; ignoring this lease"
             continue
         out: tuple[Entry, ...] = ()
+        note = ""
         if device_index is not None:
             why, mac = _vxlan_peer_mac(lease, vni, own_ip)
-            if why:
+            if why and (lease.subnet is not None or device6_index is None):
                 skipped[ident] = why
                 continue
-            assert lease.subnet is not None
-            out = _vxlan_entries(lease.subnet, mac, lease.attrs.public_ip, device_index,
-                                 direct_routing, looked)
+            if why:  # an IPv6-only lease in a dual-stack network (a host switching families)
+                note = f"IPv4 side left out: {why}"
+            else:
+                assert lease.subnet is not None
+                out = _vxlan_entries(lease.subnet, mac, lease.attrs.public_ip, device_index,
+                                     direct_routing, looked)
         if device6_index is not None:
             why6, mac6 = _vxlan_peer_mac6(lease, vni, own_ip6)
-            if why6 and device_index is None:
+            if why6 and not out:
                 skipped[ident] = why6
                 continue
             if why6:
-                skipped[ident] = f"IPv6 side left out: {why6}"
+                note = f"IPv6 side left out: {why6}"
             else:
                 assert lease.ipv6_subnet is not None and lease.attrs.public_ipv6 is not None
                 out += _vxlan_entries(lease.ipv6_subnet, mac6, lease.attrs.public_ipv6,
                                       device6_index, direct_routing, looked)
+        if note:
+            skipped[ident] = note
         entries[ident] = out
     return Rendered(entries, skipped)
 
@@ -382,7 +390,7 @@ class VxlanBackend(ReconcilingBackend):
         if not self.config.backend.direct_routing or lease.attrs.backend_type != "vxlan":
             return ()
         out: list[IPAddress] = []
-        if self.dev is not None:
+        if self.dev is not None and lease.subnet is not None:
             out.append(lease.attrs.public_ip)
         public6 = lease.attrs.public_ipv6
         if self.dev6 is not None and public6 is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
@@ -86,6 +86,15 @@ class NetworkConfig:
         size = 1 << (128 - self.ipv6_subnet_len)
         for addr in range(int(self.ipv6_subnet_min), int(self.ipv6_subnet_max) + 1, size):
             yield IPv6Network((addr, self.ipv6_subnet_len))
+
+    def only_family(self, family: int) -> NetworkConfig:
+        """This config with the other address family turned off (a live switch that turns a
+        family off removes that family's entries through a backend that knows only it)."""
+        if family == 4:
+            return replace(self, enable_ipv6=False, ipv6_network=None, ipv6_subnet_len=0,
+                           ipv6_subnet_min=None, ipv6_subnet_max=None)
+        return replace(self, enable_ipv4=False, network=None, subnet_len=0, subnet_min=None,
+                       subnet_max=None)
 
     @property
     def primary_network(self) -> IPv4Network | IPv6Network | None:

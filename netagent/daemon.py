@@ -395,7 +395,8 @@ class Daemon:
         for kv in items:  # the config may have changed since we read it: handle it in the loop
             if kv.key == self._config_key and kv.value != self._config_raw:
                 self.events.put(WatchEvent("put", kv.key, kv.value, 0, kv.mod_revision))
-        self.peers = PeerTable(lease.ident, cfg.primary_network)
+        self.peers = PeerTable(lease.ident, cfg.primary_network, own_ipv6=lease.ipv6_subnet,
+                               network6=cfg.ipv6_network)
         self._log_rejected(self.peers.reset(self._raw(items)))
         del listed, items  # ~2.5 MB at 5,000 peers, otherwise held for the agent's lifetime
         self._phase("programming backend")
@@ -472,12 +473,12 @@ class Daemon:
             except queue.Empty:
                 item = None
             changed: set[PeerId] = set()
-            full = False
+            full = repair = False
             # squash everything queued into one sync
             while item is not None:
                 res = self._handle(item)
                 if res is None:
-                    full = True
+                    full = True  # a config change, a new listing, a new lease of ours
                 else:
                     changed |= res
                 try:
@@ -487,6 +488,7 @@ class Daemon:
             if self.stop.is_set():
                 break
             if time.monotonic() >= next_repair:
+                repair = not full  # what an event explains is not drift
                 full = True
                 next_repair = time.monotonic() + interval
                 self._masquerade()
@@ -494,7 +496,7 @@ class Daemon:
                     self.status.subnet_file_written = False
                     self.write_subnet_env()
             if full:
-                self._sync(None)
+                self._sync(None, repair=repair)
             elif changed:
                 self._sync(frozenset(changed))
 
@@ -603,10 +605,14 @@ class Daemon:
             new.backend.type != "vxlan" or old_cfg.backend.vni == new.backend.vni)
         # the old entries belong to another network: the new backend's ownership rules would
         # not recognise them, so the old backend removes them first (renumbering breaks the
-        # pods' traffic anyway)
-        # (IPv6 turned on leaves the IPv4 entries as they are: the new backend owns them too)
-        network_changed = old_cfg.network != new.network or (
-            old_cfg.ipv6_network is not None and old_cfg.ipv6_network != new.ipv6_network)
+        # pods' traffic anyway). An address family turned on leaves the other family's entries
+        # as they are (the new backend owns them too); one turned off goes on its own, below.
+        families = ((4, old_cfg.network, new.network), (6, old_cfg.ipv6_network, new.ipv6_network))
+        dropped = [f for f, was, now in families if was is not None and now is None]
+        network_changed = any(was is not None and now is not None and was != now
+                              for _, was, now in families) or all(
+            now is None for _, was, now in families if was is not None)
+        old_host = self.host
         log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live",
                     old_cfg.backend.type, new.backend.type, old_cfg.network, new.network)
         if same_device or network_changed:
@@ -637,9 +643,11 @@ class Daemon:
             # new ones are programmed, because both may want the same route keys
             self._teardown(old_backend, old_cfg.backend.type)
             old_backend.shutdown()
+        elif dropped and not network_changed:
+            self._drop_families(old_cfg, old_host, dropped)
         self.config = new
         self.leases.config = new
-        self.peers.set_network(new.primary_network)
+        self.peers.set_network(new.primary_network, new.ipv6_network)
         attrs = LeaseAttrs(public_ip=self.host.public_ip, public_ipv6=self.host.public_ipv6,
                            backend_type=contribution.backend_type,
                            backend_data=contribution.backend_data,
@@ -665,7 +673,7 @@ class Daemon:
                 log.error("%s", exc)
                 self.out_of_subnets = True
                 return
-            self.peers.set_own(self.leases.lease.ident)
+            self.peers.set_own(self.leases.lease.ident, self.leases.lease.ipv6_subnet)
         self._lease_changed()
         self._sync(None)
         self._masquerade()
@@ -697,6 +705,21 @@ class Daemon:
         log.warning("address families changed (%s); our lease key changes, subnets that still "
                     "fit are kept. %s", nets, "; ".join(notes))
 
+    def _drop_families(self, old: NetworkConfig, host: HostFacts, families: list[int]) -> None:
+        """An address family turned off: its entries and device go, and only those. An
+        instance of the old backend that knows that family alone sweeps what it owns, so the
+        other family's entries stay untouched for the new backend to adopt as they are."""
+        for family in families:
+            name = f"{old.backend.type} IPv{family}"
+            try:
+                part = backend_class(old.backend.type)(old.only_family(family), host)
+                part.prepare()  # finds the devices as they are
+            except Exception:  # noqa: BLE001 - leftovers are swept at the next start
+                log.exception("removing the %s entries failed", name)
+                continue
+            self._teardown(part, name)
+            part.shutdown()
+
     @staticmethod
     def _teardown(backend: Backend, name: str) -> None:
         try:
@@ -717,7 +740,7 @@ class Daemon:
             self.out_of_subnets = True
             return set()
         if self.leases.lease.ident != old:
-            self.peers.set_own(self.leases.lease.ident)
+            self.peers.set_own(self.leases.lease.ident, self.leases.lease.ipv6_subnet)
             self._lease_changed()
             self._masquerade()
             self.write_subnet_env()
@@ -729,7 +752,10 @@ class Daemon:
         for name, why in changes.rejected.items():
             log.warning("skipping malformed lease subnets/%s: %s", name, why)
 
-    def _sync(self, changed: frozenset[PeerId] | None) -> None:
+    def _sync(self, changed: frozenset[PeerId] | None, repair: bool = False) -> None:
+        """Program the peers: the ones in `changed`, or (None) a full compare against the
+        kernel; `repair` marks the periodic drift repair, whose changes are drift (counted
+        and logged as such) — a full sync after a config change or a new listing is not."""
         assert self.backend is not None
         start = time.monotonic()
         try:
@@ -740,7 +766,7 @@ class Daemon:
             report = SyncReport(failed=1)
             self.status.backend_programmed = False
         self.status.reconciles += 1
-        if changed is None and report.changes and self.status.reconciles > 1:
+        if repair and report.changes:
             self.status.drift_repairs += report.changes
             log.warning("drift repair: %d kernel entries restored, %d removed", report.added,
                         report.removed)

@@ -235,6 +235,12 @@ class ApplyResult:
     blocked: dict[IPNetwork, str] = field(default_factory=dict)
 
 
+def _peer_order(subnet: IPNetwork) -> tuple[int, IPNetwork]:
+    """IPv4 before IPv6, then by address: idents of both families may want one key while a
+    host re-leases across an address-family switch (its old and new key)."""
+    return subnet.version, subnet
+
+
 class Reconciler:
     """Desired vs actual, keyed like the kernel; only dirty keys are written.
 
@@ -242,10 +248,11 @@ class Reconciler:
     ``device`` is the ifindex whose permanent neighbours/FDB entries are ours (None: we own none,
     as in host-gw), ``device6`` the same for the IPv6 device (``flannel-v6.<VNI>``); ``ipv6``
     adds the IPv6 route table to read-backs (dual stack). A peer is known by its lease's ident
-    (its IPv4 subnet; its IPv6 subnet in an IPv6-only network; one family per reconciler) and
-    its entries may be of both families. Several peers may want the same
-    key (two leases of one host share an FDB entry): the entry stays while any peer wants it,
-    and the lowest subnet wins a conflict, so the result does not depend on event order.
+    (its IPv4 subnet; its IPv6 subnet when the lease has no IPv4 side) and its entries may be
+    of both families. Several peers may want the same key (two leases of one host share an FDB
+    entry; a host's old and new key during an address-family switch): the entry stays while any
+    peer wants it, and the lowest subnet (IPv4 first) wins a conflict, so the result does not
+    depend on event order.
     """
 
     def __init__(self, kernel: Kernel, route_is_ours: Callable[[Route], bool],
@@ -303,7 +310,7 @@ class Reconciler:
             if not isinstance(o, dict):
                 o = owners[key] = {o: effective[key]}
             o[subnet] = e
-            effective[key] = o[min(o)]  # the lowest subnet wins a key
+            effective[key] = o[min(o, key=_peer_order)]  # the lowest subnet wins a key
         self._dirty[kind].add(key)
 
     def _release(self, kind: str, key: tuple[Any, ...], subnet: IPNetwork) -> None:
@@ -317,7 +324,7 @@ class Reconciler:
                 (p, e), = o.items()
                 owners[key], effective[key] = p, e
             else:
-                effective[key] = o[min(o)]
+                effective[key] = o[min(o, key=_peer_order)]
         elif o == subnet:
             del owners[key]
             del effective[key]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv6Network
 
 from netagent.lease import Lease, LeaseError, PeerId, decode_lease, lease_ident, parse_subnet_key
 
@@ -44,18 +45,28 @@ class PeerChanges:
 class PeerTable:
     """ident -> Lease for every lease in etcd inside our network, except our own.
 
-    ``network`` is the config's primary network (IPv4, or IPv6 when IPv4 is off): a lease is
-    inside when its ident is in it, so after a switch to an IPv6-only network the old
-    dual-stack leases (known by their IPv4 subnet) step aside until their hosts re-lease.
+    ``network`` is the config's primary network (IPv4, or IPv6 when IPv4 is off), ``network6``
+    the IPv6 network beside an IPv4 one (dual stack). A lease is inside when its subnet of the
+    primary family is in ``network``; in a dual-stack network a lease with no IPv4 subnet (an
+    IPv6-only lease) is inside by its IPv6 subnet, and in an IPv6-only network a dual-stack
+    lease is inside by its IPv6 side. So while the hosts of a live address-family switch
+    re-lease one by one, the old and the new key of a host are both peers for a moment, each
+    wanting the same entries of the family that stays (the reconciler keeps an entry while
+    any peer wants it): the traffic of that family never sees the host leaseless.
 
     Leases outside the network (left over from before a live network change, or written for
     another network) are kept aside in `outside`, so a later network change can bring them back.
+    A lease holding one of our own subnets (``own_subnet``, the ident; ``own_ipv6``, our IPv6
+    subnet beside an IPv4 ident) is ours, whichever key it sits under: never a peer.
     """
 
     def __init__(self, own_subnet: PeerId | None = None,
-                 network: PeerId | None = None) -> None:
+                 network: PeerId | None = None, *, own_ipv6: IPv6Network | None = None,
+                 network6: IPv6Network | None = None) -> None:
         self.own_subnet = own_subnet
+        self.own_ipv6 = own_ipv6
         self.network = network
+        self.network6 = network6
         self.peers: dict[PeerId, Lease] = {}
         self.outside: dict[PeerId, Lease] = {}
         #: key name -> reason, for keys currently holding an unusable value
@@ -63,10 +74,22 @@ class PeerTable:
         #: bumped whenever `peers` changes, so readers can cache what they derive from it
         self.version = 0
 
-    def _inside(self, subnet: PeerId) -> bool:
+    def _inside(self, lease: Lease) -> bool:
         net = self.network
-        return net is None or (subnet.version == net.version
-                               and subnet.subnet_of(net))  # type: ignore[arg-type]
+        if net is None:
+            return True
+        if net.version == 6:
+            sub6 = lease.ipv6_subnet
+            return sub6 is not None and sub6.subnet_of(net)  # type: ignore[arg-type]
+        if lease.subnet is not None:
+            return lease.subnet.subnet_of(net)  # type: ignore[arg-type]
+        net6, sub6 = self.network6, lease.ipv6_subnet
+        return net6 is not None and sub6 is not None and sub6.subnet_of(net6)
+
+    def _is_own(self, lease: Lease) -> bool:
+        own = (self.own_subnet, self.own_ipv6)
+        return (lease.subnet is not None and lease.subnet in own) or (
+            lease.ipv6_subnet is not None and lease.ipv6_subnet in own)
 
     def _decode(self, raw: RawLease, changes: PeerChanges) -> Lease | None:
         try:
@@ -86,9 +109,9 @@ class PeerTable:
             lease = self._decode(raw, changes)
             if lease is None:
                 continue
-            if lease.ident == self.own_subnet:
+            if self._is_own(lease):
                 continue
-            if not self._inside(lease.ident):
+            if not self._inside(lease):
                 self.outside[lease.ident] = lease
                 continue
             new[lease.ident] = lease
@@ -107,10 +130,10 @@ class PeerTable:
     def put(self, raw: RawLease) -> PeerChanges:
         changes = PeerChanges()
         lease = self._decode(raw, changes)
-        if lease is None or lease.ident == self.own_subnet:
+        if lease is None or self._is_own(lease):
             return changes
         self.invalid.pop(raw.name, None)
-        if not self._inside(lease.ident):
+        if not self._inside(lease):
             self.outside[lease.ident] = lease
             if self.peers.pop(lease.ident, None) is not None:
                 changes.removed.add(lease.ident)
@@ -144,28 +167,32 @@ class PeerTable:
             self.version += 1
         return changes
 
-    def set_network(self, network: PeerId | None) -> PeerChanges:
+    def set_network(self, network: PeerId | None,
+                    network6: IPv6Network | None = None) -> PeerChanges:
         """The network changed live: peers outside it step aside, returning ones come back."""
         changes = PeerChanges()
-        self.network = network
+        self.network, self.network6 = network, network6
         for subnet in list(self.peers):
-            if not self._inside(subnet):
+            if not self._inside(self.peers[subnet]):
                 self.outside[subnet] = self.peers.pop(subnet)
                 changes.removed.add(subnet)
         for subnet in list(self.outside):
-            if self._inside(subnet) and subnet != self.own_subnet:
+            lease = self.outside[subnet]
+            if self._inside(lease) and not self._is_own(lease):
                 self.peers[subnet] = self.outside.pop(subnet)
                 changes.added.add(subnet)
         if changes:
             self.version += 1
         return changes
 
-    def set_own(self, subnet: PeerId | None) -> PeerChanges:
-        """Our subnet changed (renumbering): it stops or starts being a peer entry."""
+    def set_own(self, subnet: PeerId | None, ipv6: IPv6Network | None = None) -> PeerChanges:
+        """Our subnets changed (renumbering, an address family switched): a lease holding one
+        of them stops being a peer entry."""
         changes = PeerChanges()
-        self.own_subnet = subnet
-        if subnet is not None and subnet in self.peers:
-            del self.peers[subnet]
-            changes.removed.add(subnet)
+        self.own_subnet, self.own_ipv6 = subnet, ipv6
+        for ident in [i for i, lease in self.peers.items() if self._is_own(lease)]:
+            del self.peers[ident]
+            changes.removed.add(ident)
+        if changes:
             self.version += 1
         return changes

@@ -477,9 +477,11 @@ class Lab:
         gw_cidr = env.get("FLANNEL_SUBNET", "")
         if sh("ip", "link", "show", bridge, ns=host.name, check=False).returncode != 0:
             sh("ip", "link", "add", bridge, "mtu", mtu, "type", "bridge", ns=host.name)
-            if gw_cidr:
-                sh("ip", "addr", "add", gw_cidr, "dev", bridge, ns=host.name)
             sh("ip", "link", "set", bridge, "up", ns=host.name)
+        # (a bridge made before IPv4 was turned on has no IPv4 gateway yet)
+        if gw_cidr and gw_cidr not in sh("ip", "-4", "addr", "show", "dev", bridge,
+                                         ns=host.name).stdout:
+            sh("ip", "addr", "add", gw_cidr, "dev", bridge, ns=host.name)
         hv = f"vp{k}"
         sh("ip", "link", "add", hv, "mtu", mtu, "type", "veth", "peer", "name", "eth0", "mtu", mtu,
            "netns", name, ns=host.name)
@@ -577,14 +579,15 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def kernel_state(ns: str, devices: Sequence[str] = ()) -> dict[str, list[str]]:
+def kernel_state(ns: str, devices: Sequence[str] = (), family: int = 4) -> dict[str, list[str]]:
     """Routes (main table), neighbours and FDB entries of a namespace, as sorted text lines.
 
     Volatile parts (neighbour reachability of the underlay, link statistics) are left out so
     two snapshots compare equal when nothing was programmed in between.
     """
-    routes = sh("ip", "-4", "route", "show", "table", "main", ns=ns).stdout.splitlines()
-    neigh = [ln for ln in sh("ip", "-4", "neigh", "show", "nud", "permanent", ns=ns)
+    fam = f"-{family}"
+    routes = sh("ip", fam, "route", "show", "table", "main", ns=ns).stdout.splitlines()
+    neigh = [ln for ln in sh("ip", fam, "neigh", "show", "nud", "permanent", ns=ns)
              .stdout.splitlines()]
     fdb = []
     for dev in devices:

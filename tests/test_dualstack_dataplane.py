@@ -17,7 +17,7 @@ from ipaddress import IPv6Interface, IPv6Network
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, PingRun, Pod, read_env_file, wait_for
+from harness import RUN_ID, Host, Lab, PingRun, Pod, kernel_state, read_env_file, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -198,3 +198,53 @@ def test_live_enable_ipv6_keeps_ipv4_subnets_and_traffic(lab: Lab) -> None:
                            f"{subnet6(h).prefixlen}" for h in hosts for s in [subnets[h.name]]}
     pods6 = [lab.add_pod(h, bridge=f"n4{RUN_ID}") for h in hosts]  # the same bridge
     ping_all_families(pods6)
+
+
+@pytest.mark.parametrize("backend", [{"Type": "vxlan"}, {"Type": "host-gw"}],
+                         ids=["vxlan", "host-gw"])
+def test_live_disable_ipv6_leaves_the_ipv4_side_untouched(lab: Lab, backend: dict[str, Any]
+                                                          ) -> None:
+    """Dual stack → IPv4 only with etcdctl: each host's key loses its IPv6 part with the same
+    IPv4 subnet, the IPv6 entries (and flannel-v6.1) go, and the IPv4 side is never touched —
+    same routes, neighbours, FDB entries and flannel.1 — so an IPv4 ping loses nothing."""
+    assert lab.etcd is not None
+    v4 = {"Network": "10.46.0.0/16", "Backend": backend}
+    hosts = lab.start_hosts(json.dumps({**v4, "EnableIPv6": True, "IPv6Network": NETWORK6}),
+                            3, "--repair-interval", "2")
+    pods = [lab.add_pod(h, bridge=f"n6{RUN_ID}") for h in hosts]
+    ping_all_families(pods)
+    subnets = {h.name: h.subnet() for h in hosts}
+    vxlan = backend["Type"] == "vxlan"
+
+    def v4_side(h: Host) -> tuple[Any, ...]:
+        index = h.run("cat", "/sys/class/net/flannel.1/ifindex").stdout if vxlan else ""
+        return kernel_state(h.name, ["flannel.1"] if vxlan else []), index
+
+    before = {h.name: v4_side(h) for h in hosts}
+    run = PingRun(pods[0], pods[1].ip, seconds=8, interval=0.05)
+    time.sleep(1.0)
+    lab.etcd.put(f"{PREFIX}/config", json.dumps(v4))
+    for h in hosts:
+        wait_for(lambda h=h: "FLANNEL_IPV6_SUBNET" not in read_env_file(h.subnet_file),
+                 timeout=30, what=f"{h.name} to drop IPv6 from subnet.env")
+    wait_for(lambda: set(lab.leases()) == {f"{s.network_address}-{s.prefixlen}"
+                                           for s in subnets.values()},
+             timeout=30, what="only the IPv4 keys left")
+    for h in hosts:
+        wait_for(lambda h=h: "proto 111" not in h.run("ip", "-6", "route", "show").stdout,
+                 timeout=10, what=f"{h.name} to remove its IPv6 routes")
+        assert h.run("ip", "link", "show", "flannel-v6.1", check=False).returncode != 0
+        wait_for(lambda h=h: h.status().get("peers") == 2, timeout=10, what="2 peers")
+    sent, got = run.result()
+    print(f"{backend['Type']}: IPv4 ping across dual stack → IPv4-only: {sent} sent, "
+          f"{got} received")
+    assert sent > 100 and got == sent, (sent, got)
+    for h in hosts:
+        assert h.subnet() == subnets[h.name]
+        assert v4_side(h) == before[h.name], f"{h.name}: the IPv4 side changed"
+        log = lab.log(h)
+        assert "IPv6 is off" in log and "RENUMBERING" not in log and "drift repair" not in log
+    for a in pods:
+        for b in pods:
+            if a is not b:
+                assert a.ping(b.ip), f"{a.name} → {b.ip}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import RUN_ID, Host, Lab, Pod, read_env_file, wait_for
+from harness import RUN_ID, Host, Lab, PingRun, Pod, kernel_state, read_env_file, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -163,10 +163,23 @@ def test_ipv6_only_restart_reuses_lease_and_delete_sweeps(lab6: Lab) -> None:
     assert pods[0].ping(pods[1].ip6) and pods[1].ping(pods[0].ip6)
 
 
+def v6_state(host: Host) -> dict[str, list[str]]:
+    """The IPv6 routes, neighbours and FDB entries, less flannel.1's link-local route."""
+    state = kernel_state(host.name, ["flannel-v6.1"], family=6)
+    state["routes"] = [r for r in state["routes"] if "dev flannel.1 " not in r]
+    return state
+
+
+def link_index(host: Host, dev: str = "flannel-v6.1") -> str:
+    return host.run("cat", f"/sys/class/net/{dev}/ifindex").stdout.strip()
+
+
 def test_live_switch_dual_stack_to_ipv6_only(lab: Lab) -> None:
     """etcdctl put of a config with EnableIPv4 false: every host's lease key becomes
     ``0.0.0.0-0&…`` with the same IPv6 subnet, flannel.1 and the IPv4 routes go, subnet.env is
-    rewritten IPv6-only, and the pods' IPv6 addresses keep working without a re-attach."""
+    rewritten IPv6-only, and the pods' IPv6 addresses keep working without a re-attach: the
+    IPv6 side (flannel-v6.1, its neighbours, FDB entries and routes) is never touched, so a
+    ping across the switch loses nothing."""
     assert lab.etcd is not None
     dual = {"Network": "10.44.0.0/16", "EnableIPv6": True, "IPv6Network": NETWORK6,
             "Backend": {"Type": "vxlan"}}
@@ -174,6 +187,9 @@ def test_live_switch_dual_stack_to_ipv6_only(lab: Lab) -> None:
     pods = [lab.add_pod(h, bridge=f"nd{RUN_ID}") for h in hosts]
     ping6_all(pods)
     before = {h.name: subnet6(h) for h in hosts}
+    v6_side = {h.name: (v6_state(h), link_index(h)) for h in hosts}
+    run = PingRun(pods[0], pods[1].ip6, seconds=8, interval=0.05)
+    time.sleep(1.0)
     lab.etcd.put(f"{PREFIX}/config", json.dumps({**CONFIG6, "Backend": {"Type": "vxlan"}}))
     for h in hosts:
         wait_for(lambda h=h: "FLANNEL_SUBNET" not in read_env_file(h.subnet_file),
@@ -188,4 +204,58 @@ def test_live_switch_dual_stack_to_ipv6_only(lab: Lab) -> None:
         wait_for(lambda h=h: h.status().get("peers") == 2, timeout=10, what="2 peers")
         assert "proto 111" not in h.run("ip", "-4", "route", "show").stdout
         assert "IPv4 is off" in lab.log(h) and "RENUMBERING" not in lab.log(h)
+    sent, got = run.result()
+    print(f"IPv6 ping across dual stack → IPv6-only: {sent} sent, {got} received")
+    assert sent > 100 and got == sent, (sent, got)
+    for h in hosts:
+        now, was = v6_state(h), v6_side[h.name][0]
+        assert link_index(h) == v6_side[h.name][1], f"{h.name}: flannel-v6.1 was recreated"
+        assert now == was, {k: (sorted(set(was[k]) - set(now[k])), sorted(set(now[k]) - set(was[k])))
+                            for k in was if was[k] != now[k]}
+        assert "drift repair" not in lab.log(h)
     ping6_all(pods)  # the same pods, no re-attach
+
+
+def test_live_switch_ipv6_only_to_dual_stack(lab: Lab) -> None:
+    """IPv4 turned on for an IPv6-only network: each host's key becomes ``a.b.c.d-24&…`` with
+    the same IPv6 subnet, flannel.1 appears beside flannel-v6.1, and the IPv6 side is never
+    touched (the hosts' IPv6-only keys stay peers until their dual-stack keys replace them),
+    so an IPv6 ping across the switch loses nothing; pods attached afterwards ping over both."""
+    assert lab.etcd is not None
+    hosts = lab.start_hosts(json.dumps({**CONFIG6, "Backend": {"Type": "vxlan"}}), 3,
+                            "--repair-interval", "2")
+    pods = [lab.add_pod(h, bridge=f"nu{RUN_ID}") for h in hosts]
+    ping6_all(pods)
+    before = {h.name: subnet6(h) for h in hosts}
+    v6_side = {h.name: (v6_state(h), link_index(h)) for h in hosts}
+    run = PingRun(pods[0], pods[1].ip6, seconds=8, interval=0.05)
+    time.sleep(1.0)
+    lab.etcd.put(f"{PREFIX}/config", json.dumps({**CONFIG6, "EnableIPv4": True,
+                                                 "Network": "10.47.0.0/16",
+                                                 "Backend": {"Type": "vxlan"}}))
+    for h in hosts:
+        wait_for(lambda h=h: "FLANNEL_SUBNET" in read_env_file(h.subnet_file),
+                 timeout=30, what=f"{h.name} to add IPv4 to subnet.env")
+        assert subnet6(h) == before[h.name], "the IPv6 subnet is kept"
+    wait_for(lambda: len(lab.leases()) == 3 and all(
+        not k.startswith("0.0.0.0-0&") for k in lab.leases()), timeout=30,
+        what="only dual-stack keys left")
+    for h in hosts:
+        wait_for(lambda h=h: h.status().get("peers") == 2, timeout=10, what="2 peers")
+        assert "IPv4 is on" in lab.log(h) and "RENUMBERING" not in lab.log(h)
+    sent, got = run.result()
+    print(f"IPv6 ping across IPv6-only → dual stack: {sent} sent, {got} received")
+    assert sent > 100 and got == sent, (sent, got)
+    for h in hosts:
+        assert link_index(h) == v6_side[h.name][1], f"{h.name}: flannel-v6.1 was recreated"
+        now = v6_state(h)
+        now["routes"] = [r for r in now["routes"] if "dev flannel.1 " not in r]
+        assert now == v6_side[h.name][0], f"{h.name}: the IPv6 side changed"
+        assert "drift repair" not in lab.log(h)
+    dual_pods = [lab.add_pod(h, bridge=f"nu{RUN_ID}") for h in hosts]
+    for a in dual_pods:
+        for b in dual_pods:
+            if a is not b:
+                for dst in (b.ip, b.ip6):
+                    wait_for(lambda a=a, dst=dst: a.ping(dst), timeout=20, interval=0.2,
+                             what=f"ping {a.name} → {dst}")

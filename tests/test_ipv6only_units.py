@@ -145,14 +145,20 @@ def test_peer_table_keys_ipv6_only_peers_by_ipv6_subnet() -> None:
     t = PeerTable(sub6(1), NET6)
     dual = RawLease("10.5.2.0-24&fd42:0:0:9::-64",
                     b'{"PublicIP":"10.0.0.2","PublicIPv6":"fd00::9"}', 3)
-    changes = t.reset([raw(lease6(1)), raw(lease6(2)), raw(lease6(3)), dual])
-    assert set(t.peers) == {sub6(2), sub6(3)} and changes.added == {sub6(2), sub6(3)}
-    assert set(t.outside) == {IPv4Network("10.5.2.0/24")}  # a dual-stack leftover steps aside
+    elsewhere = RawLease("10.5.3.0-24&fd43:0:0:9::-64",
+                         b'{"PublicIP":"10.0.0.3","PublicIPv6":"fd00::3"}', 3)
+    changes = t.reset([raw(lease6(1)), raw(lease6(2)), raw(lease6(3)), dual, elsewhere])
+    # a dual-stack lease whose IPv6 subnet is in the network is a peer (a host that has not
+    # followed the switch to IPv6-only yet), still known by its IPv4 subnet
+    v4 = IPv4Network("10.5.2.0/24")
+    assert set(t.peers) == {sub6(2), sub6(3), v4} and changes.added == {sub6(2), sub6(3), v4}
+    assert set(t.outside) == {IPv4Network("10.5.3.0/24")}  # its IPv6 side is elsewhere
     assert t.delete(lease6(2).key).removed == {sub6(2)}
     assert t.put(raw(lease6(4))).added == {sub6(4)}
-    # a network switch back to IPv4 brings the dual-stack lease back, the IPv6-only ones leave
+    # a network switch to IPv4 only: the IPv6-only leases leave, the dual-stack one stays
     back = t.set_network(IPv4Network("10.5.0.0/16"))
-    assert back.added == {IPv4Network("10.5.2.0/24")} and back.removed == {sub6(3), sub6(4)}
+    assert back.added == {IPv4Network("10.5.3.0/24")} and back.removed == {sub6(3), sub6(4)}
+    assert set(t.peers) == {v4, IPv4Network("10.5.3.0/24")}
 
 
 # --------------------------------------------------------------------------- renders
