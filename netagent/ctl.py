@@ -147,11 +147,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         "",
         table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
               [[p["subnet"], p["public_ip"], p["backend"],
-                {True: "yes", False: "NO", None: "unprobed"}[p["reachable"]], p["rtt_ms"]]
+                reach_label(p), p["rtt_ms"]]
                for p in doc["peers"]]),
     ]
     emit(args, doc, "\n".join(lines))
     return 0 if doc["ready"] else 1
+
+
+def reach_label(peer: dict[str, Any]) -> str:
+    """The REACHABLE column: yes / NO / unprobed, or per family when a dual-stack peer answers
+    over one family only (its overall "reachable" is true then, which would hide the other)."""
+    r4, r6 = peer.get("reachable_v4"), peer.get("reachable_v6")
+    if r4 is not None and r6 is not None and r4 != r6:
+        return "IPv4 only (IPv6 NO)" if r4 else "IPv6 only (IPv4 NO)"
+    return {True: "yes", False: "NO", None: "unprobed"}[peer.get("reachable")]
 
 
 # --------------------------------------------------------------------------- leases

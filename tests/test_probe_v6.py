@@ -13,6 +13,7 @@ import sys
 import pytest
 from harness import REPO, RUN_ID, need_root, netns, sh
 
+from netagent.ctl import reach_label
 from netagent.lease import Lease, decode_lease
 from netagent.probe import (
     ICMP6_ECHO_REPLY,
@@ -96,6 +97,15 @@ def test_peer_list_names_ipv6_only_hosts_by_public_ipv6_and_keeps_the_status_key
     assert (entry["reachable"], entry["reachable_v4"], entry["reachable_v6"]) == (True, True, False)
     unprobed = peer_list(v6, None)["fd00:1::/64"]
     assert unprobed["reachable"] is None and unprobed["reachable_v6"] is None
+    # `netagent status` names the family that does not answer instead of a plain "yes"
+    assert reach_label(entry) == "IPv4 only (IPv6 NO)"
+    assert reach_label({**entry, "reachable_v4": False, "reachable_v6": True}) == \
+        "IPv6 only (IPv4 NO)"
+    assert reach_label({**entry, "reachable_v6": True}) == "yes"
+    assert reach_label(peer_list(v6, results)["fd00:1::/64"]) == "yes"
+    assert reach_label({**entry, "reachable": False, "reachable_v4": False,
+                        "reachable_v6": False}) == "NO"
+    assert reach_label(unprobed) == "unprobed"
 
 
 def test_peer_list_orders_a_table_of_both_families_without_comparing_across_them() -> None:
