@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"netagent: {exc}", file=sys.stderr)
         return 1
-    setup_logging(settings.log_level)
+    setup_logging(settings.effective_log_level)
     from netagent.daemon import Daemon
     from netagent.registry import RegistryError
 
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent (lease a subnet, program the backend)",
                          **_fmt("run"))  # type: ignore[arg-type]
     add_flags(run)
+    run.add_argument("--version", action="version", version=f"netagent {__version__}")
     run.set_defaults(func=cmd_run)
 
     dopts = sub.add_parser(
@@ -218,7 +219,12 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from netagent.settings import long_dash
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        argv = ["run", *long_dash(argv[1:])]
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

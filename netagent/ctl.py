@@ -468,7 +468,7 @@ def _iptables(*args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-def check_forward_policy(ip_masq: bool) -> Check:
+def check_forward_policy(forward_rules: bool) -> Check:
     out = _iptables("-S", "FORWARD")
     if out is None:
         return Check("FORWARD policy", None, "cannot run iptables -S FORWARD",
@@ -480,8 +480,9 @@ def check_forward_policy(ip_masq: bool) -> Check:
         return Check("FORWARD policy", True, why)
     return Check("FORWARD policy", False, f"policy {policy} and no FLANNEL-FWD rules: pod traffic "
                  "between hosts is dropped (Docker sets DROP)",
-                 "run netagent with --ip-masq (installs FLANNEL-FWD), or iptables -P FORWARD ACCEPT"
-                 + ("" if not ip_masq else " (--ip-masq is set: is the agent running?)"))
+                 "run netagent with --iptables-forward-rules (the default; installs FLANNEL-FWD), "
+                 "or iptables -P FORWARD ACCEPT"
+                 + ("" if not forward_rules else " (forward rules are on: is the agent running?)"))
 
 
 def check_iptables_backend() -> Check:
@@ -524,7 +525,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     own = IPv4Interface(env["FLANNEL_SUBNET"]).network if env.get("FLANNEL_SUBNET") else None
     ip_masq = s.ip_masq or env.get("FLANNEL_IPMASQ") == "true"
     checks = [check_ip_forward(), check_modules(backend, ip_masq), check_mtu(s, backend, env),
-              etcd_check, check_routes(network, own), check_forward_policy(ip_masq),
+              etcd_check, check_routes(network, own), check_forward_policy(s.iptables_forward_rules),
               check_iptables_backend()]
     failed = [c for c in checks if c.ok is False]
     mark = {True: "ok", False: "FAIL", None: "skip"}

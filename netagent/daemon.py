@@ -35,7 +35,7 @@ from netagent.lease import (
     decode_lease,
 )
 from netagent.leasing import LeaseLost, LeaseManager
-from netagent.masq import MasqError, Masquerade
+from netagent.masq import MasqError, Masquerade, remove_leftovers
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.probe import Prober, peer_list, probe_targets
 from netagent.registry import (
@@ -146,6 +146,7 @@ class Daemon:
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
         #: --ip-masq rule sets by address family (4: iptables, 6: ip6tables)
         self.masqs: dict[int, Masquerade] = {}
+        self._iptables_swept = False
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
@@ -288,11 +289,16 @@ class Daemon:
             Watchdog(interval, self.heartbeat.alive, systemd.notify, self.stop).start()
 
     def _masquerade(self) -> None:
-        """Install or re-check the --ip-masq rules, one rule set per address family in use
-        (iptables / ip6tables), before subnet.env and on the repair timer. A family the
-        network no longer uses (a live switch) has its rules removed; a new subnet (renumbering)
-        replaces the rules in one batch."""
-        if not self.settings.ip_masq or self.config is None or self.leases is None:
+        """Install or re-check our iptables rules — masquerade with --ip-masq, FORWARD ACCEPT
+        with --iptables-forward-rules (on by default, as in flannel) — one rule set per address
+        family in use (iptables / ip6tables), before subnet.env and every --iptables-resync
+        seconds. A family the network no longer uses (a live switch) has its rules removed; a
+        new subnet (renumbering) replaces the rules in one batch."""
+        s = self.settings
+        if not s.iptables:
+            self._remove_iptables_leftovers()
+            return
+        if self.config is None or self.leases is None:
             return
         cfg, lease = self.config, self.leases.lease
         wanted = {4: (cfg.network, lease.subnet), 6: (cfg.ipv6_network, lease.ipv6_subnet)}
@@ -304,24 +310,44 @@ class Daemon:
                     try:
                         masq.remove()
                         del self.masqs[fam]
-                        log.info("IPv%d masquerade rules removed (the network has no IPv%d)",
+                        log.info("IPv%d iptables rules removed (the network has no IPv%d)",
                                  fam, fam)
                     except MasqError as exc:
                         problems.append(str(exc))
                 continue
             if masq is None:
-                masq = self.masqs[fam] = Masquerade(network, subnet)
+                masq = self.masqs[fam] = Masquerade(
+                    network, subnet, random_fully=not s.ip_masq_fully_random_disable,
+                    forward=s.iptables_forward_rules, masquerade=s.ip_masq)
             elif (masq.network, masq.subnet) != (network, subnet):
                 masq.retarget(network, subnet)
             try:
                 if masq.ensure():
-                    log.info("masquerade rules applied for %s (subnet %s)", network, subnet)
+                    log.info("iptables rules applied for %s (subnet %s): %s", network, subnet,
+                             " and ".join(w for w, on in (("masquerade", s.ip_masq),
+                                                          ("FORWARD ACCEPT", s.iptables_forward_rules))
+                                          if on))
             except MasqError as exc:
                 problems.append(str(exc))
                 if str(exc) not in self._warned:
                     log.error("%s (retrying)", exc)
                     self._warned.add(str(exc))
-        self.status.masquerade = "; ".join(problems) or "in place"
+        self.status.masquerade = "; ".join(problems) or (
+            "in place" if s.ip_masq else "off (FORWARD rules in place)")
+
+    def _remove_iptables_leftovers(self) -> None:
+        """Neither --ip-masq nor --iptables-forward-rules: delete our chains left from an
+        earlier run, once (a host without iptables is fine: nothing of ours can be there)."""
+        if self._iptables_swept:
+            return
+        self._iptables_swept = True
+        for fam in (4, 6):
+            try:
+                if remove_leftovers(fam):
+                    log.info("removed our IPv%d iptables rules left from an earlier run "
+                             "(--ip-masq and --iptables-forward-rules are off)", fam)
+            except MasqError as exc:
+                log.error("cannot remove our old IPv%d iptables rules: %s", fam, exc)
 
     def run(self) -> int:
         try:
@@ -453,6 +479,8 @@ class Daemon:
         assert self.leases is not None
         interval = self.settings.repair_interval
         next_repair = time.monotonic() + interval
+        resync = float(self.settings.iptables_resync)
+        next_rules = time.monotonic() + resync
         while not self.stop.is_set():
             self.heartbeat.beat()
             if self._status_dirty:
@@ -467,7 +495,7 @@ class Daemon:
                     systemd.notify("READY=1")
                     log.info("ready: subnet %s, %d peers", self.leases.lease.label,
                              len(self.peers.peers))
-            timeout = max(0.0, next_repair - time.monotonic())
+            timeout = max(0.0, min(next_repair, next_rules) - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
@@ -491,10 +519,12 @@ class Daemon:
                 repair = not full  # what an event explains is not drift
                 full = True
                 next_repair = time.monotonic() + interval
-                self._masquerade()
                 if not self.status.subnet_file_written or not Path(self.settings.subnet_file).exists():
                     self.status.subnet_file_written = False
                     self.write_subnet_env()
+            if time.monotonic() >= next_rules:  # --iptables-resync
+                next_rules = time.monotonic() + resync
+                self._masquerade()
             if full:
                 self._sync(None, repair=repair)
             elif changed:

@@ -1,4 +1,5 @@
-"""Masquerade and FORWARD rules (`--ip-masq`): flannel's rule set, owned chain by chain.
+"""Masquerade (`--ip-masq`) and FORWARD (`--iptables-forward-rules`) rules: flannel's rule
+set, owned chain by chain.
 
 Layout (flannel-compat.md §14.2, flannel ≥ v0.20.0, so a host can switch between flanneld and
 netagent without leftovers): a hook rule in nat POSTROUTING jumping to ``FLANNEL-POSTRTG`` and
@@ -30,6 +31,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
@@ -86,15 +88,19 @@ class RuleSet:
 
     @property
     def hooks(self) -> dict[str, str]:
-        out = {"nat": NAT_HOOK}
+        out = {}
+        if self.nat:
+            out["nat"] = NAT_HOOK
         if self.forward:
             out["filter"] = FWD_HOOK
         return out
 
 
 def render_rules(network: Network, subnet: Network, *, random_fully: bool = True,
-                 forward: bool = True) -> RuleSet:
-    """flannel's rules for overlay `network` and our leased `subnet` (pure), either family.
+                 forward: bool = True, masquerade: bool = True) -> RuleSet:
+    """flannel's rules for overlay `network` and our leased `subnet` (pure), either family:
+    the nat chain with `masquerade` (``--ip-masq``), the FORWARD chain with `forward`
+    (``--iptables-forward-rules``); an empty tuple is a chain we do not want.
 
     Raises ValueError when `network` and `subnet` are of different families.
     """
@@ -102,14 +108,16 @@ def render_rules(network: Network, subnet: Network, *, random_fully: bool = True
     rnd = " --random-fully" if random_fully else ""
     n, s = str(network), str(subnet)
     c = f"-A {NAT_CHAIN}"
-    nat = (
-        f"{c} -m mark --mark {KUBE_MARK} {NAT_COMMENT} -j RETURN",
-        f"{c} -s {s} -d {n} {NAT_COMMENT} -j RETURN",
-        f"{c} -s {n} -d {s} {NAT_COMMENT} -j RETURN",
-        f"{c} ! -s {n} -d {s} {NAT_COMMENT} -j RETURN",
-        f"{c} -s {n} ! -d {mcast} {NAT_COMMENT} -j MASQUERADE{rnd}",
-        f"{c} ! -s {n} -d {n} {NAT_COMMENT} -j MASQUERADE{rnd}",
-    )
+    nat: tuple[str, ...] = ()
+    if masquerade:
+        nat = (
+            f"{c} -m mark --mark {KUBE_MARK} {NAT_COMMENT} -j RETURN",
+            f"{c} -s {s} -d {n} {NAT_COMMENT} -j RETURN",
+            f"{c} -s {n} -d {s} {NAT_COMMENT} -j RETURN",
+            f"{c} ! -s {n} -d {s} {NAT_COMMENT} -j RETURN",
+            f"{c} -s {n} ! -d {mcast} {NAT_COMMENT} -j MASQUERADE{rnd}",
+            f"{c} ! -s {n} -d {n} {NAT_COMMENT} -j MASQUERADE{rnd}",
+        )
     fwd: tuple[str, ...] = ()
     if forward:
         fwd = (
@@ -159,18 +167,26 @@ def parse_save(text: str) -> Installed:
 
 
 def missing(want: RuleSet, have: Installed) -> list[str]:
-    """Human-readable differences (empty = everything in place)."""
+    """Human-readable differences (empty = everything in place). A chain of ours that is not
+    wanted (``--ip-masq`` or ``--iptables-forward-rules`` turned off since it was installed)
+    is a difference too: it goes."""
     out = []
-    if have.nat != want.nat:
-        out.append(f"nat {NAT_CHAIN} differs" if have.nat is not None else f"nat {NAT_CHAIN} absent")
-    if have.nat_hooks != 1:
-        out.append(f"nat POSTROUTING has {have.nat_hooks} jumps to {NAT_CHAIN} (want 1)")
+    if want.nat:
+        if have.nat != want.nat:
+            out.append(f"nat {NAT_CHAIN} differs" if have.nat is not None
+                       else f"nat {NAT_CHAIN} absent")
+        if have.nat_hooks != 1:
+            out.append(f"nat POSTROUTING has {have.nat_hooks} jumps to {NAT_CHAIN} (want 1)")
+    elif have.nat is not None or have.nat_hooks:
+        out.append(f"nat {NAT_CHAIN} present but --ip-masq is off")
     if want.forward:
         if have.forward != want.forward:
             out.append(f"filter {FWD_CHAIN} differs" if have.forward is not None
                        else f"filter {FWD_CHAIN} absent")
         if have.fwd_hooks != 1:
             out.append(f"filter FORWARD has {have.fwd_hooks} jumps to {FWD_CHAIN} (want 1)")
+    elif have.forward is not None or have.fwd_hooks:
+        out.append(f"filter {FWD_CHAIN} present but --iptables-forward-rules is off")
     return out
 
 
@@ -179,18 +195,23 @@ def _delete(rule: str) -> str:
 
 
 def restore_text(want: RuleSet, have: Installed) -> str:
-    """One batch: declare and refill our chains, add a missing hook, drop duplicate hooks."""
-    parts = ["*nat", f":{NAT_CHAIN} - [0:0]", f"-F {NAT_CHAIN}", *want.nat]
-    parts += [_delete(NAT_HOOK)] * max(0, have.nat_hooks - 1)
-    if have.nat_hooks == 0:
-        parts.append(NAT_HOOK)
-    parts.append("COMMIT")
-    if want.forward:
-        parts += ["*filter", f":{FWD_CHAIN} - [0:0]", f"-F {FWD_CHAIN}", *want.forward]
-        parts += [_delete(FWD_HOOK)] * max(0, have.fwd_hooks - 1)
-        if have.fwd_hooks == 0:
-            parts.append(FWD_HOOK)
-        parts.append("COMMIT")
+    """One batch: declare and refill our wanted chains, add a missing hook, drop duplicate
+    hooks; delete a chain of ours that is not wanted (with its hooks)."""
+    parts: list[str] = []
+    for table, chain, hook, rules, chain_had, hooks_had in (
+            ("nat", NAT_CHAIN, NAT_HOOK, want.nat, have.nat, have.nat_hooks),
+            ("filter", FWD_CHAIN, FWD_HOOK, want.forward, have.forward, have.fwd_hooks)):
+        if rules:
+            parts += [f"*{table}", f":{chain} - [0:0]", f"-F {chain}", *rules]
+            parts += [_delete(hook)] * max(0, hooks_had - 1)
+            if hooks_had == 0:
+                parts.append(hook)
+            parts.append("COMMIT")
+        elif chain_had is not None or hooks_had:
+            parts += [f"*{table}", *[_delete(hook)] * hooks_had]
+            if chain_had is not None:
+                parts += [f"-F {chain}", f"-X {chain}"]
+            parts.append("COMMIT")
     return "\n".join(parts) + "\n"
 
 
@@ -224,6 +245,36 @@ def supports_random_fully(version_text: str) -> bool:
     return tuple(int(x) for x in m.groups()) >= (1, 6, 2)
 
 
+def run_command(cmd: list[str], stdin: str | None = None, timeout: float = 10.0) -> str:
+    """Run one iptables command; its stdout, or MasqError saying which command and why."""
+    try:
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise MasqError(f"{cmd[0]} not found: install iptables (Debian: apt-get install "
+                        "iptables)") from None
+    except subprocess.TimeoutExpired:
+        raise MasqError(f"{' '.join(cmd)} did not finish in {timeout} s") from None
+    if proc.returncode != 0:
+        raise MasqError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                        f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def remove_leftovers(version: int, timeout: float = 10.0) -> bool:
+    """Delete our chains and hooks of one address family, if any (both rule sets turned off
+    since an earlier run). True when something was deleted; False, without error, when the
+    binaries are not installed (nothing of ours can exist then). Raises MasqError."""
+    commands = COMMANDS[version]
+    if shutil.which(commands.save) is None:
+        return False
+    text = removal_text(parse_save(run_command([commands.save], timeout=timeout)))
+    if not text:
+        return False
+    run_command([commands.restore, "-w", "5", "--noflush"], text, timeout)
+    return True
+
+
 class Masquerade:
     """The shell: runs iptables-save / iptables-restore in the current network namespace.
 
@@ -233,12 +284,13 @@ class Masquerade:
     """
 
     def __init__(self, network: Network, subnet: Network, *, random_fully: bool = True,
-                 forward: bool = True, timeout: float = 10.0) -> None:
+                 forward: bool = True, masquerade: bool = True, timeout: float = 10.0) -> None:
         self.commands = COMMANDS[family(network, subnet)]
         self.network = network
         self.subnet = subnet
         self.timeout = timeout
         self.forward = forward
+        self.masquerade = masquerade
         self._random_fully_wanted = random_fully
         #: resolved on first use from `iptables --version` (`ip6tables --version`)
         self._random_fully: bool | None = None
@@ -252,7 +304,7 @@ class Masquerade:
     @property
     def want(self) -> RuleSet:
         return render_rules(self.network, self.subnet, random_fully=bool(self._random_fully),
-                            forward=self.forward)
+                            forward=self.forward, masquerade=self.masquerade)
 
     def retarget(self, network: Network, subnet: Network) -> None:
         """The subnet changed (renumbering): the next ensure() replaces the rules in one batch.
@@ -273,22 +325,11 @@ class Masquerade:
         self.in_place = False
 
     def _run(self, cmd: list[str], stdin: str | None = None) -> str:
-        try:
-            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False)
-        except FileNotFoundError:
-            raise MasqError(f"{cmd[0]} not found: install iptables (Debian: apt-get install "
-                            "iptables)") from None
-        except subprocess.TimeoutExpired:
-            raise MasqError(f"{' '.join(cmd)} did not finish in {self.timeout} s") from None
-        if proc.returncode != 0:
-            raise MasqError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                            f"{proc.stderr.strip() or proc.stdout.strip()}")
-        return proc.stdout
+        return run_command(cmd, stdin, self.timeout)
 
     def _resolve_random_fully(self) -> None:
         if self._random_fully is None:
-            self._random_fully = self._random_fully_wanted and supports_random_fully(
+            self._random_fully = self.masquerade and self._random_fully_wanted and supports_random_fully(
                 self._run([self.commands.iptables, "--version"]))
 
     def installed(self) -> Installed:

@@ -116,8 +116,9 @@ class DaemonCollector(Collector):
         masqs = list((getattr(d, "masqs", None) or {}).values())
         if masqs:
             yield _gauge("netagent_masquerade_rules_in_place",
-                         "1 when the --ip-masq rules (every address family) were in place at "
-                         "the last check", float(all(m.in_place for m in masqs)))
+                         "1 when our iptables rules (--ip-masq masquerade, "
+                         "--iptables-forward-rules FORWARD; every address family) were in place "
+                         "at the last check", float(all(m.in_place for m in masqs)))
             yield CounterMetricFamily("netagent_masquerade_repairs",
                                       "Times the masquerade rules were found missing and re-applied",
                                       value=sum(m.repairs for m in masqs))

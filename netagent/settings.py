@@ -1,8 +1,9 @@
 """Agent settings: flannel's flags, from the command line, `NETAGENT_*`/`FLANNELD_*`, or YAML.
 
 Precedence: command-line flag > `NETAGENT_<FLAG>` > `FLANNELD_<FLAG>` > `--config FILE.yaml` >
-default. Empty environment values are ignored (as flannel does). Pure apart from reading the
-environment mapping and the YAML file it is handed.
+default. Flags take one dash or two (``-iface=eth1`` as flanneld's Go flags do). Empty
+environment values are ignored (as flannel does). Pure apart from reading the environment
+mapping and the YAML file it is handed.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ FLAGS: tuple[Flag, ...] = (
          "minutes before expiry by which the lease must be renewed (1-1439)", int),
     Flag("subnet-lease-ttl", 86400, "etcd lease TTL in seconds (flannel: fixed 86400)", int),
     Flag("ip-masq", False, "install masquerade rules for traffic leaving the overlay", bool),
+    Flag("ip-masq-fully-random-disable", False, "masquerade without --random-fully", bool),
+    Flag("iptables-forward-rules", True,
+         "FORWARD ACCEPT rules for the overlay network (needed when the FORWARD policy is DROP, "
+         "as Docker sets it)", bool),
+    Flag("iptables-resync", 5, "seconds between checks of the iptables rules", int),
     Flag("healthz-ip", "0.0.0.0", "address of the health server"),
     Flag("healthz-port", 0, "port of the health server (0 = off)", int),
     Flag("metrics-port", 0, "port of the Prometheus metrics server (0 = off)", int),
     Flag("state-dir", "/var/lib/netagent", "where netagent keeps its own state (VTEP MAC, status)"),
     Flag("repair-interval", 10.0, "seconds between full kernel compares (drift repair)", float),
     Flag("log-level", "info", "debug, info, warning or error"),
+    Flag("v", 0, "flannel's log verbosity: 1 or more logs at debug level", int),
 )
 
 _BY_DEST = {f.name.replace("-", "_"): f for f in FLAGS}
@@ -74,12 +81,27 @@ class AgentSettings:
     subnet_lease_renew_margin: int
     subnet_lease_ttl: int
     ip_masq: bool
+    ip_masq_fully_random_disable: bool
+    iptables_forward_rules: bool
+    iptables_resync: int
     healthz_ip: str
     healthz_port: int
     metrics_port: int
     state_dir: str
     repair_interval: float
     log_level: str
+    v: int
+
+    @property
+    def effective_log_level(self) -> str:
+        """--log-level, lowered to debug by flannel's -v N (N ≥ 1)."""
+        return "debug" if self.v > 0 else self.log_level
+
+    @property
+    def iptables(self) -> bool:
+        """Whether any iptables rules of ours are wanted at all (without, iptables is never
+        run, so a host without it works)."""
+        return self.ip_masq or self.iptables_forward_rules
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +186,24 @@ def load_settings(
         raise SettingsError("--subnet-lease-ttl must be at least 3 seconds")
     if settings.repair_interval <= 0:
         raise SettingsError("--repair-interval must be positive")
+    if settings.iptables_resync <= 0:
+        raise SettingsError("--iptables-resync must be a positive number of seconds")
+    if settings.v < 0:
+        raise SettingsError("-v must be 0 or more")
     return settings
+
+
+def long_dash(argv: Sequence[str]) -> list[str]:
+    """flanneld's Go flags take one dash as well as two (``-iface=eth1``, ``-ip-masq``):
+    give argparse the two-dash form of every known flag written with one."""
+    known = {f.name for f in FLAGS} | {"config", "version"}
+    out = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--") and \
+                arg[1:].split("=", 1)[0] in known:
+            arg = "-" + arg
+        out.append(arg)
+    return out
 
 
 def read_config_file(path: str | None) -> str | None:

@@ -288,3 +288,45 @@ def test_ipv6_pod_reaches_outside_natted_and_overlay_traffic_keeps_pod_source() 
         masq(h, "remove", net, sub)
         sh("ip6tables", "-P", "FORWARD", "ACCEPT", ns=h)
         assert source_seen(o, p, outside, port=40018) == pod
+
+
+def test_forward_rules_by_default_and_the_flanneld_flags(lab: Lab) -> None:
+    """Docker's FORWARD DROP on both hosts and no --ip-masq: pods still reach each other,
+    because the agent installs FLANNEL-FWD by default (flannel's --iptables-forward-rules,
+    default true) and no nat chain. Restarted with flanneld's one-dash
+    ``-iptables-forward-rules=false`` its FORWARD rules go (and pod traffic with them, which
+    shows they carried it); with ``-ip-masq -ip-masq-fully-random-disable`` both chains are
+    back, the masquerade rules without --random-fully."""
+    assert lab.etcd is not None
+    net = "10.14.0.0/16"
+    lab.etcd.put(f"{PREFIX}/config", f'{{"Network":"{net}","Backend":{{"Type":"vxlan"}}}}')
+    h1, h2 = lab.add_host(), lab.add_host()
+    for h in (h1, h2):
+        sh("iptables", "-P", "FORWARD", "DROP", ns=h.name)
+        lab.start_agent(h, "--iptables-resync", "1")
+    for h in (h1, h2):
+        wait_for(h.subnet_file.exists, 30, what=f"{h.name} subnet.env")
+    p1, p2 = lab.add_pod(h1), lab.add_pod(h2)
+    fwd = [r.format(net=net) for r in FLANNEL_RULES if "forward" in r]
+    wait_for(lambda: ours(h1.name) == fwd, 10, what="FORWARD rules on h1")
+    assert ours(h2.name) == fwd and "FLANNEL-POSTRTG" not in sh("iptables-save", ns=h1.name).stdout
+    assert h1.status()["masquerade"] == "off (FORWARD rules in place)"
+    wait_for(lambda: p1.ping(p2.ip), 20, interval=0.3, what="pods reach each other")
+
+    assert lab.stop_agent(h2) == 0
+    lab.start_agent(h2, "-iptables-forward-rules=false", "-iptables-resync=1")
+    wait_for(lambda: ours(h2.name) == [], 15, what="h2's FORWARD rules removed")
+    assert not p1.ping(p2.ip, count=2), "FORWARD DROP without our rules must drop pod traffic"
+    assert "FLANNEL" not in sh("iptables-save", ns=h2.name).stdout
+
+    assert lab.stop_agent(h2) == 0
+    lab.start_agent(h2, "-ip-masq", "-ip-masq-fully-random-disable", "-iptables-resync", "1")
+    sub2 = p2.ip.rsplit(".", 1)[0] + ".0/24"
+    want = [r.format(net=net, sub=sub2).replace(" --random-fully", "") for r in FLANNEL_RULES]
+    wait_for(lambda: ours(h2.name) == want, 15, what="h2's masquerade + FORWARD rules")
+    wait_for(lambda: p1.ping(p2.ip), 20, interval=0.3, what="pods reach each other again")
+    # a deleted FORWARD rule is back within the --iptables-resync period (1 s here)
+    sh("iptables", "-F", "FLANNEL-FWD", ns=h1.name)
+    t0 = time.monotonic()
+    wait_for(lambda: ours(h1.name) == fwd, 10, interval=0.05, what="h1's FORWARD rules restored")
+    print(f"FORWARD rules restored in {time.monotonic() - t0:.2f} s (--iptables-resync 1)")
