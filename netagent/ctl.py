@@ -391,9 +391,11 @@ def check_mtu(s: Any, backend: str | None, env: dict[str, str]) -> Check:
         from netagent.iface import find_iface, find_iface6
 
         if env.get("FLANNEL_SUBNET") or not env.get("FLANNEL_IPV6_SUBNET"):
-            iface, _, _ = find_iface(s.iface, s.iface_regex, s.public_ip)
+            iface, _, _ = find_iface(s.iface, s.iface_regex, s.public_ip,
+                                     can_reach=s.iface_can_reach)
         else:  # an IPv6-only network: the underlay is found by its IPv6 side
-            iface, _, _ = find_iface6(s.iface, s.iface_regex, s.public_ipv6)
+            iface, _, _ = find_iface6(s.iface, s.iface_regex, s.public_ipv6,
+                                      can_reach=s.iface_can_reach)
     except Exception as exc:  # noqa: BLE001 - any failure is a finding, not a crash
         return Check("mtu", False, f"cannot find the underlay interface: {exc}",
                      "pass --iface NAME (or make sure a default route exists)")

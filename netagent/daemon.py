@@ -212,12 +212,14 @@ class Daemon:
         if config is not None and not config.enable_ipv4:
             # IPv6-only: the interface is chosen by its IPv6 side (the host may have no IPv4
             # at all) and the lease's PublicIP is 0.0.0.0, as flannel writes it
-            iface6, addr6, only6 = find_iface6(s.iface, s.iface_regex, s.public_ipv6)
+            iface6, addr6, only6 = find_iface6(s.iface, s.iface_regex, s.public_ipv6,
+                                               can_reach=s.iface_can_reach)
             log.info("using interface %s (index %d, MTU %d, address %s), public IPv6 %s "
                      "(IPv6-only network)", iface6.name, iface6.index, iface6.mtu, addr6, only6)
             return HostFacts(iface6.name, iface6.index, iface6.mtu, NO_PUBLIC_IP, NO_PUBLIC_IP,
                              Path(s.state_dir), only6, iface_addr6=addr6)
-        iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip)
+        iface, addr, public = find_iface(s.iface, s.iface_regex, s.public_ip,
+                                         can_reach=s.iface_can_reach)
         public6 = None
         if config is not None and config.enable_ipv6:
             public6 = public_ipv6_for(iface, s.public_ipv6)

@@ -1502,6 +1502,26 @@ class HostInterface:
     addrs6: tuple[IPv6Address, ...]
 
 
+_RTA_PREFSRC = 7
+
+
+def route_get(dst: IPAddress, netns: str | None = None) -> tuple[int, IPAddress | None] | None:
+    """``ip route get <dst>``: (output interface index, preferred source address or None), or
+    None when there is no route (flannel's ``--iface-can-reach``)."""
+    rt = RtNetlink(netns)
+    try:
+        code, body = rt.lookup_routes([dst])[0]
+    finally:
+        rt.close()
+    if code:
+        return None
+    a = _attrs(body, _RTMSG.size, len(body))
+    if _RTA_OIF not in a:
+        return None
+    src = a.get(_RTA_PREFSRC)
+    return _U32.unpack(a[_RTA_OIF])[0], ip_address(src) if src else None
+
+
 def host_interfaces(netns: str | None = None
                     ) -> tuple[list[HostInterface], int | None, int | None]:
     """Every link with its IPv4 and global IPv6 addresses, and the interfaces of the IPv4 and of

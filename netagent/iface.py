@@ -41,6 +41,48 @@ class HostIfaces:
     default6_index: int | None
 
 
+@dataclass(frozen=True)
+class Reach:
+    """What ``ip route get <target>`` answered for ``--iface-can-reach``: the route's output
+    interface and preferred source address (``oif`` None: no route)."""
+
+    target: str
+    oif: int | None
+    src: IPv4Address | IPv6Address | None = None
+
+
+def _reached(ifaces: Sequence[Iface], reach: Reach, version: int
+             ) -> tuple[Iface, IPv4Address | IPv6Address]:
+    """The interface --iface-can-reach picked and its address of `version`: the route's
+    source when it is of that family and on the interface, else the interface's first one."""
+    flag = f"--iface-can-reach {reach.target}"
+    if reach.oif is None:
+        raise IfaceError(f"{flag}: no route to it")
+    chosen = next((i for i in ifaces if i.index == reach.oif), None)
+    if chosen is None:
+        raise IfaceError(f"{flag}: the route's interface (index {reach.oif}) is gone")
+    addrs: Sequence[IPv4Address | IPv6Address] = chosen.addrs if version == 4 else chosen.addrs6
+    if reach.src is not None and reach.src in addrs:
+        return chosen, reach.src
+    if not addrs:
+        kind = "IPv4" if version == 4 else "global IPv6"
+        raise IfaceError(f"{flag}: the route leaves through {chosen.name}, which has no {kind} "
+                         "address")
+    return chosen, addrs[0]
+
+
+def reach_for(target: str, netns: str | None = None) -> Reach:
+    """Ask the kernel the way to `target` (flannel's ``--iface-can-reach``)."""
+    from netagent.dataplane import route_get
+
+    try:
+        dst = ip_address(target)
+    except ValueError:
+        raise IfaceError(f"--iface-can-reach {target!r} is not an IP address") from None
+    found = route_get(dst, netns)
+    return Reach(target, *found) if found else Reach(target, None)
+
+
 def list_ifaces(*, netns: str | None = None) -> HostIfaces:
     """The links with their addresses, and the IPv4 and IPv6 default routes' interfaces."""
     from netagent.dataplane import host_interfaces
@@ -56,8 +98,14 @@ def choose_iface(
     regexes: Sequence[str] = (),
     public_ip: str = "",
     default_index: int | None = None,
+    reach: Reach | None = None,
 ) -> tuple[Iface, IPv4Address, IPv4Address]:
-    """Pure selection; returns (interface, its address, public IP)."""
+    """Pure selection; returns (interface, its address, public IP).
+
+    Order, as flannel: `--iface` entries, `--iface-regex`, the owner of `--public-ip`, the
+    interface `--iface-can-reach` found (`reach`; its route's source address when that is an
+    IPv4 address of it, else its first IPv4 address — an IPv6 target picks the interface
+    only), the IPv4 default route's."""
     chosen: Iface | None = None
     addr: IPv4Address | None = None
     for spec in names:
@@ -92,6 +140,9 @@ def choose_iface(
         want = IPv4Address(public_ip)
         chosen = next((i for i in ifaces if want in i.addrs), None)
         addr = want if chosen else None
+    if chosen is None and reach is not None:
+        chosen, found = _reached(ifaces, reach, 4)
+        addr = IPv4Address(found)
     if chosen is None and default_index is not None:
         chosen = next((i for i in ifaces if i.index == default_index), None)
         addr = chosen.addrs[0] if chosen and chosen.addrs else None
@@ -118,12 +169,15 @@ def public_ipv6_for(iface: Iface, wanted: str) -> IPv6Address:
     return iface.addrs6[0]
 
 
-def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str
+def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str, *,
+               can_reach: str = "", netns: str | None = None
                ) -> tuple[Iface, IPv4Address, IPv4Address]:
-    host = list_ifaces()
-    default = None if (names or regexes) else host.default_index
+    host = list_ifaces(netns=netns)
+    given = bool(names or regexes)
+    default = None if given else host.default_index
+    reach = reach_for(can_reach, netns) if can_reach and not given else None
     try:
-        return choose_iface(host.ifaces, names, regexes, public_ip, default)
+        return choose_iface(host.ifaces, names, regexes, public_ip, default, reach)
     except ValueError as exc:
         raise IfaceError(str(exc)) from None
 
@@ -134,6 +188,7 @@ def choose_iface6(
     regexes: Sequence[str] = (),
     public_ipv6: str = "",
     default6_index: int | None = None,
+    reach: Reach | None = None,
 ) -> tuple[Iface, IPv6Address, IPv6Address]:
     """Pure selection for an IPv6-only network; returns (interface, its address, public IPv6).
 
@@ -144,8 +199,10 @@ def choose_iface6(
 
     Order, as flannel: each `--iface` (a name or an IPv6 address) in turn; else each
     `--iface-regex` in turn, first on every interface's global IPv6 addresses, then on the
-    names; else the interface owning `--public-ipv6`; else the interface of the IPv6 default
-    route (`default6_index`; pass None when iface flags are given, as `find_iface6` does).
+    names; else the interface owning `--public-ipv6`; else the interface `--iface-can-reach`
+    found (`reach`: its route's source when that is a global IPv6 address of it, else its first
+    one); else the interface of the IPv6 default route (`default6_index`; pass None when iface
+    flags are given, as `find_iface6` does).
     Where flannel gives up on an entry that names an interface without a global IPv6 address,
     the next entry (or, for a regex, the next interface whose name matches) is tried; the
     error lists why each entry failed.
@@ -212,6 +269,10 @@ def choose_iface6(
         owner = next((i for i in ifaces if public in i.addrs6), None)
         found = (owner, public) if owner is not None else None
 
+    if found is None and reach is not None:
+        chosen6, addr6 = _reached(ifaces, reach, 6)
+        found = (chosen6, IPv6Address(addr6))
+
     if found is None:
         chosen = next((i for i in ifaces if i.index == default6_index), None) \
             if default6_index is not None else None
@@ -229,11 +290,14 @@ def choose_iface6(
 
 
 def find_iface6(names: Sequence[str], regexes: Sequence[str], public_ipv6: str,
-                *, netns: str | None = None) -> tuple[Iface, IPv6Address, IPv6Address]:
+                *, netns: str | None = None, can_reach: str = ""
+                ) -> tuple[Iface, IPv6Address, IPv6Address]:
     """`choose_iface6` on the links of this host (or of namespace `netns`)."""
     host = list_ifaces(netns=netns)
-    default6 = None if (names or regexes) else host.default6_index
-    return choose_iface6(host.ifaces, names, regexes, public_ipv6, default6)
+    given = bool(names or regexes)
+    default6 = None if given else host.default6_index
+    reach = reach_for(can_reach, netns) if can_reach and not given else None
+    return choose_iface6(host.ifaces, names, regexes, public_ipv6, default6, reach)
 
 
 def routes_via_for(subnet_text: str) -> str:

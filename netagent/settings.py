@@ -46,6 +46,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("subnet-lease-renew-margin", 60,
          "minutes before expiry by which the lease must be renewed (1-1439)", int),
     Flag("subnet-lease-ttl", 86400, "etcd lease TTL in seconds (flannel: fixed 86400)", int),
+    Flag("iface-can-reach", "",
+         "use the interface (and source address) that `ip route get` picks for this IP"),
     Flag("ip-masq", False, "install masquerade rules for traffic leaving the overlay", bool),
     Flag("ip-masq-fully-random-disable", False, "masquerade without --random-fully", bool),
     Flag("iptables-forward-rules", True,
@@ -75,6 +77,7 @@ class AgentSettings:
     etcd_password: str
     iface: tuple[str, ...]
     iface_regex: tuple[str, ...]
+    iface_can_reach: str
     public_ip: str
     public_ipv6: str
     subnet_file: str

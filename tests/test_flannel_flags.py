@@ -1,7 +1,7 @@
 """flanneld's iptables and logging flags, and its one-dash flag spelling, without root:
 ``--iptables-forward-rules`` (on by default, as in flannel: FORWARD ACCEPT rules even without
-``--ip-masq``), ``--ip-masq-fully-random-disable``, ``--iptables-resync``, ``-v``; a chain of
-ours that is no longer wanted is deleted in the same batch."""
+``--ip-masq``), ``--ip-masq-fully-random-disable``, ``--iptables-resync``, ``-v``,
+``--iface-can-reach``; a chain of ours that is no longer wanted is deleted in the same batch."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ def test_defaults_match_flanneld() -> None:
 
 def test_flanneld_spellings_one_dash_equals_and_environment() -> None:
     s = load_settings(parse("-iptables-forward-rules=false", "-ip-masq", "-iface=eth1",
-                            "-v=2", "--iptables-resync", "7"), {})
+                            "-v=2", "--iptables-resync", "7", "-iface-can-reach=10.0.0.9"), {})
     assert (s.iptables_forward_rules, s.ip_masq, s.iface, s.v, s.iptables_resync) == (
         False, True, ("eth1",), 2, 7)
-    assert s.effective_log_level == "debug"
+    assert s.effective_log_level == "debug" and s.iface_can_reach == "10.0.0.9"
     s = load_settings(parse(), {"FLANNELD_IPTABLES_FORWARD_RULES": "false",
                                 "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE": "true",
                                 "FLANNELD_V": "1"})

@@ -20,6 +20,7 @@ from netagent.dataplane import HostInterface, host_interfaces
 from netagent.iface import (
     Iface,
     IfaceError,
+    Reach,
     choose_iface,
     choose_iface6,
     find_iface,
@@ -298,3 +299,71 @@ def test_host_interfaces_ipv6_default_route_gone(v6host: V6Host) -> None:
     assert (default4, default6) == (None, None)
     with pytest.raises(IfaceError, match="no IPv6 default route"):
         find_iface6([], [], "", netns=v6host.ns)
+
+
+# --------------------------------------------------------------------------- --iface-can-reach
+
+
+def test_can_reach_picks_the_route_interface_and_its_source() -> None:
+    reach = Reach("2001:db8:2::99", 3, B6)  # the route leaves through eth1, source B6
+    assert pick6(reach=reach) == ("eth1", B6, B6)
+    # a source that is not the interface's (or of the other family): its first address
+    assert pick6(reach=Reach("x", 2, IPv4Address("10.0.0.2"))) == ("eth0", A6, A6)
+    assert pick6(reach=Reach("x", 2, A6b))[1] == A6b
+    # the IPv4 choice: an IPv6 target picks the interface, its IPv4 address is used
+    iface, addr, public = choose_iface(IFACES, reach=Reach("2001:db8:9::1", 2, A6),
+                                       default_index=4)
+    assert (iface.name, addr, public) == ("eth0", IPv4Address("10.0.0.2"),
+                                          IPv4Address("10.0.0.2"))
+
+
+def test_can_reach_comes_after_iface_regex_and_public_ip_and_before_the_default() -> None:
+    reach = Reach("t", 3, B6)
+    assert pick6(["wg0"], reach=reach)[0] == "wg0"
+    assert pick6([], ["^fd00:"], reach=reach)[0] == "wg0"
+    assert pick6(public_ipv6=str(C6), reach=reach)[0] == "wg0"
+    assert pick6(default6_index=2, reach=reach)[0] == "eth1"
+    iface, _, _ = choose_iface(IFACES, public_ip="10.9.0.2", reach=Reach("t", 2, None))
+    assert iface.name == "eth2"
+
+
+def test_can_reach_errors_say_what_is_wrong() -> None:
+    with pytest.raises(IfaceError, match="--iface-can-reach 192.0.2.9: no route to it"):
+        choose_iface(IFACES, reach=Reach("192.0.2.9", None), default_index=2)
+    with pytest.raises(IfaceError, match=r"index 42\) is gone"):
+        pick6(reach=Reach("t", 42, None))
+    with pytest.raises(IfaceError, match="through eth1, which has no IPv4 address"):
+        choose_iface(IFACES, reach=Reach("t", 3, B6))
+    with pytest.raises(IfaceError, match="through eth2, which has no global IPv6 address"):
+        pick6(reach=Reach("t", 4, None))
+    with pytest.raises(IfaceError, match="'eth0' is not an IP address"):
+        find_iface([], [], "", can_reach="eth0")
+
+
+@pytest.mark.privileged
+def test_can_reach_asks_the_kernel(v6host: V6Host) -> None:
+    """Both families in the namespace; the target is routed through "other" (not the default
+    route's interface), with a preferred source that is not the interface's first address."""
+    ns = v6host.ns
+    sh("ip", "addr", "add", "10.77.0.1/24", "dev", v6host.uplink, ns=ns)
+    sh("ip", "route", "add", "default", "via", "10.77.0.254", ns=ns)
+    sh("ip", "addr", "add", "10.78.0.1/24", "dev", v6host.other, ns=ns)
+    sh("ip", "addr", "add", "10.78.0.2/24", "dev", v6host.other, ns=ns)
+    sh("ip", "route", "add", "198.51.100.0/24", "via", "10.78.0.254", "src", "10.78.0.2",
+       ns=ns)
+    sh("ip", "-6", "addr", "add", "2001:db8:78::2/64", "dev", v6host.other, "nodad", ns=ns)
+    sh("ip", "-6", "route", "add", "2001:db8:99::/64", "via", "2001:db8:78::fe", "src",
+       "2001:db8:78::2", ns=ns)
+    iface, addr, public = find_iface([], [], "", netns=ns)
+    assert iface.name == v6host.uplink  # the default route without the flag
+    iface, addr, public = find_iface([], [], "", netns=ns, can_reach="198.51.100.7")
+    assert (iface.name, addr, public) == (v6host.other, IPv4Address("10.78.0.2"),
+                                          IPv4Address("10.78.0.2"))
+    iface6, addr6, _ = find_iface6([], [], "", netns=ns, can_reach="2001:db8:99::5")
+    assert (iface6.name, addr6) == (v6host.other, IPv6Address("2001:db8:78::2"))
+    # --iface wins; an unreachable target is an error, not the default route
+    assert find_iface([v6host.uplink], [], "", netns=ns, can_reach="198.51.100.7")[0].name \
+        == v6host.uplink
+    sh("ip", "route", "add", "unreachable", "203.0.113.0/24", ns=ns)
+    with pytest.raises(IfaceError, match="no route to it"):
+        find_iface([], [], "", netns=ns, can_reach="203.0.113.1")
