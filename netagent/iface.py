@@ -61,6 +61,18 @@ def _reached(ifaces: Sequence[Iface], reach: Reach, version: int
     chosen = next((i for i in ifaces if i.index == reach.oif), None)
     if chosen is None:
         raise IfaceError(f"{flag}: the route's interface (index {reach.oif}) is gone")
+    if chosen.name == "lo":
+        # a local route: the target is this host's own address (or loopback), and lo with
+        # 127.0.0.1 must never become the overlay's underlay and advertised address
+        try:
+            target = ip_address(reach.target)
+        except ValueError:
+            target = None
+        owner = next((i.name for i in ifaces if i.name != "lo"
+                      and target in (*i.addrs, *i.addrs6)), None)
+        hint = f"; to use {owner}, pass --iface {owner}" if owner else ""
+        raise IfaceError(f"{flag}: that is an address of this host (the route to it is local, "
+                         f"through lo){hint}")
     addrs: Sequence[IPv4Address | IPv6Address] = chosen.addrs if version == 4 else chosen.addrs6
     if reach.src is not None and reach.src in addrs:
         return chosen, reach.src
@@ -172,6 +184,13 @@ def public_ipv6_for(iface: Iface, wanted: str) -> IPv6Address:
 def find_iface(names: Sequence[str], regexes: Sequence[str], public_ip: str, *,
                can_reach: str = "", netns: str | None = None
                ) -> tuple[Iface, IPv4Address, IPv4Address]:
+    """`choose_iface` on the links of this host (or of namespace `netns`).
+
+    `can_reach` (flannel's ``--iface-can-reach``; ignored when `names` or `regexes` are given)
+    asks the kernel for the route to that IP, as ``ip route get`` would. The target may be of
+    either family: an IPv6 target picks the interface its IPv6 route leaves through, and that
+    interface's first IPv4 address is used (the route's source is used only when it is an IPv4
+    address of the interface)."""
     host = list_ifaces(netns=netns)
     given = bool(names or regexes)
     default = None if given else host.default_index
@@ -292,7 +311,10 @@ def choose_iface6(
 def find_iface6(names: Sequence[str], regexes: Sequence[str], public_ipv6: str,
                 *, netns: str | None = None, can_reach: str = ""
                 ) -> tuple[Iface, IPv6Address, IPv6Address]:
-    """`choose_iface6` on the links of this host (or of namespace `netns`)."""
+    """`choose_iface6` on the links of this host (or of namespace `netns`).
+
+    `can_reach` as in `find_iface`: the route the kernel picks to that IP, of either family;
+    an IPv4 target picks the interface only, and its first global IPv6 address is used."""
     host = list_ifaces(netns=netns)
     given = bool(names or regexes)
     default6 = None if given else host.default6_index

@@ -340,6 +340,20 @@ def test_can_reach_errors_say_what_is_wrong() -> None:
         find_iface([], [], "", can_reach="eth0")
 
 
+def test_can_reach_an_address_of_this_host_is_not_lo() -> None:
+    """`ip route get <own address>` answers "local ... dev lo": lo and 127.0.0.1 must not
+    become the underlay; the error names the interface that has the address."""
+    with pytest.raises(IfaceError, match=r"--iface-can-reach 10\.0\.0\.2: that is an address "
+                                         r"of this host .*through lo\); to use eth0, pass "
+                                         r"--iface eth0$"):
+        choose_iface(IFACES, reach=Reach("10.0.0.2", 1, IPv4Address("10.0.0.2")),
+                     default_index=2)
+    with pytest.raises(IfaceError, match=r"through lo\); to use eth1, pass --iface eth1$"):
+        pick6(reach=Reach("2001:0db8:2:0::20", 1, B6), default6_index=2)
+    with pytest.raises(IfaceError, match=r"local, through lo\)$"):
+        choose_iface(IFACES, reach=Reach("127.0.0.5", 1, None))
+
+
 @pytest.mark.privileged
 def test_can_reach_asks_the_kernel(v6host: V6Host) -> None:
     """Both families in the namespace; the target is routed through "other" (not the default
@@ -361,6 +375,15 @@ def test_can_reach_asks_the_kernel(v6host: V6Host) -> None:
                                           IPv4Address("10.78.0.2"))
     iface6, addr6, _ = find_iface6([], [], "", netns=ns, can_reach="2001:db8:99::5")
     assert (iface6.name, addr6) == (v6host.other, IPv6Address("2001:db8:78::2"))
+    # the other family's target picks the interface; its first address of the family is used
+    iface, addr, _ = find_iface([], [], "", netns=ns, can_reach="2001:db8:99::5")
+    assert (iface.name, addr) == (v6host.other, IPv4Address("10.78.0.1"))
+    iface6, addr6, _ = find_iface6([], [], "", netns=ns, can_reach="198.51.100.7")
+    assert iface6.name == v6host.other and addr6 == iface6.addrs6[0]  # the kernel's order
+    assert len(iface6.addrs6) == 2
+    # an address of this host: the kernel's route is local, through lo
+    with pytest.raises(IfaceError, match=f"pass --iface {v6host.other}$"):
+        find_iface([], [], "", netns=ns, can_reach="10.78.0.2")
     # --iface wins; an unreachable target is an error, not the default route
     assert find_iface([v6host.uplink], [], "", netns=ns, can_reach="198.51.100.7")[0].name \
         == v6host.uplink
