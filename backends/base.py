@@ -100,6 +100,12 @@ class Backend(ABC):
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop background work. Kernel state stays so a restart doesn't interrupt traffic."""
 
+    def prepare_teardown(self) -> None:
+        """Get ready for :meth:`teardown` only (a live switch turned this backend's family
+        off): what `prepare` does to find our kernel state, without the checks a backend
+        that is to carry traffic must pass."""
+        self.prepare()
+
     def teardown(self) -> None:
         """Remove the kernel entries this backend owns: called when a live config change
         switches to another backend, device or network. By default a full sync with no peers,

@@ -120,6 +120,11 @@ class HostGwBackend(ReconcilingBackend):
         return LeaseContribution(backend_type="host-gw", backend_data="",
                                  mtu=self.host.iface_mtu)
 
+    def prepare_teardown(self) -> None:
+        # the NAT checks do not matter for removing routes (a dual-stack host whose
+        # PublicIPv6 is not on the interface still had IPv6 routes to remove)
+        self.reconciler = self._new_reconciler(None)
+
     def activate(self, own: Lease) -> None:
         self.own = own
 

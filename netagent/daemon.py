@@ -745,7 +745,7 @@ class Daemon:
             name = f"{old.backend.type} IPv{family}"
             try:
                 part = backend_class(old.backend.type)(old.only_family(family), host)
-                part.prepare()  # finds the devices as they are
+                part.prepare_teardown()  # finds the devices as they are
             except Exception:  # noqa: BLE001 - leftovers are swept at the next start
                 log.exception("removing the %s entries failed", name)
                 continue

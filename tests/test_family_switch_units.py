@@ -121,7 +121,7 @@ def test_ipv4_turned_off_keeps_every_ipv6_entry_untouched(btype: str, tmp_path: 
     # …the IPv4 side goes through a backend that knows IPv4 alone…
     assert dual.only_family(4).enable_ipv6 is False and dual.only_family(4).network == NET4
     part = backend(btype, dual.only_family(4), host, k)
-    part.prepare()
+    part.prepare_teardown()
     part.teardown()
     assert entries(k, 4) == set() and "flannel.1" not in k.links
     assert entries(k, 6) == v6_before and k.links.get("flannel-v6.1") == v6_dev
@@ -233,3 +233,27 @@ def test_reconciler_orders_idents_of_both_families() -> None:
     assert rec.desired()["route"][a.key] == b
     rec.set_peer(sub6(2), None)
     assert rec.desired()["route"] == {}
+
+
+def test_ipv6_turned_off_on_host_gw_behind_ipv6_nat_still_removes_the_ipv6_routes(
+        tmp_path: Path) -> None:
+    """A dual-stack host-gw host whose PublicIPv6 is not on its interface (allowed: only the
+    IPv4 side is checked for NAT in dual stack). An IPv6-only host-gw refuses such a host, but
+    removing its IPv6 routes must not: prepare_teardown skips the checks."""
+    k = kernel("host-gw")
+    dual = cfg("host-gw", True)
+    host = facts(k, tmp_path, True)
+    natted = HostFacts(host.iface, host.iface_index, host.iface_mtu, host.iface_addr,
+                       host.public_ip, tmp_path, pub6(1), iface_addr6=None)
+    old = backend("host-gw", dual, natted, k)
+    old.prepare()
+    old.activate(lease(1, "host-gw", True))
+    old.sync({sub(i): lease(i, "host-gw", True) for i in (2, 3)})
+    v4_before = entries(k, 4)
+    assert entries(k, 6) and v4_before
+    part = backend("host-gw", dual.only_family(6), natted, k)
+    with pytest.raises(RuntimeError, match="behind NAT"):
+        part.prepare()
+    part.prepare_teardown()
+    part.teardown()
+    assert entries(k, 6) == set() and entries(k, 4) == v4_before
