@@ -207,7 +207,8 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         "marked)", etcd, ctl.cmd_leases)
     cmd(sub, "doctor", "doctor", "check this host: ip_forward, kernel modules, MTU, etcd, "
         "conflicting routes, FORWARD policy, iptables backend",
-        (*etcd, "state-dir", "subnet-file", "iface", "iface-regex", "public-ip", "ip-masq"),
+        (*etcd, "state-dir", "subnet-file", "iface", "iface-regex", "iface-can-reach",
+         "public-ip", "public-ipv6", "ip-masq", "iptables-forward-rules"),
         ctl.cmd_doctor)
     mig = cmd(sub, "migrate-v2", "migrate-v2", "copy the network config from the etcd v2 store "
               "into v3", etcd, ctl.cmd_migrate_v2, False)
