@@ -746,7 +746,7 @@ class Daemon:
             try:
                 part = backend_class(old.backend.type)(old.only_family(family), host)
                 part.prepare_teardown()  # finds the devices as they are
-            except Exception:  # noqa: BLE001 - leftovers are swept at the next start
+            except Exception:  # noqa: BLE001 - the switch goes on; what is left stays, logged
                 log.exception("removing the %s entries failed", name)
                 continue
             self._teardown(part, name)
