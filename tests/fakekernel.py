@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
 from netagent.dataplane import (
@@ -220,6 +220,19 @@ def pub(i: int) -> IPv4Address:
 
 def mac(i: int) -> str:
     return f"0e:00:00:00:00:{i:02x}"
+
+
+def sub6(i: int) -> IPv6Network:
+    """Peer i's IPv6 subnet fd42:0:0:<i>::/64 (dual-stack and IPv6-only tests)."""
+    return IPv6Network(f"fd42:0:0:{i:x}::/64")
+
+
+def pub6(i: int) -> IPv6Address:
+    return IPv6Address(f"fd00::{i:x}")
+
+
+def mac6(i: int) -> str:
+    return f"0e:00:00:00:06:{i:02x}"
 
 
 def vx_lease(i: int, data: str | None = None, btype: str = "vxlan", ip: int | None = None,

@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Interface, IPv6
 from pathlib import Path
 
 import pytest
-from fakekernel import FakeKernel, mac, pub, sub
+from fakekernel import FakeKernel, mac, mac6, pub, pub6, sub, sub6
 
 from backends.base import HostFacts
 from backends.hostgw import HostGwBackend, render_hostgw_peers
@@ -31,18 +31,6 @@ DEV, DEV6, IFACE = 7, 8, 3
 NET6 = IPv6Network("fd42::/48")
 OWN = IPv4Network("10.5.1.0/24")
 OWN6 = IPv6Network("fd42:0:0:1::/64")
-
-
-def sub6(i: int) -> IPv6Network:
-    return IPv6Network(f"fd42:0:0:{i:x}::/64")
-
-
-def pub6(i: int) -> IPv6Address:
-    return IPv6Address(f"fd00::{i:x}")
-
-
-def mac6(i: int) -> str:
-    return f"0e:00:00:00:06:{i:02x}"
 
 
 def dual_lease(i: int, btype: str = "vxlan", v6data: str | None = None,

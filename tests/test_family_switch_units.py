@@ -15,12 +15,12 @@ that stays, played here as the daemon plays it against the in-memory kernel:
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakekernel import FakeKernel, mac, pub, sub
+from fakekernel import FakeKernel, mac, mac6, pub, pub6, sub, sub6
 
 from backends.base import HostFacts
 from backends.hostgw import HostGwBackend, render_hostgw_peers
@@ -32,18 +32,6 @@ from netagent.peers import PeerTable, RawLease
 
 NET4 = IPv4Network("10.5.0.0/16")
 NET6 = IPv6Network("fd42::/48")
-
-
-def sub6(i: int) -> IPv6Network:
-    return IPv6Network(f"fd42:0:0:{i:x}::/64")
-
-
-def pub6(i: int) -> IPv6Address:
-    return IPv6Address(f"fd00::{i:x}")
-
-
-def mac6(i: int) -> str:
-    return f"0e:00:00:00:06:{i:02x}"
 
 
 def cfg(btype: str, ipv4: bool) -> NetworkConfig:

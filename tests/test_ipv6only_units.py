@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import random
-from ipaddress import IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import IPv4Network, IPv6Interface, IPv6Network
 from pathlib import Path
 
 import pytest
-from fakekernel import FakeKernel
+from fakekernel import FakeKernel, mac6, pub6, sub6
 
 from backends.base import HostFacts
 from backends.hostgw import HostGwBackend, render_hostgw_peers
@@ -37,18 +37,6 @@ NET6 = IPv6Network("fd42::/48")
 CONFIG6 = parse_network_config(json.dumps({
     "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": str(NET6),
     "Backend": {"Type": "vxlan"}}))
-
-
-def sub6(i: int) -> IPv6Network:
-    return IPv6Network(f"fd42:0:0:{i:x}::/64")
-
-
-def pub6(i: int) -> IPv6Address:
-    return IPv6Address(f"fd00::{i:x}")
-
-
-def mac6(i: int) -> str:
-    return f"0e:00:00:00:06:{i:02x}"
 
 
 def lease6(i: int, btype: str = "vxlan", v6data: str | None = None) -> Lease:
