@@ -33,6 +33,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
@@ -166,27 +167,30 @@ def parse_save(text: str) -> Installed:
                      tuple(fwd) if fwd is not None else None, hooks["nat"], hooks["filter"])
 
 
+def _chains(want: RuleSet, have: Installed
+            ) -> tuple[tuple[str, str, str, str, str, tuple[str, ...], tuple[str, ...] | None, int],
+                       ...]:
+    """Per chain of ours: (table, chain, hook rule, hooked chain, flag, wanted rules, installed
+    rules, hook count) — what missing() and restore_text() both walk."""
+    return (("nat", NAT_CHAIN, NAT_HOOK, "POSTROUTING", "--ip-masq", want.nat, have.nat,
+             have.nat_hooks),
+            ("filter", FWD_CHAIN, FWD_HOOK, "FORWARD", "--iptables-forward-rules", want.forward,
+             have.forward, have.fwd_hooks))
+
+
 def missing(want: RuleSet, have: Installed) -> list[str]:
     """Human-readable differences (empty = everything in place). A chain of ours that is not
     wanted (``--ip-masq`` or ``--iptables-forward-rules`` turned off since it was installed)
     is a difference too: it goes."""
     out = []
-    if want.nat:
-        if have.nat != want.nat:
-            out.append(f"nat {NAT_CHAIN} differs" if have.nat is not None
-                       else f"nat {NAT_CHAIN} absent")
-        if have.nat_hooks != 1:
-            out.append(f"nat POSTROUTING has {have.nat_hooks} jumps to {NAT_CHAIN} (want 1)")
-    elif have.nat is not None or have.nat_hooks:
-        out.append(f"nat {NAT_CHAIN} present but --ip-masq is off")
-    if want.forward:
-        if have.forward != want.forward:
-            out.append(f"filter {FWD_CHAIN} differs" if have.forward is not None
-                       else f"filter {FWD_CHAIN} absent")
-        if have.fwd_hooks != 1:
-            out.append(f"filter FORWARD has {have.fwd_hooks} jumps to {FWD_CHAIN} (want 1)")
-    elif have.forward is not None or have.fwd_hooks:
-        out.append(f"filter {FWD_CHAIN} present but --iptables-forward-rules is off")
+    for table, chain, _hook, hooked, flag, rules, had, hooks in _chains(want, have):
+        if rules:
+            if had != rules:
+                out.append(f"{table} {chain} {'differs' if had is not None else 'absent'}")
+            if hooks != 1:
+                out.append(f"{table} {hooked} has {hooks} jumps to {chain} (want 1)")
+        elif had is not None or hooks:
+            out.append(f"{table} {chain} present but {flag} is off")
     return out
 
 
@@ -198,9 +202,7 @@ def restore_text(want: RuleSet, have: Installed) -> str:
     """One batch: declare and refill our wanted chains, add a missing hook, drop duplicate
     hooks; delete a chain of ours that is not wanted (with its hooks)."""
     parts: list[str] = []
-    for table, chain, hook, rules, chain_had, hooks_had in (
-            ("nat", NAT_CHAIN, NAT_HOOK, want.nat, have.nat, have.nat_hooks),
-            ("filter", FWD_CHAIN, FWD_HOOK, want.forward, have.forward, have.fwd_hooks)):
+    for table, chain, hook, _hooked, _flag, rules, chain_had, hooks_had in _chains(want, have):
         if rules:
             parts += [f"*{table}", f":{chain} - [0:0]", f"-F {chain}", *rules]
             parts += [_delete(hook)] * max(0, hooks_had - 1)
@@ -268,10 +270,16 @@ def remove_leftovers(version: int, timeout: float = 10.0) -> bool:
     commands = COMMANDS[version]
     if shutil.which(commands.save) is None:
         return False
-    text = removal_text(parse_save(run_command([commands.save], timeout=timeout)))
+    return remove_ours(commands, lambda cmd, stdin=None: run_command(cmd, stdin, timeout))
+
+
+def remove_ours(commands: Commands, run: Callable[..., str] = run_command) -> bool:
+    """Delete our hooks and chains (and nothing else) with one family's binaries, through
+    `run` (cmd, stdin); True when there was something to delete. Raises MasqError."""
+    text = removal_text(parse_save(run([commands.save])))
     if not text:
         return False
-    run_command([commands.restore, "-w", "5", "--noflush"], text, timeout)
+    run([commands.restore, "-w", "5", "--noflush"], text)
     return True
 
 
@@ -335,15 +343,10 @@ class Masquerade:
     def installed(self) -> Installed:
         return parse_save(self._run([self.commands.save]))
 
-    def _remove_with(self, commands: Commands) -> None:
-        text = removal_text(parse_save(self._run([commands.save])))
-        if text:
-            self._run([commands.restore, "-w", "5", "--noflush"], text)
-
     def _drop_stale(self) -> None:
         """Delete the rules of the family we were retargeted away from (stays due on error)."""
         if self._stale is not None:
-            self._remove_with(self._stale)
+            remove_ours(self._stale, self._run)
             self._stale = None
 
     def check(self) -> list[str]:
@@ -382,5 +385,5 @@ class Masquerade:
     def remove(self) -> None:
         """Delete our hooks and chains only (and any left in a family we were retargeted from)."""
         self._drop_stale()
-        self._remove_with(self.commands)
+        remove_ours(self.commands, self._run)
         self.in_place = False
