@@ -218,21 +218,10 @@ def restore_text(want: RuleSet, have: Installed) -> str:
 
 
 def removal_text(have: Installed) -> str:
-    """Delete our hooks and chains (and nothing else); empty when nothing of ours exists."""
-    parts: list[str] = []
-    if have.nat is not None or have.nat_hooks:
-        parts.append("*nat")
-        parts += [_delete(NAT_HOOK)] * have.nat_hooks
-        if have.nat is not None:
-            parts += [f"-F {NAT_CHAIN}", f"-X {NAT_CHAIN}"]
-        parts.append("COMMIT")
-    if have.forward is not None or have.fwd_hooks:
-        parts.append("*filter")
-        parts += [_delete(FWD_HOOK)] * have.fwd_hooks
-        if have.forward is not None:
-            parts += [f"-F {FWD_CHAIN}", f"-X {FWD_CHAIN}"]
-        parts.append("COMMIT")
-    return "\n".join(parts) + "\n" if parts else ""
+    """Delete our hooks and chains (and nothing else); empty when nothing of ours exists:
+    the batch restore_text() writes when no chain of ours is wanted."""
+    text = restore_text(RuleSet((), ()), have)
+    return text if text.strip() else ""
 
 
 def supports_random_fully(version_text: str) -> bool:
