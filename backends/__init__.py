@@ -9,13 +9,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from backends.base import Backend
+    from netagent.backends.base import Backend
 
 BACKENDS: dict[str, str] = {
-    "alloc": "backends.alloc:AllocBackend",
-    "vxlan": "backends.vxlan:VxlanBackend",
-    "host-gw": "backends.hostgw:HostGwBackend",
-    "udp": "backends.udp:UdpBackend",
+    "alloc": "netagent.backends.alloc:AllocBackend",
+    "vxlan": "netagent.backends.vxlan:VxlanBackend",
+    "host-gw": "netagent.backends.hostgw:HostGwBackend",
+    "udp": "netagent.backends.udp:UdpBackend",
 }
 
 

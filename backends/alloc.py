@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from backends.base import Backend, LeaseContribution, SyncReport
+from netagent.backends.base import Backend, LeaseContribution, SyncReport
 from netagent.lease import Lease, PeerId
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv6Address
 
-from backends.base import LeaseContribution
-from backends.render import ReconcilingBackend, Rendered, is_direct
+from netagent.backends.base import LeaseContribution
+from netagent.backends.render import ReconcilingBackend, Rendered, is_direct
 from netagent.dataplane import Entry, IPAddress, Route, RouteLookup
 from netagent.lease import Lease, PeerId
 

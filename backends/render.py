@@ -18,7 +18,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from backends.base import Backend, HostFacts, SyncReport
+from netagent.backends.base import Backend, HostFacts, SyncReport
 from netagent.config import NetworkConfig
 from netagent.dataplane import (
     Entry,

@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, cast
 
-from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
-from backends.udpfwd import (
+from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from netagent.backends.udpfwd import (
     DEFAULT_UDP_PORT,
     UDP_OVERHEAD,
     Forwarder,
@@ -48,7 +48,7 @@ from backends.udpfwd import (
     open_tun,
     tun_txqueuelen,
 )
-from backends.udprun import numpy_payload_sums, payload_sums_python
+from netagent.backends.udprun import numpy_payload_sums, payload_sums_python
 from netagent.config import NetworkConfig
 from netagent.dataplane import Kernel, KernelError, Op, Route
 from netagent.lease import Lease, PeerId

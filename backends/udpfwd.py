@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from backends.udprun import (
+from netagent.backends.udprun import (
     PSH_ACK,
     SliceCache,
     continues_run,

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
 
-from backends.base import HostFacts, LeaseContribution
-from backends.render import (
+from netagent.backends.base import HostFacts, LeaseContribution
+from netagent.backends.render import (
     ReconcilingBackend,
     Rendered,
     generate_vtep_mac,

@@ -34,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cni.fast import setns  # noqa: E402
-from cni.install import install_cni  # noqa: E402
+from netagent.cni.fast import setns  # noqa: E402
+from netagent.cni.install import install_cni  # noqa: E402
 
 REF = "/usr/lib/cni"
 
@@ -56,7 +56,7 @@ def _startup(launcher: str, client: str, n: int = 30) -> None:
          [py, "-I", "-c", "from pyroute2 import IPRoute"]),
         ("plugin start-up imports (-IS)",
          [py, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-          "import cni.plugin, cni.link, cni.ipam, cni.subnet"]),
+          "import netagent.cni.plugin, cni.link, cni.ipam, cni.subnet"]),
         ("plugin VERSION via launcher", [launcher]),
         ("plugin VERSION via C client + server", [client]),
         ("ip link show lo", ["ip", "link", "show", "lo"]),

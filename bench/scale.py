@@ -51,10 +51,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from harness import RUN_ID, Host, Lab, add_netns, del_netns, sh  # noqa: E402
+from support.harness import RUN_ID, Host, Lab, add_netns, del_netns, sh  # noqa: E402
 
-from backends.base import HostFacts  # noqa: E402
-from backends.vxlan import VxlanBackend  # noqa: E402
+from netagent.backends.base import HostFacts  # noqa: E402
+from netagent.backends.vxlan import VxlanBackend  # noqa: E402
 from netagent.config import parse_network_config  # noqa: E402
 from netagent.dataplane import RTPROT_NETAGENT, NetlinkKernel, _open_netlink  # noqa: E402
 from netagent.lease import (  # noqa: E402

@@ -60,8 +60,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from cni_helpers import install_plugin, run_plugin  # noqa: E402
-from harness import RUN_ID, Host, Lab, Pod, add_netns, read_env_file, sh, wait_for  # noqa: E402
+from support.cni import install_plugin, run_plugin  # noqa: E402
+from support.harness import RUN_ID, Host, Lab, Pod, add_netns, read_env_file, sh, wait_for  # noqa: E402
 
 GOALS = {"vxlan": 0.90, "host-gw": 0.95}
 NETWORK = "10.42.0.0/16"

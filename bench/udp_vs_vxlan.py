@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from harness import RUN_ID, Host, Lab, Pod, sh, wait_for  # noqa: E402
+from support.harness import RUN_ID, Host, Lab, Pod, sh, wait_for  # noqa: E402
 
 GOAL = 0.30
 NETWORK = "10.43.0.0/16"

@@ -1,7 +1,7 @@
-"""``python -m cni``: the plugin without an installed launcher (tests, debugging)."""
+"""``python -m netagent.cni``: the plugin without an installed launcher (tests, debugging)."""
 
 import sys
 
-from cni.plugin import main
+from netagent.cni.plugin import main
 
 sys.exit(main())

@@ -34,7 +34,7 @@ CLIENT_CHOICES = ("auto", "c", "python")
 
 
 def launcher_source(python: str, package_parent: str) -> str:
-    """Text of the launcher; ``package_parent`` is the directory containing ``cni/``.
+    """Text of the launcher; ``package_parent`` is the directory containing ``netagent/``.
 
     Runtimes never pass arguments to a CNI plugin, so ``--server`` cannot clash with a call.
     """
@@ -44,9 +44,9 @@ def launcher_source(python: str, package_parent: str) -> str:
         "import sys\n"
         f"sys.path.insert(0, {package_parent!r})\n"
         "if sys.argv[1:2] == ['--server']:\n"
-        "    from cni.server import main as serve\n"
+        "    from netagent.cni.server import main as serve\n"
         "    sys.exit(serve(sys.argv[2:]))\n"
-        "from cni.plugin import main\n"
+        "from netagent.cni.plugin import main\n"
         "sys.exit(main())\n"
     )
 
@@ -150,9 +150,11 @@ def install_cni(bin_dir: str, conf_dir: str, *, subnet_file: str = "/run/flannel
     """
     if client not in CLIENT_CHOICES:
         raise ValueError(f"client must be one of {CLIENT_CHOICES}, not {client!r}")
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    # the directory holding the netagent package (site-packages, or a source checkout, where
+    # netagent/cni is a symlink to cni/): not resolved, so the symlink is kept
+    package_parent = str(Path(__file__).absolute().parents[2])
     # byte-compile now so the first pods do not pay for it (or fail on a read-only tree)
-    compileall.compile_dir(str(Path(package_parent) / "cni"), quiet=1)
+    compileall.compile_dir(str(Path(package_parent) / "netagent" / "cni"), quiet=1)
     exe = Path(bin_dir) / PLUGIN_TYPE
     launcher = Path(bin_dir) / LAUNCHER_NAME
     launcher_text = launcher_source(sys.executable, package_parent)
@@ -220,7 +222,7 @@ def add_install_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone ``python -m cni.install`` until the lead wires it into ``netagent``."""
+    """Standalone ``python -m netagent.cni.install`` until the lead wires it into ``netagent``."""
     parser = argparse.ArgumentParser(prog="netagent")
     sub = parser.add_subparsers(dest="command", required=True)
     add_install_parser(sub)

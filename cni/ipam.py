@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 
-from cni.errors import (
+from netagent.cni.errors import (
     ADDRESS_UNAVAILABLE,
     INVALID_CONFIG,
     IO_FAILURE,
     POOL_EXHAUSTED,
     CniError,
 )
-from cni.fast import format_ip, ip6_to_int, ip_to_int, ip_version, netmask_any, parse_ip_any
+from netagent.cni.fast import format_ip, ip6_to_int, ip_to_int, ip_version, netmask_any, parse_ip_any
 
 LAST_RESERVED = "last_reserved_ip.0"  # range set 0; range set N uses ".N"
 LOCK = "lock"

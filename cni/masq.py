@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import subprocess
 
-from cni.errors import INTERNAL, CniError
-from cni.fast import digest
+from netagent.cni.errors import INTERNAL, CniError
+from netagent.cni.fast import digest
 
 
 def chain_name(network: str, container_id: str, ifname: str) -> str:

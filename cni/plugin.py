@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 
-from cni.errors import (
+from netagent.cni.errors import (
     ADDRESS_UNAVAILABLE,
     CHECK_FAILED,
     DECODE,
@@ -42,7 +42,7 @@ from cni.errors import (
     TRY_AGAIN_LATER,
     CniError,
 )
-from cni.fast import (
+from netagent.cni.fast import (
     digest,
     dumps,
     format_ip,
@@ -58,8 +58,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from cni.link import Link, Netlink
-    from cni.subnet import SubnetEnv
+    from netagent.cni.link import Link, Netlink
+    from netagent.cni.subnet import SubnetEnv
 
     #: what an attach step gives the result: interfaces, ips, routes
     Attachment = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
@@ -382,7 +382,7 @@ def ipam_add(cfg: Config, env: Env, sub: SubnetEnv, timeout: float) -> list[Ipam
             raise CniError(ADDRESS_UNAVAILABLE, f"requested IP {ip} is IPv{version}, but "
                            f"{cfg.subnet_file} has no IPv{version} subnet")
     if not cfg.ipam_type:
-        from cni.ipam import Pool, Store
+        from netagent.cni.ipam import Pool, Store
 
         fams = sub.families
         pools = [Pool(f.version, f.subnet, f.plen, f.gateway, requested.get(f.version, ""), i)
@@ -420,7 +420,7 @@ def ipam_add(cfg: Config, env: Env, sub: SubnetEnv, timeout: float) -> list[Ipam
 
 def ipam_del(cfg: Config, env: Env, sub: SubnetEnv | None, timeout: float) -> None:
     if not cfg.ipam_type:
-        from cni.ipam import Store
+        from netagent.cni.ipam import Store
 
         with Store(cfg.data_dir) as store:
             store.release(env.container_id, env.ifname)
@@ -446,8 +446,8 @@ class Namespaces:
     """
 
     def __init__(self, netns_path: str) -> None:
-        from cni.fast import setns
-        from cni.link import Netlink
+        from netagent.cni.fast import setns
+        from netagent.cni.link import Netlink
 
         self.host: Netlink = Netlink()
         self.cont: Netlink | None = None
@@ -516,7 +516,7 @@ def _ensure_bridge(nl: Netlink, name: str, sub: SubnetEnv, mtu: int) -> Any:
     """Create (or adopt) the bridge with one gateway address per family; safe when ADDs race."""
     import errno
 
-    from cni.link import NetlinkError
+    from netagent.cni.link import NetlinkError
 
     br = nl.link(name)
     created = False
@@ -593,8 +593,8 @@ def _container_routes(cfg: Config, sub: SubnetEnv, leases: list[IpamLease]
 
 
 def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
-    from cni.link import NetlinkError
-    from cni.subnet import read_subnet_env
+    from netagent.cni.link import NetlinkError
+    from netagent.cni.subnet import read_subnet_env
 
     sub = read_subnet_env(cfg.subnet_file, cfg.subnet_wait)
     mtu = cfg.mtu or sub.mtu
@@ -617,7 +617,7 @@ def cmd_add(cfg: Config, env: Env, deadline_left: float) -> dict[str, Any]:
             # IPv4 only for now: pods keep their IPv6 source address. ip6tables would work the
             # same way (chain per pod, ``! -d ff00::/8``), but DEL finds the jump by listing
             # POSTROUTING, which would double its iptables execs for every pod.
-            from cni import masq
+            from netagent.cni import masq
 
             undo.append(("masq", None))
             masq.add(cfg.name, env.container_id, env.ifname, v4.ip, sub.v4.network_cidr)
@@ -639,7 +639,7 @@ def _add_veth(ns: Namespaces, env: Env, mtu: int, undo: list[tuple[str, Any]]
     attachment of the same IDs is replaced."""
     import errno
 
-    from cni.link import NetlinkError
+    from netagent.cni.link import NetlinkError
 
     assert ns.cont is not None
     hname = host_veth_name(env.container_id, env.ifname)
@@ -668,7 +668,7 @@ def _add_pod_addrs(cont: Netlink, env: Env, cv: Link, leases: list[IpamLease],
     single host (/32, /128) with ``host_prefix``."""
     import errno
 
-    from cni.link import NetlinkError
+    from netagent.cni.link import NetlinkError
 
     for lease in leases:
         plen = _host_plen(lease.version) if host_prefix else lease.plen
@@ -687,7 +687,7 @@ def _add_pod_addrs(cont: Netlink, env: Env, cv: Link, leases: list[IpamLease],
 def _add_pod_routes(cont: Netlink, cv: Link, routes: list[dict[str, Any]]) -> None:
     import errno
 
-    from cni.link import NetlinkError
+    from netagent.cni.link import NetlinkError
 
     for r in routes:
         dst_version, dst_int, dst_plen = parse_cidr_any(r["dst"])
@@ -740,7 +740,7 @@ def _attach_routed(cfg: Config, env: Env, sub: SubnetEnv, ns: Namespaces,
     """
     import errno
 
-    from cni.link import RT_SCOPE_LINK, NetlinkError
+    from netagent.cni.link import RT_SCOPE_LINK, NetlinkError
 
     assert ns.cont is not None
     _enable_forwarding(sub)
@@ -808,7 +808,7 @@ def _proxy_on_bridge(nl: Netlink, br: Link, ips: list[str], undo: list[tuple[str
 
 def _routed_pod_ips(nl: Netlink, sub: SubnetEnv) -> list[str]:
     """Addresses of this subnet's routed pods on this host, from their host routes."""
-    from cni.link import RT_TABLE_MAIN
+    from netagent.cni.link import RT_TABLE_MAIN
 
     out = []
     for r in nl.routes():
@@ -826,7 +826,7 @@ def _sweep_bridge_proxies(nl: Netlink, bridge: str) -> None:
     """Remove our IPv6 proxy entries on the bridge whose routed pod is gone (its /128 host
     route went with its veth); entries we did not mark are left alone. Stale ones matter: the
     host would keep answering for an address IPAM may give to a bridge pod next."""
-    from cni.link import AF_INET6
+    from netagent.cni.link import AF_INET6
 
     br = nl.link(bridge)
     if br is None:
@@ -848,7 +848,7 @@ def _rollback(undo: list[tuple[str, Any]], cfg: Config, env: Env, sub: SubnetEnv
     for kind, arg in reversed(undo):
         try:
             if kind == "masq":
-                from cni import masq
+                from netagent.cni import masq
 
                 masq.delete(cfg.name, env.container_id, env.ifname)
             elif kind == "veth":
@@ -858,7 +858,7 @@ def _rollback(undo: list[tuple[str, Any]], cfg: Config, env: Env, sub: SubnetEnv
             elif kind == "ipam" and cfg.ipam_type:
                 ipam_del(cfg, env, sub, 10.0)
             elif kind == "ipam":
-                from cni.ipam import Store
+                from netagent.cni.ipam import Store
 
                 with Store(cfg.data_dir) as store:
                     for ip in arg:
@@ -869,8 +869,8 @@ def _rollback(undo: list[tuple[str, Any]], cfg: Config, env: Env, sub: SubnetEnv
 
 def cmd_del(cfg: Config, env: Env, deadline_left: float) -> None:
     """Best effort, idempotent: every step runs even if an earlier one failed."""
-    from cni.link import Netlink
-    from cni.subnet import read_subnet_env
+    from netagent.cni.link import Netlink
+    from netagent.cni.subnet import read_subnet_env
 
     sub: SubnetEnv | None
     try:
@@ -880,7 +880,7 @@ def cmd_del(cfg: Config, env: Env, deadline_left: float) -> None:
     errors: list[CniError] = []
     if cfg.masq_enabled(sub):
         try:
-            from cni import masq
+            from netagent.cni import masq
 
             masq.delete(cfg.name, env.container_id, env.ifname)
         except Exception as e:  # noqa: BLE001
@@ -907,7 +907,7 @@ def cmd_del(cfg: Config, env: Env, deadline_left: float) -> None:
 
 
 def cmd_check(cfg: Config, env: Env, deadline_left: float) -> None:
-    from cni.subnet import read_subnet_env
+    from netagent.cni.subnet import read_subnet_env
 
     prev = cfg.prev
     if not prev:
@@ -971,7 +971,7 @@ def cmd_check(cfg: Config, env: Env, deadline_left: float) -> None:
             if cfg.hairpin and not ns.host.hairpin(hv.index):
                 raise CniError(CHECK_FAILED, f"hairpin mode is off on {hname}")
         if not cfg.ipam_type:
-            from cni.ipam import Store
+            from netagent.cni.ipam import Store
 
             with Store(cfg.data_dir) as store:
                 held = {r.ip for r in store.owned(env.container_id, env.ifname)}
@@ -992,7 +992,7 @@ def _check_routed(cfg: Config, env: Env, ns: Namespaces, cv: Link, hv: Link | No
     """What a routed ADD made besides addresses and prevResult's routes: the pod's link route
     and permanent neighbour for each gateway, the host's marked route and permanent
     neighbour for each address, and the proxy entries when the bridge exists."""
-    from cni.link import AF_INET6, RT_TABLE_MAIN
+    from netagent.cni.link import AF_INET6, RT_TABLE_MAIN
 
     assert ns.cont is not None
     if hv is None:
@@ -1051,8 +1051,8 @@ def _attachments(raw: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def cmd_gc(cfg: Config, env: Env, deadline_left: float) -> None:
-    from cni.link import Netlink
-    from cni.subnet import read_subnet_env
+    from netagent.cni.link import Netlink
+    from netagent.cni.subnet import read_subnet_env
 
     valid = _attachments(cfg.raw)
     try:
@@ -1062,7 +1062,7 @@ def cmd_gc(cfg: Config, env: Env, deadline_left: float) -> None:
     if cfg.ipam_type:
         exec_delegate(cfg, env, "GC", _delegate_config(cfg, sub), deadline_left)
         return
-    from cni.ipam import Store
+    from netagent.cni.ipam import Store
 
     with Store(cfg.data_dir) as store:
         stale = store.gc(valid)
@@ -1079,7 +1079,7 @@ def cmd_gc(cfg: Config, env: Env, deadline_left: float) -> None:
         except OSError as e:
             _log(f"GC: cannot sweep proxy entries on {cfg.bridge}: {e}")
     if cfg.masq_enabled(sub):
-        from cni import masq
+        from netagent.cni import masq
 
         for r in stale:
             try:
@@ -1089,7 +1089,7 @@ def cmd_gc(cfg: Config, env: Env, deadline_left: float) -> None:
 
 
 def cmd_status(cfg: Config, env: Env, deadline_left: float) -> None:
-    from cni.subnet import read_subnet_env
+    from netagent.cni.subnet import read_subnet_env
 
     try:
         read_subnet_env(cfg.subnet_file, 0)

@@ -2,7 +2,7 @@
 
 Why it exists (bench/README.md, CNI section): a Python plugin pays ~7 ms of interpreter start
 and ~4.5 ms of imports on every call, more than the reference Go plugins take in total. This
-server pays both once; per call it forks (under 1 ms), and the child runs ``cni.plugin.main()``
+server pays both once; per call it forks (under 1 ms), and the child runs ``netagent.cni.plugin.main()``
 exactly as the launcher would: the caller's environment, its stdin/stdout/stderr, network
 namespace, working directory and umask. The parent never reads stdin, parses a config or
 touches the kernel for a request, so a request that fails cannot hurt the server.
@@ -53,13 +53,13 @@ import traceback
 from typing import NoReturn
 
 # Everything a request can need is imported here, once, so that a child imports nothing.
-import cni.ipam
-import cni.link
-import cni.masq
-import cni.plugin
-import cni.subnet
-from cni.errors import INTERNAL, CniError
-from cni.fast import CLONE_NEWNET, dumps, setns
+import netagent.cni.ipam
+import netagent.cni.link
+import netagent.cni.masq
+import netagent.cni.plugin
+import netagent.cni.subnet
+from netagent.cni.errors import INTERNAL, CniError
+from netagent.cni.fast import CLONE_NEWNET, dumps, setns
 
 DEFAULT_SOCKET = "/run/netagent/cni.sock"
 HELLO, REFUSE, ACK, REQUEST = b"NAH1", b"NAR1", b"NAA1", b"NAQ1"
@@ -71,7 +71,7 @@ MAX_FDS = 5
 SD_LISTEN_FDS_START = 3
 
 # named so linters see them used; json: cni.fast.loads imports it for its error messages
-_PRELOADED = (cni.ipam, cni.link, cni.masq, cni.subnet, json)
+_PRELOADED = (netagent.cni.ipam, netagent.cni.link, netagent.cni.masq, netagent.cni.subnet, json)
 
 
 def _log(msg: str) -> None:
@@ -498,13 +498,13 @@ class Server:
             traceback.print_exc(file=sys.stderr)
         else:
             try:
-                rc = cni.plugin.main()
+                rc = netagent.cni.plugin.main()
                 sys.stdout.flush()
             except BaseException:  # noqa: BLE001 - main() is CNI-shaped; this is a last resort
                 traceback.print_exc(file=sys.stderr)
                 err = CniError(INTERNAL, "netagent CNI server: the plugin failed unexpectedly")
                 try:
-                    sys.stdout.write(dumps(err.to_json(cni.plugin.LATEST)))
+                    sys.stdout.write(dumps(err.to_json(netagent.cni.plugin.LATEST)))
                     sys.stdout.flush()
                 except BaseException:  # noqa: BLE001
                     pass

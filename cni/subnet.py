@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-from cni.errors import IO_FAILURE, TRY_AGAIN_LATER, CniError
-from cni.fast import format_ip, netmask_any, parse_cidr_any
+from netagent.cni.errors import IO_FAILURE, TRY_AGAIN_LATER, CniError
+from netagent.cni.fast import format_ip, netmask_any, parse_cidr_any
 
 DEFAULT_SUBNET_FILE = "/run/flannel/subnet.env"
 

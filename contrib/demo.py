@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
-from harness import Lab, read_env_file, wait_for  # noqa: E402
+from support.harness import Lab, read_env_file, wait_for  # noqa: E402
 
 PREFIX = "/coreos.com/network"
 

@@ -186,6 +186,7 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     etcd = ctl.ETCD_FLAGS
 
     def cmd(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+    from netagent.cni.install import add_install_parser
             example: str, help_text: str, flags: tuple[str, ...], func: object,
             json_flag: bool = True) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends import backend_class
-from backends.base import Backend, HostFacts, LeaseContribution, SyncReport
 from netagent import systemd
+from netagent.backends import backend_class
+from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval

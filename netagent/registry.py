@@ -158,7 +158,7 @@ def _tls_problem(detail: str) -> str:
     """A clear sentence for a TLS handshake failure hidden in a gRPC UNAVAILABLE, or "".
 
     etcd3 turns every UNAVAILABLE into a bare ConnectionFailedError; the gRPC error it chains
-    says what really happened (measured with grpcio 1.85.3 against etcd 3.4.23, tests/test_tls*).
+    says what really happened (measured with grpcio 1.85.3 against etcd 3.4.23, tests/e2e/test_tls_etcd.py).
     """
     if "CERTIFICATE_VERIFY_FAILED" in detail:
         return ("TLS handshake failed: etcd's server certificate is not signed by the CA in "

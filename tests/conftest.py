@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
-from harness import Etcd, Lab  # noqa: E402
+from support.harness import Etcd, Lab  # noqa: E402
 
 
 @pytest.fixture
