@@ -68,6 +68,28 @@ class SyncReport:
         return self.added + self.removed
 
 
+@dataclass(frozen=True)
+class BackendGauge:
+    """One sample a backend exports as the Prometheus gauge ``netagent_<name>``."""
+
+    name: str
+    help: str
+    value: float
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """How a backend's own machinery is doing beyond its kernel entries: a routing daemon and
+    its sessions, a userspace WireGuard process. ``ok`` False makes /readyz fail; ``info`` is
+    shown by ``netagent status`` and kept in status.json (JSON values only)."""
+
+    ok: bool = True
+    detail: str = ""
+    info: Mapping[str, object] = field(default_factory=dict)
+    gauges: tuple[BackendGauge, ...] = ()
+
+
 class Backend(ABC):
     """One backend instance per daemon run."""
 
@@ -96,6 +118,12 @@ class Backend(ABC):
         drift repair), sweeping our own entries that no lease justifies. A set names the only
         subnets whose leases changed since the last sync, so the backend may limit its work.
         """
+
+    def health(self) -> BackendHealth:
+        """Called from the ops threads (/readyz, /metrics) and by the main loop after each
+        sync: thread-safe, cheap and never blocking (return a value kept up to date
+        elsewhere). Backends with no machinery of their own are always healthy."""
+        return BackendHealth()
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop background work. Kernel state stays so a restart doesn't interrupt traffic."""

@@ -106,6 +106,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "drift_repairs": st.get("drift_repairs"), "kernel_entries": st.get("kernel_entries", {}),
         "masquerade": st.get("masquerade", "off"),
         "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
+        "backend_health": st.get("backend_health", {}),
         "lease": {"key": st.get("lease_key"), "in_etcd": None, "lease_id": None, "ttl": None,
                   "reserved": None, "public_ip": None},
         "etcd": "ok",
@@ -144,6 +145,7 @@ def cmd_status(args: argparse.Namespace) -> int:
              or "none"],
             ["masquerade", doc["masquerade"]], ["etcd", doc["etcd"]],
         ]),
+            *backend_health_rows(doc["backend_health"]),
         "",
         table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
               [[p["subnet"], p["public_ip"], p["backend"],
@@ -155,6 +157,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def reach_label(peer: dict[str, Any]) -> str:
+def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
+    """Status rows for the backend's own machinery: "backend health" (ok, or what is wrong),
+    then one row per scalar info field; list fields (e.g. BGP sessions) get their own table."""
+    if not health:
+        return []
+    rows: list[list[Any]] = [["backend health", "ok" if health.get("ok") else
+                              f"NOT OK: {health.get('detail', '')}"]]
+    for key, value in health.items():
+        if key not in ("ok", "detail") and not isinstance(value, (list, dict)):
+            rows.append([key.replace("_", " "), value])
+    return rows
+
+
     """The REACHABLE column: yes / NO / unprobed, or per family when a dual-stack peer answers
     over one family only (its overall "reachable" is true then, which would hide the other)."""
     r4, r6 = peer.get("reachable_v4"), peer.get("reachable_v6")

@@ -117,6 +117,8 @@ class AgentStatus:
     invalid_leases: dict[str, str] = field(default_factory=dict)
     #: why the latest network config in etcd was rejected ("" when it is in force)
     config_error: str = ""
+    #: the backend's own machinery (BackendHealth): ok, detail and its info fields
+    backend_health: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
@@ -267,12 +269,16 @@ class Daemon:
         checks = {
             "lease": held and not self.out_of_subnets,
             "subnet_env": self.status.subnet_file_written,
-            "backend": self.status.backend_programmed,
+            "backend": self.status.backend_programmed and self._backend_ok(),
         }
         if self.settings.ip_masq:
             checks["masquerade"] = bool(self.masqs) and all(
                 m.in_place for m in self.masqs.values())
         return checks
+
+    def _backend_ok(self) -> bool:
+        backend = self.backend
+        return backend is None or backend.health().ok
 
     def _start_ops(self) -> None:
         """Health/metrics servers and the watchdog run from the start, so liveness answers
@@ -808,6 +814,8 @@ class Daemon:
         self.status.peers = len(self.peers.peers)
         self.status.kernel_entries = dict(report.entries)
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
+        health = self.backend.health()
+        self.status.backend_health = {"ok": health.ok, "detail": health.detail, **health.info}
         self.status.invalid_leases = dict(self.peers.invalid)
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:

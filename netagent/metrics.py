@@ -123,8 +123,26 @@ class DaemonCollector(Collector):
                                       "Times the masquerade rules were found missing and re-applied",
                                       value=sum(m.repairs for m in masqs))
 
+        yield from self._backend(getattr(d, "backend", None))
         yield from self._udp(getattr(getattr(d, "backend", None), "stats", None))
         yield from self._reachability(getattr(getattr(d, "prober", None), "results", None))
+
+    @staticmethod
+    def _backend(backend: Any) -> Iterator[Metric]:
+        """The backend's own gauges (BackendHealth.gauges), one family per name."""
+        if backend is None:
+            return
+        health = backend.health()
+        yield _gauge("netagent_backend_healthy", "1 when the backend's own machinery (routing "
+                     "daemon, userspace WireGuard) is working", float(health.ok))
+        families: dict[str, GaugeMetricFamily] = {}
+        for g in health.gauges:
+            fam = families.get(g.name)
+            if fam is None:
+                fam = families[g.name] = GaugeMetricFamily(
+                    f"netagent_{g.name}", g.help, labels=[k for k, _ in g.labels])
+            fam.add_metric([v for _, v in g.labels], g.value)
+        yield from families.values()
 
     @staticmethod
     def _udp(stats: Any) -> Iterator[Metric]:

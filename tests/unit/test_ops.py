@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.harness import REPO, need
 
+from netagent.backends.base import BackendHealth
 from netagent.health import Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.masq import (
     Installed,
@@ -313,7 +314,8 @@ def fake_daemon() -> Any:
         registry=SimpleNamespace(stats=SimpleNamespace(errors={"unavailable": 4, "tls": 1},
                                                        watch_reconnects=2, failovers=1)),
         peers=SimpleNamespace(peers={IPv4Network("10.5.9.0/24"): peer}),
-        backend=SimpleNamespace(stats={"rx_packets": 10, "tx_packets": 11, "rx_bytes": 1000,
+        backend=SimpleNamespace(health=BackendHealth,
+                                stats={"rx_packets": 10, "tx_packets": 11, "rx_bytes": 1000,
                                        "tx_bytes": 1100, "drops": {"no_route": 2}}),
         prober=SimpleNamespace(results={"10.5.9.0/24": SimpleNamespace(
             public_ip="192.0.2.11", reachable=True, rtt=0.0012)}),
@@ -514,3 +516,27 @@ def test_probe_targets_tolerate_a_table_changing_under_them() -> None:
     finally:
         stop.set()
         t.join(10)
+
+
+def test_backend_health_reaches_metrics_and_status_rows() -> None:
+    """A backend's own machinery (BackendHealth) shows as gauges and as `netagent status` rows."""
+    from netagent.backends.base import BackendGauge, BackendHealth
+    from netagent.ctl import backend_health_rows
+    from netagent.metrics import DaemonCollector
+
+    health = BackendHealth(ok=False, detail="bird is not running", info={"implementation": "x",
+                           "sessions": [{"peer": "10.0.0.2"}]},
+                           gauges=(BackendGauge("bgp_session_up", "h", 1.0, (("peer", "a"),)),
+                                   BackendGauge("bgp_session_up", "h", 0.0, (("peer", "b"),))))
+
+    class _Backend:
+        def health(self) -> BackendHealth:
+            return health
+
+    fams = {m.name: m for m in DaemonCollector._backend(_Backend())}
+    assert fams["netagent_backend_healthy"].samples[0].value == 0.0
+    assert [(s.labels, s.value) for s in fams["netagent_bgp_session_up"].samples] == [
+        ({"peer": "a"}, 1.0), ({"peer": "b"}, 0.0)]
+    rows = backend_health_rows({"ok": health.ok, "detail": health.detail, **health.info})
+    assert rows == [["backend health", "NOT OK: bird is not running"], ["implementation", "x"]]
+    assert backend_health_rows({}) == []
