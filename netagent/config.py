@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
@@ -19,7 +19,8 @@ DEFAULT_BACKEND = "vxlan"
 
 #: Backend types whose leases we recognise. Only some are implemented (see backends.BACKENDS).
 KNOWN_BACKENDS = frozenset(
-    {"vxlan", "host-gw", "udp", "alloc", "wireguard", "ipip", "ipsec", "extension", "tencent-vpc"}
+    {"vxlan", "host-gw", "udp", "alloc", "wireguard", "ipip", "ipsec", "extension", "tencent-vpc",
+     "bgp"}
 )
 
 
@@ -43,6 +44,8 @@ class BackendConfig:
     learning: bool = False
     #: every key as given (original spelling), for backends with options of their own
     raw: tuple[tuple[str, Any], ...] = ()
+    #: the backend's own options, parsed by its BACKEND_OPTIONS parser (None when it has none)
+    options: Any = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,12 @@ def _int(table: dict[str, tuple[str, Any]], name: str, where: str = "") -> int:
     return value
 
 
+#: Parsers of a backend's own keys, by Backend.Type: pure, given the Backend table (lower-cased
+#: key -> (original key, value), read with `_get`/`_int`/`_bool`), returning a frozen dataclass
+#: and raising ConfigError naming the field ("Backend.PSK") for anything wrong.
+BACKEND_OPTIONS: dict[str, Callable[[dict[str, tuple[str, Any]]], Any]] = {}
+
+
 def _parse_backend(raw: Any) -> tuple[BackendConfig, bool]:
     if raw is None:
         return BackendConfig(type=DEFAULT_BACKEND), True
@@ -178,6 +187,7 @@ def _parse_backend(raw: Any) -> tuple[BackendConfig, bool]:
         raise ConfigError("Backend.Port", f"must be between 0 and 65535, got {port}")
     if mtu and not 576 <= mtu <= 65535:
         raise ConfigError("Backend.MTU", f"must be between 576 and 65535, got {mtu}")
+    parse_options = BACKEND_OPTIONS.get(btype)
     return (
         BackendConfig(
             type=btype,
@@ -188,6 +198,7 @@ def _parse_backend(raw: Any) -> tuple[BackendConfig, bool]:
             gbp=_bool(table, "GBP", False, "Backend."),
             learning=_bool(table, "Learning", False, "Backend."),
             raw=tuple(sorted((k, v) for k, v in raw.items() if isinstance(k, str))),
+            options=parse_options(table) if parse_options else None,
         ),
         False,
     )
