@@ -6,7 +6,9 @@ Each dockerd runs in its host's network namespace and a private mount namespace 
 hierarchies dockerd needs: "Devices cgroup isn't mounted"), then a fresh sysfs (so
 /sys/class/net shows the host's own devices) with the cgroup mounts moved back on top, and a
 tmpfs on /run (two daemons sharing one /run break each other: containerd's state and shim
-sockets live there). The API socket and data root are in a directory of the caller's; the
+sockets live there) and one on /etc/docker (the machine's daemon.json is not read and its
+key.json not written; the daemon's config file is an empty one of ours). The API socket and
+data root are in a directory of the caller's; the
 image is busybox-static imported locally (no registry is needed). Everything is named for the
 run and stopped by PID.
 """
@@ -32,7 +34,8 @@ IMAGE = f"na{RUN_ID}-busybox:latest"
 MOUNTS = (
     'cg="$1/cgroup"; shift; mkdir -p "$cg"; '
     'mount --rbind /sys/fs/cgroup "$cg"; mount -t sysfs sysfs /sys; '
-    'mount --move "$cg" /sys/fs/cgroup; mount -t tmpfs tmpfs /run; exec "$@"'
+    'mount --move "$cg" /sys/fs/cgroup; mount -t tmpfs tmpfs /run; '
+    'if [ -d /etc/docker ]; then mount -t tmpfs tmpfs /etc/docker; fi; exec "$@"'
 )
 
 
@@ -67,11 +70,13 @@ class Dockerd:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "daemon.json").write_text("{}\n")
         cmd = ["nsenter", f"--net=/run/netns/{self.host.name}",
                "unshare", "--mount", "--propagation", "private",
                "sh", "-ec", MOUNTS, "sh", str(self.root),
                "dockerd", "--data-root", str(self.root / "data"), "--exec-root", "/run/docker",
                "--pidfile", "/run/docker.pid", "-H", f"unix://{self.sock}",
+               "--config-file", str(self.root / "daemon.json"),
                "--storage-driver", "overlay2", *self.opts]
         log = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
