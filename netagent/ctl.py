@@ -303,7 +303,14 @@ def cmd_config_set(args: argparse.Namespace) -> int:
             key = reg.key("config")
             reg.put(key, raw.strip())
     except RegistryError as exc:
-        err(str(exc))
+        if exc.kind == "permission":
+            s = settings(args)
+            who = f"etcd user {s.etcd_username!r}" if s.etcd_username else "this etcd user"
+            err(f"{who} may not write {key}: writing the config needs readwrite on "
+                f"{s.etcd_prefix.rstrip('/')}/ (the agents' role); a read-only user can run "
+                f"status, leases and config get. Nothing written ({exc})")
+        else:
+            err(str(exc))
         return 1
     print(f"wrote {key}: {_summary(cfg)}")
     return 0
