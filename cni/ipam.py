@@ -13,6 +13,7 @@ processes (the runtime runs ADDs for different containers in parallel).
 
 from __future__ import annotations
 
+import errno
 import os
 
 from netagent.cni.errors import (
@@ -133,10 +134,19 @@ class Store:
             fd = os.open(os.path.join(self.dir, ip), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        data = f"{container_id}{SEP}{ifname}".encode()
         try:
-            os.write(fd, f"{container_id}{SEP}{ifname}".encode())
-        finally:
-            os.close(fd)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # never leave a half-written reservation: an empty or cut file would hold the
+            # address for nobody (and a full disk is exactly when writes come up short)
+            self.release_ip(ip)
+            raise CniError(IO_FAILURE, f"cannot write the IPAM reservation {ip} in {self.dir}: "
+                           f"{exc.strerror or exc}", "nothing was reserved") from None
         return True
 
     def reserve(self, container_id: str, ifname: str, subnet: int, plen: int, gateway: int,
@@ -234,10 +244,18 @@ class Store:
         raise CniError(POOL_EXHAUSTED, f"no free address left in {subnet_text}")
 
     def _write_last(self, ip: str, name: str = LAST_RESERVED) -> None:
+        """Remember where the next search starts. Only a hint (host-local's too): when it
+        cannot be written the reservation stands, and no temporary file is left."""
         tmp = os.path.join(self.dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(ip)
-        os.replace(tmp, os.path.join(self.dir, name))
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(ip)
+            os.replace(tmp, os.path.join(self.dir, name))
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def release_ip(self, ip: str) -> None:
         try:
