@@ -201,7 +201,7 @@ def test_agent_restart_while_containers_ping_loses_nothing(vxlan: DockerLab) -> 
     both_ways(vxlan)
     lab, host = vxlan.lab, vxlan.hosts[0]
     ready_before = lab.log(host).count("ready: subnet")
-    count, interval = 80, 0.1
+    count, interval = 100, 0.1
     ping = subprocess.Popen(
         [vxlan.daemons[0].docker, "-H", f"unix://{vxlan.daemons[0].sock}", "exec",
          vxlan.containers[0], "ping", "-q", "-c", str(count), "-i", str(interval), "-W", "1",
@@ -219,6 +219,7 @@ def test_agent_restart_while_containers_ping_loses_nothing(vxlan: DockerLab) -> 
         if ping.poll() is None:
             ping.kill()
             ping.wait(5)
+    print(f"agent back {restarted_in:.1f} s after the ping started")
     assert restarted_in < count * interval, "the ping ended before the agent was back: lengthen it"
     m = re.search(r"(\d+) packets transmitted, (\d+) packets received", out)
     assert m, out
