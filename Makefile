@@ -63,7 +63,10 @@ demo: deps
 lint: venv
 	$(VPY) -m ruff check netagent backends cni tests bench contrib
 	$(VPY) -m mypy netagent backends cni
-	@if [ -f .importlinter ]; then echo "$(VENV)/bin/lint-imports"; $(VENV)/bin/lint-imports; fi
+	@if [ -f .importlinter ]; then \
+	  [ -x $(VENV)/bin/lint-imports ] || { echo "lint: .importlinter is there but import-linter is" \
+	    "not installed: add it to the test extras in pyproject.toml" >&2; exit 1; }; \
+	  echo "$(VENV)/bin/lint-imports"; $(VENV)/bin/lint-imports; fi
 
 bench: deps
 	$(VPY) $(BENCH) $(BENCH_ARGS)
