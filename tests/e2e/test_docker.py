@@ -28,7 +28,6 @@ from netagent.files import read_env_file
 
 pytestmark = pytest.mark.privileged
 
-PREFIX = "/coreos.com/network"
 NETWORK = "172.20.0.0/16"
 
 
