@@ -93,6 +93,11 @@ def run(lab: Lab, daemons: list[Dockerd], args: argparse.Namespace) -> int:
                 endpoints = docker_containers(lab, hosts, daemons)
             except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
                 why = f"dockerd did not run here: {str(exc).strip().splitlines()[-1][:300]}"
+                # docker0 holds the subnet's gateway address the pods' bridge needs
+                for d in daemons:
+                    d.stop()
+                    d.host.run("ip", "link", "del", "docker0", check=False)
+                daemons.clear()
         if why is not None:
             if args.pods == "docker":
                 print(f"\n{why}", file=sys.stderr)

@@ -105,6 +105,12 @@ class Dockerd:
         """A busybox container idling under docker-init (so it stops at once on SIGTERM)."""
         self.cli("run", "-d", "--init", "--name", name, IMAGE, "sleep", "3600")
         self.containers.append(name)
+        # the image has no /usr. Under a chroot, `docker exec` lands on the mount namespace's
+        # root, the machine's own file system (runc's setns), whatever the image: say so
+        # rather than test the host's binaries
+        if self.cli("exec", name, "test", "!", "-e", "/usr", check=False).returncode != 0:
+            raise RuntimeError(f"container {name} sees the machine's root file system, not its "
+                               "image: Docker cannot isolate containers here (in a chroot?)")
         return name
 
     def inspect(self, name: str, fmt: str) -> str:
