@@ -330,11 +330,6 @@ def tun_txqueuelen(name: str, want: int | None = None) -> int:
         return int(have)
 
 
-def drop_tun_persistence(fd: int) -> None:
-    """Clear the persist flag (tests' cleanup: the device then goes with the last fd)."""
-    fcntl.ioctl(fd, TUNSETPERSIST, 0)
-
-
 # --------------------------------------------------------------------------- batched UDP I/O
 
 
