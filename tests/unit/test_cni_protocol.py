@@ -16,17 +16,11 @@ import pytest
 from support.cni import is_elf, plugin_fixture, run_plugin, write_subnet_env
 
 import netagent.cni.install
+from netagent.cni.conf import Config, host_veth_name
 from netagent.cni.errors import CniError
 from netagent.cni.fast import dumps, loads
 from netagent.cni.install import CONFLIST_NAME, find_compiler, install_cni
-from netagent.cni.plugin import (
-    SUPPORTED_VERSIONS,
-    Config,
-    Env,
-    host_veth_name,
-    parse_cni_args,
-    render_result,
-)
+from netagent.cni.skel import SUPPORTED_VERSIONS, Env, parse_cni_args, render_result
 from netagent.cni.subnet import parse_subnet_env
 
 plugin_exe = plugin_fixture()
@@ -251,7 +245,8 @@ def test_start_up_path_imports_no_heavy_module() -> None:
     """The per-pod import set stays stdlib C modules (measured costs in bench/README.md)."""
     repo = str(Path(__file__).resolve().parents[2])
     code = (f"import sys; sys.path.insert(0, {repo!r});"
-            "import netagent.cni.plugin, netagent.cni.link, netagent.cni.subnet, netagent.cni.ipam;"
+            "import netagent.cni.plugin, netagent.cni.verbs, netagent.cni.link, netagent.cni.subnet,"
+            " netagent.cni.ipam, netagent.cni.ipamdisk;"
             "import netagent.cni.fast; netagent.cni.fast.setns; print(' '.join(sorted(sys.modules)))")
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
                               text=True, check=True).stdout.split())
