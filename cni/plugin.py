@@ -24,7 +24,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from netagent.cni.conf import Config
     from netagent.cni.skel import Verb
+
 
 def _verb(command: str) -> Verb | None:
     """The verb's function; its modules are loaded only when a verb runs (not for VERSION)."""
@@ -33,7 +35,8 @@ def _verb(command: str) -> Verb | None:
     return VERBS.get(command)
 
 
-def _config(raw: dict[str, Any]) -> Any:
+def _config(raw: dict[str, Any]) -> Config:
+    """The config, checked (code 1 for a version we do not speak, 7 for the rest)."""
     from netagent.cni.conf import Config
 
     return Config(raw)

@@ -259,6 +259,20 @@ def test_start_up_path_imports_no_heavy_module() -> None:
     assert ours == {"netagent", "netagent.cni"} | {m for m in ours if m.startswith("netagent.cni.")}, ours
 
 
+def test_version_loads_no_verb_module() -> None:
+    """VERSION (libcni's validate runs it on every plugin) is answered by cni.skel alone."""
+    repo = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path.insert(0, {repo!r}); import netagent.cni.plugin as p;"
+            "out = p.run({'CNI_COMMAND': 'VERSION'}, '{\"cniVersion\": \"0.4.0\"}');"
+            "print(out['cniVersion'], sorted(m for m in sys.modules if m.startswith('netagent')))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
+                         text=True, check=True).stdout.split(" ", 1)
+    assert out[0] == "0.4.0"
+    loaded = set(json.loads(out[1].replace("'", '"')))
+    assert loaded == {"netagent", "netagent.cni", "netagent.cni.errors", "netagent.cni.fast",
+                      "netagent.cni.plugin", "netagent.cni.skel"}, loaded
+
+
 # --------------------------------------------------------------------------- install
 
 
