@@ -10,7 +10,7 @@ VPY = $(VENV)/bin/python
 STAMP = $(VENV)/.netagent-installed
 APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool openssl systemd \
            containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static gcc libc6-dev \
-           docker.io containerd bird2 wireguard-go wireguard-tools tcpdump python3-venv
+           docker.io containerd bird2 wireguard-go wireguard-tools tcpdump python3-venv procps kmod
 # what `make install` needs on a host (no test tools)
 INSTALL_PKGS = python3-venv iproute2 iptables
 PYTEST_ARGS ?=

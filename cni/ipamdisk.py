@@ -14,6 +14,7 @@ take is :class:`netagent.cni.ipam.Allocator`'s decision; this module only keeps 
 
 from __future__ import annotations
 
+import errno
 import os
 
 from netagent.cni.errors import IO_FAILURE, CniError
@@ -87,10 +88,19 @@ class Store(Allocator):
             fd = os.open(os.path.join(self.dir, ip), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
+        data = f"{container_id}{SEP}{ifname}".encode()
         try:
-            os.write(fd, f"{container_id}{SEP}{ifname}".encode())
-        finally:
-            os.close(fd)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            # never leave a half-written reservation: an empty or cut file would hold the
+            # address for nobody (and a full disk is exactly when writes come up short)
+            self.release_ip(ip)
+            raise CniError(IO_FAILURE, f"cannot write the IPAM reservation {ip} in {self.dir}: "
+                           f"{exc.strerror or exc}", "nothing was reserved") from None
         return True
 
     def release_ip(self, ip: str) -> None:
@@ -107,9 +117,17 @@ class Store(Allocator):
             return ""
 
     def set_last_reserved(self, range_id: int, ip: str) -> None:
-        """Atomically (temp file + rename): a reader never sees half an address."""
+        """Remember where the next search starts, atomically (temp file + rename: a reader
+        never sees half an address). Only a hint (host-local's too): when it cannot be
+        written the reservation stands, and no temporary file is left."""
         name = f"{LAST_RESERVED}{range_id}"
         tmp = os.path.join(self.dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(ip)
-        os.replace(tmp, os.path.join(self.dir, name))
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(ip)
+            os.replace(tmp, os.path.join(self.dir, name))
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

@@ -648,3 +648,109 @@ def test_session_fixture_goes_through_a_server(plugin_exe: str) -> None:
     before = log.read_text().count("(VERSION) exit 0")
     assert run_plugin(plugin_exe, "VERSION", None, ifname="").ok()
     _wait(lambda: log.read_text().count("(VERSION) exit 0") == before + 1, "the call logged")
+
+
+# --------------------------------------------------------------------------- under pressure
+
+
+def test_200_calls_with_the_server_killed_and_restarted_then_gc(
+        client: tuple[str, str], host: CniHost, servers: Callable[..., CniServer]) -> None:
+    """200 concurrent ADDs; the server is SIGKILLed a quarter of the way in and a new one
+    starts on the same socket. Calls in flight finish in their children, calls not yet taken
+    fall back to the launcher or reach the new server; a failed ADD gets the runtime's DEL +
+    retry. No address is ever given twice; after a GC (the runtime forgot 20 pods: their
+    namespaces deleted, no DEL) no address and no veth is left over."""
+    n, forgotten = 200, 20
+    exe, launcher = client
+    srv = servers(launcher, "--max-children", "8")
+    pods = [host.pod(i) for i in range(n)]
+    conf = host.conf()
+    procs = [_start(exe, host, "ADD", conf, f"pr{i}", pods[i], _via(srv)) for i in range(n)]
+    _wait(lambda: _requests(srv, "ADD") >= n // 4, "a quarter of the ADDs", timeout=120)
+    srv.signal(signal.SIGKILL)
+    srv.proc.wait(timeout=10)
+    srv.socket_path.unlink()  # as a restarted unit would find it: gone or stale, both work
+    srv2 = CniServer(launcher, srv.socket_path, srv.log_path.with_name("server2.log"),
+                     "--max-children", "8")
+    try:
+        calls = [_finish(p, timeout=180) for p in procs]
+        failed = [i for i, c in enumerate(calls) if c.rc != 0]
+        for i in failed:  # the runtime's answer to a failed ADD: DEL, then ADD again
+            assert calls[i].json["code"] in (11, 999), calls[i]
+            assert _call(exe, host, "DEL", conf, f"pr{i}", pods[i], _via(srv2)).ok() is None
+            calls[i] = _call(exe, host, "ADD", conf, f"pr{i}", pods[i], _via(srv2))
+        addrs = {i: c.ok()["ips"][0]["address"] for i, c in enumerate(calls)}
+        assert len(set(addrs.values())) == n, "an address was given twice"
+        held = host.reservations()
+        assert {f"{ip}/{host_len(host)}": owner for ip, owner in held.items()} == {
+            a: f"pr{i}/eth0" for i, a in addrs.items()}
+        assert len(host.host_veths()) == n
+        for i in range(n):
+            assert pod_addrs(pods[i]) == [addrs[i]]
+        # the runtime lost 20 pods (namespaces gone, no DEL): GC with the ones it still knows
+        for i in range(forgotten):
+            host.drop_pod(pods[i])
+        live = [{"containerID": f"pr{i}", "ifname": "eth0"} for i in range(forgotten, n)]
+        gc = _call(exe, host, "GC", host.conf(**{"cni.dev/valid-attachments": live}), "",
+                   extra=_via(srv2))
+        assert gc.ok() is None
+        assert sorted(host.reservations().values()) == sorted(f"pr{i}/eth0"
+                                                              for i in range(forgotten, n))
+        _wait(lambda: len(host.host_veths()) == n - forgotten, "the forgotten pods' veths gone")
+        for i in range(forgotten, n):
+            assert _call(exe, host, "DEL", conf, f"pr{i}", pods[i], _via(srv2)).ok() is None
+        assert host.reservations() == {} and host.host_veths() == []
+        assert _requests(srv2, "DEL", n - forgotten) >= n - forgotten, srv2.log()[-2000:]
+        print(f"\n{n} ADDs, server killed after {_requests(srv, 'ADD')} answered: "
+              f"{len(failed)} failed and were retried, {_requests(srv2, 'ADD')} ran on the "
+              f"new server")
+    finally:
+        srv2.stop()
+
+
+def host_len(host: CniHost) -> int:
+    return int(host.subnet.split("/")[1])
+
+
+def test_full_disk_ipam_store_fails_clearly_and_writes_nothing(
+        client: tuple[str, str], host: CniHost, tmp_path: Path) -> None:
+    """The IPAM store on a full file system: ADD is a clear CNI error, no reservation, no
+    temporary file and no veth is left; once there is room again the same ADD works."""
+    exe, _ = client
+    conf = host.conf()
+    pod0, pod1 = host.pod("fd0"), host.pod("fd1")
+    assert _call(exe, host, "ADD", conf, "fd0", pod0).ok()  # the store exists, one address in
+    host.data_dir.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.name for p in host.data_dir.iterdir())
+    held = host.reservations()
+    # a tiny tmpfs over the store, with the files it had, then filled up
+    saved = {p.name: p.read_bytes() for p in host.data_dir.iterdir() if p.is_file()}
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", f"nafull{RUN_ID}",
+                    str(host.data_dir)], check=True)
+    try:
+        for name, data in saved.items():
+            (host.data_dir / name).write_bytes(data)
+        filler = host.data_dir / "zz-filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        call = _call(exe, host, "ADD", conf, "fd1", pod1)
+        assert call.rc != 0 and isinstance(call.json, dict), call
+        msg = call.json.get("msg", "") + " " + call.json.get("details", "")
+        assert "space" in msg.lower(), call
+        assert host.reservations() == held
+        assert sorted(p.name for p in host.data_dir.iterdir()) == sorted([*before, filler.name])
+        assert len(host.host_veths()) == 1, "the failed ADD left a veth behind"
+        links = subprocess.run(["ip", "netns", "exec", Path(pod1).name, "ip", "-o", "link"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "eth0" not in links, links
+        filler.unlink()
+        res = _call(exe, host, "ADD", conf, "fd1", pod1).ok()
+        assert pod_addrs(pod1) == [res["ips"][0]["address"]]
+        for cid, pod in (("fd0", pod0), ("fd1", pod1)):
+            assert _call(exe, host, "DEL", conf, cid, pod).ok() is None
+    finally:
+        subprocess.run(["umount", str(host.data_dir)], check=False)
