@@ -5,7 +5,7 @@ underlay − 28), our subnet's network address as /32 on it, and one route for t
 Network through it (``proto`` :data:`~netagent.dataplane.RTPROT_NETAGENT`; ``route_owner``
 never sweeps it because it is not *inside* the Network). Peers are not kernel entries at all:
 ``sync`` renders them (pure, :func:`render_udp_peers`) into a
-:class:`~backends.udpfwd.ForwardingTable` and swaps it into the running packet loop
+:class:`~backends.udptrust.ForwardingTable` and swaps it into the running packet loop
 (:mod:`backends.udpfwd`) without stopping it.
 
 **Which leases are peers.** flannel's udp backend accepts every lease. netagent accepts leases
@@ -38,17 +38,16 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, cast
 
 from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
-from netagent.backends.udpfwd import (
+from netagent.backends.udpfwd import Forwarder
+from netagent.backends.udprun import numpy_payload_sums, payload_sums_python
+from netagent.backends.udpstats import new_stats
+from netagent.backends.udptrust import (
     DEFAULT_UDP_PORT,
     UDP_OVERHEAD,
-    Forwarder,
     ForwardingTable,
     build_forwarding_table,
-    new_stats,
-    open_tun,
-    tun_txqueuelen,
 )
-from netagent.backends.udprun import numpy_payload_sums, payload_sums_python
+from netagent.backends.udptun import open_tun, tun_txqueuelen
 from netagent.config import NetworkConfig
 from netagent.dataplane import Kernel, KernelError, Op, Route
 from netagent.lease import Lease, PeerId

@@ -31,6 +31,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from netagent.backends.udptrust import fold, header_ok
+
 #: TCP flag bytes a run may carry: ACK on every packet, PSH|ACK allowed on the last one only
 ACK, PSH_ACK = 0x10, 0x18
 
@@ -64,7 +66,7 @@ def tcp_run(buf: memoryview, stride: int, count: int, nets: tuple[tuple[int, int
     fb = int.from_bytes
     # packet 0 on its own: the scalar checks, once
     if buf[0] != 0x45 or (buf[2] << 8 | buf[3]) != stride or buf[9] != 6 or buf[8] <= 1 \
-            or buf[6] & 0x3F or buf[7] or buf[33] != ACK or fb(buf[:20], "big") % 0xFFFF:
+            or buf[6] & 0x3F or buf[7] or buf[33] != ACK or not header_ok(buf[:20]):
         return 0, 0
     src = fb(buf[12:16], "big")
     for net, mask in nets:
@@ -130,14 +132,9 @@ def continues_run(first: memoryview, pkt: memoryview, n: int, hlen: int, next_se
             pkt[28:33] != first[28:33] or pkt[34:36] != first[34:36] or \
             pkt[40:hlen] != first[40:hlen] or pkt[33] not in (ACK, PSH_ACK):
         return False
-    if int.from_bytes(pkt[:20], "big") % 0xFFFF:
+    if not header_ok(pkt[:20]):
         return False
     return int.from_bytes(pkt[24:28], "big") == next_seq
-
-
-def _fold(value: int) -> int:
-    total = value % 0xFFFF
-    return 0xFFFF if total == 0 and value else total
 
 
 def super_header(out: memoryview, first: memoryview, hlen: int, size: int, mss: int,
@@ -153,12 +150,12 @@ def super_header(out: memoryview, first: memoryview, hlen: int, size: int, mss: 
     out[v + 3] = size & 0xFF
     out[v + 8] -= 1
     out[v + 10] = out[v + 11] = 0
-    csum = ~_fold(int.from_bytes(out[v:v + 20], "big")) & 0xFFFF
+    csum = ~fold(int.from_bytes(out[v:v + 20], "big")) & 0xFFFF
     out[v + 10] = csum >> 8
     out[v + 11] = csum & 0xFF
     if psh:
         out[v + 33] |= 0x08
-    pseudo = _fold(int.from_bytes(out[v + 12:v + 20], "big") + 6 + size - 20)
+    pseudo = fold(int.from_bytes(out[v + 12:v + 20], "big") + 6 + size - 20)
     out[v + 36] = pseudo >> 8
     out[v + 37] = pseudo & 0xFF
     # struct virtio_net_hdr: flags NEEDS_CSUM, gso TCPV4, hdr_len, gso_size, csum_start/offset
@@ -295,7 +292,7 @@ def segment_tso(pkt: memoryview, n: int, mss: int, hdrs: memoryview,
     h[:] = bytes(tmpl) * count
     ones, m16, ramp = lanes(count)
     ids = ((pkt[4] << 8 | pkt[5]) * ones + ramp) & m16
-    x = _fold(fb(tmpl[:t], "big")) * ones + ids
+    x = fold(fb(tmpl[:t], "big")) * ones + ids
     _put16(h, 4, hlen, ids, count)
     _put16(h, 10, hlen, m16 - ((x & m16) + ((x >> 16) & ones)), count)
     seq0 = fb(pkt[t + 4:t + 8], "big")
@@ -316,7 +313,7 @@ def segment_tso(pkt: memoryview, n: int, mss: int, hdrs: memoryview,
     if full < count:  # a short last chunk
         last_sum = payload_sums_python(pay[full * mss:], last_len, 1)
         sums <<= 32
-    base = _fold(fb(pkt[12:20], "big") + 6 + thl + mss + fb(tmpl[t:hlen], "big"))
+    base = fold(fb(pkt[12:20], "big") + 6 + thl + mss + fb(tmpl[t:hlen], "big"))
     x = base * ones + ((seq >> 16) & m16) + (seq & m16) + sums
     x = (x & m16) + ((x >> 16) & m16)
     x = (x & m16) + ((x >> 16) & m16)
@@ -331,7 +328,7 @@ def segment_tso(pkt: memoryview, n: int, mss: int, hdrs: memoryview,
     h[end + 3] = size & 0xFF
     h[end + t + 13] = flags & ~CWR if count > 1 else flags
     h[end + 10] = h[end + 11] = 0
-    c = ~_fold(fb(h[end:end + t], "big")) & 0xFFFF
+    c = ~fold(fb(h[end:end + t], "big")) & 0xFFFF
     h[end + 10] = c >> 8
     h[end + 11] = c & 0xFF
     _tcp_checksum(h, end, t, hlen, pkt, last_len, last_sum)
@@ -355,6 +352,6 @@ def _tcp_checksum(h: memoryview, off: int, t: int, hlen: int, pkt: memoryview, s
     h[off + t + 16] = h[off + t + 17] = 0
     total = int.from_bytes(pkt[12:20], "big") + 6 + hlen - t + size + \
         int.from_bytes(h[off + t:off + hlen], "big") + payload_sum
-    c = ~_fold(total) & 0xFFFF
+    c = ~fold(total) & 0xFFFF
     h[off + t + 16] = c >> 8
     h[off + t + 17] = c & 0xFF

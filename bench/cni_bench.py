@@ -56,7 +56,8 @@ def _startup(launcher: str, client: str, n: int = 30) -> None:
          [py, "-I", "-c", "from pyroute2 import IPRoute"]),
         ("plugin start-up imports (-IS)",
          [py, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-          "import netagent.cni.plugin, cni.link, cni.ipam, cni.subnet"]),
+          "import netagent.cni.plugin, netagent.cni.verbs, netagent.cni.link, netagent.cni.ipam, "
+          "netagent.cni.ipamdisk, netagent.cni.subnet"]),
         ("plugin VERSION via launcher", [launcher]),
         ("plugin VERSION via C client + server", [client]),
         ("ip link show lo", ["ip", "link", "show", "lo"]),

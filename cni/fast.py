@@ -172,22 +172,6 @@ def int_to_ip(value: int) -> str:
     return f"{value >> 24 & 255}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
 
 
-def parse_cidr(cidr: str) -> tuple[int, int]:
-    """``a.b.c.d/n`` → (address int, prefix length); host bits are kept."""
-    addr, sep, plen = cidr.strip().partition("/")
-    if not sep or not plen.isdigit() or not 0 <= int(plen) <= 32:
-        raise ValueError(f"not an IPv4 CIDR: {cidr!r}")
-    return ip_to_int(addr), int(plen)
-
-
-def netmask(plen: int) -> int:
-    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF if plen else 0
-
-
-def in_subnet(ip: int, net: int, plen: int) -> bool:
-    return (ip & netmask(plen)) == (net & netmask(plen))
-
-
 AF_INET6 = 10
 
 

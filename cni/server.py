@@ -53,11 +53,17 @@ import traceback
 from typing import NoReturn
 
 # Everything a request can need is imported here, once, so that a child imports nothing.
+import netagent.cni.attach
+import netagent.cni.conf
 import netagent.cni.ipam
+import netagent.cni.ipamcall
+import netagent.cni.ipamdisk
 import netagent.cni.link
 import netagent.cni.masq
 import netagent.cni.plugin
+import netagent.cni.skel
 import netagent.cni.subnet
+import netagent.cni.verbs
 from netagent.cni.errors import INTERNAL, CniError
 from netagent.cni.fast import CLONE_NEWNET, dumps, setns
 
@@ -71,7 +77,9 @@ MAX_FDS = 5
 SD_LISTEN_FDS_START = 3
 
 # named so linters see them used; json: cni.fast.loads imports it for its error messages
-_PRELOADED = (netagent.cni.ipam, netagent.cni.link, netagent.cni.masq, netagent.cni.subnet, json)
+_PRELOADED = (netagent.cni.attach, netagent.cni.conf, netagent.cni.ipam, netagent.cni.ipamcall,
+              netagent.cni.ipamdisk, netagent.cni.link, netagent.cni.masq, netagent.cni.subnet,
+              netagent.cni.verbs, json)
 
 
 def _log(msg: str) -> None:
@@ -504,7 +512,7 @@ class Server:
                 traceback.print_exc(file=sys.stderr)
                 err = CniError(INTERNAL, "netagent CNI server: the plugin failed unexpectedly")
                 try:
-                    sys.stdout.write(dumps(err.to_json(netagent.cni.plugin.LATEST)))
+                    sys.stdout.write(dumps(err.to_json(netagent.cni.skel.LATEST)))
                     sys.stdout.flush()
                 except BaseException:  # noqa: BLE001
                     pass

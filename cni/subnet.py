@@ -8,7 +8,6 @@ plugin configures.
 
 from __future__ import annotations
 
-import os
 import time
 
 from netagent.cni.errors import IO_FAILURE, TRY_AGAIN_LATER, CniError
@@ -191,7 +190,3 @@ def read_subnet_env(path: str, wait: float = 0.0) -> SubnetEnv:
             time.sleep(0.05)
         except OSError as e:
             raise CniError(IO_FAILURE, f"cannot read {path}: {e.strerror}") from None
-
-
-def subnet_file_exists(path: str) -> bool:
-    return os.path.exists(path)

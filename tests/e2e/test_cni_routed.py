@@ -39,7 +39,7 @@ from support.harness import (
     wait_for,
 )
 
-from netagent.cni.plugin import POD_ROUTE_PROTO, host_veth_name
+from netagent.cni.conf import POD_ROUTE_PROTO, host_veth_name
 
 plugin_exe = plugin_fixture()
 launcher_exe = launcher_fixture()

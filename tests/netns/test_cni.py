@@ -23,7 +23,7 @@ from support.cni import (
 )
 from support.harness import need, need_root, sh
 
-from netagent.cni.plugin import host_veth_name
+from netagent.cni.conf import host_veth_name
 
 plugin_exe = plugin_fixture()
 pytestmark = pytest.mark.privileged

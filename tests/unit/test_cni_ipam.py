@@ -1,4 +1,5 @@
-"""Built-in IPAM store (no root): allocation rules, idempotence, GC and cross-process locking."""
+"""Built-in IPAM (no root): the allocator's rules against an in-memory store (no disk), then
+the disk store: host-local's files, idempotence, GC and cross-process locking."""
 
 from __future__ import annotations
 
@@ -9,9 +10,89 @@ import pytest
 
 from netagent.cni.errors import ADDRESS_UNAVAILABLE, POOL_EXHAUSTED, CniError
 from netagent.cni.fast import ip6_to_int, ip_to_int
-from netagent.cni.ipam import Pool, Store
+from netagent.cni.ipam import Allocator, Pool, Reservation
+from netagent.cni.ipamdisk import Store
 
 SUBNET, PLEN, GW = ip_to_int("10.9.8.0"), 24, ip_to_int("10.9.8.1")
+
+
+# --------------------------------------------------------------------------- allocator, no disk
+
+
+class MemoryStore(Allocator):
+    """The allocator's five store primitives on dicts (host-local's fake store), with a way to
+    make ``create`` lose a race for chosen addresses, as another plugin process could."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[str, str]] = {}
+        self.last: dict[int, str] = {}
+        self.taken_elsewhere: set[str] = set()
+        self.creates: list[str] = []
+
+    def reservations(self) -> list[Reservation]:
+        return [Reservation(ip, cid, ifn) for ip, (cid, ifn) in self.held.items()]
+
+    def create(self, ip: str, container_id: str, ifname: str) -> bool:
+        self.creates.append(ip)
+        if ip in self.held or ip in self.taken_elsewhere:
+            return False
+        self.held[ip] = (container_id, ifname)
+        return True
+
+    def release_ip(self, ip: str) -> None:
+        self.held.pop(ip, None)
+
+    def last_reserved(self, range_id: int) -> str:
+        return self.last.get(range_id, "")
+
+    def set_last_reserved(self, range_id: int, ip: str) -> None:
+        self.last[range_id] = ip
+
+
+def test_walk_is_round_robin_from_the_last_reserved_and_skips_the_gateway() -> None:
+    pool = Pool(4, ip_to_int("10.9.8.0"), 29, ip_to_int("10.9.8.1"))  # .1-.6 in range
+    assert pool.bounds() == (ip_to_int("10.9.8.1"), ip_to_int("10.9.8.6"))  # no broadcast
+    assert list(pool.walk(-1)) == [ip_to_int(f"10.9.8.{i}") for i in (2, 3, 4, 5, 6)]
+    # after .4: .5, .6, then wrap to the start, each address exactly once
+    assert list(pool.walk(ip_to_int("10.9.8.4"))) == [
+        ip_to_int(f"10.9.8.{i}") for i in (5, 6, 2, 3, 4)]
+    # a last address outside the range (an old subnet) starts at the first
+    assert next(pool.walk(ip_to_int("10.1.1.1"))) == ip_to_int("10.9.8.2")
+    v6 = Pool(6, ip6_to_int("fd00::"), 126, ip6_to_int("fd00::1"))
+    assert list(v6.walk(-1)) == [ip6_to_int("fd00::2"), ip6_to_int("fd00::3")]  # keeps ::3
+
+
+def test_allocator_rules_without_a_disk() -> None:
+    s = MemoryStore()
+    assert s.reserve("a", "eth0", SUBNET, PLEN, GW) == ("10.9.8.2", True)
+    assert s.reserve("a", "eth0", SUBNET, PLEN, GW) == ("10.9.8.2", False)
+    assert s.last == {0: "10.9.8.2"}
+    # an address the listing did not show but create() finds held (a race) is skipped
+    s.taken_elsewhere.add("10.9.8.3")
+    assert s.reserve("b", "eth0", SUBNET, PLEN, GW) == ("10.9.8.4", True)
+    assert s.creates[-2:] == ["10.9.8.3", "10.9.8.4"]
+    # an unreadable last-reserved record starts from the range's first address
+    s.last[0] = "garbage"
+    assert s.reserve("c", "eth0", SUBNET, PLEN, GW) == ("10.9.8.5", True)
+    assert s.creates[-2:] == ["10.9.8.3", "10.9.8.5"]
+    # the other family's last address does not move this one's start either
+    s.last[0] = "fd00:5:42::9"
+    assert s.reserve("d", "eth0", SUBNET, PLEN, GW) == ("10.9.8.6", True)
+    with pytest.raises(CniError) as e:
+        s.reserve("a", "eth0", SUBNET, PLEN, GW, "10.9.8.50")
+    assert e.value.code == ADDRESS_UNAVAILABLE and "already holds 10.9.8.2" in e.value.msg
+    assert sorted(r.ip for r in s.gc({("a", "eth0")})) == ["10.9.8.4", "10.9.8.5", "10.9.8.6"]
+    assert list(s.held) == ["10.9.8.2"]
+
+
+def test_allocator_all_or_nothing_across_families_without_a_disk() -> None:
+    s = MemoryStore()
+    full6 = Pool(6, ip6_to_int("fd00::"), 126, ip6_to_int("fd00::1"), "", 1)
+    s.taken_elsewhere |= {"fd00::2", "fd00::3"}
+    with pytest.raises(CniError) as e:
+        s.reserve_all("a", "eth0", [Pool(4, SUBNET, PLEN, GW), full6])
+    assert e.value.code == POOL_EXHAUSTED and "fd00::/126" in e.value.msg
+    assert s.held == {} and "10.9.8.2" in s.creates  # taken, then given back
 
 
 def _reserve(data_dir: str, cid: str) -> str:

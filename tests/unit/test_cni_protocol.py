@@ -16,17 +16,11 @@ import pytest
 from support.cni import is_elf, plugin_fixture, run_plugin, write_subnet_env
 
 import netagent.cni.install
+from netagent.cni.conf import Config, host_veth_name
 from netagent.cni.errors import CniError
 from netagent.cni.fast import dumps, loads
 from netagent.cni.install import CONFLIST_NAME, find_compiler, install_cni
-from netagent.cni.plugin import (
-    SUPPORTED_VERSIONS,
-    Config,
-    Env,
-    host_veth_name,
-    parse_cni_args,
-    render_result,
-)
+from netagent.cni.skel import SUPPORTED_VERSIONS, Env, parse_cni_args, render_result
 from netagent.cni.subnet import parse_subnet_env
 
 plugin_exe = plugin_fixture()
@@ -251,7 +245,8 @@ def test_start_up_path_imports_no_heavy_module() -> None:
     """The per-pod import set stays stdlib C modules (measured costs in bench/README.md)."""
     repo = str(Path(__file__).resolve().parents[2])
     code = (f"import sys; sys.path.insert(0, {repo!r});"
-            "import netagent.cni.plugin, netagent.cni.link, netagent.cni.subnet, netagent.cni.ipam;"
+            "import netagent.cni.plugin, netagent.cni.verbs, netagent.cni.link, netagent.cni.subnet,"
+            " netagent.cni.ipam, netagent.cni.ipamdisk;"
             "import netagent.cni.fast; netagent.cni.fast.setns; print(' '.join(sorted(sys.modules)))")
     mods = set(subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
                               text=True, check=True).stdout.split())
@@ -262,6 +257,20 @@ def test_start_up_path_imports_no_heavy_module() -> None:
     # daemon may come along
     ours = {m for m in mods if m.startswith("netagent")}
     assert ours == {"netagent", "netagent.cni"} | {m for m in ours if m.startswith("netagent.cni.")}, ours
+
+
+def test_version_loads_no_verb_module() -> None:
+    """VERSION (libcni's validate runs it on every plugin) is answered by cni.skel alone."""
+    repo = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path.insert(0, {repo!r}); import netagent.cni.plugin as p;"
+            "out = p.run({'CNI_COMMAND': 'VERSION'}, '{\"cniVersion\": \"0.4.0\"}');"
+            "print(out['cniVersion'], sorted(m for m in sys.modules if m.startswith('netagent')))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True,
+                         text=True, check=True).stdout.split(" ", 1)
+    assert out[0] == "0.4.0"
+    loaded = set(json.loads(out[1].replace("'", '"')))
+    assert loaded == {"netagent", "netagent.cni", "netagent.cni.errors", "netagent.cni.fast",
+                      "netagent.cni.plugin", "netagent.cni.skel"}, loaded
 
 
 # --------------------------------------------------------------------------- install

@@ -21,21 +21,18 @@ import pytest
 from support.harness import wait_for
 
 from netagent.backends.udp import render_udp_peers
-from netagent.backends.udpfwd import (
-    DROP_REASONS,
-    VNET_F_NEEDS_CSUM,
-    VNET_GSO_TCPV4,
-    VNET_LEN,
-    Coalescer,
-    Forwarder,
+from netagent.backends.udpfwd import Forwarder
+from netagent.backends.udpoffload import Coalescer, complete_checksum
+from netagent.backends.udprun import SliceCache, numpy_payload_sums, payload_sums_python, segment_tso
+from netagent.backends.udpstats import DROP_REASONS
+from netagent.backends.udptrust import (
     build_forwarding_table,
-    complete_checksum,
     decrement_ttl,
     header_ok,
     ip_checksum,
     net_unreachable,
 )
-from netagent.backends.udprun import SliceCache, numpy_payload_sums, payload_sums_python, segment_tso
+from netagent.backends.udptun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_LEN
 from netagent.lease import Lease, LeaseAttrs, decode_attrs, encode_attrs
 
 NET = IPv4Network("10.60.0.0/16")

@@ -18,8 +18,9 @@ import pytest
 from support.harness import wait_for
 from test_udp import OWN, PEER, LoopRig, finish, slow_checksum, tcp_segments
 
-from netagent.backends.udpfwd import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_LEN, RunWriter
+from netagent.backends.udpoffload import RunWriter
 from netagent.backends.udprun import continues_run, super_header, tcp_run
+from netagent.backends.udptun import VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_LEN
 
 NETS = ((int(PEER.network_address), 0xFFFFFF00),)
 OWN_NET = (int(OWN.network_address), 0xFFFFFF00)
@@ -344,7 +345,7 @@ def test_a_kernel_without_udp_gso_or_gro_gets_the_plain_path(
     (and with them TSO, which needs UDP GSO to send its segments), and traffic still flows."""
     import netagent.backends.udpfwd as udpfwd
 
-    monkeypatch.setattr(udpfwd, "_sockopt_supported", lambda *a: False)
+    monkeypatch.setattr(udpfwd, "sockopt_supported", lambda *a: False)
     r = LoopRig(True, 1)
     try:
         assert not (r.fwd.gso or r.fwd.udp_gro or r.fwd.tso)
