@@ -128,8 +128,8 @@ def test_mesh_ping_matrix_lease_shape_and_device(wg: tuple[WgLab, list[Host]]) -
         assert public_key(priv) == pub
         s = h.subnet()
         raw = leases[f"{s.network_address}-{s.prefixlen}"]
-        assert raw == ('{"PublicIP":"%s","PublicIPv6":null,"BackendType":"wireguard",'
-                       '"BackendData":{"PublicKey":"%s","Port":51820}}' % (h.ip, pub))
+        assert raw == (f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"wireguard",'
+                       f'"BackendData":{{"PublicKey":"{pub}","Port":51820}}}}')
         env = h.subnet_file.read_text()
         assert "FLANNEL_MTU=1420" in env  # 1500 − 80
         link = h.run("ip", "-d", "link", "show", DEV).stdout
