@@ -98,6 +98,8 @@ class WgLink:
     def ensure(self) -> bool:
         """Make the device right; True when it was (re)created (every peer must be written)."""
         name, k = self.spec.name, self.kernel
+        if self.implementation == USERSPACE:
+            self.proc.alive()  # notes its death (and exit status) before the device is looked at
         link = k.link(name)
         if link is not None and link.kind == "wireguard":
             self._use(KERNEL)
@@ -421,6 +423,7 @@ class WireguardBackend(Backend):
                   "devices": [link.spec.name for link in self.links],
                   "listen_ports": [link.spec.port for link in self.links],
                   "device_writes": sum(link.client.sets for link in self.links if link.client),
+                  "wireguard_go_restarts": sum(link.proc.restarts for link in self.links),
                   "wireguard_go_pids": [link.proc.pid for link in self.links if link.proc.pid]},
             gauges=tuple(gauges))
 

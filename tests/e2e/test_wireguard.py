@@ -238,6 +238,23 @@ def test_bad_psk_is_refused_and_changes_nothing(wg: tuple[WgLab, list[Host]]) ->
     lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "wireguard"}))  # back to the running one
 
 
+def test_dead_wireguard_go_is_restarted_with_its_device(wg: tuple[WgLab, list[Host]]) -> None:
+    """kill -9 of host 2's wireguard-go (its device vanishes with it): the next sync starts a
+    new one, re-creates device, address, route and peers, and counts the restart."""
+    lab, hosts = wg
+    h2 = hosts[1]
+    (old,) = [int(f.read_text()) for f in h2.state_dir.glob("flannel-wg.wireguard-go.pid")]
+    before = config_text(lab, h2)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: health(h2).get("wireguard_go_restarts") == 1 and health(h2).get("ok"), 15,
+             what="wireguard-go restarted")
+    (new,) = [int(f.read_text()) for f in h2.state_dir.glob("flannel-wg.wireguard-go.pid")]
+    assert new != old
+    assert config_text(lab, h2) == before
+    assert "restarting it (the device is re-created)" in lab.log(h2)
+    ping_all(lab.pods, timeout=15)
+
+
 def test_malformed_public_key_keeps_old_peer_then_lease_delete_removes_it(
         wg: tuple[WgLab, list[Host]]) -> None:
     """Host 3 stops (SIGTERM: wireguard-go stays). Its lease gets a malformed PublicKey: the
@@ -267,13 +284,46 @@ def test_malformed_public_key_keeps_old_peer_then_lease_delete_removes_it(
     assert lab.pods[0].ping(lab.pods[1].ip)
 
 
+# --------------------------------------------------------------------------- dual stack
+
+
+def test_dual_stack_separate_devices(tmp_path: Path) -> None:
+    """Mode separate with IPv6: flannel-wg and flannel-wg-v6 (port 51821), BackendV6Data, and
+    pods reach each other over both families."""
+    lab = WgLab(tmp_path, tag="d")  # beside the module lab
+    try:
+        lab.start_etcd()
+        hosts = lab.start_hosts(json.dumps({
+            "Network": NETWORK, "EnableIPv6": True, "IPv6Network": "fd61:61::/48",
+            "Backend": {"Type": "wireguard"}}), 2, "--repair-interval", "2")
+        pods = [lab.add_pod(h) for h in hosts]
+        for a, b in ((pods[0], pods[1]), (pods[1], pods[0])):
+            for dst in (b.ip, b.ip6):
+                wait_for(lambda a=a, dst=dst: a.ping(dst), 20, interval=0.2,
+                         what=f"{a.name} → {dst}")
+        h1, h2 = hosts
+        s1 = h1.subnet()
+        (raw,) = [json.loads(v) for k, v in lab.leases().items()
+                  if k.startswith(f"{s1.network_address}-{s1.prefixlen}&")]
+        pub = public_key((h1.state_dir / "wgkey").read_text().strip())
+        assert raw["BackendData"] == {"PublicKey": pub, "Port": 51820}
+        assert raw["BackendV6Data"] == {"PublicKey": pub, "Port": 51821}
+        st6 = lab.device(h1, "flannel-wg-v6").get()
+        assert st6.listen_port == 51821
+        assert [p.endpoint for p in st6.peers.values()] == [f"[{h2.ip6}]:51821"]
+        route6 = h1.run("ip", "-6", "route", "show", "fd61:61::/48").stdout
+        assert "dev flannel-wg-v6 proto 111" in route6, route6
+    finally:
+        lab.close()
+
+
 # --------------------------------------------------------------------------- live switch
 
 
 def test_live_switch_vxlan_wireguard_hostgw_under_ping(tmp_path: Path) -> None:
     """vxlan → wireguard → host-gw with etcdctl put while pod 1 pings pod 2 at 20/s; the
     losses are printed (the other backends lose ≤ 1 of 200 per switch)."""
-    lab = WgLab(tmp_path)
+    lab = WgLab(tmp_path, tag="s")  # beside the module lab
     try:
         lab.start_etcd()
         hosts = lab.mesh(cfg({"Type": "vxlan"}), 3, "--repair-interval", "2")

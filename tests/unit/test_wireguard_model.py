@@ -298,3 +298,31 @@ def test_malformed_key_keeps_the_peers_last_good_entry_until_its_lease_goes(
     assert "keeps serving" in be._skipped[(4, ident)]
     assert be._desired(link, {}) == {}  # type: ignore[arg-type]
     assert be._desired(link, {ident: bad}) == {}  # type: ignore[arg-type]  no stale memory
+
+
+def test_health_reports_a_dead_wireguard_go(tmp_path: Path) -> None:
+    """``ok`` False, with the exit status, once the process is gone (the next sync restarts
+    it); the implementation is named in info and as a labelled gauge."""
+    import subprocess
+
+    from netagent.backends.wireguard.backend import USERSPACE, WgLink
+    from netagent.backends.wireguard.keys import KeySource
+
+    host = HostFacts("eth0", 2, 1500, IPv4Address("192.0.2.9"), IPv4Address("192.0.2.9"),
+                     tmp_path)
+    be = WireguardBackend(parse_network_config(cfg({})), host)
+    link = WgLink(_Link().spec, None, tmp_path, KeySource(K3, tmp_path / "k", "read"),  # type: ignore[arg-type]
+                  "", tmp_path)
+    link.implementation = USERSPACE
+    link.proc.child = subprocess.Popen(["sleep", "30"])
+    be.links = [link]
+    try:
+        h = be.health()
+        assert h.ok and h.info["implementation"] == "wireguard-go"
+        assert ("implementation", "wireguard-go") in [g.labels[0] for g in h.gauges]
+    finally:
+        link.proc.child.kill()
+        link.proc.child.wait()
+    h = be.health()
+    assert not h.ok and "exited with status -9" in h.detail
+    assert [g.value for g in h.gauges if g.name == "wireguard_up"] == [0.0]
