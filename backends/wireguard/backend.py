@@ -208,7 +208,9 @@ class WgLink:
         return writes
 
     def ensure_route(self) -> int:
-        """The whole Network on the device; a route at that key made by others is left alone."""
+        """The whole Network on the device. A route at that key through another device is
+        someone else's and left alone; one through our device (flannel's, proto boot, on a host
+        taken over) is adopted: replaced with our proto."""
         net, idx = self.spec.network, self.ifindex
         want = kernelio.Route(net, gateway=None, oif=idx)
         have = [r for r in self.kernel.dump_routes(want.table, family=net.version)
@@ -216,7 +218,7 @@ class WgLink:
         if have and have[0] == want:
             self.route_ok = True
             return 0
-        if have and have[0].proto != want.proto:
+        if have and have[0].proto != want.proto and have[0].oif != idx:
             log.error("route %s exists (proto %d, index %s) and is not ours; traffic will not "
                       "reach %s", net, have[0].proto, have[0].oif, self.spec.name)
             self.route_ok = False
