@@ -17,13 +17,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from scapy.all import ICMP, IP, UDP, rdpcap  # type: ignore[attr-defined]
-from support.harness import Host, PingRun, ping_all, sh, wait_for
+from support.harness import REPO, Host, PingRun, ping_all, sh, wait_for
 from support.wireguard import DEV, WgLab
 
 from netagent.backends.wireguard.model import WgState, public_key
@@ -32,6 +33,23 @@ pytestmark = pytest.mark.privileged
 
 PREFIX = "/coreos.com/network"
 NETWORK = "10.61.0.0/16"
+
+
+#: agent flags of the module's hosts (the restart test starts an agent again with them)
+AGENT_ARGS = ("--repair-interval", "2", "--metrics-port", "9105", "--healthz-port", "9106",
+              "--healthz-ip", "127.0.0.1")
+
+
+def http_get(host: Host, port: int, path: str) -> tuple[int, str]:
+    """GET from inside the host namespace (the agent listens on its loopback)."""
+    code = ("import urllib.request, urllib.error\n"
+            f"u = 'http://127.0.0.1:{port}{path}'\n"
+            "try:\n    r = urllib.request.urlopen(u, timeout=3); print(r.status); "
+            "print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n")
+    out = sh(sys.executable, "-c", code, ns=host.name).stdout
+    status, _, body = out.partition("\n")
+    return int(status), body
 
 
 def cfg(backend: dict[str, object]) -> str:
@@ -56,7 +74,7 @@ def wg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[WgLab, list[H
     lab = WgLab(tmp_path_factory.mktemp("wg"))
     try:
         lab.start_etcd()
-        hosts = lab.start_hosts(cfg({"Type": "wireguard"}), 3, "--repair-interval", "2")
+        hosts = lab.start_hosts(cfg({"Type": "wireguard"}), 3, *AGENT_ARGS)
         for h in hosts:
             lab.add_pod(h)
         yield lab, hosts
@@ -103,8 +121,18 @@ def test_mesh_ping_matrix_lease_shape_and_device(wg: tuple[WgLab, list[Host]]) -
         hl = health(h)
         assert hl["ok"] is True and hl["implementation"] == "wireguard-go", hl
         assert "running wireguard-go" in lab.log(h)
-    metrics_port = None  # /metrics is covered by the health gauges in status; see README
-    del metrics_port
+    # the implementation reaches /metrics, /readyz and `netagent status`
+    h1 = hosts[0]
+    code, body = http_get(h1, 9105, "/metrics")
+    assert code == 200
+    assert 'netagent_wireguard_implementation{implementation="wireguard-go"} 1.0' in body, body
+    assert 'netagent_wireguard_up{device="flannel-wg"} 1.0' in body
+    assert 'netagent_wireguard_peers{device="flannel-wg"} 2.0' in body
+    assert http_get(h1, 9106, "/readyz")[0] == 200
+    human = sh(sys.executable, "-m", "netagent", "status", "--state-dir", str(h1.state_dir),
+               "--etcd-endpoints", lab.etcd.endpoint if lab.etcd else "", ns=h1.name,
+               env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    assert "backend health" in human and "wireguard-go" in human, human
 
 
 def test_underlay_capture_shows_only_encrypted_udp(wg: tuple[WgLab, list[Host]]) -> None:
@@ -160,7 +188,7 @@ def test_kill9_and_restart_under_ping_loses_nothing_and_writes_nothing(
     time.sleep(1.0)
     reconciles_needed = 3  # the first (full) sync and two repair ticks
     log_from = len(lab.log(h1))
-    lab.start_agent(h1, "--repair-interval", "2")
+    lab.start_agent(h1, *AGENT_ARGS)
     wait_for(lambda: (h1.status().get("ready") and
                       h1.status().get("reconciles", 0) >= reconciles_needed), 20,
              what="restarted agent ready, past two full syncs")
