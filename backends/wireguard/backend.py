@@ -34,7 +34,7 @@ from netagent.backends.base import (
 from netagent.backends.wireguard import kernelio
 from netagent.backends.wireguard.client import UapiClient, WgClient, WgToolClient
 from netagent.backends.wireguard.kernelio import Kernel, KernelError
-from netagent.backends.wireguard.keys import KeySource, load_private_key
+from netagent.backends.wireguard.keys import KeyFileError, KeySource, load_private_key
 from netagent.backends.wireguard.model import (
     WG_OVERHEAD,
     Family,
@@ -58,6 +58,13 @@ DEVICE_V6 = "flannel-wg-v6"
 #: "kernel" or "wireguard-go" forces one implementation (default: kernel when it works)
 IMPLEMENTATION_ENV = "NETAGENT_WIREGUARD_IMPLEMENTATION"
 KERNEL, USERSPACE = "kernel", "wireguard-go"
+
+
+class WireguardError(OSError):
+    """The backend cannot be set up (config it does not implement, no WireGuard at all,
+    wireguard-go not coming up, a bad key file): the daemon reports "cannot start: …" and
+    exits, or keeps its running config on a live switch. An OSError so it is reported that way
+    without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -133,17 +140,20 @@ class WgLink:
                 self._use(KERNEL)
                 return
             if force == KERNEL:
-                raise RuntimeError(f"{self.spec.name}: the kernel WireGuard device cannot be "
+                raise WireguardError(f"{self.spec.name}: the kernel WireGuard device cannot be "
                                    f"created ({err}) and {IMPLEMENTATION_ENV}=kernel")
         if not WireguardGo.available():
-            raise RuntimeError(f"{self.spec.name}: no kernel WireGuard module ({err}) and no "
+            raise WireguardError(f"{self.spec.name}: no kernel WireGuard module ({err}) and no "
                                "wireguard-go in PATH: install the kernel module or the "
                                "wireguard-go package")
         if self.proc.death:
             self.proc.restarts += 1
             log.error("%s: %s; restarting it (the device is re-created)", self.spec.name,
                       self.proc.death)
-        self.proc.start()
+        try:
+            self.proc.start()
+        except RuntimeError as exc:
+            raise WireguardError(str(exc)) from None
         log.info("%s: kernel WireGuard unavailable (%s); running wireguard-go (PID %d)",
                  self.spec.name, err, self.proc.pid)
         self._use(USERSPACE)
@@ -292,7 +302,7 @@ class WireguardBackend(Backend):
         # modes and "separate" program the same thing
         if mode in ("auto", "ipv4") and not c.enable_ipv6:
             return
-        raise RuntimeError(
+        raise WireguardError(
             f"Backend.Mode: {mode!r} (one flannel-wg device carrying both address families) is "
             "not implemented by netagent for this network; use \"separate\" (flannel-wg and "
             "flannel-wg-v6, flannel's default)")
@@ -302,8 +312,11 @@ class WireguardBackend(Backend):
     def prepare(self) -> LeaseContribution:
         self._check_mode()
         if self.config.enable_ipv6 and self.host.public_ipv6 is None:
-            raise RuntimeError("wireguard: EnableIPv6 is set but this host has no PublicIPv6")
-        self.key = load_private_key(self.host.state_dir)
+            raise WireguardError("wireguard: EnableIPv6 is set but this host has no PublicIPv6")
+        try:
+            self.key = load_private_key(self.host.state_dir)
+        except KeyFileError as exc:
+            raise WireguardError(str(exc)) from None
         self.public_key = public_key(self.key.private_key)
         log.info("wireguard: private key %s (%s), public key %s", self.key.path, self.key.how,
                  self.public_key)

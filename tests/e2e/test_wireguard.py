@@ -207,7 +207,8 @@ def test_kill9_and_restart_under_ping_loses_nothing_and_writes_nothing(
 
 def test_bad_psk_is_refused_and_changes_nothing(wg: tuple[WgLab, list[Host]]) -> None:
     """A config with a PSK that is not a 32-byte base64 key is rejected naming Backend.PSK; the
-    devices keep their configuration and traffic flows."""
+    devices keep their configuration and traffic flows. A good PSK then reaches every peer
+    live, and goes again."""
     lab, hosts = wg
     assert lab.etcd is not None
     before = [config_text(lab, h) for h in hosts]
@@ -218,7 +219,16 @@ def test_bad_psk_is_refused_and_changes_nothing(wg: tuple[WgLab, list[Host]]) ->
     time.sleep(2.5)  # a repair tick under the rejected config
     assert [config_text(lab, h) for h in hosts] == before
     assert lab.pods[0].ping(lab.pods[2].ip)
-    lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "wireguard"}))  # back to the running one
+    # a good PSK is applied live to every peer (only that field is written), then taken away
+    psk = base64.b64encode(os.urandom(32)).decode()
+    for want in (psk, ""):
+        lab.etcd.put(f"{PREFIX}/config", cfg({"Type": "wireguard", **({"PSK": want} if want
+                                                                       else {})}))
+        for h in hosts:
+            wait_for(lambda h=h, w=want: {p.preshared_key for p in state(lab, h).peers.values()}
+                     == {w}, 15, what=f"{h.name} peers with PSK {bool(want)}")
+        assert all(not h.status().get("config_error") for h in hosts)
+        ping_all(lab.pods, timeout=20)
 
 
 def test_dead_wireguard_go_is_restarted_with_its_device(wg: tuple[WgLab, list[Host]]) -> None:

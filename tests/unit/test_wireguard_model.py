@@ -326,3 +326,31 @@ def test_health_reports_a_dead_wireguard_go(tmp_path: Path) -> None:
     h = be.health()
     assert not h.ok and "exited with status -9" in h.detail
     assert [g.value for g in h.gauges if g.name == "wireguard_up"] == [0.0]
+
+
+@pytest.mark.parametrize(("extra", "mode"), [
+    ({"EnableIPv6": True, "IPv6Network": "fd00:5::/48"}, "ipv4"),
+    ({"EnableIPv6": True, "IPv6Network": "fd00:5::/48"}, "auto"),
+    ({}, "ipv6"),
+])
+def test_single_device_modes_are_refused_naming_the_field_before_anything_changes(
+        tmp_path: Path, extra: dict[str, object], mode: str) -> None:
+    from netagent.backends.wireguard.backend import WireguardError
+
+    host = HostFacts("eth0", 2, 1500, IPv4Address("192.0.2.9"), IPv4Address("192.0.2.9"),
+                     tmp_path / "state", IPv6Address("2001:db8::9"))
+    be = WireguardBackend(parse_network_config(cfg({"Mode": mode}, **extra)), host,
+                          kernel=None)
+    with pytest.raises(WireguardError, match="Backend.Mode") as err:
+        be.prepare()
+    assert "separate" in str(err.value)
+    assert not (tmp_path / "state").exists()  # no key written, no device touched (no kernel)
+
+
+def test_ipv4_and_auto_modes_on_an_ipv4_network_are_separate() -> None:
+    for mode in ("auto", "ipv4"):
+        c = parse_network_config(cfg({"Mode": mode}))
+        be = WireguardBackend(c, HostFacts("eth0", 2, 1500, IPv4Address("192.0.2.9"),
+                                           IPv4Address("192.0.2.9"), Path("/nonexistent")))
+        be._check_mode()  # no error
+        assert [s.name for s in be._specs()] == ["flannel-wg"]
