@@ -39,6 +39,7 @@ from netagent.backends.wireguard.model import (
     WG_OVERHEAD,
     Family,
     UapiError,
+    WgChange,
     WgPeer,
     WgState,
     diff_device,
@@ -180,7 +181,20 @@ class WgLink:
         if change.empty:
             self.peers = len(have.peers)
             return 0, 0
-        self.client.set(change)
+        try:
+            self.client.set(change)
+        except UapiError as exc:
+            if len(change.add) + len(change.update) <= 1:
+                raise
+            # one peer the device refuses must not hold back the others: device settings and
+            # removals first, then each peer on its own; what still fails is retried next sync
+            log.warning("%s: writing %d peer changes at once failed (%s); writing them one by "
+                        "one", self.spec.name, len(change.add) + len(change.update), exc)
+            failed = self._write_one_by_one(change)
+            if failed:
+                self.peers = len(self.client.get().peers)
+                raise UapiError(f"{len(failed)} peer(s) not written: {'; '.join(failed)}"
+                                ) from None
         self.peers = len(peers)
         for p in change.add:
             log.info("%s: peer %s added (%s, %s)", self.spec.name, p.public_key, p.endpoint,
@@ -191,6 +205,24 @@ class WgLink:
         for key in change.remove:
             log.info("%s: peer %s removed (no lease carries it)", self.spec.name, key)
         return len(change.add) + len(change.update), len(change.remove)
+
+    def _write_one_by_one(self, change: WgChange) -> list[str]:
+        assert self.client is not None
+        device = WgChange(change.private_key, change.listen_port, change.remove)
+        if not device.empty:
+            self.client.set(device)
+        failed = []
+        for p in change.add:
+            try:
+                self.client.set(WgChange(add=(p,)))
+            except UapiError as exc:
+                failed.append(f"{p.public_key}: {exc}")
+        for p, fields in change.update:
+            try:
+                self.client.set(WgChange(update=((p, fields),)))
+            except UapiError as exc:
+                failed.append(f"{p.public_key}: {exc}")
+        return failed
 
     # -- address and route
 

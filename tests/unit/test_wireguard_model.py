@@ -354,3 +354,42 @@ def test_ipv4_and_auto_modes_on_an_ipv4_network_are_separate() -> None:
                                            IPv4Address("192.0.2.9"), Path("/nonexistent")))
         be._check_mode()  # no error
         assert [s.name for s in be._specs()] == ["flannel-wg"]
+
+
+class _FakeDevice:
+    """A device client that refuses any write touching ``bad_key`` (all of that write)."""
+
+    def __init__(self, bad_key: str) -> None:
+        self.state = WgState(K3, 51820, {})
+        self.bad = bad_key
+        self.sets = 0
+
+    def get(self) -> WgState:
+        return self.state
+
+    def set(self, change: WgChange) -> None:
+        from netagent.backends.wireguard.model import UapiError
+
+        self.sets += 1
+        if any(p.public_key == self.bad for p in change.add):
+            raise UapiError("errno=22")
+        peers = {k: v for k, v in self.state.peers.items() if k not in change.remove}
+        peers.update({p.public_key: p for p in change.add})
+        self.state = WgState(change.private_key or self.state.private_key,
+                             change.listen_port or self.state.listen_port, peers)
+
+
+def test_a_peer_the_device_refuses_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    from netagent.backends.wireguard.backend import WgLink
+    from netagent.backends.wireguard.keys import KeySource
+    from netagent.backends.wireguard.model import UapiError
+
+    link = WgLink(_Link().spec, None, tmp_path, KeySource(K3, tmp_path / "k", "read"),  # type: ignore[arg-type]
+                  "", tmp_path)
+    dev = _FakeDevice(bad_key=K2)
+    link.client = dev
+    want = {K1: peer(K1, 1), K2: peer(K2, 2)}
+    with pytest.raises(UapiError, match="1 peer"):
+        link.write_peers(want)
+    assert list(dev.state.peers) == [K1] and link.peers == 1
+    assert dev.sets == 1 + 2  # all at once, then each peer (the device part had no change)
