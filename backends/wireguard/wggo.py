@@ -69,6 +69,8 @@ class WireguardGo:
         self.restarts = 0
         #: why the process was last found dead ("" while it runs)
         self.death = ""
+        #: adopted by its answering socket alone (no PID recorded): liveness is the socket's
+        self.by_socket = False
 
     @staticmethod
     def available(binary: str = "wireguard-go") -> bool:
@@ -83,6 +85,12 @@ class WireguardGo:
                 self.child = None
                 return False
             return True
+        if self.by_socket:
+            if socket_alive(self.sock, 0.2):
+                return True
+            self.death = f"wireguard-go (PID unknown) no longer answers on {self.sock}"
+            self.by_socket = False
+            return False
         if self.pid and not _pid_alive(self.pid, self.name):
             self.death = f"wireguard-go (PID {self.pid}) is gone"
             self.pid = 0
@@ -95,14 +103,14 @@ class WireguardGo:
         except (OSError, ValueError):
             pid = 0
         if pid and _pid_alive(pid, self.name) and socket_alive(self.sock):
-            self.pid = pid
-            self.death = ""
+            self.pid, self.by_socket, self.death = pid, False, ""
             return True
         if socket_alive(self.sock):
-            # alive but not recorded (started by hand, or flannel-era tooling): usable; its PID
-            # is unknown, so a teardown deletes the device instead of signalling it
-            self.pid = 0
-            self.death = ""
+            # alive but not recorded (started by hand, or the state dir was wiped): usable; its
+            # PID is unknown, so a teardown deletes the device instead of signalling it
+            self.pid, self.by_socket, self.death = 0, True, ""
+            log.warning("%s: adopting a wireguard-go whose PID is not recorded (%s answers)",
+                        self.name, self.sock)
             return True
         return False
 
@@ -119,6 +127,7 @@ class WireguardGo:
                 env=dict(os.environ, LOG_LEVEL=os.environ.get("NETAGENT_WG_LOG_LEVEL", "error")),
             )
         self.pid = self.child.pid
+        self.by_socket = False
         tmp = self.pid_file.with_suffix(".tmp")
         tmp.write_text(f"{self.pid}\n")
         tmp.replace(self.pid_file)
@@ -158,5 +167,6 @@ class WireguardGo:
                     self.child.wait(3)
         self.child = None
         self.pid = 0
+        self.by_socket = False
         with contextlib.suppress(OSError):
             self.pid_file.unlink()

@@ -393,3 +393,22 @@ def test_a_peer_the_device_refuses_does_not_hold_back_the_others(tmp_path: Path)
         link.write_peers(want)
     assert list(dev.state.peers) == [K1] and link.peers == 1
     assert dev.sets == 1 + 2  # all at once, then each peer (the device part had no change)
+
+
+def test_wireguard_go_adopted_by_its_socket_alone_is_watched_through_it(tmp_path: Path) -> None:
+    """No PID recorded (state dir wiped), but the socket answers: adopted, alive while the
+    socket answers, dead with a reason once it stops."""
+    import socket
+
+    from netagent.backends.wireguard.wggo import WireguardGo
+
+    proc = WireguardGo("flannel-wg", tmp_path / "state", sock_dir=tmp_path)
+    assert not proc.adopt()  # nothing there
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp_path / "flannel-wg.sock"))
+    srv.listen(4)
+    try:
+        assert proc.adopt() and proc.pid == 0 and proc.alive()
+    finally:
+        srv.close()
+    assert not proc.alive() and "no longer answers" in proc.death
