@@ -310,6 +310,65 @@ def test_dual_stack_separate_devices(tmp_path: Path) -> None:
         lab.close()
 
 
+# --------------------------------------------------------------------------- a flannel peer
+
+
+def test_a_flannel_wireguard_host_is_a_peer(tmp_path: Path) -> None:
+    """A host configured the way flannel's wireguard backend configures itself (wireguard-go +
+    `wg` by hand, no agent; its lease written with flannel's exact value) and a netagent host
+    reach each other: a netagent pod pings the flannel host's flannel-wg address, and the
+    netagent host programs the flannel lease's key, endpoint and subnet as it is."""
+    lab = WgLab(tmp_path, tag="f")  # beside the module lab
+    try:
+        lab.start_etcd()
+        assert lab.etcd is not None
+        config = json.dumps({"Network": NETWORK, "SubnetMax": "10.61.199.0",
+                             "Backend": {"Type": "wireguard"}})
+        (h1,) = lab.start_hosts(config, 1, "--repair-interval", "2")
+        pod = lab.add_pod(h1)
+        fl = lab.add_host()  # the flannel host: no agent
+        run = lab.wg_dir(fl)
+        wggo = subprocess.Popen(
+            ["ip", "netns", "exec", fl.name, "unshare", "-m", "--propagation", "private", "sh",
+             "-c", 'mount --bind "$0" /run/wireguard && exec wireguard-go -f flannel-wg',
+             str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: (run / "flannel-wg.sock").exists(), 10, what="flannel's device")
+            priv = sh("wg", "genkey").stdout.strip()
+            pub = sh("wg", "pubkey", input=priv + "\n").stdout.strip()
+            keyfile = tmp_path / "flannel-wgkey"
+            keyfile.write_text(priv + "\n")
+            keyfile.chmod(0o400)
+            s1 = h1.subnet()
+            agent_pub = json.loads(lab.leases()[f"{s1.network_address}-{s1.prefixlen}"]
+                                   )["BackendData"]["PublicKey"]
+
+            def wg(*args: str) -> None:  # `wg` inside the flannel host's mount namespace
+                sh("nsenter", "-t", str(wggo.pid), "-m", "-n", "wg", *args)
+
+            wg("set", "flannel-wg", "listen-port", "51820", "private-key", str(keyfile),
+               "peer", agent_pub, "endpoint", f"{h1.ip}:51820", "allowed-ips", str(s1))
+            for cmd in (("ip", "addr", "add", "10.61.250.0/32", "dev", "flannel-wg"),
+                        ("ip", "link", "set", "flannel-wg", "up"),
+                        ("ip", "route", "add", NETWORK, "dev", "flannel-wg")):
+                fl.run(*cmd)
+            # flannel's lease value, byte for byte (Go's struct order, compact)
+            lab.etcd.put(f"{PREFIX}/subnets/10.61.250.0-24",
+                         f'{{"PublicIP":"{fl.ip}","PublicIPv6":null,"BackendType":"wireguard",'
+                         f'"BackendData":{{"PublicKey":"{pub}","Port":51820}}}}')
+            wait_for(lambda: pub in state(lab, h1).peers, 10, what="the flannel peer programmed")
+            peer = state(lab, h1).peers[pub]
+            assert peer.endpoint == f"{fl.ip}:51820"
+            assert [str(n) for n in peer.allowed_ips] == ["10.61.250.0/24"]
+            wait_for(lambda: pod.ping("10.61.250.0"), 15, interval=0.3,
+                     what="netagent pod → flannel host over wireguard")
+        finally:
+            wggo.kill()
+            wggo.wait(5)
+    finally:
+        lab.close()
+
+
 # --------------------------------------------------------------------------- live switch
 
 
