@@ -141,12 +141,12 @@ class WgLink:
                 self._use(KERNEL)
                 return
             if force == KERNEL:
-                raise WireguardError(f"{self.spec.name}: the kernel WireGuard device cannot be "
-                                   f"created ({err}) and {IMPLEMENTATION_ENV}=kernel")
+                raise WireguardError(f"{self.spec.name}: the kernel WireGuard device cannot "
+                                     f"be created ({err}) and {IMPLEMENTATION_ENV}=kernel")
         if not WireguardGo.available():
-            raise WireguardError(f"{self.spec.name}: no kernel WireGuard module ({err}) and no "
-                               "wireguard-go in PATH: install the kernel module or the "
-                               "wireguard-go package")
+            raise WireguardError(f"{self.spec.name}: no kernel WireGuard module ({err}) and "
+                                 "no wireguard-go in PATH: install the kernel module or the "
+                                 "wireguard-go package")
         if self.proc.death:
             self.proc.restarts += 1
             log.error("%s: %s; restarting it (the device is re-created)", self.spec.name,
