@@ -2,6 +2,8 @@
 PY ?= python3
 APT_PKGS = etcd-server etcd-client iproute2 iptables iputils-ping iperf3 ethtool openssl systemd \
            containernetworking-plugins podman runc uidmap fuse-overlayfs busybox-static gcc libc6-dev
+# the wireguard backend's tests and bench (wireguard-go: the userspace path, wg: the kernel path's client)
+APT_PKGS += wireguard-go wireguard-tools tcpdump
 PYTEST_ARGS ?=
 
 .PHONY: deps deps-apt deps-pip test demo lint bench
