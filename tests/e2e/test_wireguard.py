@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from scapy.all import ICMP, IP, UDP, rdpcap  # type: ignore[attr-defined]
-from support.harness import REPO, Host, PingRun, ping_all, sh, wait_for
+from support.harness import REPO, Host, PingRun, kernel_state, ping_all, sh, wait_for
 from support.wireguard import DEV, WgLab
 
 from netagent.backends.wireguard.model import WgState, public_key
@@ -177,6 +177,7 @@ def test_kill9_and_restart_under_ping_loses_nothing_and_writes_nothing(
     h1 = hosts[0]
     p1, p2 = lab.pods[0], lab.pods[1]
     before = config_text(lab, h1)
+    kernel_before = (kernel_state(h1.name), h1.run("ip", "addr", "show", "dev", DEV).stdout)
     pid_before = lab.wg_pids()
     link_before = h1.run("ip", "-o", "link", "show", DEV).stdout.split(":")[0]
     ping = PingRun(p1, p2.ip, 8, interval=0.05)
@@ -195,12 +196,15 @@ def test_kill9_and_restart_under_ping_loses_nothing_and_writes_nothing(
     tx, rx = ping.result()
     assert tx - rx == 0, f"lost {tx - rx} of {tx} pings across kill -9 + restart"
     assert config_text(lab, h1) == before
+    assert (kernel_state(h1.name), h1.run("ip", "addr", "show", "dev", DEV).stdout) == \
+        kernel_before  # address, Network route: untouched
     assert lab.wg_pids() == pid_before
     assert h1.run("ip", "-o", "link", "show", DEV).stdout.split(":")[0] == link_before
     hl = health(h1)
     assert hl["device_writes"] == 0, hl
     new_log = lab.log(h1)[log_from:]
     assert "running wireguard-go" not in new_log  # adopted, not restarted
+    assert "drift repair" not in new_log and "reconciled:" not in new_log, new_log
     assert not [ln for ln in new_log.splitlines() if ": peer " in ln], new_log
     print(f"\nkill -9 + restart under 20/s ping: {tx} sent, {tx - rx} lost; device writes 0")
 
