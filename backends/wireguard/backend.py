@@ -467,11 +467,12 @@ class WireguardBackend(Backend):
         return BackendHealth(
             ok=not dead, detail=detail,
             info={"implementation": ",".join(impls) or "none", "public_key": self.public_key,
-                  "devices": [link.spec.name for link in self.links],
-                  "listen_ports": [link.spec.port for link in self.links],
+                  "devices": ",".join(link.spec.name for link in self.links),
+                  "listen_ports": ",".join(str(link.spec.port) for link in self.links),
                   "device_writes": sum(link.client.sets for link in self.links if link.client),
                   "wireguard_go_restarts": sum(link.proc.restarts for link in self.links),
-                  "wireguard_go_pids": [link.proc.pid for link in self.links if link.proc.pid]},
+                  "wireguard_go_pids": ",".join(str(link.proc.pid) for link in self.links
+                                                if link.proc.pid) or "none"},
             gauges=tuple(gauges))
 
     def shutdown(self) -> None:
