@@ -412,3 +412,97 @@ def test_wireguard_go_adopted_by_its_socket_alone_is_watched_through_it(tmp_path
     finally:
         srv.close()
     assert not proc.alive() and "no longer answers" in proc.death
+
+
+class _LinkKernel:
+    """Just enough of the Kernel protocol for WgLink.ensure: one link by name, MTU writes."""
+
+    def __init__(self, kind: str | None) -> None:
+        from netagent.dataplane import LinkInfo
+
+        self.info = None if kind is None else LinkInfo(7, "flannel-wg", kind, "", 1420, True)
+        self.mtu_writes: list[int] = []
+        self.deleted: list[int] = []
+
+    def link(self, name: str) -> object:
+        return self.info
+
+    def set_link(self, index: int, *, mtu: int | None = None, up: bool | None = None,
+                 mac: str | None = None) -> None:
+        if mtu is not None:
+            self.mtu_writes.append(mtu)
+
+    def delete_link(self, index: int) -> None:
+        self.deleted.append(index)
+        self.info = None
+
+
+def _link_for(kernel: _LinkKernel, tmp_path: Path) -> object:
+    from netagent.backends.wireguard.backend import WgLink
+    from netagent.backends.wireguard.keys import KeySource
+
+    spec = DeviceSpec("flannel-wg", 4, 51820, 1420, IPv4Network("10.5.0.0/16"))
+    return WgLink(spec, kernel, tmp_path, KeySource(K3, tmp_path / "wgkey", "read"),  # type: ignore[arg-type]
+                  "", tmp_path)
+
+
+def test_a_kernel_device_is_adopted_as_is_with_the_wg_client(tmp_path: Path) -> None:
+    """A host taken over from flannel: its kernel ``flannel-wg`` is kept (no delete, no
+    re-create, MTU already right) and driven through ``wg`` (generic netlink)."""
+    from netagent.backends.wireguard.client import WgToolClient
+
+    k = _LinkKernel("wireguard")
+    link = _link_for(k, tmp_path)
+    assert link.ensure() is True  # type: ignore[attr-defined]
+    assert link.implementation == "kernel" and isinstance(link.client, WgToolClient)  # type: ignore[attr-defined]
+    assert link.alive() and not k.deleted and not k.mtu_writes  # type: ignore[attr-defined]
+    assert link.ensure() is False  # type: ignore[attr-defined]  same index: nothing re-created
+
+
+def test_the_kernel_module_is_preferred_when_it_creates_the_device(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from netagent.backends.wireguard import kernelio
+
+    k = _LinkKernel(None)
+    made: list[str] = []
+
+    def create(name: str) -> str:
+        made.append(name)
+        k.info = _LinkKernel("wireguard").info
+        return ""
+
+    monkeypatch.setattr(kernelio, "create_kernel_wireguard", create)
+    monkeypatch.delenv("NETAGENT_WIREGUARD_IMPLEMENTATION", raising=False)
+    link = _link_for(k, tmp_path)
+    assert link.ensure() is True and made == ["flannel-wg"]  # type: ignore[attr-defined]
+    assert link.implementation == "kernel"  # type: ignore[attr-defined]
+
+
+def test_forcing_the_kernel_module_without_it_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from netagent.backends.wireguard import kernelio
+    from netagent.backends.wireguard.backend import WireguardError
+
+    monkeypatch.setattr(kernelio, "create_kernel_wireguard",
+                        lambda name: "Error: Unknown device type.")
+    monkeypatch.setenv("NETAGENT_WIREGUARD_IMPLEMENTATION", "kernel")
+    with pytest.raises(WireguardError, match="Unknown device type.*=kernel"):
+        _link_for(_LinkKernel(None), tmp_path).ensure()  # type: ignore[attr-defined]
+
+
+def test_a_foreign_link_of_our_name_is_replaced(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """flannel does the same: a ``flannel-wg`` that is not a WireGuard device is deleted."""
+    from netagent.backends.wireguard import kernelio
+
+    k = _LinkKernel("vxlan")
+
+    def create(name: str) -> str:
+        k.info = _LinkKernel("wireguard").info
+        return ""
+
+    monkeypatch.setattr(kernelio, "create_kernel_wireguard", create)
+    monkeypatch.delenv("NETAGENT_WIREGUARD_IMPLEMENTATION", raising=False)
+    link = _link_for(k, tmp_path)
+    link.ensure()  # type: ignore[attr-defined]
+    assert k.deleted == [7] and link.implementation == "kernel"  # type: ignore[attr-defined]
