@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Operator commands; their implementations live in netagent/ctl.py."""
-    from netagent.cni.install import add_install_parser
     from netagent import ctl
+    from netagent.cni.install import add_install_parser
 
     etcd = ctl.ETCD_FLAGS
 
