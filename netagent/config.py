@@ -322,3 +322,81 @@ def parse_network_config(raw: str | bytes) -> NetworkConfig:
         enable_nftables=_bool(table, "EnableNFTables", False),
         extra=tuple(sorted(orig for low, (orig, _) in table.items() if low not in known)),
     )
+
+
+# =========================================================================== wireguard options
+# The wireguard backend's own keys (flannel's pkg/backend/wireguard): parsed here, used by
+# backends/wireguard. Kept in this one section so other backends' sections merge beside it.
+
+#: flannel's defaults
+WIREGUARD_DEFAULT_PORT = 51820
+WIREGUARD_DEFAULT_PORT_V6 = 51821
+WIREGUARD_MODES = ("separate", "auto", "ipv4", "ipv6")
+
+
+@dataclass(frozen=True)
+class WireguardOptions:
+    """``Backend`` keys of ``"Type": "wireguard"``. ``psk`` is the canonical base64 text of a
+    32-byte key ("" = none); ``mtu`` 0 = the external interface's MTU."""
+
+    listen_port: int = WIREGUARD_DEFAULT_PORT
+    listen_port_v6: int = WIREGUARD_DEFAULT_PORT_V6
+    mtu: int = 0
+    psk: str = ""
+    persistent_keepalive: int = 0
+    mode: str = "separate"
+
+
+def parse_wg_key(text: object, field_name: str) -> str:
+    """A WireGuard key (base64 of exactly 32 bytes) in canonical form; ConfigError otherwise.
+
+    Strict base64: a key with stray characters or the wrong length would otherwise be cut or
+    padded into some other key, and the tunnel would silently never come up."""
+    import base64
+    import binascii
+
+    if not isinstance(text, str):
+        raise ConfigError(field_name, f"must be a base64 WireGuard key string, got "
+                                      f"{json.dumps(text)}")
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(field_name, "is not valid base64 (make one with `wg genpsk`)") from None
+    if len(raw) != 32:
+        raise ConfigError(field_name, f"must decode to 32 bytes, got {len(raw)} "
+                                      "(make one with `wg genpsk`)")
+    return base64.b64encode(raw).decode()
+
+
+def _wg_port(table: dict[str, tuple[str, Any]], name: str, default: int) -> int:
+    if _get(table, name) is None:
+        return default
+    port = _int(table, name, "Backend.")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"Backend.{name}", f"must be between 1 and 65535, got {port}")
+    return port
+
+
+def parse_wireguard_options(table: dict[str, tuple[str, Any]]) -> WireguardOptions:
+    """flannel's keys, same defaults; ``PSK`` validated as a key; ``Mode`` one of
+    :data:`WIREGUARD_MODES` (case-insensitive, like flannel's comparison)."""
+    port = _wg_port(table, "ListenPort", WIREGUARD_DEFAULT_PORT)
+    port6 = _wg_port(table, "ListenPortV6", WIREGUARD_DEFAULT_PORT_V6)
+    keepalive = _int(table, "PersistentKeepaliveInterval", "Backend.")
+    if not 0 <= keepalive <= 65535:
+        raise ConfigError("Backend.PersistentKeepaliveInterval",
+                          f"must be between 0 and 65535 seconds, got {keepalive}")
+    raw_psk = _get(table, "PSK")
+    psk = "" if raw_psk is None or raw_psk == "" else parse_wg_key(raw_psk, "Backend.PSK")
+    raw_mode = _get(table, "Mode")
+    mode = "separate" if raw_mode is None or raw_mode == "" else raw_mode
+    if not isinstance(mode, str) or mode.lower() not in WIREGUARD_MODES:
+        raise ConfigError("Backend.Mode", f"unknown mode {json.dumps(raw_mode)} (expected one of "
+                                          f"{', '.join(WIREGUARD_MODES)})")
+    return WireguardOptions(listen_port=port, listen_port_v6=port6,
+                            mtu=_int(table, "MTU", "Backend."), psk=psk,
+                            persistent_keepalive=keepalive, mode=mode.lower())
+
+
+BACKEND_OPTIONS["wireguard"] = parse_wireguard_options
+# ======================================================================= end wireguard options
