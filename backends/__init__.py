@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "vxlan": "netagent.backends.vxlan:VxlanBackend",
     "host-gw": "netagent.backends.hostgw:HostGwBackend",
     "udp": "netagent.backends.udp:UdpBackend",
+    "bgp": "netagent.backends.bgp.backend:BgpBackend",
 }
 
 
