@@ -112,6 +112,11 @@ def cmd_docker_opts(args: argparse.Namespace) -> int:
     except FileError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from netagent.ctl import docker_masq_warning
+
+    warning = docker_masq_warning(env)
+    if warning:  # flannel's output is kept (compatibility); the user is told what it means
+        print(f"netagent docker-opts: warning: {warning}", file=sys.stderr)
     subnet = env.get("FLANNEL_SUBNET", "")
     if subnet:
         from netagent.iface import routes_via_for
@@ -180,13 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Operator commands; their implementations live in netagent/ctl.py."""
-    from cni.install import add_install_parser
     from netagent import ctl
+    from netagent.cni.install import add_install_parser
 
     etcd = ctl.ETCD_FLAGS
 
     def cmd(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-    from netagent.cni.install import add_install_parser
             example: str, help_text: str, flags: tuple[str, ...], func: object,
             json_flag: bool = True) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text,
@@ -207,7 +211,7 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     cmd(sub, "leases", "leases", "all subnet leases in etcd with their TTL (reservations "
         "marked)", etcd, ctl.cmd_leases)
     cmd(sub, "doctor", "doctor", "check this host: ip_forward, kernel modules, MTU, etcd, "
-        "conflicting routes, FORWARD policy, iptables backend",
+        "conflicting routes, FORWARD policy, iptables backend, Docker masquerade",
         (*etcd, "state-dir", "subnet-file", "iface", "iface-regex", "iface-can-reach",
          "public-ip", "public-ipv6", "ip-masq", "iptables-forward-rules"),
         ctl.cmd_doctor)

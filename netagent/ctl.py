@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -105,8 +106,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_reconcile": st.get("last_reconcile") or None, "reconciles": st.get("reconciles"),
         "drift_repairs": st.get("drift_repairs"), "kernel_entries": st.get("kernel_entries", {}),
         "masquerade": st.get("masquerade", "off"),
-        "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
         "backend_health": st.get("backend_health", {}),
+        "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
         "lease": {"key": st.get("lease_key"), "in_etcd": None, "lease_id": None, "ttl": None,
                   "reserved": None, "public_ip": None},
         "etcd": "ok",
@@ -144,8 +145,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             ["kernel entries", ", ".join(f"{k} {v}" for k, v in sorted(doc["kernel_entries"].items()))
              or "none"],
             ["masquerade", doc["masquerade"]], ["etcd", doc["etcd"]],
-        ]),
             *backend_health_rows(doc["backend_health"]),
+        ]),
         "",
         table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
               [[p["subnet"], p["public_ip"], p["backend"],
@@ -156,7 +157,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if doc["ready"] else 1
 
 
-def reach_label(peer: dict[str, Any]) -> str:
 def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
     """Status rows for the backend's own machinery: "backend health" (ok, or what is wrong),
     then one row per scalar info field; list fields (e.g. BGP sessions) get their own table."""
@@ -170,6 +170,7 @@ def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def reach_label(peer: dict[str, Any]) -> str:
     """The REACHABLE column: yes / NO / unprobed, or per family when a dual-stack peer answers
     over one family only (its overall "reachable" is true then, which would hide the other)."""
     r4, r6 = peer.get("reachable_v4"), peer.get("reachable_v6")
@@ -302,7 +303,14 @@ def cmd_config_set(args: argparse.Namespace) -> int:
             key = reg.key("config")
             reg.put(key, raw.strip())
     except RegistryError as exc:
-        err(str(exc))
+        if exc.kind == "permission":
+            s = settings(args)
+            who = f"etcd user {s.etcd_username!r}" if s.etcd_username else "this etcd user"
+            err(f"{who} may not write {key}: writing the config needs readwrite on "
+                f"{s.etcd_prefix.rstrip('/')}/ (the agents' role); a read-only user can run "
+                f"status, leases and config get. Nothing written ({exc})")
+        else:
+            err(str(exc))
         return 1
     print(f"wrote {key}: {_summary(cfg)}")
     return 0
@@ -364,6 +372,7 @@ class Check:
     ok: bool | None  # None = could not check / not applicable
     detail: str
     fix: str = ""
+    warn: bool = False  # works, but not what the user likely wants (shown as WARN, exit 0)
 
 
 def _read(path: str) -> str | None:
@@ -523,6 +532,46 @@ def check_iptables_backend() -> Check:
     return Check("iptables backend", True, out.strip() + " (legacy; works, nft is Debian's default)")
 
 
+#: what Docker does to overlay traffic when the agent does not masquerade (flannel's split of
+#: the job: `--ip-masq` on the agent gives Docker `--ip-masq=false`, mk-docker-opts.sh)
+DOCKER_MASQ_WARNING = (
+    "the agent runs without --ip-masq, so docker_opts gives Docker --ip-masq=true (flannel's "
+    "behaviour) and Docker masquerades traffic between containers on different hosts: a "
+    "container sees the peer host's overlay address, not the sending container's")
+DOCKER_MASQ_FIX = ("run the agent with --ip-masq (NETAGENT_OPTS=--ip-masq in /etc/default/netagent),"
+                   " then restart netagent and docker: docker_opts then says --ip-masq=false and "
+                   "the agent masquerades only traffic leaving the overlay")
+
+
+def docker_masq_warning(env: dict[str, str]) -> str | None:
+    """The warning `docker-opts` and `doctor` give when Docker will masquerade overlay traffic:
+    a subnet.env whose FLANNEL_IPMASQ is not "true" (absent or false both leave Docker at its
+    default, --ip-masq=true)."""
+    if not env.get("FLANNEL_SUBNET") or env.get("FLANNEL_IPMASQ") == "true":
+        return None
+    return f"{DOCKER_MASQ_WARNING}. Fix: {DOCKER_MASQ_FIX}"
+
+
+def check_docker_masq(env: dict[str, str], agent_ip_masq: bool, dockerd: str | None) -> Check:
+    if dockerd is None:
+        return Check("docker masquerade", None, "Docker is not installed")
+    if not env.get("FLANNEL_SUBNET"):
+        return Check("docker masquerade", None, "subnet.env not written yet")
+    if agent_ip_masq or env.get("FLANNEL_IPMASQ") == "true":
+        return Check("docker masquerade", True, "the agent masquerades (--ip-masq): Docker gets "
+                     "--ip-masq=false, containers keep their addresses across hosts")
+    return Check("docker masquerade", None, DOCKER_MASQ_WARNING, DOCKER_MASQ_FIX, warn=True)
+
+
+def _find_dockerd() -> str | None:
+    """dockerd is in /usr/sbin on Debian, /usr/bin with docker-ce; a non-root PATH may lack both."""
+    found = shutil.which("dockerd")
+    if found:
+        return found
+    return next((p for p in ("/usr/sbin/dockerd", "/usr/bin/dockerd") if os.access(p, os.X_OK)),
+                None)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from netagent.files import read_env_file
 
@@ -543,11 +592,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ip_masq = s.ip_masq or env.get("FLANNEL_IPMASQ") == "true"
     checks = [check_ip_forward(), check_modules(backend, ip_masq), check_mtu(s, backend, env),
               etcd_check, check_routes(network, own), check_forward_policy(s.iptables_forward_rules),
-              check_iptables_backend()]
+              check_iptables_backend(), check_docker_masq(env, ip_masq, _find_dockerd())]
     failed = [c for c in checks if c.ok is False]
     mark = {True: "ok", False: "FAIL", None: "skip"}
-    human = table(["CHECK", "RESULT", "DETAIL"], [[c.name, mark[c.ok], c.detail] for c in checks])
-    if failed:
-        human += "\n\nhow to fix:\n" + "\n".join(f"  {c.name}: {c.fix}" for c in failed)
+    human = table(["CHECK", "RESULT", "DETAIL"],
+                  [[c.name, "WARN" if c.warn else mark[c.ok], c.detail] for c in checks])
+    to_fix = [c for c in checks if c.ok is False or c.warn]
+    if to_fix:
+        human += "\n\nhow to fix:\n" + "\n".join(f"  {c.name}: {c.fix}" for c in to_fix)
     emit(args, {"ok": not failed, "checks": [asdict(c) for c in checks]}, human)
     return 1 if failed else 0

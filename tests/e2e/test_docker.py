@@ -2,36 +2,27 @@
 
 Two namespace hosts per backend, each: ``netagent run`` → ``netagent docker-opts`` (flannel's
 mk-docker-opts.sh) → ``dockerd $DOCKER_OPTS`` (Debian's docker.io, its containerd and runc, one
-daemon per host) → busybox containers (an image made here from busybox-static: no registry is
-needed) on different hosts ping each other.
-
-Each dockerd runs in its host's network namespace and a private mount namespace of its own:
-``nsenter --net`` (not ``ip netns exec``, which remounts /sys and so hides the cgroup
-hierarchies dockerd needs), then a fresh sysfs (so /sys/class/net shows the host's devices) with
-the cgroup mounts moved back on top, and a tmpfs on /run (two daemons sharing one /run break
-each other: containerd's state and shim sockets live there). Its API socket and data root are in
-the test's temporary directory; everything is named for this run and stopped by PID.
+daemon per host, see tests/support/docker.py for how it gets a host of its own) → busybox
+containers (an image made here from busybox-static: no registry is needed) on different hosts
+ping each other, on vxlan (the agent without --ip-masq: Docker masquerades, as with flannel)
+and on host-gw (the agent with --ip-masq: Docker does not).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shlex
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
 
 import pytest
-from support.harness import REPO, RUN_ID, Host, Lab, need, need_root, sh, wait_for
+from support.docker import Dockerd, busybox_tar, docker_opts, docker_unavailable
+from support.harness import RUN_ID, Host, Lab, need, need_root, sh, wait_for
 
 from netagent.files import read_env_file
 
@@ -39,110 +30,13 @@ pytestmark = pytest.mark.privileged
 
 PREFIX = "/coreos.com/network"
 NETWORK = "172.20.0.0/16"
-IMAGE = f"na{RUN_ID}-busybox:latest"
-
-# run inside the new mount namespace: $1 a scratch dir, the rest the dockerd command line
-MOUNTS = (
-    'cg="$1/cgroup"; shift; mkdir -p "$cg"; '
-    'mount --rbind /sys/fs/cgroup "$cg"; mount -t sysfs sysfs /sys; '
-    'mount --move "$cg" /sys/fs/cgroup; mount -t tmpfs tmpfs /run; exec "$@"'
-)
 
 
-def need_docker() -> str:
-    """The docker client; skips (fails in CI) without docker.io or a static busybox."""
+def need_docker() -> None:
+    """Skips without Docker (fails in CI, like every privileged prerequisite)."""
     need_root()
-    docker = shutil.which("docker")
-    need(shutil.which("dockerd") is not None and docker is not None,
-         "needs Docker (apt-get install docker.io)")
-    need(Path("/bin/busybox").exists()
-         and sh("ldd", "/bin/busybox", check=False).returncode != 0,
-         "needs a static busybox for the test image (apt-get install busybox-static)")
-    assert docker is not None
-    return docker
-
-
-@dataclass
-class Dockerd:
-    """One dockerd for one namespace host, started by PID with the host's docker_opts."""
-
-    host: Host
-    root: Path
-    opts: list[str]
-    docker: str
-    proc: subprocess.Popen[bytes] | None = None
-    containers: list[str] = field(default_factory=list)
-
-    @property
-    def sock(self) -> Path:
-        return self.root / "docker.sock"
-
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        cmd = ["nsenter", f"--net=/run/netns/{self.host.name}",
-               "unshare", "--mount", "--propagation", "private",
-               "sh", "-ec", MOUNTS, "sh", str(self.root),
-               "dockerd", "--data-root", str(self.root / "data"), "--exec-root", "/run/docker",
-               "--pidfile", "/run/docker.pid", "-H", f"unix://{self.sock}",
-               "--storage-driver", "overlay2", *self.opts]
-        log = open(self.root / "dockerd.log", "ab")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        def up() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dockerd on {self.host.name} exited: {self.log()[-3000:]}")
-            return self.cli("version", check=False).returncode == 0
-
-        wait_for(up, timeout=40, interval=0.2, what=f"dockerd on {self.host.name}")
-
-    def log(self) -> str:
-        return (self.root / "dockerd.log").read_text(errors="replace")
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return sh(self.docker, "-H", f"unix://{self.sock}", *args, check=check, timeout=timeout)
-
-    def run_container(self, name: str) -> str:
-        self.cli("run", "-d", "--init", "--name", name, IMAGE, "sleep", "3600")
-        self.containers.append(name)
-        return name
-
-    def inspect(self, name: str, fmt: str) -> str:
-        return self.cli("inspect", "-f", fmt, name).stdout.strip()
-
-    def stop(self) -> None:
-        """Containers first (by name), then the daemon by PID; a daemon that will not stop is
-        killed, and so is any container process it left behind."""
-        if self.proc is None:
-            return
-        pids = []
-        if self.proc.poll() is None:
-            for name in self.containers:
-                proc = self.cli("inspect", "-f", "{{.State.Pid}}", name, check=False)
-                if proc.returncode == 0 and proc.stdout.strip() not in ("", "0"):
-                    pids.append(int(proc.stdout.strip()))
-            if self.containers:
-                self.cli("rm", "-f", *self.containers, check=False)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Stop the daemon only (containers stop with it, as with `systemctl restart docker`)
-        and start it again with the same options."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        self.start()
-        self.wait_ready()
+    why = docker_unavailable()
+    need(why is None, why or "")
 
 
 @dataclass
@@ -170,33 +64,9 @@ class DockerLab:
         return sh("nsenter", "-t", str(self.pid(i)), "-n", *cmd, check=check)
 
 
-def busybox_tar(tmp: Path) -> Path:
-    """A one-binary root file system: busybox-static and a link per applet."""
-    rootfs = tmp / "busybox-rootfs"
-    (rootfs / "bin").mkdir(parents=True)
-    shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
-    applets = sh("/bin/busybox", "--list").stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (rootfs / "bin" / applet).symlink_to("busybox")
-    tar = tmp / "busybox.tar"
-    sh("tar", "-C", str(rootfs), "-cf", str(tar), ".")
-    return tar
-
-
-def docker_opts(lab: Lab, host: Host) -> tuple[list[str], str]:
-    """`netagent docker-opts` on the host, as netagent.service's ExecStartPost runs it: the
-    dockerd arguments from DOCKER_OPTS, and what the command printed on stderr."""
-    out = host.subnet_file.parent / "docker_opts.env"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = sh("ip", "netns", "exec", host.name, sys.executable, "-m", "netagent", "docker-opts",
-              "-f", str(host.subnet_file), "-d", str(out), env=env)
-    return shlex.split(read_env_file(out)["DOCKER_OPTS"]), proc.stderr
-
-
 @contextlib.contextmanager
 def docker_lab(tmp: Path, tag: str, backend: str, *agent_args: str) -> Iterator[DockerLab]:
-    docker = need_docker()
+    need_docker()
     lab = Lab(tmp, tag=tag)
     daemons: list[Dockerd] = []
     try:
@@ -205,16 +75,19 @@ def docker_lab(tmp: Path, tag: str, backend: str, *agent_args: str) -> Iterator[
         hosts = lab.start_hosts(config, 2, *agent_args)
         warnings = []
         for h in hosts:
-            opts, stderr = docker_opts(lab, h)
+            opts, stderr = docker_opts(h)
             warnings.append(stderr)
-            daemons.append(Dockerd(h, tmp / f"{h.name}-docker", opts, docker))
+            daemons.append(Dockerd(h, tmp / f"{h.name}-docker", opts))
         for d in daemons:
+            # a fresh Debian host: forwarding off until Docker turns it on, and with it sets
+            # FORWARD's policy to DROP (only netagent's FLANNEL-FWD lets overlay traffic through)
+            d.host.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
             d.start()
         tar = busybox_tar(tmp)
         containers = []
         for d in daemons:
             d.wait_ready()
-            d.cli("import", str(tar), IMAGE)
+            d.import_image(tar)
             containers.append(d.run_container(f"na{RUN_ID}{tag}-c{d.host.index}"))
         yield DockerLab(lab, hosts, agent_args, daemons, containers, warnings)
     finally:
