@@ -104,3 +104,115 @@ def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
     # only the host whose peer sorts below it dials: each pair has exactly one passive side
     conf = (hosts[0].state_dir / "bird.conf").read_text()
     assert conf.count("passive on;") == 2, conf  # h1 has the lowest IP: passive to both
+
+
+class Tor:
+    """A top-of-rack BIRD in the router namespace: AS 65000 on the router's loopback address,
+    accepting any host of the lab's 10.x.0.0/16 (dynamic BGP, `neighbor range`), installing
+    what it learns into the router's kernel. Started and stopped by PID."""
+
+    def __init__(self, router: Router, tmp: Path, hold: int = 3) -> None:
+        self.router = router
+        self.dir = tmp / f"tor-{RUN_ID}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.socket = str(self.dir / "bird.ctl")
+        second = router.ip.split(".")[1]
+        conf = f"""
+router id {router.loopback};
+protocol device {{ scan time 10; }}
+protocol direct {{ ipv4; interface "eth0", "eth1"; }}
+protocol kernel {{
+  ipv4 {{ import none; export filter {{ if source = RTS_BGP then accept; reject; }}; }};
+}}
+protocol bgp hosts {{
+  local {router.loopback} as {TOR_AS};
+  neighbor range 10.{second}.0.0/16 as 64512;
+  multihop 2;
+  hold time {hold};
+  ipv4 {{ import all; export none; }};
+}}
+"""
+        (self.dir / "bird.conf").write_text(conf)
+        self.log = open(self.dir / "bird.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", router.ns, "bird", "-f", "-c", str(self.dir / "bird.conf"),
+             "-s", self.socket, "-P", str(self.dir / "bird.pid")],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.birdc("show", "status").returncode == 0, 10,
+                 what="the ToR BIRD's control socket")
+
+    def birdc(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        return sh("birdc", "-s", self.socket, *cmd, ns=self.router.ns, check=False)
+
+    def routes(self) -> dict[IPv4Network, str]:
+        out = sh("ip", "-4", "route", "show", "proto", "bird", ns=self.router.ns).stdout
+        return {IPv4Network(ln.split()[0]): ln for ln in out.splitlines() if ln}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture
+def routed(lab: Lab, tmp_path: Path) -> Iterator[tuple[Router, Tor]]:
+    router = lab.add_router()
+    tor = Tor(router, tmp_path)
+    try:
+        yield router, tor
+    finally:
+        tor.stop()
+
+
+def test_two_segments_hostgw_cannot_bgp_can_and_tor_learns_every_subnet(
+        lab: Lab, routed: tuple[Router, Tor]) -> None:
+    """Hosts on two L2 segments joined by a router: host-gw cannot route between them (the
+    peer is not on the link; the agent says so); a live switch to bgp with the router's ToR
+    BIRD as a global peer makes every pod reach every other, the ToR learns every pod subnet
+    and the router itself reaches a pod (a packet from the data centre's side)."""
+    router, tor = routed
+    assert lab.etcd is not None
+    lab.etcd.put(f"{PREFIX}/config", json.dumps({"Network": NETWORK,
+                                                 "Backend": {"Type": "host-gw"}}))
+    hosts = [lab.add_host(), lab.add_host(), lab.add_host(segment=router.segment)]
+    for h in hosts[:2]:  # the first segment's hosts use the router too (not etcd's namespace)
+        h.run("ip", "route", "replace", "default", "via", router.ip)
+    for h in hosts:
+        lab.start_agent(h, "--repair-interval", "2")
+    for h in hosts:
+        wait_for(lambda h=h: h.subnet_file.exists(), 30, what=f"{h.name} subnet.env")
+        wait_for(lambda h=h: h.status().get("peers") == 2, 20, what=f"{h.name} peers")
+    pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
+    ping_all(pods[:2])  # same segment: host-gw works
+    far = hosts[2]
+    skipped = wait_for(lambda: hosts[0].status().get("skipped_peers", {}), 10,
+                       what="h1 reporting the peer it cannot reach")
+    assert "not directly reachable" in skipped.get(str(far.subnet()), ""), skipped
+    assert not pods[0].ping(pods[2].ip, count=2), "host-gw must not reach the other segment"
+    assert not pods[2].ping(pods[0].ip, count=1)
+
+    peers = [{"IP": router.loopback, "ASNumber": TOR_AS, "Multihop": 2}]
+    lab.etcd.put(f"{PREFIX}/config", bgp_config(Peers=peers))
+    # every host: 2 mesh sessions + the ToR
+    wait_for(lambda: all(established(h, 3) for h in hosts), 30,
+             what="mesh and ToR sessions Established on every host")
+    ping_all(pods, timeout=20)
+    near_route = bird_routes(hosts[0])[far.subnet()]
+    assert f"via {router.ip} dev eth0" in near_route, near_route  # resolved through the router
+    assert f"via {router.segment.gateway} dev eth0" in bird_routes(far)[hosts[0].subnet()]
+    learned = wait_for(lambda: len(tor.routes()) == 3 and tor.routes(), 15,
+                       what="the ToR learning the three pod subnets")
+    for h in hosts:
+        assert f"via {h.ip} " in learned[h.subnet()], learned
+    assert sorted(learned) == sorted(h.subnet() for h in hosts)
+    # from the data centre's side: the router itself reaches a pod on each segment
+    for pod in (pods[0], pods[2]):
+        assert sh("ping", "-c", "2", "-W", "1", "-i", "0.2", pod.ip, ns=router.ns,
+                  check=False).returncode == 0, f"router -> {pod.ip}"
+    tor_session = [s for s in sessions(hosts[2]) if s["name"].startswith("Global_")]
+    assert tor_session and tor_session[0]["routes_received"] == 0, tor_session  # export none
