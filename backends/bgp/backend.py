@@ -179,7 +179,7 @@ class BgpBackend(Backend):
         running = self.bird.answering()
         if running and text == self._loaded:
             return
-        if text == self._rejected:
+        if text == self._rejected and not full:  # a full sync (repair timer) checks again
             raise BirdError(self._problem or "bird.conf was rejected")
         try:
             self.bird.write_checked(text)
@@ -190,6 +190,9 @@ class BgpBackend(Backend):
             raise BirdError(f"new bird.conf rejected (old one stays in force): {exc}") from None
         self._rejected = None
         if running:
+            if self._loaded is None:
+                log.info("bgp: adopting the BIRD already running on %s (pid %s); its sessions "
+                         "and routes stay", self.bird.socket, self.bird.pid())
             reply = self.bird.reload()
             log.info("bgp: BIRD reloaded bird.conf (%s)", reply)
         else:

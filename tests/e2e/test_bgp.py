@@ -8,6 +8,7 @@ a namespace by PID before deleting it); the ToR BIRD is started and stopped by P
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -216,3 +217,79 @@ def test_two_segments_hostgw_cannot_bgp_can_and_tor_learns_every_subnet(
                   check=False).returncode == 0, f"router -> {pod.ip}"
     tor_session = [s for s in sessions(hosts[2]) if s["name"].startswith("Global_")]
     assert tor_session and tor_session[0]["routes_received"] == 0, tor_session  # export none
+
+
+def route_gone_everywhere(hosts: list[Host], subnet: IPv4Network) -> bool:
+    return all(subnet not in bird_routes(h) for h in hosts)
+
+
+def test_lease_delete_and_host_down_withdraw_routes_within_hold_time(lab: Lab) -> None:
+    """A decommissioned host (agent stopped, lease deleted) is dropped from every peer's
+    BIRD config at once; a host that goes silent (its link cut, as a power loss looks from
+    the network) loses its sessions and its routes on every peer within HoldTime (3 s)."""
+    hold = FAST["HoldTime"]
+    hosts, _pods = start_bgp(lab, 3)
+    h1, h2, h3 = hosts
+    # decommission h2: stop its agent (BIRD keeps running, as any agent stop keeps the
+    # kernel state), delete its lease: h1 and h3 remove the session and the route
+    lab.stop_agent(h2)
+    s2 = h2.subnet()
+    assert s2 in bird_routes(h1), "an agent stop alone must not withdraw anything"
+    lab.etcd.ctl("del", f"{PREFIX}/subnets/{s2.network_address}-{s2.prefixlen}")  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    wait_for(lambda: route_gone_everywhere([h1, h3], s2), hold, interval=0.1,
+             what=f"{s2} withdrawn from h1 and h3 after its lease was deleted")
+    lease_delete_s = time.monotonic() - t0
+    wait_for(lambda: all(h2.ip not in (s["peer"] for s in sessions(h)) for h in (h1, h3)), 5,
+             what="h2's session gone from h1's and h3's status")
+    # h3 goes silent: cut its underlay link (no FIN, no RST: only the hold timer can tell)
+    s3 = h3.subnet()
+    assert s3 in bird_routes(h1)
+    sh("ip", "link", "set", f"ulp{h3.index}", "down", ns=lab.ul)
+    t0 = time.monotonic()
+    wait_for(lambda: s3 not in bird_routes(h1), hold + 1.5, interval=0.1,
+             what=f"{s3} withdrawn from h1 within the hold time")
+    host_down_s = time.monotonic() - t0
+    assert host_down_s <= hold + 1.5
+    print(f"\nwithdrawal: lease delete {lease_delete_s:.2f} s, host down {host_down_s:.2f} s "
+          f"(HoldTime {hold} s)")
+
+
+def test_agent_kill9_and_restart_under_ping_loses_nothing(lab: Lab) -> None:
+    """SIGKILL of the agent leaves BIRD (its own session, not the agent's child any more)
+    routing; the restarted agent adopts it by its control socket: no session drops, a 20/s
+    ping across hosts loses nothing. Then BIRD itself is SIGKILLed: the agent starts a new
+    one in graceful-restart recovery, peers keep the routes meanwhile (graceful restart),
+    and the ping still loses nothing."""
+    hosts, pods = start_bgp(lab, 2)
+    h2 = hosts[1]
+    ping_all(pods)
+    bird_pid = int((h2.state_dir / "bird.pid").read_text().split()[0])
+    run = PingRun(pods[0], pods[1].ip, seconds=8, interval=0.05)
+    try:
+        time.sleep(1.5)
+        lab.stop_agent(h2, signal.SIGKILL)
+        time.sleep(1.0)
+        lab.start_agent(h2, "--repair-interval", "2")
+        wait_for(lambda: "adopting the BIRD already running" in lab.log(h2), 20,
+                 what="the restarted agent adopting BIRD")
+        sent, got = run.result()
+    finally:
+        run.stop()
+    assert int((h2.state_dir / "bird.pid").read_text().split()[0]) == bird_pid
+    assert sent >= 150 and got == sent, f"lost {sent - got} of {sent} across the kill -9"
+    wait_for(lambda: established(h2, 1), 10, what="h2's session after the restart")
+    print(f"\nagent kill -9 + restart: {got}/{sent} received at 20/s")
+    # now BIRD itself dies; the agent's repair timer (2 s) starts another one
+    run = PingRun(pods[0], pods[1].ip, seconds=10, interval=0.05)
+    try:
+        time.sleep(1.0)
+        os.kill(bird_pid, signal.SIGKILL)
+        wait_for(lambda: "graceful-restart recovery" in lab.log(h2), 10,
+                 what="a new BIRD in graceful-restart recovery")
+        sent, got = run.result()
+    finally:
+        run.stop()
+    wait_for(lambda: established(h2, 1), 15, what="h2's session with the new BIRD")
+    print(f"BIRD kill -9 (agent restarts it): {got}/{sent} received at 20/s")
+    assert got == sent, f"lost {sent - got} of {sent} across BIRD's kill -9"
