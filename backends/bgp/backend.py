@@ -163,6 +163,10 @@ class BgpBackend(Backend):
         except BirdError as exc:
             problem = str(exc)
             report.failed = 1
+        if problem and problem != self._problem:
+            log.error("bgp: %s", problem)  # once per distinct problem, not every repair cycle
+        elif self._problem and not problem:
+            log.info("bgp: BIRD has the wanted bird.conf in force again")
         with self._lock:
             self._problem = problem
             if problem:
@@ -185,9 +189,8 @@ class BgpBackend(Backend):
             self.bird.write_checked(text)
         except BirdError as exc:
             self._rejected = text
-            log.error("bgp: bird.conf not updated, BIRD refused the new file (the previous one "
-                      "stays in force): %s", exc)
-            raise BirdError(f"new bird.conf rejected (old one stays in force): {exc}") from None
+            raise BirdError("new bird.conf rejected, BIRD refused the new file (the previous "
+                            f"one stays in force): {exc}") from None
         self._rejected = None
         if running:
             if self._loaded is None:
@@ -195,6 +198,9 @@ class BgpBackend(Backend):
                          "and routes stay", self.bird.socket, self.bird.pid())
             reply = self.bird.reload()
             log.info("bgp: BIRD reloaded bird.conf (%s)", reply)
+        elif self.bird.external:
+            raise BirdError(f"no BIRD answers on {self.bird.socket} (Backend.BIRDSocket: "
+                            "netagent does not start that one)")
         else:
             if self._loaded is not None or self.bird.pid() is not None:
                 log.error("bgp: BIRD is not answering on %s; starting it again", self.bird.socket)
@@ -203,8 +209,7 @@ class BgpBackend(Backend):
             try:
                 self.bird.start(recovery=leftovers)
             except BirdError as exc:
-                log.error("bgp: cannot start BIRD: %s", exc)
-                raise
+                raise BirdError(f"cannot start BIRD: {exc}") from None
         self._loaded = text
 
     # ------------------------------------------------------------------ health

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.harness import RUN_ID, Host, Lab, PingRun, Router, ping_all, sh, wait_for
+from support.harness import REPO, RUN_ID, Host, Lab, PingRun, Router, ping_all, sh, wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
@@ -347,3 +348,91 @@ def test_live_switch_vxlan_bgp_vxlan_under_ping(lab: Lab) -> None:
         assert "Traceback" not in lab.log(h)
     # the loss is bounded by the sessions' set-up (bgp) and one sync (vxlan): well under 5 s
     assert all(lost <= 100 for _, lost, _, _ in losses), losses
+
+
+def _fake_bird(tmp: Path) -> tuple[dict[str, str], Path]:
+    """A `bird` first in PATH that behaves as the real one, except that while `refuse` exists
+    it rejects every file it is asked to check (`bird -p`), as a BIRD that cannot parse what it
+    is given would: the failure path is the agent's, the BIRD running is real."""
+    fake = tmp / f"fakebin-{RUN_ID}"
+    fake.mkdir()
+    refuse = tmp / f"refuse-{RUN_ID}"
+    real = subprocess.run(["which", "bird"], capture_output=True, text=True).stdout.strip()
+    script = fake / "bird"
+    script.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = "-p" ] && [ -e {refuse} ]; then
+    echo "bird: syntax error, refused for the test" >&2
+    exit 1
+  fi
+done
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return {"PATH": f"{fake}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}, refuse
+
+
+def test_bad_input_malformed_peer_and_refused_file_change_nothing(lab: Lab,
+                                                                   tmp_path: Path) -> None:
+    """A malformed peer is refused naming the field (CLI validate, and live: the running
+    config stays); a file BIRD refuses is reported (status, log, not ready) while the old
+    file stays in force and traffic flows; a BIRDSocket nobody answers on is reported too."""
+    assert lab.etcd is not None
+    env, refuse = _fake_bird(tmp_path)
+    lab.etcd.put(f"{PREFIX}/config", bgp_config())
+    hosts = [lab.add_host(), lab.add_host()]
+    for h in hosts:
+        lab.start_agent(h, "--repair-interval", "2", env=env)
+    for h in hosts:
+        wait_for(lambda h=h: h.subnet_file.exists(), 30, what=f"{h.name} subnet.env")
+    wait_for(lambda: all(established(h, 1) for h in hosts), 30, what="sessions up")
+    pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
+    ping_all(pods)
+    h1 = hosts[0]
+    conf_before = (h1.state_dir / "bird.conf").read_text()
+
+    # 1. malformed peer: the CLI names the field; etcd's copy is refused live, nothing changes
+    bad = bgp_config(Peers=[{"IP": "10.9.9.9", "ASNumber": 65000}, {"IP": "10.9.9.300",
+                                                                     "ASNumber": 65001}])
+    proc = subprocess.run([sys.executable, "-m", "netagent", "config", "validate", "-"],
+                          input=bad, capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 1 and "Backend.Peers[1].IP" in proc.stderr, proc.stderr
+    lab.etcd.put(f"{PREFIX}/config", bad)
+    wait_for(lambda: "Backend.Peers[1].IP" in h1.status().get("config_error", ""), 10,
+             what="the rejected config in status")
+    assert (h1.state_dir / "bird.conf").read_text() == conf_before
+    assert established(h1, 1) and pods[0].ping(pods[1].ip)
+
+    # 2. BIRD refuses the new file: reported, old file stays in force, traffic flows
+    refuse.touch()
+    lab.etcd.put(f"{PREFIX}/config", bgp_config(HoldTime=6))
+    st = wait_for(lambda: not h1.status().get("backend_health", {}).get("ok", True)
+                  and h1.status(), 10, what="h1 reporting the refused file")
+    assert "rejected" in st["backend_health"]["detail"], st["backend_health"]
+    assert "refused for the test" in st["backend_health"]["detail"]
+    wait_for(lambda: h1.status().get("ready") is False, 5, what="h1 not ready")
+    assert "BIRD refused the new file" in lab.log(h1)
+    assert (h1.state_dir / "bird.conf").read_text() == conf_before  # old file in force
+    assert "hold time 6;" in (h1.state_dir / "bird.conf.candidate").read_text()
+    assert pods[0].ping(pods[1].ip, count=3), "traffic must keep flowing on the old file"
+    out = sh("birdc", "-s", str(h1.state_dir / "bird.ctl"), "show", "protocols", ns=h1.name)
+    assert "Established" in out.stdout, out.stdout
+    # the check passes again: the next full sync (repair timer) loads it, ready again
+    refuse.unlink()
+    wait_for(lambda: h1.status().get("ready") is True, 15, what="h1 ready again")
+    assert "hold time 6;" in (h1.state_dir / "bird.conf").read_text()
+    wait_for(lambda: established(h1, 1), 15, what="the session (restarted by BIRD for the "
+             "new hold time) up again")
+
+    # 3. a BIRDSocket no BIRD answers on: reported (the agent never starts that one)
+    nobody = f"/run/netagent-test-{RUN_ID}-nobird.ctl"
+    lab.etcd.put(f"{PREFIX}/config", bgp_config(HoldTime=6, BIRDSocket=nobody))
+    st = wait_for(lambda: "no BIRD answers" in h1.status().get("backend_health", {})
+                  .get("detail", "") and h1.status(), 15, what="h1 reporting no BIRD")
+    wait_for(lambda: h1.status().get("ready") is False, 5, what="h1 not ready")
+    # the BIRD running was left alone (the HoldTime change above restarted its session)
+    wait_for(lambda: pods[0].ping(pods[1].ip), 15, what="pods still reaching each other")
+    for h in hosts:
+        assert h.agent is not None and h.agent.poll() is None, lab.log(h)
+        assert "Traceback" not in lab.log(h)
