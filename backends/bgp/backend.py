@@ -40,7 +40,8 @@ log = logging.getLogger("netagent.bgp")
 POLL_INTERVAL = 1.0
 
 
-def health_from_protocols(rows: list[BirdProtocol], problem: str = "") -> BackendHealth:
+def health_from_protocols(rows: list[BirdProtocol], problem: str = "", socket: str = ""
+                          ) -> BackendHealth:
     """What status, /readyz and /metrics show: one session per BGP protocol. BIRD answering
     with a config in force is healthy even with sessions down (a lone host has none; a peer
     being down is the peer's problem, shown per session)."""
@@ -60,8 +61,8 @@ def health_from_protocols(rows: list[BirdProtocol], problem: str = "") -> Backen
         gauges.append(BackendGauge("bgp_routes_received", "Routes accepted from the BGP peer",
                                    float(p.routes_imported), labels))
     up = sum(1 for s in sessions if s["state"] == "Established")
-    info: dict[str, Any] = {"bird": "running", "bgp_sessions_up": f"{up}/{len(sessions)}",
-                            "sessions": sessions}
+    info: dict[str, Any] = {"bird": "running", "bird_socket": socket,
+                            "bgp_sessions_up": f"{up}/{len(sessions)}", "sessions": sessions}
     if problem:
         return BackendHealth(ok=False, detail=problem, info=info, gauges=tuple(gauges))
     return BackendHealth(ok=True, detail="", info=info, gauges=tuple(gauges))
@@ -229,10 +230,11 @@ class BgpBackend(Backend):
             text = birdc(self.bird.socket, "show", "protocols", "all", timeout=3.0)
             rows = parse_show_protocols(text)
             with self._lock:
-                self._health = health_from_protocols(rows, self._problem)
+                self._health = health_from_protocols(rows, self._problem, self.bird.socket)
         except BirdError as exc:
             with self._lock:
                 self._health = BackendHealth(
                     ok=False, detail=f"BIRD not answering on {self.bird.socket}: {exc}",
-                    info={"bird": "not running", "bgp_sessions_up": "0/0", "sessions": []})
+                    info={"bird": "not running", "bird_socket": self.bird.socket,
+                          "bgp_sessions_up": "0/0", "sessions": []})
 

@@ -70,12 +70,32 @@ def tunnels(host: Host) -> list[str]:
             or ln["ifname"].startswith("flannel")]
 
 
-def start_bgp(lab: Lab, n: int, **backend: Any) -> tuple[list[Host], list[Any]]:
-    hosts = lab.start_hosts(bgp_config(**backend), n, "--repair-interval", "2")
+def start_bgp(lab: Lab, n: int, *args: str, **backend: Any) -> tuple[list[Host], list[Any]]:
+    hosts = lab.start_hosts(bgp_config(**backend), n, "--repair-interval", "2", *args)
     wait_for(lambda: all(established(h, n - 1) for h in hosts), 30,
              what="every host's mesh sessions Established")
     pods = [lab.add_pod(h, bridge=f"nb{RUN_ID}") for h in hosts]
     return hosts, pods
+
+
+HTTP = ("--healthz-port", "9106", "--metrics-port", "9105", "--healthz-ip", "127.0.0.1")
+
+
+def http_get(host: Host, port: int, path: str) -> tuple[int, str]:
+    """GET from inside the host namespace (the agent listens on its 127.0.0.1)."""
+    code = ("import urllib.request, urllib.error\n"
+            f"u = 'http://127.0.0.1:{port}{path}'\n"
+            "try:\n"
+            "    r = urllib.request.urlopen(u, timeout=3); print(r.status); print(r.read().decode())\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code); print(e.read().decode())\n")
+    status, _, body = sh(sys.executable, "-c", code, ns=host.name).stdout.partition("\n")
+    return int(status), body
+
+
+def netagent(host: Host, *args: str) -> subprocess.CompletedProcess[str]:
+    return sh(sys.executable, "-m", "netagent", *args, ns=host.name, check=False, timeout=60,
+              env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
 # --------------------------------------------------------------------------- tests
@@ -84,7 +104,7 @@ def start_bgp(lab: Lab, n: int, **backend: Any) -> tuple[list[Host], list[Any]]:
 def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
     """The core promise: pods on three hosts reach each other through routes BIRD learned
     by BGP (proto bird, via the peer's address on eth0), with no tunnel device anywhere."""
-    hosts, pods = start_bgp(lab, 3)
+    hosts, pods = start_bgp(lab, 3, *HTTP)
     ping_all(pods)
     for h in hosts:
         routes = bird_routes(h)
@@ -106,6 +126,24 @@ def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
     # only the host whose peer sorts below it dials: each pair has exactly one passive side
     conf = (hosts[0].state_dir / "bird.conf").read_text()
     assert conf.count("passive on;") == 2, conf  # h1 has the lowest IP: passive to both
+    # operators' views: status sessions table, /metrics gauges, /readyz, doctor
+    h1 = hosts[0]
+    wait_for(lambda: http_get(h1, 9106, "/readyz")[0] == 200, 10, what="h1 /readyz 200")
+    metrics = http_get(h1, 9105, "/metrics")[1]
+    for peer in hosts[1:]:
+        assert re.search(rf'netagent_bgp_session_up{{[^}}]*peer="{re.escape(peer.ip)}"[^}}]*}} 1\.0',
+                         metrics), metrics
+        assert re.search(rf'netagent_bgp_routes_received{{[^}}]*peer="{re.escape(peer.ip)}"'
+                         r'[^}]*} 1\.0', metrics)
+    out = netagent(h1, "status", "--state-dir", str(h1.state_dir),
+                   "--etcd-endpoints", lab.etcd.endpoint).stdout  # type: ignore[union-attr]
+    assert "BGP PEER" in out and out.count("Established") >= 2, out
+    doctor = netagent(h1, "doctor", "--json", "--state-dir", str(h1.state_dir),
+                      "--subnet-file", str(h1.subnet_file), "--iface", "eth0",
+                      "--etcd-endpoints", lab.etcd.endpoint)  # type: ignore[union-attr]
+    bird_check = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "bird"]
+    assert bird_check and bird_check[0]["ok"] is True, doctor.stdout
+    assert "sessions up: 2/2" in bird_check[0]["detail"], bird_check
 
 
 class Tor:
