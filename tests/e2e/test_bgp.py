@@ -138,6 +138,7 @@ def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
     out = netagent(h1, "status", "--state-dir", str(h1.state_dir),
                    "--etcd-endpoints", lab.etcd.endpoint).stdout  # type: ignore[union-attr]
     assert "BGP PEER" in out and out.count("Established") >= 2, out
+    print("\n" + out)
     doctor = netagent(h1, "doctor", "--json", "--state-dir", str(h1.state_dir),
                       "--subnet-file", str(h1.subnet_file), "--iface", "eth0",
                       "--etcd-endpoints", lab.etcd.endpoint)  # type: ignore[union-attr]
