@@ -515,8 +515,10 @@ def check_etcd(args: argparse.Namespace) -> tuple[Check, Any]:
     return Check("etcd", True, f"reachable in {ms:.0f} ms, network {cfg.network}"), cfg
 
 
-def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
-    """Routes into the overlay that netagent did not make (another agent, a manual route)."""
+def check_routes(network: IPv4Network | None, own: IPv4Network | None,
+                 backend: str | None = None) -> Check:
+    """Routes into the overlay that netagent did not make (another agent, a manual route).
+    With the bgp backend, BIRD's routes (proto bird, 12) are the backend's own."""
     if network is None:
         return Check("conflicting routes", None, "network unknown (etcd unreachable)")
     from netagent.dataplane import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
@@ -526,8 +528,9 @@ def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
         routes = kernel.dump_routes(RT_TABLE_MAIN)
     finally:
         kernel.close()
+    ours = {RTPROT_NETAGENT, 12} if backend == "bgp" else {RTPROT_NETAGENT}
     bad = [r for r in routes if isinstance(r.dst, IPv4Network) and r.dst.subnet_of(network)
-           and r.proto != RTPROT_NETAGENT and not (own is not None and r.dst.subnet_of(own))]
+           and r.proto not in ours and not (own is not None and r.dst.subnet_of(own))]
     if not bad:
         return Check("conflicting routes", True, f"no foreign routes inside {network}")
     desc = "; ".join(f"{r.dst} via {r.gateway or '-'} proto {r.proto}" for r in bad[:5])
@@ -642,7 +645,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     ip_masq = s.ip_masq or env.get("FLANNEL_IPMASQ") == "true"
     checks = [check_ip_forward(), check_modules(backend, ip_masq), check_mtu(s, backend, env),
               check_bird(backend, st, Path(s.state_dir)),
-              etcd_check, check_routes(network, own), check_forward_policy(s.iptables_forward_rules),
+              etcd_check, check_routes(network, own, backend), check_forward_policy(s.iptables_forward_rules),
               check_iptables_backend(), check_docker_masq(env, ip_masq, _find_dockerd())]
     failed = [c for c in checks if c.ok is False]
     mark = {True: "ok", False: "FAIL", None: "skip"}

@@ -7,9 +7,11 @@ Calico's shape (confd's bird.cfg.template) in BIRD 2 syntax:
 * one ``protocol bgp Mesh_<ip>`` per other host holding a ``bgp`` lease (its PublicIP is the
   neighbour) and one ``Global_<ip>`` per configured peer; the mesh side whose peer's IP sorts
   above ours is ``passive`` so only one side dials;
-* imports and the kernel export accept only subnets strictly inside the Network, never our own,
-  so a peer (or a ToR) can never make us route the whole Network, a default route or our own
-  pods elsewhere; kernel routes carry BIRD's proto (12) and netagent's sweep never sees them;
+* imports and the kernel export accept only subnets strictly inside the Network, never our own
+  from a peer, so a peer (or a ToR) can never make us route the whole Network, a default route
+  or our own pods elsewhere; our own subnet goes to the kernel only as the blackhole (metric
+  32, under cni0's connected route), as Calico does; kernel routes carry BIRD's proto (12) and
+  netagent's sweep never sees them;
 * ``graceful restart`` everywhere, so a BIRD restart keeps peers forwarding to us.
 
 Nothing here does I/O: the same inputs give byte-identical text, which is how the backend
@@ -181,8 +183,12 @@ filter netagent_export {{
   reject;
 }}
 
+# learned subnets of other hosts, and (as Calico) a blackhole for our own subnet: cni0's
+# connected route (metric 0) wins over it, but a packet for an unused address of our subnet
+# is dropped here instead of bouncing between us and a router until its TTL runs out
 filter netagent_kernel_out {{
   if source = RTS_BGP && net ~ {inside} && net != NETAGENT_OWN then accept;
+  if proto = "netagent_own" && net = NETAGENT_OWN then accept;
   reject;
 }}
 

@@ -111,6 +111,9 @@ def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
         for peer in hosts:
             if peer is h:
                 assert peer.subnet() not in routes, "our own subnet must never come from BGP"
+                # Calico's blackhole for the own subnet, under cni0's connected route
+                assert f"blackhole {h.subnet()} metric 32" in h.run(
+                    "ip", "route", "show", "proto", "bird").stdout
                 continue
             line = routes.get(peer.subnet(), "")
             assert f"via {peer.ip} dev eth0" in line, (h.name, routes)
@@ -142,8 +145,11 @@ def test_three_hosts_mesh_ping_matrix_proto_bird_no_tunnel(lab: Lab) -> None:
     doctor = netagent(h1, "doctor", "--json", "--state-dir", str(h1.state_dir),
                       "--subnet-file", str(h1.subnet_file), "--iface", "eth0",
                       "--etcd-endpoints", lab.etcd.endpoint)  # type: ignore[union-attr]
-    bird_check = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "bird"]
-    assert bird_check and bird_check[0]["ok"] is True, doctor.stdout
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    bird_check = [checks["bird"]]
+    assert bird_check[0]["ok"] is True, doctor.stdout
+    # BIRD's proto-bird routes are the backend's own, not "conflicting routes"
+    assert checks["conflicting routes"]["ok"] is True, checks["conflicting routes"]
     assert "sessions up: 2/2" in bird_check[0]["detail"], bird_check
 
 
