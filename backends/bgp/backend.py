@@ -29,7 +29,12 @@ from netagent.backends.base import (
 )
 from netagent.backends.bgp.birdc import BirdError, BirdProtocol, birdc, parse_show_protocols
 from netagent.backends.bgp.kernelroutes import bird_routes, remove_bird_routes
-from netagent.backends.bgp.render import BirdConfig, lease_backend_data, render_bird_conf
+from netagent.backends.bgp.render import (
+    BirdConfig,
+    lease_backend_data,
+    render_bird_conf,
+    render_idle_conf,
+)
 from netagent.backends.bgp.supervisor import BirdSupervisor
 from netagent.config import BgpOptions, NetworkConfig
 from netagent.lease import Lease, PeerId
@@ -125,17 +130,11 @@ class BgpBackend(Backend):
         self.shutdown()
         network = self.config.network
         if self.bird.external:
-            if network is not None and self.own is not None and self.own.subnet is not None:
-                empty = render_bird_conf(
-                    BgpOptions(as_number=self.opts.as_number, peers=(), node_mesh=False),
-                    network=network, own_subnet=self.own.subnet,
-                    router_id=self.host.public_ip, source=self.host.iface_addr,
-                    iface=self.host.iface, peers={})
-                try:
-                    self.bird.write_checked(empty.text)
-                    self.bird.reload()
-                except BirdError as exc:
-                    log.error("bgp teardown: cannot reconfigure the external BIRD: %s", exc)
+            try:
+                self.bird.write_checked(render_idle_conf(self.host.public_ip))
+                self.bird.reload()
+            except BirdError as exc:
+                log.error("bgp teardown: cannot reconfigure the external BIRD: %s", exc)
         elif self.bird.stop():
             log.info("stopped BIRD (the network no longer uses bgp)")
         if network is not None:

@@ -145,6 +145,14 @@ def _neighbor_block(n: BgpNeighbor, opts: BgpOptions, source: IPv4Address) -> st
     return "\n".join(lines)
 
 
+def render_idle_conf(router_id: IPv4Address) -> str:
+    """A file with no netagent protocol at all: loaded into an external BIRD (BIRDSocket) when
+    the network switches away from bgp, so it closes our sessions and, its kernel protocol
+    gone, removes the routes it installed."""
+    return (f"# netagent: the network no longer uses the bgp backend\nrouter id {router_id};\n"
+            "protocol device {\n}\n")
+
+
 def render_bird_conf(
     opts: BgpOptions,
     *,
@@ -169,6 +177,9 @@ def render_bird_conf(
 # Rewritten and reloaded on every change: edits here are lost.
 log stderr {{ info, remote, warning, error, auth, fatal, bug }};
 router id {router_id};
+# a BIRD started in graceful-restart recovery (-R, after a crash) keeps the kernel routes at
+# most this long while waiting for its peers
+graceful restart wait {opts.graceful_restart_time};
 
 # our own subnet and the subnets BIRD may put into the kernel: strictly inside {network}
 define NETAGENT_OWN = {own_subnet};

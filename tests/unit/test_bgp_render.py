@@ -209,3 +209,28 @@ def test_ipv6_with_bgp_is_refused_before_anything_runs() -> None:
     assert "IPv4 only" in unsupported(parse_network_config(json.dumps(doc)))
     assert unsupported(parse_network_config(json.dumps(
         {"Network": str(NET), "Backend": {"Type": "bgp"}}))) == ""
+
+
+@pytest.mark.skipif(shutil.which("bird") is None, reason="needs BIRD 2 (bird -p)")
+def test_idle_file_for_an_external_bird_passes_bird_p(tmp_path: Path) -> None:
+    from netagent.backends.bgp.render import render_idle_conf
+
+    path = tmp_path / "idle.conf"
+    path.write_text(render_idle_conf(ME))
+    proc = subprocess.run(["bird", "-p", "-c", str(path)], capture_output=True, text=True,
+                          timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert "protocol bgp" not in path.read_text() and "protocol kernel" not in path.read_text()
+
+
+def test_control_socket_path_fits_a_unix_socket() -> None:
+    """A long state dir (sun_path holds 107 bytes) moves the socket under /run/netagent, to a
+    name derived from the state dir: the same after a restart, different per state dir."""
+    from netagent.backends.bgp.supervisor import default_socket
+
+    short = default_socket(Path("/var/lib/netagent"))
+    assert short == "/var/lib/netagent/bird.ctl"
+    deep = Path("/tmp/" + "d" * 120)
+    a, b = default_socket(deep), default_socket(deep / "x")
+    assert a.startswith("/run/netagent/bird-") and len(a.encode()) <= 107
+    assert a == default_socket(deep) and a != b
