@@ -28,7 +28,7 @@ from netagent.backends.base import (
     SyncReport,
 )
 from netagent.backends.bgp.birdc import BirdError, BirdProtocol, birdc, parse_show_protocols
-from netagent.backends.bgp.kernelroutes import bird_routes, remove_bird_routes
+from netagent.backends.bgp.kernelroutes import KernelRouteError, bird_routes, remove_bird_routes
 from netagent.backends.bgp.render import (
     BirdConfig,
     lease_backend_data,
@@ -138,7 +138,11 @@ class BgpBackend(Backend):
         elif self.bird.stop():
             log.info("stopped BIRD (the network no longer uses bgp)")
         if network is not None:
-            gone = remove_bird_routes(network)
+            try:
+                gone = remove_bird_routes(network)
+            except KernelRouteError as exc:
+                log.error("bgp teardown: cannot remove BIRD's leftover routes: %s", exc)
+                return
             if gone:
                 log.info("removed %d proto-bird routes BIRD left behind", gone)
 
@@ -205,7 +209,12 @@ class BgpBackend(Backend):
             if self._loaded is not None or self.bird.pid() is not None:
                 log.error("bgp: BIRD is not answering on %s; starting it again", self.bird.socket)
             network = self.config.network
-            leftovers = bool(network is not None and bird_routes(network))
+            try:
+                leftovers = bool(network is not None and bird_routes(network))
+            except KernelRouteError as exc:
+                log.warning("bgp: cannot read the kernel's proto-bird routes (%s); starting "
+                            "BIRD without graceful-restart recovery", exc)
+                leftovers = False
             try:
                 self.bird.start(recovery=leftovers)
             except BirdError as exc:
