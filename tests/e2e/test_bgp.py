@@ -339,6 +339,19 @@ def test_agent_kill9_and_restart_under_ping_loses_nothing(lab: Lab) -> None:
     wait_for(lambda: established(h2, 1), 15, what="h2's session with the new BIRD")
     print(f"BIRD kill -9 (agent restarts it): {got}/{sent} received at 20/s")
     assert got == sent, f"lost {sent - got} of {sent} across BIRD's kill -9"
+    # an adopted BIRD (not the agent's child) is still the one a switch away from bgp stops,
+    # found by its pidfile whose process runs our bird.conf
+    lab.stop_agent(h2, signal.SIGKILL)
+    lab.start_agent(h2, "--repair-interval", "2")
+    wait_for(lambda: lab.log(h2).count("adopting the BIRD already running") == 2, 20,
+             what="the second adoption")
+    assert bird_pids(h2)
+    lab.etcd.put(f"{PREFIX}/config",  # type: ignore[union-attr]
+                 json.dumps({"Network": NETWORK, "Backend": {"Type": "vxlan"}}))
+    wait_for(lambda: not bird_pids(h2) and not bird_routes(h2)
+             and "blackhole" not in h2.run("ip", "route").stdout, 20,
+             what="the adopted BIRD stopped and its routes gone")
+    ping_all(pods)
 
 
 def bird_pids(host: Host) -> list[int]:
