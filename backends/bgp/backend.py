@@ -241,8 +241,10 @@ class BgpBackend(Backend):
                 self._health = health_from_protocols(rows, self._problem, self.bird.socket)
         except BirdError as exc:
             with self._lock:
+                # the main loop's reason (start failed, no BIRD on BIRDSocket) says more
                 self._health = BackendHealth(
-                    ok=False, detail=f"BIRD not answering on {self.bird.socket}: {exc}",
+                    ok=False,
+                    detail=self._problem or f"BIRD not answering on {self.bird.socket}: {exc}",
                     info={"bird": "not running", "bird_socket": self.bird.socket,
                           "bgp_sessions_up": "0/0", "sessions": []})
 

@@ -234,3 +234,38 @@ def test_control_socket_path_fits_a_unix_socket() -> None:
     a, b = default_socket(deep), default_socket(deep / "x")
     assert a.startswith("/run/netagent/bird-") and len(a.encode()) <= 107
     assert a == default_socket(deep) and a != b
+
+
+# --------------------------------------------------------------------------- backend glue
+
+
+@pytest.mark.skipif(shutil.which("bird") is None or shutil.which("birdc") is None,
+                    reason="needs BIRD 2 (bird -p, birdc)")
+def test_silent_external_bird_is_reported_and_the_checked_file_kept(tmp_path: Path) -> None:
+    """No root and no BIRD running: with BIRDSocket naming a socket nobody serves, sync writes
+    the checked file, reports the failure (failed=1, health not ok naming the socket) and
+    never starts a BIRD; the poller thread (reads only) says the same and stops on shutdown."""
+    from netagent.backends.base import HostFacts
+    from netagent.backends.bgp.backend import BgpBackend
+
+    sock = str(tmp_path / "nobody.ctl")
+    doc = {"Network": str(NET), "Backend": {"Type": "bgp", "BIRDSocket": sock}}
+    config = parse_network_config(json.dumps(doc))
+    host = HostFacts(iface="eth0", iface_index=2, iface_mtu=1500, iface_addr=ME, public_ip=ME,
+                     state_dir=tmp_path / "state")
+    backend = BgpBackend(config, host)
+    contribution = backend.prepare()
+    assert (contribution.backend_type, contribution.backend_data, contribution.mtu) == (
+        "bgp", '{"ASNumber":64512}', 1500)
+    backend.activate(Lease(OWN, LeaseAttrs(ME, backend_type="bgp")))
+    try:
+        report = backend.sync(peers(lease("10.1.1.0/24", "10.0.0.10")), None)
+        assert report.failed == 1 and report.entries == {"bgp_peer": 1}
+        health = backend.health()
+        assert not health.ok and f"no BIRD answers on {sock}" in health.detail
+        conf = (tmp_path / "state" / "bird.conf").read_text()
+        assert "Mesh_10_0_0_10" in conf  # bird -p accepted it; it waits for that BIRD
+        assert not Path(sock).exists()
+    finally:
+        backend.shutdown()
+    assert backend._poller is None
