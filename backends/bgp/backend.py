@@ -98,12 +98,15 @@ class BgpBackend(Backend):
         if not self.config.enable_ipv4 or self.config.enable_ipv6:
             raise RuntimeError("bgp: IPv4 only for now (EnableIPv6 / IPv6-only networks are not "
                                "supported by the bgp backend yet)")
-        if not self.opts.bird_socket and shutil.which("bird") is None:
+        if shutil.which("bird") is None or shutil.which("birdc") is None:
+            # also with BIRDSocket: every file is checked with the local `bird -p` first
             raise RuntimeError("bgp: BIRD 2 is not installed (apt-get install bird2)")
         if self.host.public_ip != self.host.iface_addr:
             raise RuntimeError(
                 f"bgp: PublicIP {self.host.public_ip} differs from the interface address "
                 f"{self.host.iface_addr}; peers would dial an address BIRD does not listen on")
+        if self.own is not None:  # prepared again after a failed switch: poll again
+            self._start_poller()
         return LeaseContribution(backend_type="bgp", backend_data=lease_backend_data(self.opts),
                                  mtu=self.config.backend.mtu or self.host.iface_mtu)
 
@@ -112,7 +115,11 @@ class BgpBackend(Backend):
 
     def activate(self, own: Lease) -> None:
         self.own = own
+        self._start_poller()
+
+    def _start_poller(self) -> None:
         if self._poller is None:
+            self._stop.clear()
             self._poller = threading.Thread(target=self._poll, name="bgp-health", daemon=True)
             self._poller.start()
 

@@ -269,3 +269,9 @@ def test_silent_external_bird_is_reported_and_the_checked_file_kept(tmp_path: Pa
     finally:
         backend.shutdown()
     assert backend._poller is None
+    # a failed live switch prepares the old instance again: it polls again
+    backend.prepare()
+    try:
+        assert backend._poller is not None and backend._poller.is_alive()
+    finally:
+        backend.shutdown()
