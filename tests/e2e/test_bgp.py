@@ -413,10 +413,12 @@ def test_live_switch_vxlan_bgp_vxlan_under_ping(lab: Lab) -> None:
 def _fake_bird(tmp: Path) -> tuple[dict[str, str], Path]:
     """A `bird` first in PATH that behaves as the real one, except that while `refuse` exists
     it rejects every file it is asked to check (`bird -p`), as a BIRD that cannot parse what it
-    is given would: the failure path is the agent's, the BIRD running is real."""
+    is given would, and while `refuse.start` exists it exits at start: the failure paths are
+    the agent's, the BIRD running is real."""
     fake = tmp / f"fakebin-{RUN_ID}"
     fake.mkdir()
     refuse = tmp / f"refuse-{RUN_ID}"
+    nostart = tmp / f"refuse-{RUN_ID}.start"
     real = subprocess.run(["which", "bird"], capture_output=True, text=True).stdout.strip()
     script = fake / "bird"
     script.write_text(f"""#!/bin/sh
@@ -426,6 +428,10 @@ for a in "$@"; do
     exit 1
   fi
 done
+if [ -e {nostart} ] && [ "$1" != "-p" ]; then
+  echo "bird: cannot start, refused for the test" >&2
+  exit 1
+fi
 exec {real} "$@"
 """)
     script.chmod(0o755)
@@ -436,7 +442,8 @@ def test_bad_input_malformed_peer_and_refused_file_change_nothing(lab: Lab,
                                                                    tmp_path: Path) -> None:
     """A malformed peer is refused naming the field (CLI validate, and live: the running
     config stays); a file BIRD refuses is reported (status, log, not ready) while the old
-    file stays in force and traffic flows; a BIRDSocket nobody answers on is reported too."""
+    file stays in force and traffic flows; a BIRD that dies and cannot start again is reported
+    while its routes keep serving; a BIRDSocket nobody answers on is reported too."""
     assert lab.etcd is not None
     env, refuse = _fake_bird(tmp_path)
     lab.etcd.put(f"{PREFIX}/config", bgp_config())
@@ -484,6 +491,22 @@ def test_bad_input_malformed_peer_and_refused_file_change_nothing(lab: Lab,
     assert "hold time 6;" in (h1.state_dir / "bird.conf").read_text()
     wait_for(lambda: established(h1, 1), 15, what="the session (restarted by BIRD for the "
              "new hold time) up again")
+
+    # 2b. BIRD dies and cannot be started again: reported; the kernel keeps its routes and the
+    # peer keeps ours (graceful restart), so traffic flows; once it can start, it is back
+    nostart = refuse.with_name(refuse.name + ".start")
+    nostart.touch()
+    os.kill(int((h1.state_dir / "bird.pid").read_text().split()[0]), signal.SIGKILL)
+    st = wait_for(lambda: "cannot start BIRD" in h1.status().get("backend_health", {})
+                  .get("detail", "") and h1.status(), 15, what="h1 reporting BIRD's failed start")
+    assert "cannot start, refused for the test" in st["backend_health"]["detail"]
+    wait_for(lambda: h1.status().get("ready") is False, 5, what="h1 not ready")
+    assert "cannot start BIRD" in lab.log(h1)
+    assert pods[0].ping(pods[1].ip, count=3), "routes kept while BIRD is down"
+    nostart.unlink()
+    wait_for(lambda: h1.status().get("ready") is True, 15, what="h1 ready with a new BIRD")
+    assert "graceful-restart recovery" in lab.log(h1)
+    wait_for(lambda: established(h1, 1), 15, what="the new BIRD's session")
 
     # 3. a BIRDSocket no BIRD answers on: reported (the agent never starts that one)
     nobody = f"/run/netagent-test-{RUN_ID}-nobird.ctl"
