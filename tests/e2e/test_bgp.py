@@ -410,6 +410,14 @@ def test_live_switch_vxlan_bgp_vxlan_under_ping(lab: Lab) -> None:
     assert all(lost <= 100 for _, lost, _, _ in losses), losses
 
 
+def bird_says_established(host: Host) -> bool:
+    """From BIRD itself (birdc on the host's socket), not from status.json."""
+    sock = host.status().get("backend_health", {}).get("bird_socket") or str(
+        host.state_dir / "bird.ctl")
+    out = sh("birdc", "-s", sock, "show", "protocols", ns=host.name, check=False).stdout
+    return "Established" in out
+
+
 def _fake_bird(tmp: Path) -> tuple[dict[str, str], Path]:
     """A `bird` first in PATH that behaves as the real one, except that while `refuse` exists
     it rejects every file it is asked to check (`bird -p`), as a BIRD that cannot parse what it
@@ -495,6 +503,13 @@ def test_bad_input_malformed_peer_and_refused_file_change_nothing(lab: Lab,
     # 2b. BIRD dies and cannot be started again: reported; the kernel keeps its routes and the
     # peer keeps ours (graceful restart), so traffic flows; once it can start, it is back
     nostart = refuse.with_name(refuse.name + ".start")
+    # the HoldTime change restarted the session: graceful restart covers an established one
+    # only, so wait for BIRD itself (status.json may predate the restart) and for the routes
+    wait_for(lambda: all(bird_says_established(h) for h in hosts)
+             and hosts[0].subnet() in bird_routes(hosts[1])
+             and hosts[1].subnet() in bird_routes(hosts[0]), 20,
+             what="both BIRDs Established again, routes in both kernels")
+    time.sleep(1.5)  # End-of-RIB exchanged: the peer's graceful-restart state is complete
     nostart.touch()
     os.kill(int((h1.state_dir / "bird.pid").read_text().split()[0]), signal.SIGKILL)
     st = wait_for(lambda: "cannot start BIRD" in h1.status().get("backend_health", {})
