@@ -267,6 +267,26 @@ def test_two_segments_hostgw_cannot_bgp_can_and_tor_learns_every_subnet(
     assert tor_session and tor_session[0]["routes_received"] == 0, tor_session  # export none
 
 
+def bird_socket(host: Host) -> str:
+    """The agent's control socket for its BIRD (the state dir's, or /run/netagent/... when
+    that path is too long: the same rule the agent uses)."""
+    from netagent.backends.bgp.supervisor import default_socket
+
+    return default_socket(host.state_dir)
+
+
+def bird_since(host: Host, protocol: str) -> str:
+    """When BIRD's protocol last changed state ("" unless Established): unchanged across a
+    reload means the session was not dropped."""
+    out = sh("birdc", "-s", bird_socket(host), "show", "protocols", protocol,
+             ns=host.name, check=False).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == protocol and "Established" in line:
+            return parts[4]
+    return ""
+
+
 def route_gone_everywhere(hosts: list[Host], subnet: IPv4Network) -> bool:
     return all(subnet not in bird_routes(h) for h in hosts)
 
@@ -283,6 +303,7 @@ def test_lease_delete_and_host_down_withdraw_routes_within_hold_time(lab: Lab) -
     lab.stop_agent(h2)
     s2 = h2.subnet()
     assert s2 in bird_routes(h1), "an agent stop alone must not withdraw anything"
+    since_before = bird_since(h1, "Mesh_" + h3.ip.replace(".", "_"))
     lab.etcd.ctl("del", f"{PREFIX}/subnets/{s2.network_address}-{s2.prefixlen}")  # type: ignore[union-attr]
     t0 = time.monotonic()
     wait_for(lambda: route_gone_everywhere([h1, h3], s2), hold, interval=0.1,
@@ -290,6 +311,10 @@ def test_lease_delete_and_host_down_withdraw_routes_within_hold_time(lab: Lab) -
     lease_delete_s = time.monotonic() - t0
     wait_for(lambda: all(h2.ip not in (s["peer"] for s in sessions(h)) for h in (h1, h3)), 5,
              what="h2's session gone from h1's and h3's status")
+    # the reload (`birdc configure`) removed one session and left the other one alone
+    assert "removing protocol mesh_" + h2.ip.replace(".", "_") in (
+        h1.state_dir / "bird.log").read_text().lower()
+    assert bird_since(h1, "Mesh_" + h3.ip.replace(".", "_")) == since_before != ""
     # h3 goes silent: cut its underlay link (no FIN, no RST: only the hold timer can tell)
     s3 = h3.subnet()
     assert s3 in bird_routes(h1)
@@ -412,9 +437,8 @@ def test_live_switch_vxlan_bgp_vxlan_under_ping(lab: Lab) -> None:
 
 def bird_says_established(host: Host) -> bool:
     """From BIRD itself (birdc on the host's socket), not from status.json."""
-    sock = host.status().get("backend_health", {}).get("bird_socket") or str(
-        host.state_dir / "bird.ctl")
-    out = sh("birdc", "-s", sock, "show", "protocols", ns=host.name, check=False).stdout
+    out = sh("birdc", "-s", bird_socket(host), "show", "protocols", ns=host.name,
+             check=False).stdout
     return "Established" in out
 
 
@@ -491,7 +515,7 @@ def test_bad_input_malformed_peer_and_refused_file_change_nothing(lab: Lab,
     assert (h1.state_dir / "bird.conf").read_text() == conf_before  # old file in force
     assert "hold time 6;" in (h1.state_dir / "bird.conf.candidate").read_text()
     assert pods[0].ping(pods[1].ip, count=3), "traffic must keep flowing on the old file"
-    out = sh("birdc", "-s", str(h1.state_dir / "bird.ctl"), "show", "protocols", ns=h1.name)
+    out = sh("birdc", "-s", bird_socket(h1), "show", "protocols", ns=h1.name)
     assert "Established" in out.stdout, out.stdout
     # the check passes again: the next full sync (repair timer) loads it, ready again
     refuse.unlink()
