@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "host-gw": "netagent.backends.hostgw:HostGwBackend",
     "udp": "netagent.backends.udp:UdpBackend",
     "wireguard": "netagent.backends.wireguard.backend:WireguardBackend",
+    "bgp": "netagent.backends.bgp.backend:BgpBackend",
 }
 
 

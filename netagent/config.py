@@ -400,3 +400,167 @@ def parse_wireguard_options(table: dict[str, tuple[str, Any]]) -> WireguardOptio
 
 BACKEND_OPTIONS["wireguard"] = parse_wireguard_options
 # ======================================================================= end wireguard options
+
+
+# =========================================================================== bgp backend options
+# `"Backend": {"Type": "bgp", "ASNumber": 64512, "Peers": [{"IP": ..., "ASNumber": ...}],
+# "NodeMesh": true, ...}`: parsed here (pure), used by backends/bgp. Names are flannel-cased
+# (the public interface); the extra keys are what Calico users know from BGPConfiguration and
+# BGPPeer (asNumber, nodeToNodeMeshEnabled, password, maxRestartTime, keepalive/hold timers).
+
+#: Calico's and kube-router's default private AS for the node mesh
+BGP_DEFAULT_ASN = 64512
+#: per-peer keys we know; anything else in a Peers entry is refused (a typo such as "Pasword"
+#: would otherwise silently leave a session without its password)
+_BGP_PEER_KEYS = ("ip", "asnumber", "password", "port", "multihop", "passive")
+
+
+@dataclass(frozen=True)
+class BgpPeerConfig:
+    """One global peer (a ToR router, a route reflector) every host peers with."""
+
+    ip: IPv4Address
+    as_number: int
+    password: str = ""
+    #: TCP port of the peer (179)
+    port: int = 179
+    #: 0: the peer is on a directly connected network (eBGP's default); else the TTL for a
+    #: peer some hops away
+    multihop: int = 0
+    #: wait for the peer to connect (never dial it)
+    passive: bool = False
+
+
+@dataclass(frozen=True)
+class BgpOptions:
+    as_number: int = BGP_DEFAULT_ASN
+    peers: tuple[BgpPeerConfig, ...] = ()
+    node_mesh: bool = True
+    #: BGP hold time (s): a silent peer's session drops, and its routes go, after this long.
+    #: Keepalives every HoldTime/3. RFC 4271: 0 or at least 3; we refuse 0 (no liveness at all).
+    hold_time: int = 90
+    #: seconds a restarting peer's routes are kept (BGP graceful restart, Calico's
+    #: maxRestartTime), so an agent or BIRD restart does not interrupt traffic
+    graceful_restart_time: int = 120
+    #: seconds between attempts to (re)connect to a peer that is down
+    connect_retry_time: int = 5
+    #: password (TCP MD5) for the node mesh sessions (Calico's nodeMeshPassword)
+    password: str = ""
+    #: use a BIRD that is already running on this control socket (netagent then only writes
+    #: its config and reloads it) instead of starting one as the agent's child
+    bird_socket: str = ""
+
+
+def _asn(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(where, f"must be an AS number (a whole number), got {json.dumps(value)}")
+    if not 1 <= value <= 4294967295 or value == 23456:
+        raise ConfigError(where, f"must be between 1 and 4294967295 (not 23456, AS_TRANS), "
+                                 f"got {value}")
+    return value
+
+
+def _bounded(table: dict[str, tuple[str, Any]], name: str, default: int, low: int, high: int,
+             where: str) -> int:
+    if name.lower() not in table or _get(table, name) is None:
+        return default
+    value = _int(table, name, where)
+    if not low <= value <= high:
+        raise ConfigError(f"{where}{name}", f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _password(table: dict[str, tuple[str, Any]], where: str) -> str:
+    value = _get(table, "Password", "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}Password", f"must be a string, got {json.dumps(value)}")
+    if len(value) > 80 or any(ord(c) < 32 or c in '"\\' for c in value):
+        # TCP MD5 keys are at most 80 bytes; quotes/backslashes/control characters would have
+        # to be escaped into bird.conf, so they are refused rather than mangled
+        raise ConfigError(f"{where}Password", "must be at most 80 printable characters, without "
+                                              "quotes or backslashes")
+    return value
+
+
+def _bgp_peer(raw: Any, where: str) -> BgpPeerConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"must be a JSON object like {{\"IP\": \"10.0.0.254\", "
+                                 f"\"ASNumber\": 65000}}, got {json.dumps(raw)}")
+    table = _lower_keys(raw, where)
+    unknown = sorted(orig for low, (orig, _) in table.items() if low not in _BGP_PEER_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key (known: IP, ASNumber, "
+                                                    "Password, Port, Multihop, Passive)")
+    ip_raw = _get(table, "IP")
+    if not isinstance(ip_raw, str) or not ip_raw:
+        raise ConfigError(f"{where}.IP", f"missing or not a string: the peer's IPv4 address, "
+                                         f"got {json.dumps(ip_raw)}")
+    try:
+        ip = IPv4Address(ip_raw)
+    except ValueError:
+        raise ConfigError(f"{where}.IP", f"{ip_raw!r} is not an IPv4 address") from None
+    if ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip == IPv4Address(
+            "255.255.255.255"):
+        raise ConfigError(f"{where}.IP", f"{ip} cannot be a BGP peer")
+    if "asnumber" not in table:
+        raise ConfigError(f"{where}.ASNumber", "missing: the peer's AS number")
+    multihop_raw = _get(table, "Multihop", False)
+    if multihop_raw is True:
+        multihop = 64  # BIRD's own default TTL for `multihop` without a number
+    elif multihop_raw is False or multihop_raw is None:
+        multihop = 0
+    else:
+        multihop = _bounded(table, "Multihop", 0, 1, 255, f"{where}.")
+    return BgpPeerConfig(
+        ip=ip,
+        as_number=_asn(_get(table, "ASNumber"), f"{where}.ASNumber"),
+        password=_password(table, f"{where}."),
+        port=_bounded(table, "Port", 179, 1, 65535, f"{where}."),
+        multihop=multihop,
+        passive=_bool(table, "Passive", False, f"{where}."),
+    )
+
+
+def parse_bgp_options(table: dict[str, tuple[str, Any]]) -> BgpOptions:
+    """The bgp backend's keys from the (lower-cased) Backend table."""
+    asn = _asn(_get(table, "ASNumber", BGP_DEFAULT_ASN), "Backend.ASNumber")
+    peers_raw = _get(table, "Peers", [])
+    if peers_raw is None:
+        peers_raw = []
+    if not isinstance(peers_raw, list):
+        raise ConfigError("Backend.Peers", f"must be a list of peers, got {json.dumps(peers_raw)}")
+    peers = tuple(_bgp_peer(p, f"Backend.Peers[{i}]") for i, p in enumerate(peers_raw))
+    seen: dict[IPv4Address, int] = {}
+    for i, peer in enumerate(peers):
+        if peer.ip in seen:
+            raise ConfigError(f"Backend.Peers[{i}].IP",
+                              f"{peer.ip} is already Backend.Peers[{seen[peer.ip]}]")
+        seen[peer.ip] = i
+    node_mesh = _bool(table, "NodeMesh", True, "Backend.")
+    if not node_mesh and not peers:
+        raise ConfigError("Backend.NodeMesh", "false with no Peers: no host would learn any "
+                                              "other host's subnet")
+    socket_raw = _get(table, "BIRDSocket", "")
+    if socket_raw is None:
+        socket_raw = ""
+    if not isinstance(socket_raw, str) or (socket_raw and not socket_raw.startswith("/")):
+        raise ConfigError("Backend.BIRDSocket", f"must be an absolute path, got "
+                                                f"{json.dumps(socket_raw)}")
+    if len(socket_raw.encode()) > 107:
+        raise ConfigError("Backend.BIRDSocket", "longer than a unix socket path can be (107)")
+    return BgpOptions(
+        as_number=asn,
+        peers=peers,
+        node_mesh=node_mesh,
+        hold_time=_bounded(table, "HoldTime", 90, 3, 65535, "Backend."),
+        graceful_restart_time=_bounded(table, "GracefulRestartTime", 120, 1, 4095, "Backend."),
+        connect_retry_time=_bounded(table, "ConnectRetryTime", 5, 1, 65535, "Backend."),
+        password=_password(table, "Backend."),
+        bird_socket=socket_raw,
+    )
+
+
+BACKEND_OPTIONS["bgp"] = parse_bgp_options
+# ======================================================================= end bgp backend options

@@ -147,6 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             ["masquerade", doc["masquerade"]], ["etcd", doc["etcd"]],
             *backend_health_rows(doc["backend_health"]),
         ]),
+        *bgp_session_lines(doc["backend_health"]),
         "",
         table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
               [[p["subnet"], p["public_ip"], p["backend"],
@@ -155,6 +156,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     emit(args, doc, "\n".join(lines))
     return 0 if doc["ready"] else 1
+
+
+def bgp_session_lines(health: dict[str, Any]) -> list[str]:
+    """The bgp backend's sessions (from BIRD's `show protocols all`) as their own table."""
+    sessions = health.get("sessions")
+    if not isinstance(sessions, list) or not sessions:
+        return []
+    return ["", table(["BGP PEER", "SESSION", "STATE", "ROUTES RECEIVED", "SINCE", "LAST ERROR"],
+                      [[s.get("peer"), s.get("name"), s.get("state"), s.get("routes_received"),
+                        s.get("since"), s.get("last_error") or ""]
+                       for s in sessions if isinstance(s, dict)])]
 
 
 def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
@@ -393,6 +405,44 @@ def check_ip_forward() -> Check:
                  "/etc/sysctl.d/90-netagent.conf")
 
 
+def check_bird(backend: str | None, status: dict[str, Any], state_dir: Path) -> Check:
+    """BIRD 2 installed (always reported) and, for the bgp backend, answering on the control
+    socket the agent uses (from status.json, else the one derived from the state dir)."""
+    import shutil
+    import subprocess
+
+    from netagent.backends.bgp.birdc import BirdError, birdc
+    from netagent.backends.bgp.supervisor import default_socket
+
+    install = "apt-get install bird2"
+    if shutil.which("bird") is None or shutil.which("birdc") is None:
+        if backend == "bgp":
+            return Check("bird", False, "BIRD 2 (bird, birdc) is not installed; the bgp backend "
+                         "needs it", install)
+        return Check("bird", None, f"not installed (only the bgp backend needs it; backend "
+                     f"{backend or '?'})")
+    try:
+        version = subprocess.run(["bird", "--version"], capture_output=True, text=True,
+                                 timeout=5).stderr.strip() or "bird"
+    except (OSError, subprocess.TimeoutExpired):
+        version = "bird"
+    if not version.startswith("BIRD version 2"):
+        return Check("bird", False if backend == "bgp" else None,
+                     f"{version}: the bgp backend needs BIRD 2", install)
+    if backend != "bgp":
+        return Check("bird", True, f"{version} installed (not used: backend {backend or '?'})")
+    health = status.get("backend_health") or {}
+    socket = str(health.get("bird_socket") or default_socket(state_dir))
+    try:
+        birdc(socket, "show", "status", timeout=3.0)
+    except BirdError as exc:
+        return Check("bird", False, f"{version}, but no BIRD answers on {socket}: {exc}",
+                     f"see {state_dir}/bird.log and the agent's log; the agent starts BIRD "
+                     "again on its next repair cycle")
+    up = health.get("bgp_sessions_up", "?")
+    return Check("bird", True, f"{version} running on {socket}; BGP sessions up: {up}")
+
+
 def check_modules(backend: str | None, ip_masq: bool) -> Check:
     """Loaded or built-in modules show up under /sys/module."""
     want = {"vxlan": ["vxlan"], "udp": ["tun"]}.get(backend or "", [])
@@ -465,8 +515,10 @@ def check_etcd(args: argparse.Namespace) -> tuple[Check, Any]:
     return Check("etcd", True, f"reachable in {ms:.0f} ms, network {cfg.network}"), cfg
 
 
-def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
-    """Routes into the overlay that netagent did not make (another agent, a manual route)."""
+def check_routes(network: IPv4Network | None, own: IPv4Network | None,
+                 backend: str | None = None) -> Check:
+    """Routes into the overlay that netagent did not make (another agent, a manual route).
+    With the bgp backend, BIRD's routes (proto bird, 12) are the backend's own."""
     if network is None:
         return Check("conflicting routes", None, "network unknown (etcd unreachable)")
     from netagent.dataplane import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
@@ -476,8 +528,9 @@ def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
         routes = kernel.dump_routes(RT_TABLE_MAIN)
     finally:
         kernel.close()
+    ours = {RTPROT_NETAGENT, 12} if backend == "bgp" else {RTPROT_NETAGENT}
     bad = [r for r in routes if isinstance(r.dst, IPv4Network) and r.dst.subnet_of(network)
-           and r.proto != RTPROT_NETAGENT and not (own is not None and r.dst.subnet_of(own))]
+           and r.proto not in ours and not (own is not None and r.dst.subnet_of(own))]
     if not bad:
         return Check("conflicting routes", True, f"no foreign routes inside {network}")
     desc = "; ".join(f"{r.dst} via {r.gateway or '-'} proto {r.proto}" for r in bad[:5])
@@ -591,7 +644,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     own = IPv4Interface(env["FLANNEL_SUBNET"]).network if env.get("FLANNEL_SUBNET") else None
     ip_masq = s.ip_masq or env.get("FLANNEL_IPMASQ") == "true"
     checks = [check_ip_forward(), check_modules(backend, ip_masq), check_mtu(s, backend, env),
-              etcd_check, check_routes(network, own), check_forward_policy(s.iptables_forward_rules),
+              check_bird(backend, st, Path(s.state_dir)),
+              etcd_check, check_routes(network, own, backend), check_forward_policy(s.iptables_forward_rules),
               check_iptables_backend(), check_docker_masq(env, ip_masq, _find_dockerd())]
     failed = [c for c in checks if c.ok is False]
     mark = {True: "ok", False: "FAIL", None: "skip"}

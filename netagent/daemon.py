@@ -72,6 +72,8 @@ def unsupported(config: NetworkConfig) -> str:
     if config.enable_ipv6 and config.backend.type == "udp":
         return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw with "
                 "EnableIPv6, or turn EnableIPv6 off")
+    if config.backend.type == "bgp" and (config.enable_ipv6 or not config.enable_ipv4):
+        return "Backend.Type: bgp carries IPv4 only for now; turn EnableIPv6 off"
     return ""
 
 

@@ -267,6 +267,25 @@ class EtcdCluster:
 # --------------------------------------------------------------------------- lab
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A second underlay L2 segment (its own bridge namespace), reached through a router."""
+
+    ns: str  # namespace holding the bridge "ul0"
+    prefix: str  # "10.A.B": hosts get .11, .12, ...
+    gateway: str  # the router's address on this segment
+
+
+@dataclass(frozen=True)
+class Router:
+    """A router namespace joining the lab's segment and a second one (see Lab.add_router)."""
+
+    ns: str
+    ip: str  # its address on the lab's own segment
+    loopback: str  # an address on its lo, reachable from both segments (a ToR's BGP address)
+    segment: Segment
+
+
 @dataclass
 class Host:
     name: str  # namespace
@@ -277,6 +296,8 @@ class Host:
     ip6: str = ""  # underlay IPv6 address
     agent: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: the underlay segment the host is on (None: the lab's own, with etcd)
+    segment: Segment | None = None
 
     def run(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         return sh(*args, ns=self.name, check=check, timeout=timeout)
@@ -377,11 +398,45 @@ class Lab:
         self.etcd = Etcd(host=host, ns=self.ul, **kw).start()  # type: ignore[arg-type]
         return self.etcd
 
-    def add_host(self, mtu: int = 1500) -> Host:
+    def add_host(self, mtu: int = 1500, segment: Segment | None = None) -> Host:
+        """A host on the lab's segment, or on `segment` (default route via its router)."""
         i = len(self.hosts) + 1
-        host = self._wire_host(i, mtu)
+        host = self._wire_host(i, mtu, segment)
         self.hosts.append(host)
         return host
+
+    def add_router(self) -> Router:
+        """A router namespace ``<lab>-rt`` on the lab's segment (.254) and on a second segment
+        ``<lab>-ul2`` (another bridge, another /24, router .254): hosts added with
+        ``add_host(segment=router.segment)`` are not on the same L2 as the others. Hosts of
+        the lab's segment are *not* re-pointed at the router: callers that need it do
+        ``ip route replace default via router.ip``. The router has ip_forward on and an
+        address on lo (``loopback``, a /32) for a BGP speaker both segments reach."""
+        rt, ul2 = f"{self.tag}-rt", f"{self.tag}-ul2"
+        for name in (rt, ul2):
+            add_netns(name)
+            self._made.append(name)
+        second, third = self.prefix.split(".")[1:]
+        prefix2 = f"10.{second}.{(int(third) + 1) % 250 + 1}"
+        router_ip, gw2 = f"{self.prefix}.254", f"{prefix2}.254"
+        sh("ip", "link", "add", "ul0", "type", "bridge", ns=ul2)
+        sh("ip", "link", "set", "ul0", "up", ns=ul2)
+        sh("ip", "link", "add", "eth0", "netns", rt, "type", "veth", "peer", "name", "ulrt",
+           "netns", self.ul)
+        sh("ip", "link", "set", "ulrt", "master", "ul0", "up", ns=self.ul)
+        sh("ip", "link", "add", "eth1", "netns", rt, "type", "veth", "peer", "name", "ulrt",
+           "netns", ul2)
+        sh("ip", "link", "set", "ulrt", "master", "ul0", "up", ns=ul2)
+        sh("ip", "addr", "add", f"{router_ip}/24", "dev", "eth0", ns=rt)
+        sh("ip", "addr", "add", f"{gw2}/24", "dev", "eth1", ns=rt)
+        loopback = f"10.{second}.255.{int(third) % 250 + 1}"
+        sh("ip", "addr", "add", f"{loopback}/32", "dev", "lo", ns=rt)
+        for dev in ("eth0", "eth1"):
+            sh("ip", "link", "set", dev, "up", ns=rt)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=rt)
+        # etcd's namespace answers hosts of the second segment through the router
+        sh("ip", "route", "add", f"{prefix2}.0/24", "via", router_ip, ns=self.ul)
+        return Router(rt, router_ip, loopback, Segment(ul2, prefix2, gw2))
 
     def reboot_host(self, host: Host, mtu: int = 1500) -> None:
         """Simulate a reboot: kill the agent, delete the namespace (all its kernel state) and
@@ -391,32 +446,36 @@ class Lab:
             del_netns(pod.name)
             self.pods.remove(pod)
         del_netns(host.name)
-        sh("ip", "link", "del", f"ulp{host.index}", ns=self.ul, check=False)
-        self._wire_host(host.index, mtu)
+        sh("ip", "link", "del", f"ulp{host.index}",
+           ns=host.segment.ns if host.segment else self.ul, check=False)
+        self._wire_host(host.index, mtu, host.segment)
 
-    def _wire_host(self, i: int, mtu: int) -> Host:
+    def _wire_host(self, i: int, mtu: int, segment: Segment | None = None) -> Host:
         name = f"{self.tag}-h{i}"
         add_netns(name)
         if name not in self._made:
             self._made.append(name)
         peer = f"ulp{i}"
+        ul = segment.ns if segment else self.ul
         sh("ip", "link", "add", "eth0", "mtu", str(mtu), "netns", name, "type", "veth", "peer",
-           "name", peer, "mtu", str(mtu), "netns", self.ul)
-        sh("ip", "link", "set", peer, "master", "ul0", "up", ns=self.ul)
-        ip = f"{self.prefix}.{10 + i}" if self.ipv4 else ""
+           "name", peer, "mtu", str(mtu), "netns", ul)
+        sh("ip", "link", "set", peer, "master", "ul0", "up", ns=ul)
+        prefix = segment.prefix if segment else self.prefix
+        ip = f"{prefix}.{10 + i}" if self.ipv4 else ""
         ip6 = f"{self.prefix6}{10 + i:x}"
         if ip:
             sh("ip", "addr", "add", f"{ip}/24", "dev", "eth0", ns=name)
         sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad", ns=name)
         sh("ip", "link", "set", "eth0", "up", ns=name)
         if ip:
-            sh("ip", "route", "add", "default", "via", self.etcd_ip, ns=name)
+            sh("ip", "route", "add", "default", "via",
+               segment.gateway if segment else self.etcd_ip, ns=name)
         else:
             sh("ip", "-6", "route", "add", "default", "via", f"{self.prefix6}1", ns=name)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1", ns=name)
         d = self.tmp / name
         d.mkdir(parents=True, exist_ok=True)
-        return Host(name, ip, i, d / "subnet.env", d / "state", ip6)
+        return Host(name, ip, i, d / "subnet.env", d / "state", ip6, segment=segment)
 
     def agent_cmd(self, host: Host, *extra: str) -> list[str]:
         endpoints = self._clusters[-1].endpoints if self._clusters else None
