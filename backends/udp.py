@@ -2,7 +2,7 @@
 
 Kernel state is small and set once: the TUN device ``flannel0`` (IFF_NO_PI, persistent, MTU =
 underlay − 28), our subnet's network address as /32 on it, and one route for the whole flannel
-Network through it (``proto`` :data:`~netagent.dataplane.RTPROT_NETAGENT`; ``route_owner``
+Network through it (``proto`` :data:`~netagent.kernel.RTPROT_NETAGENT`; ``route_owner``
 never sweeps it because it is not *inside* the Network). Peers are not kernel entries at all:
 ``sync`` renders them (pure, :func:`render_udp_peers`) into a
 :class:`~backends.udpfwd.ForwardingTable` and swaps it into the running packet loop
@@ -50,7 +50,7 @@ from netagent.backends.udpfwd import (
 )
 from netagent.backends.udprun import numpy_payload_sums, payload_sums_python
 from netagent.config import NetworkConfig
-from netagent.dataplane import Kernel, KernelError, Op, Route
+from netagent.kernel import Kernel, KernelError, Op, Route
 from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class UdpBackend(Backend):
     @property
     def kernel(self) -> Kernel:
         if self._kernel is None:
-            from netagent.dataplane import NetlinkKernel
+            from netagent.kernel import NetlinkKernel
 
             self._kernel = NetlinkKernel()
         return self._kernel

@@ -462,7 +462,7 @@ def check_routes(network: IPv4Network | None, own: IPv4Network | None) -> Check:
     """Routes into the overlay that netagent did not make (another agent, a manual route)."""
     if network is None:
         return Check("conflicting routes", None, "network unknown (etcd unreachable)")
-    from netagent.dataplane import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
+    from netagent.kernel import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
 
     kernel = NetlinkKernel()
     try:
