@@ -85,7 +85,8 @@ class Route:
     kernel. An IPv6 route asked for with metric 0 gets 1024 from the kernel, so it is stored
     as 1024 here and a read-back compares equal. ``scope`` is universe for routes through a
     gateway (all of vxlan's and host-gw's); a device route (``gateway=None``) may ask for
-    :data:`RT_SCOPE_LINK`, as ``ip route add X dev D`` does."""
+    :data:`RT_SCOPE_LINK`, as ``ip route add X dev D`` does. IPv6 has no route scopes (the
+    kernel reports every IPv6 route as universe), so an IPv6 route is stored as universe."""
 
     dst: IPNetwork
     gateway: IPAddress | None
@@ -99,8 +100,11 @@ class Route:
     kind: ClassVar[EntryKind] = "route"
 
     def __post_init__(self) -> None:
-        if self.metric == 0 and self.dst.version == 6:
-            object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
+        if self.dst.version == 6:
+            if self.metric == 0:
+                object.__setattr__(self, "metric", IPV6_DEFAULT_METRIC)
+            if self.scope != RT_SCOPE_UNIVERSE:
+                object.__setattr__(self, "scope", RT_SCOPE_UNIVERSE)
         object.__setattr__(self, "_key", (self.table, self.dst, self.metric))
 
     @property
