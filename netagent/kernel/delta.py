@@ -22,7 +22,8 @@ V = TypeVar("V")
 
 
 class DeltaTracker(Generic[K, V]):
-    """Desired and actual values by key, and the keys where they differ."""
+    """Desired and actual values by key, and the keys where they differ (values are never
+    None: None is how a lookup says "no value")."""
 
     __slots__ = ("_desired", "_actual", "_updates", "_deletes")
 
@@ -66,11 +67,14 @@ class DeltaTracker(Generic[K, V]):
 
     def set_desired(self, key: K, value: V) -> None:
         self._desired[key] = value
-        self._deletes.discard(key)
         have = self._actual.get(key)
+        if have is None:  # a key only pending deletion is always held, so none to cancel
+            self._updates.add(key)
+            return
+        self._deletes.discard(key)
         if have is value:
             self._updates.discard(key)
-        elif have is not None and have == value:
+        elif have == value:
             self._actual[key] = value  # one object per entry
             self._updates.discard(key)
         else:
@@ -100,6 +104,12 @@ class DeltaTracker(Generic[K, V]):
             self._actual[key] = value
             self._updates.add(key)
 
+    def mark_written(self, key: K, value: V) -> None:
+        """A write of the desired ``value`` at ``key`` succeeded: the cheap form of
+        :meth:`set_actual` for the writer's hot path (``value`` must be ``desired[key]``)."""
+        self._actual[key] = value
+        self._updates.discard(key)
+
     def delete_actual(self, key: K) -> None:
         """The kernel holds nothing at ``key`` (a delete succeeded, or the device went away)."""
         self._actual.pop(key, None)
@@ -112,20 +122,36 @@ class DeltaTracker(Generic[K, V]):
         (by dict lookups only)."""
         want = self._desired
         actual: dict[K, V] = {}
-        for k, v in items:  # a key seen twice: the last value stands, as in the kernel's table
-            w = want.get(k)
-            # an entry equal to the wanted one is kept as that object, so the dumped copy is
-            # freed at once (15,000 copies would otherwise raise the peak RSS by ~6 MB)
-            actual[k] = w if w is not None and (w is v or w == v) else v
         updates: set[K] = set()
         deletes: set[K] = set()
-        for k, v in actual.items():
+        seen = hits = 0
+        for k, v in items:
+            seen += 1
             w = want.get(k)
             if w is None:
                 deletes.add(k)
-            elif w is not v:
+            elif w is v or w == v:
+                # an entry equal to the wanted one is kept as that object, so the dumped copy
+                # is freed at once (15,000 copies would otherwise raise the peak RSS by ~6 MB)
+                v = w
+                hits += 1
+            else:
                 updates.add(k)
-        updates.update(want.keys() - actual.keys())
+                hits += 1
+            actual[k] = v
+        if seen != len(actual):  # a key seen twice (the last value stands): compare afresh
+            updates, deletes = set(), set()
+            hits = 0
+            for k, v in actual.items():
+                w = want.get(k)
+                if w is None:
+                    deletes.add(k)
+                else:
+                    hits += 1
+                    if w is not v and w != v:
+                        updates.add(k)
+        if hits != len(want):  # some wanted keys are not held at all (skipped when all are)
+            updates.update(want.keys() - actual.keys())
         self._actual, self._updates, self._deletes = actual, updates, deletes
 
     def trim(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -171,29 +171,29 @@ class Reconciler:
 
     def read_back(self) -> None:
         """One dump per table: what we own now, and the routes that are not ours."""
-        tables = self._tables
-        neigh, fdb = tables["neigh"].desired, tables["fdb"].desired
-        neighs: list[tuple[Key, Entry]] = []
-        fdbs: list[tuple[Key, Entry]] = []
-        for device, family in ((self.device, 4), (self.device6, 6)):
-            if device is None:
-                continue
-            neighs += ((n.key, n) for n in self.kernel.dump_neighs(device, neigh, family))
-            fdbs += ((f.key, f) for f in self.kernel.dump_fdb(device, fdb))
+        tables, kernel = self._tables, self.kernel
+        devices = [(d, f) for d, f in ((self.device, 4), (self.device6, 6)) if d is not None]
+        # generators: the dumped entries go straight into the trackers (no list of 15,000
+        # (key, entry) pairs beside them at the peak)
+        tables["neigh"].replace_actual(
+            (n.key, n) for d, f in devices
+            for n in kernel.dump_neighs(d, tables["neigh"].desired, f))
+        tables["fdb"].replace_actual(
+            (e.key, e) for d, _f in devices for e in kernel.dump_fdb(d, tables["fdb"].desired))
         want_routes = tables["route"].desired
-        routes = self.kernel.dump_routes(RT_TABLE_MAIN, want_routes)
+        routes = kernel.dump_routes(RT_TABLE_MAIN, want_routes)
         if self.ipv6:
-            routes = [*routes, *self.kernel.dump_routes(RT_TABLE_MAIN, want_routes, 6)]
-        ours: list[tuple[Key, Entry]] = []
+            routes = [*routes, *kernel.dump_routes(RT_TABLE_MAIN, want_routes, 6)]
         foreign: dict[Key, Route] = {}
-        for r in routes:
-            if self.route_is_ours(r):
-                ours.append((r.key, r))
-            else:
-                foreign[r.key] = r
-        tables["neigh"].replace_actual(neighs)
-        tables["fdb"].replace_actual(fdbs)
-        tables["route"].replace_actual(ours)
+
+        def ours() -> Iterator[tuple[Key, Entry]]:
+            for r in routes:
+                if self.route_is_ours(r):
+                    yield r.key, r
+                else:
+                    foreign[r.key] = r
+
+        tables["route"].replace_actual(ours())
         self._read = foreign
         self.underlay = frozenset(foreign.values())
 
@@ -300,7 +300,7 @@ class Reconciler:
             table.delete_actual(e.key)
             result.removed += 1
         else:
-            table.set_actual(e.key, e)
+            table.mark_written(e.key, e)  # e is the desired entry: apply() wrote it from there
             if self._foreign:
                 self._foreign.pop(e.key, None)
             result.added += 1

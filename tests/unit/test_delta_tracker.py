@@ -142,7 +142,7 @@ def writer_pass(t: DeltaTracker[int, str], kernel: FlakyKernel) -> int:
     for k in ups:
         if k not in kernel.failing:
             kernel.table[k] = t.desired[k]
-            t.set_actual(k, t.desired[k])
+            t.mark_written(k, t.desired[k])
             done += 1
     for k in dels:
         if k not in kernel.failing:
