@@ -221,7 +221,7 @@ class ReconcilingBackend(Backend):
         if full:
             rec.compare()
         result = rec.apply()
-        # held-back routes stay dirty, so every apply re-evaluates all of them
+        # held-back routes stay pending, so every apply re-evaluates all of them
         for subnet in set(self._blocked) | set(result.blocked):
             self._note_skip(self._blocked, subnet, result.blocked.get(subnet))
         skipped = {**self._blocked, **self._skipped}

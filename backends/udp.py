@@ -236,7 +236,7 @@ class UdpBackend(Backend):
         self._route_ok = False
         self.ifindex = 0
 
-    # -- device, address, route (netlink through the dataplane's Kernel)
+    # -- device, address, route (netlink through netagent.kernel's Kernel)
 
     def _open_device(self) -> None:
         """Attach to flannel0 (creating it); replace a tun of that name we cannot attach to.

@@ -149,7 +149,7 @@ def up_vxlan(k: FakeKernel, state: Path, backend: str = '{"Type":"vxlan"}') -> C
 
 
 def test_one_big_batch_ends_like_many_small_steps(kern: FakeKernel, tmp_path: Path) -> None:
-    """Above _SORT_LIMIT dirty keys the apply skips sorting; the result must not change."""
+    """Above _SORT_LIMIT pending keys the apply skips sorting; the result must not change."""
     n = 3 * _SORT_LIMIT
     peers = {wide_sub(i): wide_lease(i) for i in range(2, 2 + n)}
     big = up_vxlan(kern, tmp_path / "a")
