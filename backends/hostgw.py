@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from netagent.backends.base import LeaseContribution
 from netagent.backends.render import ReconcilingBackend, Rendered, is_direct
-from netagent.dataplane import Entry, IPAddress, Route, RouteLookup
+from netagent.kernel import Entry, IPAddress, Route, RouteLookup
 from netagent.lease import Lease, PeerId
 
 

@@ -3,9 +3,9 @@
 The top half is pure: MAC helpers and the :class:`Rendered` result of a backend's render
 function. The bottom half, :class:`ReconcilingBackend`, is the thin shell every such backend
 shares: it asks the kernel the few facts a render needs (route lookups), calls the backend's pure
-render for the peers that need it, hands the entries to the :class:`~netagent.dataplane.Reconciler`
+render for the peers that need it, hands the entries to the :class:`~netagent.kernel.Reconciler`
 and turns the outcome into a :class:`~backends.base.SyncReport`. It talks to the kernel only
-through :class:`~netagent.dataplane.Kernel`, so the fake kernel can stand in for netlink.
+through :class:`~netagent.kernel.Kernel`, so the fake kernel can stand in for netlink.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from netagent.backends.base import Backend, HostFacts, SyncReport
 from netagent.config import NetworkConfig
-from netagent.dataplane import (
+from netagent.kernel import (
     Entry,
     IPAddress,
     Kernel,
@@ -122,7 +122,7 @@ class ReconcilingBackend(Backend):
     @property
     def kernel(self) -> Kernel:
         if self._kernel is None:
-            from netagent.dataplane import NetlinkKernel
+            from netagent.kernel import NetlinkKernel
 
             self._kernel = NetlinkKernel()
         return self._kernel
@@ -221,7 +221,7 @@ class ReconcilingBackend(Backend):
         if full:
             rec.compare()
         result = rec.apply()
-        # held-back routes stay dirty, so every apply re-evaluates all of them
+        # held-back routes stay pending, so every apply re-evaluates all of them
         for subnet in set(self._blocked) | set(result.blocked):
             self._note_skip(self._blocked, subnet, result.blocked.get(subnet))
         skipped = {**self._blocked, **self._skipped}

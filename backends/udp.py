@@ -2,7 +2,7 @@
 
 Kernel state is small and set once: the TUN device ``flannel0`` (IFF_NO_PI, persistent, MTU =
 underlay − 28), our subnet's network address as /32 on it, and one route for the whole flannel
-Network through it (``proto`` :data:`~netagent.dataplane.RTPROT_NETAGENT`; ``route_owner``
+Network through it (``proto`` :data:`~netagent.kernel.RTPROT_NETAGENT`; ``route_owner``
 never sweeps it because it is not *inside* the Network). Peers are not kernel entries at all:
 ``sync`` renders them (pure, :func:`render_udp_peers`) into a
 :class:`~backends.udptrust.ForwardingTable` and swaps it into the running packet loop
@@ -49,7 +49,7 @@ from netagent.backends.udptrust import (
 )
 from netagent.backends.udptun import open_tun, tun_txqueuelen
 from netagent.config import NetworkConfig
-from netagent.dataplane import Kernel, KernelError, Op, Route
+from netagent.kernel import Kernel, KernelError, Op, Route
 from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class UdpBackend(Backend):
     @property
     def kernel(self) -> Kernel:
         if self._kernel is None:
-            from netagent.dataplane import NetlinkKernel
+            from netagent.kernel import NetlinkKernel
 
             self._kernel = NetlinkKernel()
         return self._kernel
@@ -235,7 +235,7 @@ class UdpBackend(Backend):
         self._route_ok = False
         self.ifindex = 0
 
-    # -- device, address, route (netlink through the dataplane's Kernel)
+    # -- device, address, route (netlink through netagent.kernel's Kernel)
 
     def _open_device(self) -> None:
         """Attach to flannel0 (creating it); replace a tun of that name we cannot attach to.

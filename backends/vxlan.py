@@ -23,7 +23,7 @@ from netagent.backends.render import (
     parse_unicast_mac,
 )
 from netagent.config import NetworkConfig
-from netagent.dataplane import (
+from netagent.kernel import (
     Entry,
     Fdb,
     IPAddress,

@@ -52,11 +52,13 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from support.harness import RUN_ID, Host, Lab, add_netns, del_netns, sh  # noqa: E402
+from support.pyroute2kernel import Pyroute2Kernel  # noqa: E402
 
 from netagent.backends.base import HostFacts  # noqa: E402
 from netagent.backends.vxlan import VxlanBackend  # noqa: E402
 from netagent.config import parse_network_config  # noqa: E402
-from netagent.dataplane import RTPROT_NETAGENT, NetlinkKernel, _open_netlink  # noqa: E402
+from netagent.kernel import RTPROT_NETAGENT, NetlinkKernel  # noqa: E402
+from netagent.kernel.rtnetlink import _open_netlink  # noqa: E402
 from netagent.lease import (  # noqa: E402
     Lease,
     LeaseAttrs,
@@ -264,7 +266,9 @@ def our_backend(ns: ProgramNs, state: Path, batched: bool = True) -> VxlanBacken
     cfg = parse_network_config(CONFIG)
     addr = IPv4Address("172.20.0.1")
     facts = HostFacts(ns.ua, ns.ua_index, 1500, addr, addr, state)
-    b = VxlanBackend(cfg, facts, kernel=NetlinkKernel(ns.name, batched=batched),
+    # batched=False: the pyroute2 reference kernel of the tests, one request per entry
+    kernel = NetlinkKernel(ns.name) if batched else Pyroute2Kernel(ns.name)
+    b = VxlanBackend(cfg, facts, kernel=kernel,
                      csum_workaround=False)
     b.prepare()
     own = Lease(IPv4Network((int(NETWORK.network_address) + 256, 24)),

@@ -521,7 +521,7 @@ def check_routes(network: IPv4Network | None, own: IPv4Network | None,
     With the bgp backend, BIRD's routes (proto bird, 12) are the backend's own."""
     if network is None:
         return Check("conflicting routes", None, "network unknown (etcd unreachable)")
-    from netagent.dataplane import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
+    from netagent.kernel import RT_TABLE_MAIN, RTPROT_NETAGENT, NetlinkKernel
 
     kernel = NetlinkKernel()
     try:

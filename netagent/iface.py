@@ -11,7 +11,6 @@ or IPv4 default route at all.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -85,7 +84,7 @@ def _reached(ifaces: Sequence[Iface], reach: Reach, version: int
 
 def reach_for(target: str, netns: str | None = None) -> Reach:
     """Ask the kernel the way to `target` (flannel's ``--iface-can-reach``)."""
-    from netagent.dataplane import route_get
+    from netagent.kernel.host import route_get
 
     try:
         dst = ip_address(target)
@@ -97,7 +96,7 @@ def reach_for(target: str, netns: str | None = None) -> Reach:
 
 def list_ifaces(*, netns: str | None = None) -> HostIfaces:
     """The links with their addresses, and the IPv4 and IPv6 default routes' interfaces."""
-    from netagent.dataplane import host_interfaces
+    from netagent.kernel.host import host_interfaces
 
     links, default, default6 = host_interfaces(netns)
     return HostIfaces(tuple(Iface(h.name, h.index, h.mtu, h.addrs, h.addrs6) for h in links),
@@ -329,13 +328,6 @@ def routes_via_for(subnet_text: str) -> str:
     """
     from ipaddress import IPv4Interface
 
-    from pyroute2 import IPRoute
+    from netagent.kernel.host import gateway_route_to
 
-    net = IPv4Interface(subnet_text).network
-    with IPRoute() as ipr:
-        for r in ipr.get_routes(family=socket.AF_INET, table=254):
-            dst = r.get_attr("RTA_DST")
-            gw = r.get_attr("RTA_GATEWAY")
-            if dst and gw and dst == str(net.network_address) and r["dst_len"] == net.prefixlen:
-                return f"{net} via {gw}"
-    return ""
+    return gateway_route_to(IPv4Interface(subnet_text).network)

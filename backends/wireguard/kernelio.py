@@ -14,7 +14,7 @@ import struct
 import subprocess
 from ipaddress import IPv4Network, IPv6Network
 
-from netagent.dataplane import (
+from netagent.kernel import (
     RT_TABLE_MAIN,
     RTPROT_NETAGENT,
     IPInterface,
@@ -31,7 +31,7 @@ _RT_SCOPE_LINK = 253
 
 
 def new_kernel() -> Kernel:
-    from netagent.dataplane import NetlinkKernel
+    from netagent.kernel import NetlinkKernel
 
     return NetlinkKernel()
 

@@ -143,7 +143,7 @@ def test_unknown_mode_is_code_7_naming_the_field(plugin_exe: str, host: CniHost)
 def test_route_owner_never_claims_pod_routes() -> None:
     """The agent's sweep deletes only routes route_owner claims: never a routed pod's host
     route, inside the own subnet or outside it (a subnet the host held before a renumbering)."""
-    from netagent.dataplane import Route, route_owner
+    from netagent.kernel import Route, route_owner
 
     net, own = ip_network("10.50.0.0/16"), ip_network("10.50.3.0/24")
     is_ours = route_owner(net, lambda: own)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from netagent.backends.base import HostFacts
 from netagent.backends.hostgw import HostGwBackend
 from netagent.backends.vxlan import VxlanBackend
 from netagent.config import parse_network_config
-from netagent.dataplane import RTPROT_NETAGENT, NetlinkKernel
+from netagent.kernel import RTPROT_NETAGENT, NetlinkKernel
 from netagent.lease import Lease, LeaseAttrs, canonical_json
 
 pytestmark = pytest.mark.privileged
@@ -284,7 +284,7 @@ def test_checksum_workaround_applied_through_ethtool(ns: Ns) -> None:
     assert "tx-checksum-ip-generic: off" in shown
     # and in the agent's own namespace pyroute2's ethtool does it (no binary needed)
     code = (
-        "from netagent.dataplane import NetlinkKernel; k = NetlinkKernel(); "
+        "from netagent.kernel import NetlinkKernel; k = NetlinkKernel(); "
         "import subprocess; subprocess.run(['ethtool','-K','flannel.1',"
         "'tx-checksum-ip-generic','on'], check=True, "
         "stdout=subprocess.DEVNULL); "

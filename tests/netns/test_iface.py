@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from support.harness import RUN_ID, add_netns, del_netns, need_root, sh
 
-import netagent.dataplane
-from netagent.dataplane import HostInterface, host_interfaces
+import netagent.kernel.host
 from netagent.iface import (
     Iface,
     IfaceError,
@@ -27,6 +26,7 @@ from netagent.iface import (
     find_iface6,
     list_ifaces,
 )
+from netagent.kernel import HostInterface, host_interfaces
 
 A6 = IPv6Address("2001:db8:1::10")
 A6b = IPv6Address("2001:db8:1::11")
@@ -192,7 +192,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
         seen.append(netns)
         return LINKS, 4, 3
 
-    monkeypatch.setattr(netagent.dataplane, "host_interfaces", fake)
+    monkeypatch.setattr(netagent.kernel.host, "host_interfaces", fake)
     return seen
 
 

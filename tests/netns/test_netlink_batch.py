@@ -1,8 +1,8 @@
 """Privileged: the batched netlink path programs exactly what the simple path programs.
 
 Two twin namespaces (run-unique names), each with the same underlay veth and the same vxlan
-device. The same op lists go to ``NetlinkKernel(batched=False)`` (one pyroute2 request per
-entry, the reference) in one twin and to the batched raw-rtnetlink path in the other; the
+device. The same op lists go to ``Pyroute2Kernel`` (tests/support: one pyroute2 request per
+entry, the reference) in one twin and to the batched raw-rtnetlink ``NetlinkKernel`` in the other; the
 kernels are then compared through iproute2's JSON output, which neither path uses, and the
 per-op results (which op failed, with which errno) must match too. Batches are also cut small
 on purpose so that failures land in the middle and at the end of a batch.
@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 from support.harness import RUN_ID, add_netns, del_netns, need_root, sh
+from support.pyroute2kernel import Pyroute2Kernel
 
-from netagent.dataplane import (
+from netagent.kernel import (
     RTPROT_NETAGENT,
     Fdb,
     KernelError,
@@ -115,7 +116,7 @@ def results(res: list[Exception | None]) -> list[int | None]:
 
 def apply_both(a: Twin, b: Twin, ops: list[Op], max_batch: int | None = None
                ) -> tuple[list[int | None], list[int | None]]:
-    simple, batched = NetlinkKernel(a.name, batched=False), NetlinkKernel(b.name)
+    simple, batched = Pyroute2Kernel(a.name), NetlinkKernel(b.name)
     try:
         if max_batch is not None:
             batched.rt.max_batch = max_batch
@@ -214,7 +215,7 @@ def test_many_batches(twins: tuple[Twin, Twin]) -> None:
 def test_dumps_match_pyroute2(twins: tuple[Twin, Twin]) -> None:
     """The raw dumps return what the pyroute2 dumps return, foreign entries included."""
     a, _ = twins
-    simple, batched = NetlinkKernel(a.name, batched=False), NetlinkKernel(a.name)
+    simple, batched = Pyroute2Kernel(a.name), NetlinkKernel(a.name)
     try:
         assert batched.write(peer_ops(a.dev, a.ua, 50)) == [None] * 153
         a.ip("ip", "route", "add", "10.210.0.0/24", "via", "192.168.77.60", "proto", "static",
@@ -286,7 +287,8 @@ def test_backend_sync_same_kernel_state_either_path(twins: tuple[Twin, Twin],
         t.ip("ip", "route", "add", "172.31.0.0/16", "via", "192.168.77.254")
         addr = IPv4Address("192.168.77.1")
         facts = HostFacts("ua", t.ua, 1500, addr, addr, tmp_path / t.name)
-        b = VxlanBackend(cfg, facts, kernel=NetlinkKernel(t.name, batched=batched),
+        kernel = NetlinkKernel(t.name) if batched else Pyroute2Kernel(t.name)
+        b = VxlanBackend(cfg, facts, kernel=kernel,
                          csum_workaround=False)
         b.prepare()
         b.activate(Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(public_ip=addr)))
@@ -321,10 +323,10 @@ def test_links_addresses_lookups_same_either_path(twins: tuple[Twin, Twin]) -> N
     """Device and address calls and route lookups, raw vs pyroute2: same kernel, same answers."""
     from ipaddress import IPv4Interface
 
-    from netagent.dataplane import VxlanSpec
+    from netagent.kernel import VxlanSpec
 
     a, b = twins
-    simple, raw = NetlinkKernel(a.name, batched=False), NetlinkKernel(b.name)
+    simple, raw = Pyroute2Kernel(a.name), NetlinkKernel(b.name)
     try:
         reader = NetlinkKernel(a.name)  # reads compared in one namespace (veth MACs differ)
         try:
@@ -388,7 +390,7 @@ def test_remembered_dumps_still_see_every_change(twins: tuple[Twin, Twin]) -> No
     """Dumps skip parsing answers they saw last time; hand changes must still show, and an
     entry equal to the wanted one comes back as that very object."""
     a, _ = twins
-    simple, batched = NetlinkKernel(a.name, batched=False), NetlinkKernel(a.name)
+    simple, batched = Pyroute2Kernel(a.name), NetlinkKernel(a.name)
     try:
         ops = peer_ops(a.dev, a.ua, 40)
         assert batched.write(ops) == [None] * len(ops)
@@ -437,10 +439,10 @@ def test_ipv6_entries_same_either_path(twins: tuple[Twin, Twin]) -> None:
     routes, raw vs pyroute2: same kernel, same per-op results, same dumps and lookups."""
     from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 
-    from netagent.dataplane import IPV6_DEFAULT_METRIC, VxlanSpec
+    from netagent.kernel import IPV6_DEFAULT_METRIC, VxlanSpec
 
     a, b = twins
-    simple, raw = NetlinkKernel(a.name, batched=False), NetlinkKernel(b.name)
+    simple, raw = Pyroute2Kernel(a.name), NetlinkKernel(b.name)
     try:
         for k, t in ((simple, a), (raw, b)):
             t.ip("ip", "-6", "addr", "add", "fd77::1/64", "dev", "ua", "nodad")

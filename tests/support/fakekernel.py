@@ -9,12 +9,12 @@ proto only removes a route of that proto. Deleting a link takes its entries with
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from typing import Any
 
-from netagent.dataplane import (
+from netagent.kernel import (
     RT_TABLE_MAIN,
     Fdb,
     IPAddress,
@@ -93,6 +93,14 @@ class FakeKernel:
             spec.local, spec.underlay_index, spec.learning, spec.gbp)
         self.log.append(("link", f"create {spec.name}"))
 
+    def create_link(self, name: str, kind: str, *, mtu: int | None = None) -> None:
+        if name in self.links:
+            raise KernelError(errno.EEXIST, "exists")
+        index = self._next_index
+        self._next_index += 1
+        self.links[name] = LinkInfo(index, name, kind, "", 1500 if mtu is None else mtu, False)
+        self.log.append(("link", f"create {name} type {kind}"))
+
     def delete_link(self, index: int) -> None:
         link = self._by_index(index)
         del self.links[link.name]
@@ -149,6 +157,10 @@ class FakeKernel:
 
     def lookup_route(self, dst: IPAddress) -> RouteLookup | None:
         return self.lookups.get(dst)
+
+    def lookup_routes(self, dsts: Iterable[IPAddress]) -> dict[IPAddress, RouteLookup | None]:
+        """One :meth:`lookup_route` per distinct address (tests count those calls)."""
+        return {ip: self.lookup_route(ip) for ip in dict.fromkeys(dsts)}
 
     # -- writes
 

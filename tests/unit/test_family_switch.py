@@ -26,7 +26,7 @@ from netagent.backends.base import HostFacts
 from netagent.backends.hostgw import HostGwBackend, render_hostgw_peers
 from netagent.backends.vxlan import VxlanBackend, render_vxlan_peers
 from netagent.config import NetworkConfig, parse_network_config
-from netagent.dataplane import Reconciler, Route, RouteLookup
+from netagent.kernel import Reconciler, Route, RouteLookup
 from netagent.lease import NO_PUBLIC_IP, Lease, LeaseAttrs, canonical_json, encode_attrs
 from netagent.peers import PeerTable, RawLease
 

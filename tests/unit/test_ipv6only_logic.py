@@ -16,8 +16,8 @@ from netagent.backends.base import HostFacts
 from netagent.backends.hostgw import HostGwBackend, render_hostgw_peers
 from netagent.backends.vxlan import VxlanBackend, render_vxlan_peers
 from netagent.config import parse_network_config
-from netagent.dataplane import IPV6_DEFAULT_METRIC, Fdb, Neigh, Route, RouteLookup
 from netagent.files import SubnetEnv, render_subnet_env
+from netagent.kernel import IPV6_DEFAULT_METRIC, Fdb, Neigh, Route, RouteLookup
 from netagent.lease import (
     NO_PUBLIC_IP,
     Lease,

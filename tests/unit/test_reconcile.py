@@ -18,7 +18,7 @@ from netagent.backends.base import HostFacts
 from netagent.backends.hostgw import HostGwBackend
 from netagent.backends.vxlan import VxlanBackend
 from netagent.config import parse_network_config
-from netagent.dataplane import RTPROT_NETAGENT, Fdb, Neigh, Op, Route, RouteLookup
+from netagent.kernel import RTPROT_NETAGENT, Fdb, Neigh, Op, Route, RouteLookup
 from netagent.lease import Lease, LeaseAttrs
 
 NET = IPv4Network("10.5.0.0/16")

@@ -21,12 +21,7 @@ from netagent.backends.hostgw import HostGwBackend
 from netagent.backends.render import LOOKUP_REFRESH, Rendered
 from netagent.backends.vxlan import VxlanBackend
 from netagent.config import parse_network_config
-from netagent.dataplane import (
-    _SORT_LIMIT,
-    AF_BRIDGE,
-    AF_INET,
-    NTF_SELF,
-    NUD_PERMANENT,
+from netagent.kernel import (
     RTPROT_NETAGENT,
     Fdb,
     Neigh,
@@ -35,6 +30,8 @@ from netagent.dataplane import (
     RouteLookup,
     encode_op,
 )
+from netagent.kernel.entries import AF_BRIDGE, AF_INET, NTF_SELF, NUD_PERMANENT
+from netagent.kernel.reconciler import _SORT_LIMIT
 from netagent.lease import Lease, LeaseAttrs
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -152,7 +149,7 @@ def up_vxlan(k: FakeKernel, state: Path, backend: str = '{"Type":"vxlan"}') -> C
 
 
 def test_one_big_batch_ends_like_many_small_steps(kern: FakeKernel, tmp_path: Path) -> None:
-    """Above _SORT_LIMIT dirty keys the apply skips sorting; the result must not change."""
+    """Above _SORT_LIMIT pending keys the apply skips sorting; the result must not change."""
     n = 3 * _SORT_LIMIT
     peers = {wide_sub(i): wide_lease(i) for i in range(2, 2 + n)}
     big = up_vxlan(kern, tmp_path / "a")
@@ -214,16 +211,22 @@ def test_full_compare_writes_only_what_drifted(kern: FakeKernel, tmp_path: Path)
                                                                   ("replace", "Neigh")]
 
 
-def test_setting_the_same_entries_marks_nothing(kern: FakeKernel, tmp_path: Path) -> None:
+def test_setting_the_same_entries_marks_nothing(kern: FakeKernel, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full sync hands every peer in again; unchanged ones must cost no per-key work."""
     b = up_vxlan(kern, tmp_path)
     b.sync({sub(2): vx_lease(2)})
     rec = b.reconciler
     assert rec is not None
+    touched: list[object] = []
+    monkeypatch.setattr(rec, "_claim", lambda *a: touched.append(a))
+    monkeypatch.setattr(rec, "_release", lambda *a: touched.append(a))
     entries = rec.desired()
     rec.set_peer(sub(2), [entries["neigh"][(rec.device, sub(2).network_address)],
                           entries["fdb"][(rec.device, mac(2), pub(2))],
                           entries["route"][(254, sub(2), 0)]])
-    assert all(not d for d in rec._dirty.values())
+    assert touched == []
+    assert all(t.in_sync() for t in rec._tables.values())
 
 
 class CountingLookups(FakeKernel):

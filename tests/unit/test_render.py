@@ -12,7 +12,7 @@ from support.fakekernel import hg_lease, mac, pub, sub, vx_lease
 from netagent.backends.hostgw import render_hostgw_peers
 from netagent.backends.render import generate_vtep_mac, parse_unicast_mac
 from netagent.backends.vxlan import render_vxlan_peers, vxlan_incompatibility
-from netagent.dataplane import (
+from netagent.kernel import (
     Fdb,
     LinkInfo,
     Neigh,

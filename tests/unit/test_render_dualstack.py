@@ -13,7 +13,7 @@ from netagent.backends.base import HostFacts
 from netagent.backends.hostgw import HostGwBackend, render_hostgw_peers
 from netagent.backends.vxlan import VxlanBackend, render_vxlan_peers
 from netagent.config import parse_network_config
-from netagent.dataplane import (
+from netagent.kernel import (
     IPV6_DEFAULT_METRIC,
     RTPROT_NETAGENT,
     Fdb,

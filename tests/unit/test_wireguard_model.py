@@ -418,7 +418,7 @@ class _LinkKernel:
     """Just enough of the Kernel protocol for WgLink.ensure: one link by name, MTU writes."""
 
     def __init__(self, kind: str | None) -> None:
-        from netagent.dataplane import LinkInfo
+        from netagent.kernel import LinkInfo
 
         self.info = None if kind is None else LinkInfo(7, "flannel-wg", kind, "", 1420, True)
         self.mtu_writes: list[int] = []
