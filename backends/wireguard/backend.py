@@ -33,7 +33,6 @@ from netagent.backends.base import (
 )
 from netagent.backends.wireguard import kernelio
 from netagent.backends.wireguard.client import UapiClient, WgClient, WgToolClient
-from netagent.backends.wireguard.kernelio import Kernel, KernelError
 from netagent.backends.wireguard.keys import KeyFileError, KeySource, load_private_key
 from netagent.backends.wireguard.model import (
     WG_OVERHEAD,
@@ -50,6 +49,7 @@ from netagent.backends.wireguard.model import (
 )
 from netagent.backends.wireguard.wggo import SOCKET_DIR, WireguardGo
 from netagent.config import NetworkConfig, WireguardOptions
+from netagent.kernel import RT_SCOPE_LINK, Kernel, KernelError, Op, Route
 from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class WgLink:
         someone else's and left alone; one through our device (flannel's, proto boot, on a host
         taken over) is adopted: replaced with our proto."""
         net, idx = self.spec.network, self.ifindex
-        want = kernelio.Route(net, gateway=None, oif=idx)
+        want = Route(net, gateway=None, oif=idx, scope=RT_SCOPE_LINK)
         have = [r for r in self.kernel.dump_routes(want.table, family=net.version)
                 if r.key == want.key]
         if have and have[0] == want:
@@ -265,11 +265,10 @@ class WgLink:
                       "reach %s", net, have[0].proto, have[0].oif, self.spec.name)
             self.route_ok = False
             return 0
-        try:
-            kernelio.replace_link_route(net, idx)
-        except KernelError as exc:
+        (err,) = self.kernel.write([Op("replace", want)])
+        if err is not None:
             log.warning("route %s dev %s failed (retried next sync): %s", net, self.spec.name,
-                        exc)
+                        err)
             self.route_ok = False
             return 0
         self.route_ok = True
