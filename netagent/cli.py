@@ -180,13 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       csub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Operator commands; their implementations live in netagent/ctl.py."""
-    from cni.install import add_install_parser
     from netagent import ctl
+    from netagent.cni.install import add_install_parser
 
     etcd = ctl.ETCD_FLAGS
 
     def cmd(parent: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
-    from netagent.cni.install import add_install_parser
             example: str, help_text: str, flags: tuple[str, ...], func: object,
             json_flag: bool = True) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help_text, description=help_text,

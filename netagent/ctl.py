@@ -105,8 +105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_reconcile": st.get("last_reconcile") or None, "reconciles": st.get("reconciles"),
         "drift_repairs": st.get("drift_repairs"), "kernel_entries": st.get("kernel_entries", {}),
         "masquerade": st.get("masquerade", "off"),
-        "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
         "backend_health": st.get("backend_health", {}),
+        "peers": [dict(subnet=k, **v) for k, v in sorted(st.get("peer_list", {}).items())],
         "lease": {"key": st.get("lease_key"), "in_etcd": None, "lease_id": None, "ttl": None,
                   "reserved": None, "public_ip": None},
         "etcd": "ok",
@@ -144,8 +144,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             ["kernel entries", ", ".join(f"{k} {v}" for k, v in sorted(doc["kernel_entries"].items()))
              or "none"],
             ["masquerade", doc["masquerade"]], ["etcd", doc["etcd"]],
-        ]),
             *backend_health_rows(doc["backend_health"]),
+        ]),
         "",
         table(["PEER SUBNET", "PUBLIC IP", "BACKEND", "REACHABLE", "RTT MS"],
               [[p["subnet"], p["public_ip"], p["backend"],
@@ -156,7 +156,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if doc["ready"] else 1
 
 
-def reach_label(peer: dict[str, Any]) -> str:
 def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
     """Status rows for the backend's own machinery: "backend health" (ok, or what is wrong),
     then one row per scalar info field; list fields (e.g. BGP sessions) get their own table."""
@@ -170,6 +169,7 @@ def backend_health_rows(health: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def reach_label(peer: dict[str, Any]) -> str:
     """The REACHABLE column: yes / NO / unprobed, or per family when a dual-stack peer answers
     over one family only (its overall "reachable" is true then, which would hide the other)."""
     r4, r6 = peer.get("reachable_v4"), peer.get("reachable_v6")
