@@ -69,12 +69,6 @@ class RegistryConfigError(RegistryError):
         super().__init__(message, "config")
 
 
-class Compacted(RegistryError):
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"watch revision compacted (now at {revision})", "compacted")
-        self.revision = revision
-
-
 @dataclass(frozen=True)
 class EtcdSettings:
     endpoints: tuple[str, ...] = DEFAULT_ENDPOINTS
@@ -133,7 +127,6 @@ class WatchEvent:
     value: bytes
     lease_id: int
     revision: int
-    prev_value: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -400,9 +393,6 @@ class Registry:
 
         return self.call(f"create {key}", op)
 
-    def grant(self, ttl: int) -> int:
-        return int(self.call("grant lease", lambda c: c.lease(ttl).id))
-
     def revoke(self, lease_id: int) -> None:
         self.call("revoke lease", lambda c: c.revoke_lease(lease_id))
 
@@ -452,7 +442,6 @@ class Registry:
         prefix: str,
         start_revision: int,
         stop: threading.Event,
-        on_reconnect: Callable[[], None] | None = None,
     ) -> Iterator[WatchEvent | WatchResync]:
         """Yield changes under `prefix` from `start_revision`, forever, until `stop` is set.
 
@@ -468,7 +457,7 @@ class Registry:
             try:
                 client = self.client()
                 watch_id = client.add_watch_prefix_callback(
-                    prefix, items.put, start_revision=rev, prev_kv=True
+                    prefix, items.put, start_revision=rev
                 )
                 backoff = BACKOFF_START
                 while not stop.is_set():
@@ -480,11 +469,8 @@ class Registry:
                         raise resp
                     for ev in resp.events:
                         kind = "put" if isinstance(ev, etcd3.events.PutEvent) else "delete"
-                        prev = b""
-                        if ev._event.HasField("prev_kv"):
-                            prev = ev._event.prev_kv.value
                         yield WatchEvent(kind, ev.key.decode(), ev.value if kind == "put" else b"",
-                                         int(ev._event.kv.lease), int(ev.mod_revision), prev)
+                                         int(ev._event.kv.lease), int(ev.mod_revision))
                         rev = max(rev, int(ev.mod_revision) + 1)
                     rev = max(rev, int(resp.header.revision) + 1)
             except etcd_exc.RevisionCompactedError as exc:
@@ -506,8 +492,6 @@ class Registry:
                 kind, msg = _classify(exc)
                 self.stats.count(kind)
                 self.stats.watch_reconnects += 1
-                if on_reconnect is not None:
-                    on_reconnect()
                 log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
                             prefix, msg, rev, backoff)
                 if kind in ("unavailable", "timeout", "tls", "other", "auth"):
