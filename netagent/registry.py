@@ -21,9 +21,20 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
+
+from netagent.store import (  # noqa: E402 - re-exported: the registry's callers import them here
+    BACKOFF_MAX,
+    BACKOFF_START,
+    KeyValue,
+    RegistryError,
+    RegistryStats,
+    Store,
+    WatchEvent,
+    WatchResync,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -48,18 +59,10 @@ threading.excepthook = _quiet_closed_watch
 
 T = TypeVar("T")
 
+__all__ = ["BACKOFF_MAX", "BACKOFF_START", "KeyValue", "Registry", "RegistryConfigError",
+           "RegistryError", "RegistryStats", "Store", "WatchEvent", "WatchResync", "EtcdSettings"]
+
 DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
-BACKOFF_START = 0.1
-BACKOFF_MAX = 5.0
-
-
-class RegistryError(RuntimeError):
-    """etcd refused or failed a request; the message says what and why."""
-
-    def __init__(self, message: str, kind: str = "other") -> None:
-        super().__init__(message)
-        #: metric label: unavailable, timeout, auth, permission, compacted, other
-        self.kind = kind
 
 
 class RegistryConfigError(RegistryError):
@@ -108,43 +111,6 @@ class EtcdSettings:
                            ("keyfile", self.keyfile)):
             if path and not os.path.isfile(path):
                 raise RegistryConfigError(f"--etcd-{name} {path}: no such file")
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    lease_id: int
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """One change under a watched prefix (`value` is b"" for deletes)."""
-
-    kind: str  # "put" | "delete"
-    key: str
-    value: bytes
-    lease_id: int
-    revision: int
-
-
-@dataclass(frozen=True)
-class WatchResync:
-    """The watch lost its place (compaction): here is the whole prefix at `revision`."""
-
-    items: tuple[KeyValue, ...]
-    revision: int
-
-
-@dataclass
-class RegistryStats:
-    errors: dict[str, int] = field(default_factory=dict)
-    watch_reconnects: int = 0
-    failovers: int = 0
-
-    def count(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 def _tls_problem(detail: str) -> str:
@@ -504,3 +470,8 @@ class Registry:
                         client.cancel_watch(watch_id)
                     except Exception:  # noqa: BLE001 - channel may be gone already
                         pass
+
+
+def _registry_is_a_store(registry: Registry) -> Store:
+    """mypy checks here that Registry satisfies the Store protocol (never called)."""
+    return registry
