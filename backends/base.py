@@ -100,6 +100,15 @@ class Backend(ABC):
         self.config = config
         self.host = host
 
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """Why this backend cannot run `config` (which the parser accepted), or "" when it
+        can. Pure and cheap: the daemon asks before it changes anything, at start (it waits
+        for a config it can run) and on a live change (it keeps the running one), and
+        `netagent config validate` asks the same. Requirements of the host (a kernel module,
+        a binary) are `prepare()`'s to report, not this."""
+        return ""
+
     @abstractmethod
     def prepare(self) -> LeaseContribution:
         """Create or reuse devices; return the lease attributes. Called before the lease."""

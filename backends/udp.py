@@ -92,6 +92,14 @@ def render_udp_peers(
 class UdpBackend(Backend):
     type_name = "udp"
 
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """flannel's udp wire format carries IPv4 packets only."""
+        if config.enable_ipv6:
+            return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw "
+                    "with EnableIPv6, or turn EnableIPv6 off")
+        return ""
+
     def __init__(self, config: NetworkConfig, host: HostFacts, *,
                  kernel: Kernel | None = None) -> None:
         super().__init__(config, host)

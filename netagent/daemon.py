@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from netagent import systemd
-from netagent.backends import backend_class
+from netagent.backends import backend_class, check_runnable
 from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
@@ -27,7 +27,6 @@ from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, wa
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.lease import (
     NO_PUBLIC_IP,
-    Lease,
     LeaseAttrs,
     LeaseError,
     OutOfSubnets,
@@ -37,6 +36,7 @@ from netagent.lease import (
 from netagent.leasing import LeaseLost, LeaseManager
 from netagent.masq import MasqError, Masquerade, remove_leftovers
 from netagent.peers import PeerChanges, PeerTable, RawLease
+from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
 from netagent.registry import (
     BACKOFF_MAX,
@@ -48,6 +48,7 @@ from netagent.registry import (
     WatchResync,
 )
 from netagent.settings import AgentSettings
+from netagent.store import Store
 
 log = logging.getLogger("netagent")
 
@@ -67,15 +68,7 @@ def etcd_settings(s: AgentSettings) -> EtcdSettings:
     )
 
 
-def unsupported(config: NetworkConfig) -> str:
-    """Why netagent cannot run this (valid) config, or "" when it can."""
-    if config.enable_ipv6 and config.backend.type == "udp":
-        return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw with "
-                "EnableIPv6, or turn EnableIPv6 off")
-    return ""
-
-
-def missing_config_message(registry: Registry) -> str:
+def missing_config_message(registry: Store) -> str:
     key = registry.key("config")
     v2 = registry.find_v2_value(key)
     if v2 is not None:
@@ -122,9 +115,9 @@ class AgentStatus:
 
 
 class Daemon:
-    def __init__(self, settings: AgentSettings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: AgentSettings, registry: Store | None = None) -> None:
         self.settings = settings
-        self.registry = registry or Registry(etcd_settings(settings))
+        self.registry: Store = registry or Registry(etcd_settings(settings))
         self.status = AgentStatus()
         self.events: queue.Queue[Any] = queue.Queue()
         self.stop = threading.Event()
@@ -179,8 +172,16 @@ class Daemon:
             delay = min(delay * 2, BACKOFF_MAX)
         return None
 
+    def _set_config_error(self, why: str) -> None:
+        """Show why the latest config is not in force (status.json `config_error`)."""
+        if why != self.status.config_error:
+            self.status.config_error = why
+            self._write_status()
+
     def load_config(self) -> NetworkConfig | None:
-        """Read <prefix>/config; retry every second until present and valid (like flannel)."""
+        """Read <prefix>/config; retry every second until present, valid and runnable (like
+        flannel; a config this agent cannot run is waited out the same way, reported in
+        status.json and the log, with /readyz false)."""
         key = self.registry.key("config")
         last_msg = ""
         while not self.stop.is_set():
@@ -191,13 +192,16 @@ class Daemon:
                     msg = missing_config_message(self.registry)
                 else:
                     config = parse_network_config(kv.value)
-                    why = unsupported(config)
+                    why = check_runnable(config)
                     if not why:
                         self._config_raw = kv.value
+                        self._set_config_error("")
                         return config
                     msg = f"network config {key} cannot be used: {why}"
+                    self._set_config_error(why)
             except ConfigError as exc:
                 msg = f"network config {key} is invalid: {exc}"
+                self._set_config_error(str(exc))
             except RegistryError as exc:
                 if exc.kind == "config":
                     raise
@@ -207,6 +211,10 @@ class Daemon:
                 last_msg = msg
             self.stop.wait(1.0)
         return None
+
+    def make_backend(self, config: NetworkConfig, host: HostFacts) -> Backend:
+        """A backend instance for `config` (the unit tests give theirs a fake kernel)."""
+        return backend_class(config.backend.type)(config, host)
 
     def host_facts(self, config: NetworkConfig | None = None) -> HostFacts:
         s = self.settings
@@ -367,7 +375,7 @@ class Daemon:
         except RegistryError as exc:
             log.error("etcd: %s", exc)
             return EXIT_FATAL
-        except (IfaceError, KeyError) as exc:
+        except IfaceError as exc:
             log.error("%s", exc.args[0] if exc.args else exc)
             return EXIT_FATAL
         finally:
@@ -399,7 +407,7 @@ class Daemon:
                      "" if cfg.enable_ipv4 else f", backend {cfg.backend.type} (IPv6-only)")
         host = self.host = self.host_facts()
         self.status.public_ip = str(host.public_ip if cfg.enable_ipv4 else host.public_ipv6)
-        self.backend = backend_class(cfg.backend.type)(cfg, host)
+        self.backend = self.make_backend(cfg, host)
         self.status.backend = cfg.backend.type
         self._phase("preparing backend")
         self.contribution = self.backend.prepare()
@@ -604,24 +612,15 @@ class Daemon:
             return set()
         try:
             new = parse_network_config(raw)
+            why = check_runnable(new)
         except ConfigError as exc:
-            self.status.config_error = str(exc)
-            self._write_status()
+            why = str(exc)
+        if why:
+            self._set_config_error(why)
             log.error("new network config rejected (%s); the running configuration stays in "
-                      "force", exc)
+                      "force", why)
             return set()
-        try:
-            backend_class(new.backend.type)
-            why = unsupported(new)
-            if why:
-                raise KeyError(why)
-        except KeyError as exc:
-            self.status.config_error = str(exc.args[0])
-            self._write_status()
-            log.error("new network config rejected (%s); the running configuration stays in "
-                      "force", exc.args[0])
-            return set()
-        self.status.config_error = ""
+        self._set_config_error("")
         self._config_raw = raw
         if new == self.config:
             return set()
@@ -629,60 +628,45 @@ class Daemon:
         return None
 
     def _apply_config(self, new: NetworkConfig) -> None:
-        """Switch to `new` without a restart: new backend first, then the old one's removal."""
+        """Switch to `new` without a restart, executing `plan_config_change`'s steps (DESIGN.md
+        "Live reconfiguration"): new backend first, the old one's removal where the plan puts
+        it; a step that fails keeps (or restores) the running backend."""
         assert self.config is not None and self.leases is not None and self.host is not None
         assert self.backend is not None
-        old_cfg, old_backend = self.config, self.backend
+        old_cfg, old_backend, old_host = self.config, self.backend, self.host
         lease = self.leases.lease
-        keeps_lease = new.contains_subnet(lease.subnet) and new.contains_ipv6_subnet(
-            lease.ipv6_subnet)
-        # the same device name: vxlan's is flannel.<VNI>; udp's flannel0 and host-gw's routes on
-        # the interface do not depend on any option (a vxlan port change recreates flannel.<VNI>
-        # in prepare(), keeping its MAC)
-        same_device = old_cfg.backend.type == new.backend.type and (
-            new.backend.type != "vxlan" or old_cfg.backend.vni == new.backend.vni)
-        # the old entries belong to another network: the new backend's ownership rules would
-        # not recognise them, so the old backend removes them first (renumbering breaks the
-        # pods' traffic anyway). An address family turned on leaves the other family's entries
-        # as they are (the new backend owns them too); one turned off goes on its own, below.
-        families = ((4, old_cfg.network, new.network), (6, old_cfg.ipv6_network, new.ipv6_network))
-        dropped = [f for f, was, now in families if was is not None and now is None]
-        network_changed = any(was is not None and now is not None and was != now
-                              for _, was, now in families) or all(
-            now is None for _, was, now in families if was is not None)
-        old_host = self.host
-        log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live",
-                    old_cfg.backend.type, new.backend.type, old_cfg.network, new.network)
-        if same_device or network_changed:
-            # the new instance reuses the device; the old one must let go of it first (udp)
+        plan = plan_config_change(old_cfg, new, lease, self.host.public_ipv6)
+        log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live "
+                    "(%s)", old_cfg.backend.type, new.backend.type, old_cfg.network,
+                    new.network, ", ".join(plan.steps))
+        if plan.release_old_first:
             old_backend.shutdown()
-        if network_changed:
+        if plan.teardown_old_first:
             self._teardown(old_backend, old_cfg.backend.type)
-        if ((new.enable_ipv6 and self.host.public_ipv6 is None)
-                or new.enable_ipv4 != old_cfg.enable_ipv4):
+        if plan.refresh_host:
             try:  # IPv6 turned on, or IPv4 on/off: the host's public addresses change
                 self.host = self.host_facts(new)
             except IfaceError as exc:
                 log.error("cannot enable IPv6 (%s); keeping the current config", exc)
-                if same_device or network_changed:
+                if plan.release_old_first:
                     old_backend.prepare()
                 return
-        backend = backend_class(new.backend.type)(new, self.host)
+        backend = self.make_backend(new, self.host)
         try:
             contribution = backend.prepare()
         except Exception as exc:  # noqa: BLE001 - keep running on the old config
             log.error("cannot set up backend %s (%s); keeping %s", new.backend.type, exc,
                       old_cfg.backend.type)
-            if same_device:
+            if plan.same_device:
                 old_backend.prepare()
             return
-        if not same_device and not network_changed:
+        if plan.teardown_old_after_prepare:
             # another backend: its device is ready; the old entries go now, just before the
             # new ones are programmed, because both may want the same route keys
             self._teardown(old_backend, old_cfg.backend.type)
             old_backend.shutdown()
-        elif dropped and not network_changed:
-            self._drop_families(old_cfg, old_host, dropped)
+        if plan.drop_families:
+            self._drop_families(old_cfg, old_host, list(plan.drop_families))
         self.config = new
         self.leases.config = new
         self.peers.set_network(new.primary_network, new.ipv6_network)
@@ -692,18 +676,16 @@ class Daemon:
                            backend_v6_data=contribution.backend_v6_data)
         self.backend, self.contribution = backend, contribution
         self.status.backend = new.backend.type
-        if keeps_lease:
+        if plan.keeps_lease:
             self.leases.update_attrs(attrs)
         else:
-            self._announce_relabel(lease, new)
+            renumbering, notice = relabel_notice(lease, new)
+            log.log(logging.ERROR if renumbering else logging.WARNING, "%s", notice)
             self.leases.attrs = attrs
             # the subnets that still fit are kept (an address family turned on or off changes
             # the key, not the other family's subnet); the old key goes once the new one exists
-            self.leases.previous_subnet = (lease.subnet if new.contains_subnet(lease.subnet)
-                                           else None)
-            self.leases.previous_subnet6 = (lease.ipv6_subnet if lease.ipv6_subnet is not None
-                                            and new.contains_ipv6_subnet(lease.ipv6_subnet)
-                                            else None)
+            self.leases.previous_subnet = plan.kept_subnet
+            self.leases.previous_subnet6 = plan.kept_subnet6
             try:
                 self._retry("leasing a subnet in the new network",
                             lambda: self.leases.acquire(replacing=lease))  # type: ignore[union-attr]
@@ -718,31 +700,6 @@ class Daemon:
         self.write_subnet_env()
         log.info("now running %s on %s", new.backend.type, self.leases.lease.label)
 
-    @staticmethod
-    def _announce_relabel(lease: Lease, new: NetworkConfig) -> None:
-        """Say what a lease change means for the pods: a renumbered family breaks them, an
-        added family reaches only pods attached from now on, a removed one stops working."""
-        lost4 = lease.subnet is not None and new.enable_ipv4 and not new.contains_subnet(
-            lease.subnet)
-        lost6 = lease.ipv6_subnet is not None and new.enable_ipv6 and \
-            not new.contains_ipv6_subnet(lease.ipv6_subnet)
-        nets = " + ".join(str(n) for n in (new.network, new.ipv6_network) if n)
-        if lost4 or lost6:
-            log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
-                      "subnet. Pods on this host must be re-attached.", lease.label, nets)
-            return
-        notes = []
-        if lease.subnet is not None and not new.enable_ipv4:
-            notes.append(f"IPv4 is off: pods' IPv4 addresses in {lease.subnet} stop working")
-        if lease.ipv6_subnet is not None and not new.enable_ipv6:
-            notes.append(f"IPv6 is off: pods' IPv6 addresses in {lease.ipv6_subnet} stop working")
-        if lease.subnet is None and new.enable_ipv4:
-            notes.append("IPv4 is on: re-attach pods to give them an IPv4 address")
-        if lease.ipv6_subnet is None and new.enable_ipv6:
-            notes.append("IPv6 is on: re-attach pods to give them an IPv6 address")
-        log.warning("address families changed (%s); our lease key changes, subnets that still "
-                    "fit are kept. %s", nets, "; ".join(notes))
-
     def _drop_families(self, old: NetworkConfig, host: HostFacts, families: list[int]) -> None:
         """An address family turned off: its entries and device go, and only those. An
         instance of the old backend that knows that family alone sweeps what it owns, so the
@@ -750,7 +707,7 @@ class Daemon:
         for family in families:
             name = f"{old.backend.type} IPv{family}"
             try:
-                part = backend_class(old.backend.type)(old.only_family(family), host)
+                part = self.make_backend(old.only_family(family), host)
                 part.prepare_teardown()  # finds the devices as they are
             except Exception:  # noqa: BLE001 - the switch goes on; what is left stays, logged
                 log.exception("removing the %s entries failed", name)
