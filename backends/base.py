@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from netagent.config import NetworkConfig
 from netagent.lease import Lease, PeerId
@@ -95,6 +95,10 @@ class Backend(ABC):
 
     #: the config's Backend.Type this class implements
     type_name: ClassVar[str]
+    #: packet counters of a userspace data path (udp: rx/tx packets and bytes, "drops" by
+    #: reason), updated in place by its packet loop and exported as netagent_udp_*; None for
+    #: backends whose packets the kernel forwards
+    stats: dict[str, Any] | None = None
 
     def __init__(self, config: NetworkConfig, host: HostFacts) -> None:
         self.config = config

@@ -14,17 +14,26 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 from netagent import systemd
 from netagent.backends import backend_class, check_runnable
-from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from netagent.backends.base import (
+    Backend,
+    BackendHealth,
+    HostFacts,
+    LeaseContribution,
+    SyncReport,
+)
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
+from netagent.iptables import IptablesController
 from netagent.lease import (
     NO_PUBLIC_IP,
     LeaseAttrs,
@@ -34,7 +43,6 @@ from netagent.lease import (
     decode_lease,
 )
 from netagent.leasing import LeaseLost, LeaseManager
-from netagent.masq import MasqError, Masquerade, remove_leftovers
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
@@ -48,16 +56,29 @@ from netagent.registry import (
     WatchResync,
 )
 from netagent.settings import AgentSettings
-from netagent.store import Store
+from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot, frozen_map
+from netagent.store import KeyValue, Store
 
 log = logging.getLogger("netagent")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_OUT_OF_SUBNETS = 2
 
-_LEASE_GONE = object()
-_PROBED = object()  # a probe round finished: status.json should show its results
+@dataclass(frozen=True)
+class LeaseGone:
+    """The keepalive thread found our etcd lease expired or revoked (TTL 0)."""
+
+
+@dataclass(frozen=True)
+class ProbeRound:
+    """The prober finished a round: status.json should show its results."""
+
+
+#: what the watch, keepalive and probe threads put on the main loop's queue
+QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound
 
 
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
@@ -110,16 +131,16 @@ class AgentStatus:
     invalid_leases: dict[str, str] = field(default_factory=dict)
     #: why the latest network config in etcd was rejected ("" when it is in force)
     config_error: str = ""
-    #: the backend's own machinery (BackendHealth): ok, detail and its info fields
-    backend_health: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
     def __init__(self, settings: AgentSettings, registry: Store | None = None) -> None:
         self.settings = settings
         self.registry: Store = registry or Registry(etcd_settings(settings))
+        #: the main loop's working record (only it writes); readers get `snapshot`
         self.status = AgentStatus()
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.snapshot = StatusSnapshot()
+        self.events: queue.Queue[QueueItem] = queue.Queue()
         self.stop = threading.Event()
         self.config: NetworkConfig | None = None
         self.backend: Backend | None = None
@@ -139,13 +160,14 @@ class Daemon:
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
-        #: --ip-masq rule sets by address family (4: iptables, 6: ip6tables)
-        self.masqs: dict[int, Masquerade] = {}
-        self._iptables_swept = False
+        self.rules = IptablesController(
+            enabled=settings.iptables, ip_masq=settings.ip_masq,
+            forward=settings.iptables_forward_rules,
+            random_fully=not settings.ip_masq_fully_random_disable)
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
-        self.sync_hooks: list[Any] = []
+        self.sync_hooks: list[Callable[[float], None]] = []
         self._servers: list[HealthServer] = []
         self._notified_ready = False
         #: our subnet was lost and no other was free: not ready until restarted
@@ -158,7 +180,7 @@ class Daemon:
         systemd.notify(f"STATUS={phase}")
         self._write_status()
 
-    def _retry(self, what: str, fn: Any) -> Any:
+    def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
         """Call fn until it succeeds or we are stopped, backing off 100 ms → 5 s."""
         delay = BACKOFF_START
         while not self.stop.is_set():
@@ -270,23 +292,60 @@ class Daemon:
 
     # ------------------------------------------------------------------ run
 
-    def readiness(self) -> dict[str, bool]:
-        """The conditions behind READY=1 and /readyz; all must hold."""
+    def readiness(self, health: BackendHealth | None = None) -> dict[str, bool]:
+        """The conditions behind READY=1 and /readyz; all must hold (main loop only: the
+        HTTP threads read them from the snapshot)."""
         leases = self.leases
         held = leases is not None and leases.state is not None and leases.seconds_left() != 0.0
+        if health is None and self.backend is not None:
+            health = self.backend.health()
         checks = {
             "lease": held and not self.out_of_subnets,
             "subnet_env": self.status.subnet_file_written,
-            "backend": self.status.backend_programmed and self._backend_ok(),
+            "backend": self.status.backend_programmed and (health is None or health.ok),
         }
         if self.settings.ip_masq:
-            checks["masquerade"] = bool(self.masqs) and all(
-                m.in_place for m in self.masqs.values())
+            checks["masquerade"] = self.rules.state().in_place
         return checks
 
-    def _backend_ok(self) -> bool:
-        backend = self.backend
-        return backend is None or backend.health().ok
+    def _publish(self) -> StatusSnapshot:
+        """Build and swap in the immutable snapshot status.json, /readyz and /metrics read
+        (netagent/snapshot.py); called by the main loop at every turn and status write."""
+        st, leases, backend = self.status, self.leases, self.backend
+        lease = None
+        if leases is not None and leases.state is not None:
+            state = leases.state
+            left = leases.seconds_left()
+            lease = LeaseView(state.lease.label, state.lease.reserved, state.ttl,
+                              state.renewals, state.renew_failures, state.reacquired,
+                              None if left is None else time.monotonic() + left)
+        health = backend.health() if backend is not None else None
+        counters = None
+        if backend is not None and backend.stats is not None:
+            raw = dict(backend.stats)  # the packet loop updates it in place: copy
+            counters = frozen_map({**raw, "drops": frozen_map(raw.get("drops"))})
+        reg = self.registry.stats
+        cfg = self.config
+        self.snapshot = StatusSnapshot(
+            built_at=time.monotonic(), phase=st.phase, ready=st.ready,
+            checks=frozen_map(self.readiness(health)),
+            subnet_file_written=st.subnet_file_written, backend=st.backend, subnet=st.subnet,
+            lease_key=st.lease_key, public_ip=st.public_ip,
+            network=" + ".join(str(n) for n in (cfg.network, cfg.ipv6_network) if n)
+            if cfg is not None else "",
+            mtu=st.mtu, peers=st.peers, last_reconcile=st.last_reconcile,
+            reconciles=st.reconciles, drift_repairs=st.drift_repairs, reacquired=st.reacquired,
+            backend_programmed=st.backend_programmed, masquerade=st.masquerade,
+            # replaced, never mutated, by the loop: a view, not an O(peers) copy
+            peer_list=MappingProxyType(st.peer_list), kernel_entries=frozen_map(st.kernel_entries),
+            skipped_peers=frozen_map(st.skipped_peers),
+            invalid_leases=frozen_map(st.invalid_leases), config_error=st.config_error,
+            backend_health=health, lease=lease,
+            etcd=EtcdView(frozen_map(reg.errors), reg.watch_reconnects, reg.failovers),
+            rules=self.rules.state() if self.rules.enabled else None,
+            packet_counters=counters,
+            probes=MappingProxyType(self.prober.results) if self.prober is not None else None)
+        return self.snapshot
 
     def _start_ops(self) -> None:
         """Health/metrics servers and the watchdog run from the start, so liveness answers
@@ -295,75 +354,26 @@ class Daemon:
         if s.healthz_port or s.metrics_port:
             from netagent.metrics import Metrics
 
-            metrics = Metrics(self)
+            metrics = Metrics(lambda: self.snapshot)
             self.sync_hooks.append(metrics.observe_reconcile)
             self._servers = start_servers(s.healthz_ip, s.healthz_port, s.metrics_port,
-                                          self.readiness, metrics.render)
+                                          lambda: self.snapshot.readiness(), metrics.render)
         interval = watchdog_interval(os.environ)
         if interval is not None:
             self.heartbeat.limit = max(2 * interval, 1.0)
             Watchdog(interval, self.heartbeat.alive, systemd.notify, self.stop).start()
 
     def _masquerade(self) -> None:
-        """Install or re-check our iptables rules — masquerade with --ip-masq, FORWARD ACCEPT
-        with --iptables-forward-rules (on by default, as in flannel) — one rule set per address
-        family in use (iptables / ip6tables), before subnet.env and every --iptables-resync
-        seconds. A family the network no longer uses (a live switch) has its rules removed; a
-        new subnet (renumbering) replaces the rules in one batch."""
-        s = self.settings
-        if not s.iptables:
-            self._remove_iptables_leftovers()
+        """Our iptables rules (netagent/iptables.py) for the network and lease in force."""
+        cfg, leases = self.config, self.leases
+        if cfg is None or leases is None or leases.state is None:
+            if not self.rules.enabled:
+                self.rules.reconcile(None, None, None, None)  # the clean-up of old chains
             return
-        if self.config is None or self.leases is None:
-            return
-        cfg, lease = self.config, self.leases.lease
-        wanted = {4: (cfg.network, lease.subnet), 6: (cfg.ipv6_network, lease.ipv6_subnet)}
-        problems = []
-        for fam, (network, subnet) in wanted.items():
-            masq = self.masqs.get(fam)
-            if network is None or subnet is None:
-                if masq is not None:
-                    try:
-                        masq.remove()
-                        del self.masqs[fam]
-                        log.info("IPv%d iptables rules removed (the network has no IPv%d)",
-                                 fam, fam)
-                    except MasqError as exc:
-                        problems.append(str(exc))
-                continue
-            if masq is None:
-                masq = self.masqs[fam] = Masquerade(
-                    network, subnet, random_fully=not s.ip_masq_fully_random_disable,
-                    forward=s.iptables_forward_rules, masquerade=s.ip_masq)
-            elif (masq.network, masq.subnet) != (network, subnet):
-                masq.retarget(network, subnet)
-            try:
-                if masq.ensure():
-                    log.info("iptables rules applied for %s (subnet %s): %s", network, subnet,
-                             " and ".join(w for w, on in (("masquerade", s.ip_masq),
-                                                          ("FORWARD ACCEPT", s.iptables_forward_rules))
-                                          if on))
-            except MasqError as exc:
-                problems.append(str(exc))
-                if str(exc) not in self._warned:
-                    log.error("%s (retrying)", exc)
-                    self._warned.add(str(exc))
-        self.status.masquerade = "; ".join(problems) or (
-            "in place" if s.ip_masq else "off (FORWARD rules in place)")
-
-    def _remove_iptables_leftovers(self) -> None:
-        """Neither --ip-masq nor --iptables-forward-rules: delete our chains left from an
-        earlier run, once (a host without iptables is fine: nothing of ours can be there)."""
-        if self._iptables_swept:
-            return
-        self._iptables_swept = True
-        for fam in (4, 6):
-            try:
-                if remove_leftovers(fam):
-                    log.info("removed our IPv%d iptables rules left from an earlier run "
-                             "(--ip-masq and --iptables-forward-rules are off)", fam)
-            except MasqError as exc:
-                log.error("cannot remove our old IPv%d iptables rules: %s", fam, exc)
+        lease = leases.lease
+        self.rules.reconcile(cfg.network, lease.subnet, cfg.ipv6_network, lease.ipv6_subnet)
+        if self.rules.enabled:
+            self.status.masquerade = self.rules.summary
 
     def run(self) -> int:
         try:
@@ -451,7 +461,7 @@ class Daemon:
         gc.freeze()
         if cfg.backend.type != "alloc":
             self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop,
-                                 on_round=lambda: self.events.put(_PROBED)).start()
+                                 on_round=lambda: self.events.put(ProbeRound())).start()
         self._loop()
         log.info("stopping; kernel state and lease left in place")
         return EXIT_OK
@@ -465,7 +475,7 @@ class Daemon:
         self.status.mtu = self.contribution.mtu if self.contribution else 0
         self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
 
-    def _raw(self, items: Any) -> list[RawLease]:
+    def _raw(self, items: Iterable[KeyValue]) -> list[RawLease]:
         out = []
         for kv in items:
             if not kv.key.startswith(self._subnets_prefix):
@@ -484,7 +494,7 @@ class Daemon:
             assert self.leases is not None
             while not self.stop.wait(self.leases.keepalive_interval()):
                 if not self.leases.renew():
-                    self.events.put(_LEASE_GONE)
+                    self.events.put(LeaseGone())
 
         for name, target in (("watch", watch), ("keepalive", keepalive)):
             t = threading.Thread(target=target, name=f"netagent-{name}", daemon=True)
@@ -501,11 +511,14 @@ class Daemon:
             self.heartbeat.beat()
             if self._status_dirty:
                 self._write_status(soon=True)
-            ready = all(self.readiness().values())
+            checks = self.readiness()
+            ready = all(checks.values())
             if ready != self.status.ready:
                 self.status.ready = ready
                 self._phase("running" if ready else "not ready: " + ", ".join(
-                    k for k, ok in self.readiness().items() if not ok))
+                    k for k, ok in checks.items() if not ok))
+            else:
+                self._publish()  # at least once a second: backend health, counters
                 if ready and not self._notified_ready:
                     self._notified_ready = True
                     systemd.notify("READY=1")
@@ -546,12 +559,12 @@ class Daemon:
             elif changed:
                 self._sync(frozenset(changed))
 
-    def _handle(self, item: Any) -> set[PeerId] | None:
+    def _handle(self, item: QueueItem) -> set[PeerId] | None:
         """Apply one queued item to state; return changed subnets (None = needs a full sync)."""
         assert self.leases is not None
-        if item is _LEASE_GONE:
+        if isinstance(item, LeaseGone):
             return self._recover("our etcd lease expired or was revoked")
-        if item is _PROBED:
+        if isinstance(item, ProbeRound):
             self._write_status()
             return set()
         if isinstance(item, WatchResync):
@@ -771,8 +784,6 @@ class Daemon:
         self.status.peers = len(self.peers.peers)
         self.status.kernel_entries = dict(report.entries)
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
-        health = self.backend.health()
-        self.status.backend_health = {"ok": health.ok, "detail": health.detail, **health.info}
         self.status.invalid_leases = dict(self.peers.invalid)
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:
@@ -785,6 +796,7 @@ class Daemon:
         now = time.monotonic()
         if soon and now - self._status_written_at < 1.0:
             self._status_dirty = True
+            self._publish()
             return
         self._status_dirty = False
         # O(peers): rebuilt only when the peers or the probe results changed
@@ -793,7 +805,7 @@ class Daemon:
             self._peer_list_key = key
             self.status.peer_list = peer_list(self.peers.peers,
                                               self.prober.results if self.prober else None)
-        text = json.dumps(self.status.__dict__, sort_keys=True, indent=1)
+        text = json.dumps(self._publish().status_doc(), sort_keys=True, indent=1)
         if text == self._last_status:
             return
         self._last_status = text
