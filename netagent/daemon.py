@@ -238,6 +238,14 @@ class Daemon:
         """A backend instance for `config` (the unit tests give theirs a fake kernel)."""
         return backend_class(config.backend.type)(config, host)
 
+    def make_prober(self, config: NetworkConfig) -> Prober | None:
+        """The peer reachability prober (ICMP to each peer's overlay gateway), started; none
+        for alloc, which carries no traffic (nor in the unit tests, which send no packets)."""
+        if config.backend.type == "alloc":
+            return None
+        return Prober(lambda: probe_targets(self.peers.peers), self.stop,
+                      on_round=lambda: self.events.put(ProbeRound())).start()
+
     def host_facts(self, config: NetworkConfig | None = None) -> HostFacts:
         s = self.settings
         config = config or self.config
@@ -459,9 +467,7 @@ class Daemon:
         # everything built so far lives as long as the agent: keep the cyclic GC off it
         gc.collect()
         gc.freeze()
-        if cfg.backend.type != "alloc":
-            self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop,
-                                 on_round=lambda: self.events.put(ProbeRound())).start()
+        self.prober = self.make_prober(cfg)
         self._loop()
         log.info("stopping; kernel state and lease left in place")
         return EXIT_OK

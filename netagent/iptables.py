@@ -11,6 +11,7 @@ our chains left from an earlier run, once. Runs on the main loop only (single wr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
@@ -37,7 +38,8 @@ class IptablesController:
     """Owns the Masquerade rule sets; see the module docstring."""
 
     def __init__(self, *, enabled: bool, ip_masq: bool, forward: bool,
-                 random_fully: bool) -> None:
+                 random_fully: bool,
+                 sweep: Callable[[int], bool] = remove_leftovers) -> None:
         #: --ip-masq or --iptables-forward-rules: we keep rules; otherwise we only clean up
         self.enabled = enabled
         self.ip_masq = ip_masq
@@ -47,6 +49,8 @@ class IptablesController:
         self.masqs: dict[int, Masquerade] = {}
         self.summary = "off"
         self._swept = False
+        #: deletes our chains of one address family left from an earlier run (True if any)
+        self._sweep = sweep
         #: problems already logged, so the resync timer logs each once
         self._warned: set[str] = set()
 
@@ -106,7 +110,7 @@ class IptablesController:
         self._swept = True
         for fam in (4, 6):
             try:
-                if remove_leftovers(fam):
+                if self._sweep(fam):
                     log.info("removed our IPv%d iptables rules left from an earlier run "
                              "(--ip-masq and --iptables-forward-rules are off)", fam)
             except MasqError as exc:

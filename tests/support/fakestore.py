@@ -97,6 +97,10 @@ class FakeStore:
             self.compacted = max(self.compacted, revision)
             self.history = [e for e in self.history if e.revision > revision]
 
+    def reopen(self) -> None:
+        """A new agent process connects to the same etcd (the last one closed its client)."""
+        self.closed = False
+
     def writes(self) -> int:
         """How many writes (revisions) happened since the store was made."""
         return self.revision - 1

@@ -20,7 +20,7 @@ SUB6 = IPv6Network("fc00:0:0:7::/64")
 PUB6 = IPv6Address("2001:db8::1")
 
 
-def cfg(backend: dict[str, object] | None = None, **doc: object) -> NetworkConfig:
+def cfg(backend: dict[str, object] | None = None, /, **doc: object) -> NetworkConfig:
     base: dict[str, object] = {"Network": "10.5.0.0/16", "Backend": backend or {"Type": "vxlan"}}
     base.update(doc)
     return parse_network_config(json.dumps({k: v for k, v in base.items() if v is not None}))
