@@ -24,7 +24,8 @@ from support.fakestore import FakeClock, FakeStore
 from support.harness import wait_for
 
 from netagent.backends import backend_class
-from netagent.backends.base import Backend, HostFacts
+from netagent.backends.alloc import AllocBackend
+from netagent.backends.base import Backend, BackendHealth, HostFacts
 from netagent.config import NetworkConfig
 from netagent.daemon import EXIT_OK, Daemon
 from netagent.dataplane import RouteLookup
@@ -42,6 +43,15 @@ ME = pub(1)
 
 def net(backend: str = "host-gw", network: str = "10.70.0.0/16", **extra: object) -> str:
     return json.dumps({"Network": network, "Backend": {"Type": backend}, **extra})
+
+
+class FlakyAlloc(AllocBackend):
+    """alloc with machinery of its own whose health a test flips (a BGP session dropping)."""
+
+    healthy = True
+
+    def health(self) -> BackendHealth:
+        return BackendHealth(ok=FlakyAlloc.healthy, detail="" if FlakyAlloc.healthy else "down")
 
 
 class UnitDaemon(Daemon):
@@ -67,7 +77,7 @@ class UnitDaemon(Daemon):
     def make_backend(self, config: NetworkConfig, host: HostFacts) -> Backend:
         cls = backend_class(config.backend.type)
         if config.backend.type == "alloc":
-            return cls(config, host)
+            return FlakyAlloc(config, host)
         return cls(config, host, kernel=self.kernel)  # type: ignore[call-arg]
 
     def make_prober(self, config: NetworkConfig) -> Prober | None:
@@ -77,11 +87,12 @@ class UnitDaemon(Daemon):
 class Agent:
     """One UnitDaemon running in a thread, with helpers to look at what it did."""
 
-    def __init__(self, tmp: Path, store: FakeStore, kernel: FakeKernel, ttl: int = 60) -> None:
+    def __init__(self, tmp: Path, store: FakeStore, kernel: FakeKernel, ttl: int = 60,
+                 repair: float = 1.0) -> None:
         p = argparse.ArgumentParser()
         add_flags(p)
         args = p.parse_args(["--state-dir", str(tmp), "--subnet-file", str(tmp / "subnet.env"),
-                             "--subnet-lease-ttl", str(ttl), "--repair-interval", "1",
+                             "--subnet-lease-ttl", str(ttl), "--repair-interval", str(repair),
                              "--iptables-forward-rules=false"])
         self.settings = load_settings(args, {})
         self.store, self.kernel, self.tmp = store, kernel, tmp
@@ -315,3 +326,29 @@ def test_expired_etcd_lease_is_recovered_for_the_same_subnet(
     assert new is not None and new.lease_id != old_id and new.lease_id in store.leases
     assert decode_lease(key, new.value).attrs.public_ip == ME
     until(a.ready, "ready again")
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+def test_backend_health_reaches_readiness_between_syncs(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """health() can change with no sync (nothing in etcd changes): the loop republishes the
+    snapshot every turn, so /readyz and status.json follow within about a second."""
+    FlakyAlloc.healthy = True
+    store.put(CONFIG, net("alloc"))
+    a = Agent(tmp_path, store, kernel, repair=3600).start()  # no timer-driven sync
+    agents.append(a)
+    until(a.ready, "ready")
+    reconciles = a.daemon.snapshot.reconciles
+    try:
+        FlakyAlloc.healthy = False
+        until(lambda: a.daemon.snapshot.readiness().get("backend") is False, "not ready",
+              timeout=3)
+        until(lambda: a.status().get("backend_health") == {"ok": False, "detail": "down"},
+              "status.json shows it", timeout=3)
+        assert a.daemon.snapshot.reconciles == reconciles, "no sync was needed for it"
+        FlakyAlloc.healthy = True
+        until(a.ready, "ready again", timeout=3)
+    finally:
+        FlakyAlloc.healthy = True
