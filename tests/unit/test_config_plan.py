@@ -126,7 +126,7 @@ def test_a_family_dropped_with_a_backend_switch_goes_with_the_old_backend() -> N
 
 
 @pytest.mark.parametrize(("doc", "words"), [
-    ({"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard"}}, "not implemented"),
+    ({"Network": "10.5.0.0/16", "Backend": {"Type": "ipsec"}}, "not implemented"),
     ({"Network": "10.5.0.0/16", "Backend": {"Type": "ipip"}}, "not implemented"),
     ({"Network": "10.5.0.0/16", **DUAL, "Backend": {"Type": "udp"}}, "udp carries IPv4 only"),
 ])
