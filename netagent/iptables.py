@@ -39,7 +39,8 @@ class IptablesController:
 
     def __init__(self, *, enabled: bool, ip_masq: bool, forward: bool,
                  random_fully: bool,
-                 sweep: Callable[[int], bool] = remove_leftovers) -> None:
+                 sweep: Callable[[int], bool] = remove_leftovers,
+                 make: Callable[..., Masquerade] = Masquerade) -> None:
         #: --ip-masq or --iptables-forward-rules: we keep rules; otherwise we only clean up
         self.enabled = enabled
         self.ip_masq = ip_masq
@@ -51,6 +52,8 @@ class IptablesController:
         self._swept = False
         #: deletes our chains of one address family left from an earlier run (True if any)
         self._sweep = sweep
+        #: builds one family's rule set (the unit tests give theirs an in-memory iptables)
+        self._make = make
         #: problems already logged, so the resync timer logs each once
         self._warned: set[str] = set()
 
@@ -83,7 +86,7 @@ class IptablesController:
                         problems.append(str(exc))
                 continue
             if masq is None:
-                masq = self.masqs[fam] = Masquerade(
+                masq = self.masqs[fam] = self._make(
                     net, sub, random_fully=self.random_fully, forward=self.forward,
                     masquerade=self.ip_masq)
             elif (masq.network, masq.subnet) != (net, sub):

@@ -22,9 +22,10 @@ from support.harness import REPO, need
 
 from netagent.backends.base import BackendHealth
 from netagent.health import Heartbeat, Watchdog, start_servers, watchdog_interval
-from netagent.iptables import RulesState
+from netagent.iptables import IptablesController, RulesState
 from netagent.masq import (
     Installed,
+    MasqError,
     Masquerade,
     missing,
     parse_save,
@@ -268,6 +269,52 @@ def test_random_fully_is_probed_on_the_familys_own_binary() -> None:
     v4 = kernel.masquerade(NET, SUB)
     v4.ensure()
     assert any("--random-fully" in r for r in kernel.ours("iptables"))
+
+
+def test_iptables_controller_follows_families_and_subnets() -> None:
+    """The daemon's rules controller: one rule set per family in use, retargeted on a new
+    subnet, a family the network drops removed (the other's rules untouched), problems
+    reported in the summary without raising."""
+    kernel = FakeIptables()
+
+    def make(network: Any, subnet: Any, **kw: Any) -> Masquerade:
+        m = Masquerade(network, subnet, **kw)
+        m._run = kernel.run  # type: ignore[method-assign]
+        return m
+
+    swept: list[int] = []
+    rules = IptablesController(enabled=True, ip_masq=True, forward=True, random_fully=True,
+                               sweep=lambda fam: bool(swept.append(fam)), make=make)
+    rules.reconcile(NET, SUB, NET6, SUB6)
+    assert rules.state() == RulesState("in place", True, 2, 0)
+    assert any(str(SUB) in r for r in kernel.ours("iptables"))
+    assert any(str(SUB6) in r for r in kernel.ours("ip6tables"))
+    v4 = kernel.ours("iptables")
+    rules.reconcile(NET, SUB, None, None)  # IPv6 turned off
+    assert kernel.ours("ip6tables") == [] and kernel.ours("iptables") == v4
+    assert rules.state().families == 1
+    new_sub = IPv4Network("10.5.99.0/24")
+    rules.reconcile(NET, new_sub, None, None)  # renumbered
+    assert any(str(new_sub) in r for r in kernel.ours("iptables"))
+    assert not any(str(SUB) in r for r in kernel.ours("iptables"))
+    assert swept == [], "rules wanted: nothing is swept"
+
+    def broken(cmd: list[str], stdin: str | None = None) -> str:
+        raise MasqError("iptables-restore: Resource temporarily unavailable")
+
+    rules.masqs[4]._run = broken  # type: ignore[method-assign]
+    rules.reconcile(NET, IPv4Network("10.5.98.0/24"), None, None)
+    assert "temporarily unavailable" in rules.state().summary
+    assert rules.state().in_place is False
+
+
+def test_iptables_controller_off_sweeps_our_old_chains_once() -> None:
+    swept: list[int] = []
+    rules = IptablesController(enabled=False, ip_masq=False, forward=False,
+                               random_fully=True, sweep=lambda fam: bool(swept.append(fam)))
+    for _ in range(3):
+        rules.reconcile(NET, SUB, None, None)
+    assert swept == [4, 6] and rules.state() == RulesState("off", False, 0, 0)
 
 
 def test_retarget_within_and_across_families() -> None:
