@@ -19,7 +19,9 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
-from support.fakekernel import FakeKernel, pub
+
+# RouteLookup through the fake kernel's module: it follows wherever the kernel entries live
+from support.fakekernel import FakeKernel, RouteLookup, pub
 from support.fakestore import FakeClock, FakeStore
 from support.harness import wait_for
 
@@ -28,7 +30,6 @@ from netagent.backends.alloc import AllocBackend
 from netagent.backends.base import Backend, BackendHealth, HostFacts
 from netagent.config import NetworkConfig
 from netagent.daemon import EXIT_OK, Daemon
-from netagent.dataplane import RouteLookup
 from netagent.files import read_env_file
 from netagent.iptables import IptablesController
 from netagent.lease import decode_lease
