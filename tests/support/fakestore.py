@@ -97,6 +97,11 @@ class FakeStore:
             self.compacted = max(self.compacted, revision)
             self.history = [e for e in self.history if e.revision > revision]
 
+    def atomically(self) -> threading.Condition:
+        """`with store.atomically(): ...` — no watch sees the store between these calls (to
+        compact events away before a running watch could deliver them)."""
+        return self._cond
+
     def reopen(self) -> None:
         """A new agent process connects to the same etcd (the last one closed its client)."""
         self.closed = False
@@ -225,6 +230,19 @@ class FakeStore:
             lease = self.leases.get(lease_id)
             return -1 if lease is None else max(0, int(lease.expires_at - self.clock.now))
 
+    def events_since(self, prefix: str, revision: int) -> list[WatchEvent]:
+        """The raw watch: events under `prefix` from `revision` on; a compacted revision
+        fails with kind "compacted", as etcd answers ErrCompacted."""
+        with self._cond:
+            return self._events_since(prefix, revision)
+
+    def _events_since(self, prefix: str, revision: int) -> list[WatchEvent]:
+        if revision <= self.compacted:
+            self.stats.count("compacted")
+            raise RegistryError(f"watch {prefix}: revision {revision} compacted (at "
+                                f"{self.compacted})", "compacted")
+        return [e for e in self.history if e.revision >= revision and e.key.startswith(prefix)]
+
     def watch_prefix(
         self, prefix: str, start_revision: int, stop: threading.Event
     ) -> Iterator[WatchEvent | WatchResync]:
@@ -240,16 +258,14 @@ class FakeStore:
                     self.stats.watch_reconnects += 1
                     pending: list[WatchEvent | WatchResync] = []
                 else:
-                    if rev <= self.compacted:
-                        self.stats.count("compacted")
+                    try:
+                        pending = list(self._events_since(prefix, rev))
+                        rev = max(rev, self.revision + 1)
+                    except RegistryError:  # compacted: re-list, as Registry.watch_prefix does
                         items = [kv for k in sorted(self.data) if k.startswith(prefix)
                                  for kv in (self._kv(k),) if kv is not None]
                         pending = [WatchResync(tuple(items), self.revision)]
                         rev = self.revision + 1
-                    else:
-                        pending = [e for e in self.history
-                                   if e.revision >= rev and e.key.startswith(prefix)]
-                        rev = max(rev, self.revision + 1)
                     if not pending:
                         self._cond.wait(0.05)
             yield from pending

@@ -238,6 +238,25 @@ def test_restart_reuses_the_lease_and_writes_nothing(
     assert kernel.writes() == kernel_writes, "a restart makes zero kernel writes"
 
 
+def test_compacted_watch_relists_and_the_peer_table_catches_up(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """Events compacted away before the watch delivered them: the watch re-lists (WatchResync)
+    and the peer table diffs the listing against what it had: the added peer gets its route,
+    the removed one loses it."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(a.ready, "ready")
+    assert peer_routes(kernel) == {"10.70.2.0/24"}
+    with store.atomically():
+        peer(store, 3, "10.70.3.0/24")
+        store.delete(SUBNETS + "10.70.2.0-24")
+        store.compact(store.revision)
+    until(lambda: peer_routes(kernel) == {"10.70.3.0/24"}, "caught up from the listing")
+    assert store.stats.errors.get("compacted") == 1
+
+
 # --------------------------------------------------------------------------- live config
 
 

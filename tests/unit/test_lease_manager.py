@@ -77,6 +77,10 @@ def test_fake_store_watch_from_a_compacted_revision_resyncs_and_failures_change_
     s.put(SUBNETS + "b", "2")
     s.delete(SUBNETS + "a")
     s.compact(s.revision)
+    with pytest.raises(RegistryError) as compacted:
+        s.events_since(SUBNETS, 2)
+    assert compacted.value.kind == "compacted"
+    assert s.events_since(SUBNETS, s.revision + 1) == []
     stop = threading.Event()
     first = next(iter(s.watch_prefix(SUBNETS, 2, stop)))
     assert isinstance(first, WatchResync)
@@ -87,7 +91,7 @@ def test_fake_store_watch_from_a_compacted_revision_resyncs_and_failures_change_
         s.put(SUBNETS + "c", "3")
     assert err.value.kind == "timeout" and s.revision == before and s.get(SUBNETS + "c") is None
     s.put(SUBNETS + "c", "3")  # the failure was for one call only
-    assert s.stats.errors == {"compacted": 1, "timeout": 1}
+    assert s.stats.errors == {"compacted": 2, "timeout": 1}
 
 
 # --------------------------------------------------------------------------- LeaseManager
