@@ -1,8 +1,11 @@
-"""`netagent run`: compose config, registry, lease, peer table and backend, then loop.
+"""`netagent run`: compose config, store, lease, peer table and backend, then loop.
 
 Threads: a watch thread and a keepalive thread only put items on one queue; the main thread is
 the single writer of state and the only caller of the backend, so the kernel is touched in one
 place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sync first").
+Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_config_change`,
+`backends.check_runnable`); the daemon executes them and publishes one frozen
+`StatusSnapshot` for status.json, /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -46,18 +49,18 @@ from netagent.leasing import LeaseLost, LeaseManager
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
-from netagent.registry import (
+from netagent.registry import EtcdSettings, Registry
+from netagent.settings import AgentSettings
+from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot, frozen_map
+from netagent.store import (
     BACKOFF_MAX,
     BACKOFF_START,
-    EtcdSettings,
-    Registry,
+    KeyValue,
     RegistryError,
+    Store,
     WatchEvent,
     WatchResync,
 )
-from netagent.settings import AgentSettings
-from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot, frozen_map
-from netagent.store import KeyValue, Store
 
 log = logging.getLogger("netagent")
 
@@ -66,6 +69,7 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_OUT_OF_SUBNETS = 2
+
 
 @dataclass(frozen=True)
 class LeaseGone:
