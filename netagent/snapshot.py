@@ -122,7 +122,8 @@ class StatusSnapshot:
             "reconciles": self.reconciles, "drift_repairs": self.drift_repairs,
             "reacquired": self.reacquired, "backend_programmed": self.backend_programmed,
             "masquerade": self.masquerade,
-            "peer_list": {k: dict(v) for k, v in self.peer_list.items()},
+            # a shallow copy: the entries are the loop's own dicts, never mutated once built
+            "peer_list": dict(self.peer_list),
             "kernel_entries": dict(self.kernel_entries),
             "skipped_peers": dict(self.skipped_peers),
             "invalid_leases": dict(self.invalid_leases), "config_error": self.config_error,
