@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from netagent.config import NetworkConfig
 from netagent.lease import Lease, PeerId
@@ -95,10 +95,23 @@ class Backend(ABC):
 
     #: the config's Backend.Type this class implements
     type_name: ClassVar[str]
+    #: packet counters of a userspace data path (udp: rx/tx packets and bytes, "drops" by
+    #: reason), updated in place by its packet loop and exported as netagent_udp_*; None for
+    #: backends whose packets the kernel forwards
+    stats: dict[str, Any] | None = None
 
     def __init__(self, config: NetworkConfig, host: HostFacts) -> None:
         self.config = config
         self.host = host
+
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """Why this backend cannot run `config` (which the parser accepted), or "" when it
+        can. Pure and cheap: the daemon asks before it changes anything, at start (it waits
+        for a config it can run) and on a live change (it keeps the running one), and
+        `netagent config validate` asks the same. Requirements of the host (a kernel module,
+        a binary) are `prepare()`'s to report, not this."""
+        return ""
 
     @abstractmethod
     def prepare(self) -> LeaseContribution:

@@ -91,6 +91,14 @@ def render_udp_peers(
 class UdpBackend(Backend):
     type_name = "udp"
 
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """flannel's udp wire format carries IPv4 packets only."""
+        if config.enable_ipv6:
+            return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw "
+                    "with EnableIPv6, or turn EnableIPv6 off")
+        return ""
+
     def __init__(self, config: NetworkConfig, host: HostFacts, *,
                  kernel: Kernel | None = None) -> None:
         super().__init__(config, host)
@@ -161,7 +169,7 @@ class UdpBackend(Backend):
         if changed is None:
             report.added += self._repair()
         before = self.forwarder.table.peers if self.forwarder else 0
-        # udp carries IPv4 only (daemon.unsupported refuses it with IPv6): peers are IPv4
+        # udp carries IPv4 only (UdpBackend.check_config refuses it with IPv6): peers are IPv4
         table, skipped = self._install(cast(dict[IPv4Network, Lease], dict(peers)))
         for subnet, why in skipped.items():
             if self._skipped.get(subnet) != why:

@@ -279,7 +279,8 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 
 def _read_valid_config(path: str, failure: str) -> tuple[str, Any] | None:
-    """Read FILE or - (stdin) and parse it; None (after saying why) when unreadable/invalid."""
+    """Read FILE or - (stdin), parse it and check the agent can run it (the daemon's
+    `check_runnable`); None (after saying why) when unreadable, invalid or not runnable."""
     from netagent.config import ConfigError, parse_network_config
 
     try:
@@ -288,10 +289,17 @@ def _read_valid_config(path: str, failure: str) -> tuple[str, Any] | None:
         err(f"{path}: {exc.strerror or exc}")
         return None
     try:
-        return raw, parse_network_config(raw)
+        cfg = parse_network_config(raw)
     except ConfigError as exc:
         err(f"{failure}: {exc}")
         return None
+    from netagent.backends import check_runnable
+
+    why = check_runnable(cfg)  # the agent's own check: it would refuse this config too
+    if why:
+        err(f"{failure}: netagent cannot run it: {why}")
+        return None
+    return raw, cfg
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
-"""`netagent run`: compose config, registry, lease, peer table and backend, then loop.
+"""`netagent run`: compose config, store, lease, peer table and backend, then loop.
 
 Threads: a watch thread and a keepalive thread only put items on one queue; the main thread is
 the single writer of state and the only caller of the backend, so the kernel is touched in one
 place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sync first").
+Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_config_change`,
+`backends.check_runnable`); the daemon executes them and publishes one frozen
+`StatusSnapshot` for status.json, /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -14,20 +17,28 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TypeVar
 
 from netagent import systemd
-from netagent.backends import backend_class
-from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from netagent.backends import backend_class, check_runnable
+from netagent.backends.base import (
+    Backend,
+    BackendHealth,
+    HostFacts,
+    LeaseContribution,
+    SyncReport,
+)
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
+from netagent.iptables import IptablesController
 from netagent.lease import (
     NO_PUBLIC_IP,
-    Lease,
     LeaseAttrs,
     LeaseError,
     OutOfSubnets,
@@ -35,28 +46,43 @@ from netagent.lease import (
     decode_lease,
 )
 from netagent.leasing import LeaseLost, LeaseManager
-from netagent.masq import MasqError, Masquerade, remove_leftovers
 from netagent.peers import PeerChanges, PeerTable, RawLease
+from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
-from netagent.registry import (
+from netagent.registry import EtcdSettings, Registry
+from netagent.settings import AgentSettings
+from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot, frozen_map
+from netagent.store import (
     BACKOFF_MAX,
     BACKOFF_START,
-    EtcdSettings,
-    Registry,
+    KeyValue,
     RegistryError,
+    Store,
     WatchEvent,
     WatchResync,
 )
-from netagent.settings import AgentSettings
 
 log = logging.getLogger("netagent")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_OUT_OF_SUBNETS = 2
 
-_LEASE_GONE = object()
-_PROBED = object()  # a probe round finished: status.json should show its results
+
+@dataclass(frozen=True)
+class LeaseGone:
+    """The keepalive thread found our etcd lease expired or revoked (TTL 0)."""
+
+
+@dataclass(frozen=True)
+class ProbeRound:
+    """The prober finished a round: status.json should show its results."""
+
+
+#: what the watch, keepalive and probe threads put on the main loop's queue
+QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound
 
 
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
@@ -67,17 +93,7 @@ def etcd_settings(s: AgentSettings) -> EtcdSettings:
     )
 
 
-def unsupported(config: NetworkConfig) -> str:
-    """Why netagent cannot run this (valid) config, or "" when it can."""
-    if config.enable_ipv6 and config.backend.type == "udp":
-        return ("Backend.Type: udp carries IPv4 only (as flannel's); use vxlan or host-gw with "
-                "EnableIPv6, or turn EnableIPv6 off")
-    if config.backend.type == "bgp" and (config.enable_ipv6 or not config.enable_ipv4):
-        return "Backend.Type: bgp carries IPv4 only for now; turn EnableIPv6 off"
-    return ""
-
-
-def missing_config_message(registry: Registry) -> str:
+def missing_config_message(registry: Store) -> str:
     key = registry.key("config")
     v2 = registry.find_v2_value(key)
     if v2 is not None:
@@ -119,16 +135,16 @@ class AgentStatus:
     invalid_leases: dict[str, str] = field(default_factory=dict)
     #: why the latest network config in etcd was rejected ("" when it is in force)
     config_error: str = ""
-    #: the backend's own machinery (BackendHealth): ok, detail and its info fields
-    backend_health: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
-    def __init__(self, settings: AgentSettings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: AgentSettings, registry: Store | None = None) -> None:
         self.settings = settings
-        self.registry = registry or Registry(etcd_settings(settings))
+        self.registry: Store = registry or Registry(etcd_settings(settings))
+        #: the main loop's working record (only it writes); readers get `snapshot`
         self.status = AgentStatus()
-        self.events: queue.Queue[Any] = queue.Queue()
+        self.snapshot = StatusSnapshot()
+        self.events: queue.Queue[QueueItem] = queue.Queue()
         self.stop = threading.Event()
         self.config: NetworkConfig | None = None
         self.backend: Backend | None = None
@@ -148,13 +164,14 @@ class Daemon:
         self._warned: set[str] = set()
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
-        #: --ip-masq rule sets by address family (4: iptables, 6: ip6tables)
-        self.masqs: dict[int, Masquerade] = {}
-        self._iptables_swept = False
+        self.rules = IptablesController(
+            enabled=settings.iptables, ip_masq=settings.ip_masq,
+            forward=settings.iptables_forward_rules,
+            random_fully=not settings.ip_masq_fully_random_disable)
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
-        self.sync_hooks: list[Any] = []
+        self.sync_hooks: list[Callable[[float], None]] = []
         self._servers: list[HealthServer] = []
         self._notified_ready = False
         #: our subnet was lost and no other was free: not ready until restarted
@@ -167,7 +184,7 @@ class Daemon:
         systemd.notify(f"STATUS={phase}")
         self._write_status()
 
-    def _retry(self, what: str, fn: Any) -> Any:
+    def _retry(self, what: str, fn: Callable[[], T]) -> T | None:
         """Call fn until it succeeds or we are stopped, backing off 100 ms → 5 s."""
         delay = BACKOFF_START
         while not self.stop.is_set():
@@ -181,8 +198,16 @@ class Daemon:
             delay = min(delay * 2, BACKOFF_MAX)
         return None
 
+    def _set_config_error(self, why: str) -> None:
+        """Show why the latest config is not in force (status.json `config_error`)."""
+        if why != self.status.config_error:
+            self.status.config_error = why
+            self._write_status()
+
     def load_config(self) -> NetworkConfig | None:
-        """Read <prefix>/config; retry every second until present and valid (like flannel)."""
+        """Read <prefix>/config; retry every second until present, valid and runnable (like
+        flannel; a config this agent cannot run is waited out the same way, reported in
+        status.json and the log, with /readyz false)."""
         key = self.registry.key("config")
         last_msg = ""
         while not self.stop.is_set():
@@ -193,13 +218,16 @@ class Daemon:
                     msg = missing_config_message(self.registry)
                 else:
                     config = parse_network_config(kv.value)
-                    why = unsupported(config)
+                    why = check_runnable(config)
                     if not why:
                         self._config_raw = kv.value
+                        self._set_config_error("")
                         return config
                     msg = f"network config {key} cannot be used: {why}"
+                    self._set_config_error(why)
             except ConfigError as exc:
                 msg = f"network config {key} is invalid: {exc}"
+                self._set_config_error(str(exc))
             except RegistryError as exc:
                 if exc.kind == "config":
                     raise
@@ -209,6 +237,18 @@ class Daemon:
                 last_msg = msg
             self.stop.wait(1.0)
         return None
+
+    def make_backend(self, config: NetworkConfig, host: HostFacts) -> Backend:
+        """A backend instance for `config` (the unit tests give theirs a fake kernel)."""
+        return backend_class(config.backend.type)(config, host)
+
+    def make_prober(self, config: NetworkConfig) -> Prober | None:
+        """The peer reachability prober (ICMP to each peer's overlay gateway), started; none
+        for alloc, which carries no traffic (nor in the unit tests, which send no packets)."""
+        if config.backend.type == "alloc":
+            return None
+        return Prober(lambda: probe_targets(self.peers.peers), self.stop,
+                      on_round=lambda: self.events.put(ProbeRound())).start()
 
     def host_facts(self, config: NetworkConfig | None = None) -> HostFacts:
         s = self.settings
@@ -264,23 +304,60 @@ class Daemon:
 
     # ------------------------------------------------------------------ run
 
-    def readiness(self) -> dict[str, bool]:
-        """The conditions behind READY=1 and /readyz; all must hold."""
+    def readiness(self, health: BackendHealth | None = None) -> dict[str, bool]:
+        """The conditions behind READY=1 and /readyz; all must hold (main loop only: the
+        HTTP threads read them from the snapshot)."""
         leases = self.leases
         held = leases is not None and leases.state is not None and leases.seconds_left() != 0.0
+        if health is None and self.backend is not None:
+            health = self.backend.health()
         checks = {
             "lease": held and not self.out_of_subnets,
             "subnet_env": self.status.subnet_file_written,
-            "backend": self.status.backend_programmed and self._backend_ok(),
+            "backend": self.status.backend_programmed and (health is None or health.ok),
         }
         if self.settings.ip_masq:
-            checks["masquerade"] = bool(self.masqs) and all(
-                m.in_place for m in self.masqs.values())
+            checks["masquerade"] = self.rules.state().in_place
         return checks
 
-    def _backend_ok(self) -> bool:
-        backend = self.backend
-        return backend is None or backend.health().ok
+    def _publish(self) -> StatusSnapshot:
+        """Build and swap in the immutable snapshot status.json, /readyz and /metrics read
+        (netagent/snapshot.py); called by the main loop at every turn and status write."""
+        st, leases, backend = self.status, self.leases, self.backend
+        lease = None
+        if leases is not None and leases.state is not None:
+            state = leases.state
+            left = leases.seconds_left()
+            lease = LeaseView(state.lease.label, state.lease.reserved, state.ttl,
+                              state.renewals, state.renew_failures, state.reacquired,
+                              None if left is None else time.monotonic() + left)
+        health = backend.health() if backend is not None else None
+        counters = None
+        if backend is not None and backend.stats is not None:
+            raw = dict(backend.stats)  # the packet loop updates it in place: copy
+            counters = frozen_map({**raw, "drops": frozen_map(raw.get("drops"))})
+        reg = self.registry.stats
+        cfg = self.config
+        self.snapshot = StatusSnapshot(
+            built_at=time.monotonic(), phase=st.phase, ready=st.ready,
+            checks=frozen_map(self.readiness(health)),
+            subnet_file_written=st.subnet_file_written, backend=st.backend, subnet=st.subnet,
+            lease_key=st.lease_key, public_ip=st.public_ip,
+            network=" + ".join(str(n) for n in (cfg.network, cfg.ipv6_network) if n)
+            if cfg is not None else "",
+            mtu=st.mtu, peers=st.peers, last_reconcile=st.last_reconcile,
+            reconciles=st.reconciles, drift_repairs=st.drift_repairs, reacquired=st.reacquired,
+            backend_programmed=st.backend_programmed, masquerade=st.masquerade,
+            # replaced, never mutated, by the loop: a view, not an O(peers) copy
+            peer_list=MappingProxyType(st.peer_list), kernel_entries=frozen_map(st.kernel_entries),
+            skipped_peers=frozen_map(st.skipped_peers),
+            invalid_leases=frozen_map(st.invalid_leases), config_error=st.config_error,
+            backend_health=health, lease=lease,
+            etcd=EtcdView(frozen_map(reg.errors), reg.watch_reconnects, reg.failovers),
+            rules=self.rules.state() if self.rules.enabled else None,
+            packet_counters=counters,
+            probes=MappingProxyType(self.prober.results) if self.prober is not None else None)
+        return self.snapshot
 
     def _start_ops(self) -> None:
         """Health/metrics servers and the watchdog run from the start, so liveness answers
@@ -289,75 +366,26 @@ class Daemon:
         if s.healthz_port or s.metrics_port:
             from netagent.metrics import Metrics
 
-            metrics = Metrics(self)
+            metrics = Metrics(lambda: self.snapshot)
             self.sync_hooks.append(metrics.observe_reconcile)
             self._servers = start_servers(s.healthz_ip, s.healthz_port, s.metrics_port,
-                                          self.readiness, metrics.render)
+                                          lambda: self.snapshot.readiness(), metrics.render)
         interval = watchdog_interval(os.environ)
         if interval is not None:
             self.heartbeat.limit = max(2 * interval, 1.0)
             Watchdog(interval, self.heartbeat.alive, systemd.notify, self.stop).start()
 
     def _masquerade(self) -> None:
-        """Install or re-check our iptables rules — masquerade with --ip-masq, FORWARD ACCEPT
-        with --iptables-forward-rules (on by default, as in flannel) — one rule set per address
-        family in use (iptables / ip6tables), before subnet.env and every --iptables-resync
-        seconds. A family the network no longer uses (a live switch) has its rules removed; a
-        new subnet (renumbering) replaces the rules in one batch."""
-        s = self.settings
-        if not s.iptables:
-            self._remove_iptables_leftovers()
+        """Our iptables rules (netagent/iptables.py) for the network and lease in force."""
+        cfg, leases = self.config, self.leases
+        if cfg is None or leases is None or leases.state is None:
+            if not self.rules.enabled:
+                self.rules.reconcile(None, None, None, None)  # the clean-up of old chains
             return
-        if self.config is None or self.leases is None:
-            return
-        cfg, lease = self.config, self.leases.lease
-        wanted = {4: (cfg.network, lease.subnet), 6: (cfg.ipv6_network, lease.ipv6_subnet)}
-        problems = []
-        for fam, (network, subnet) in wanted.items():
-            masq = self.masqs.get(fam)
-            if network is None or subnet is None:
-                if masq is not None:
-                    try:
-                        masq.remove()
-                        del self.masqs[fam]
-                        log.info("IPv%d iptables rules removed (the network has no IPv%d)",
-                                 fam, fam)
-                    except MasqError as exc:
-                        problems.append(str(exc))
-                continue
-            if masq is None:
-                masq = self.masqs[fam] = Masquerade(
-                    network, subnet, random_fully=not s.ip_masq_fully_random_disable,
-                    forward=s.iptables_forward_rules, masquerade=s.ip_masq)
-            elif (masq.network, masq.subnet) != (network, subnet):
-                masq.retarget(network, subnet)
-            try:
-                if masq.ensure():
-                    log.info("iptables rules applied for %s (subnet %s): %s", network, subnet,
-                             " and ".join(w for w, on in (("masquerade", s.ip_masq),
-                                                          ("FORWARD ACCEPT", s.iptables_forward_rules))
-                                          if on))
-            except MasqError as exc:
-                problems.append(str(exc))
-                if str(exc) not in self._warned:
-                    log.error("%s (retrying)", exc)
-                    self._warned.add(str(exc))
-        self.status.masquerade = "; ".join(problems) or (
-            "in place" if s.ip_masq else "off (FORWARD rules in place)")
-
-    def _remove_iptables_leftovers(self) -> None:
-        """Neither --ip-masq nor --iptables-forward-rules: delete our chains left from an
-        earlier run, once (a host without iptables is fine: nothing of ours can be there)."""
-        if self._iptables_swept:
-            return
-        self._iptables_swept = True
-        for fam in (4, 6):
-            try:
-                if remove_leftovers(fam):
-                    log.info("removed our IPv%d iptables rules left from an earlier run "
-                             "(--ip-masq and --iptables-forward-rules are off)", fam)
-            except MasqError as exc:
-                log.error("cannot remove our old IPv%d iptables rules: %s", fam, exc)
+        lease = leases.lease
+        self.rules.reconcile(cfg.network, lease.subnet, cfg.ipv6_network, lease.ipv6_subnet)
+        if self.rules.enabled:
+            self.status.masquerade = self.rules.summary
 
     def run(self) -> int:
         try:
@@ -369,7 +397,7 @@ class Daemon:
         except RegistryError as exc:
             log.error("etcd: %s", exc)
             return EXIT_FATAL
-        except (IfaceError, KeyError) as exc:
+        except IfaceError as exc:
             log.error("%s", exc.args[0] if exc.args else exc)
             return EXIT_FATAL
         finally:
@@ -401,7 +429,7 @@ class Daemon:
                      "" if cfg.enable_ipv4 else f", backend {cfg.backend.type} (IPv6-only)")
         host = self.host = self.host_facts()
         self.status.public_ip = str(host.public_ip if cfg.enable_ipv4 else host.public_ipv6)
-        self.backend = backend_class(cfg.backend.type)(cfg, host)
+        self.backend = self.make_backend(cfg, host)
         self.status.backend = cfg.backend.type
         self._phase("preparing backend")
         self.contribution = self.backend.prepare()
@@ -443,9 +471,7 @@ class Daemon:
         # everything built so far lives as long as the agent: keep the cyclic GC off it
         gc.collect()
         gc.freeze()
-        if cfg.backend.type != "alloc":
-            self.prober = Prober(lambda: probe_targets(self.peers.peers), self.stop,
-                                 on_round=lambda: self.events.put(_PROBED)).start()
+        self.prober = self.make_prober(cfg)
         self._loop()
         log.info("stopping; kernel state and lease left in place")
         return EXIT_OK
@@ -459,7 +485,7 @@ class Daemon:
         self.status.mtu = self.contribution.mtu if self.contribution else 0
         self.status.reacquired = self.leases.state.reacquired if self.leases.state else 0
 
-    def _raw(self, items: Any) -> list[RawLease]:
+    def _raw(self, items: Iterable[KeyValue]) -> list[RawLease]:
         out = []
         for kv in items:
             if not kv.key.startswith(self._subnets_prefix):
@@ -478,7 +504,7 @@ class Daemon:
             assert self.leases is not None
             while not self.stop.wait(self.leases.keepalive_interval()):
                 if not self.leases.renew():
-                    self.events.put(_LEASE_GONE)
+                    self.events.put(LeaseGone())
 
         for name, target in (("watch", watch), ("keepalive", keepalive)):
             t = threading.Thread(target=target, name=f"netagent-{name}", daemon=True)
@@ -495,11 +521,14 @@ class Daemon:
             self.heartbeat.beat()
             if self._status_dirty:
                 self._write_status(soon=True)
-            ready = all(self.readiness().values())
+            checks = self.readiness()
+            ready = all(checks.values())
             if ready != self.status.ready:
                 self.status.ready = ready
                 self._phase("running" if ready else "not ready: " + ", ".join(
-                    k for k, ok in self.readiness().items() if not ok))
+                    k for k, ok in checks.items() if not ok))
+            else:
+                self._publish()  # at least once a second: backend health, counters
                 if ready and not self._notified_ready:
                     self._notified_ready = True
                     systemd.notify("READY=1")
@@ -540,12 +569,12 @@ class Daemon:
             elif changed:
                 self._sync(frozenset(changed))
 
-    def _handle(self, item: Any) -> set[PeerId] | None:
+    def _handle(self, item: QueueItem) -> set[PeerId] | None:
         """Apply one queued item to state; return changed subnets (None = needs a full sync)."""
         assert self.leases is not None
-        if item is _LEASE_GONE:
+        if isinstance(item, LeaseGone):
             return self._recover("our etcd lease expired or was revoked")
-        if item is _PROBED:
+        if isinstance(item, ProbeRound):
             self._write_status()
             return set()
         if isinstance(item, WatchResync):
@@ -606,24 +635,15 @@ class Daemon:
             return set()
         try:
             new = parse_network_config(raw)
+            why = check_runnable(new)
         except ConfigError as exc:
-            self.status.config_error = str(exc)
-            self._write_status()
+            why = str(exc)
+        if why:
+            self._set_config_error(why)
             log.error("new network config rejected (%s); the running configuration stays in "
-                      "force", exc)
+                      "force", why)
             return set()
-        try:
-            backend_class(new.backend.type)
-            why = unsupported(new)
-            if why:
-                raise KeyError(why)
-        except KeyError as exc:
-            self.status.config_error = str(exc.args[0])
-            self._write_status()
-            log.error("new network config rejected (%s); the running configuration stays in "
-                      "force", exc.args[0])
-            return set()
-        self.status.config_error = ""
+        self._set_config_error("")
         self._config_raw = raw
         if new == self.config:
             return set()
@@ -631,60 +651,45 @@ class Daemon:
         return None
 
     def _apply_config(self, new: NetworkConfig) -> None:
-        """Switch to `new` without a restart: new backend first, then the old one's removal."""
+        """Switch to `new` without a restart, executing `plan_config_change`'s steps (DESIGN.md
+        "Live reconfiguration"): new backend first, the old one's removal where the plan puts
+        it; a step that fails keeps (or restores) the running backend."""
         assert self.config is not None and self.leases is not None and self.host is not None
         assert self.backend is not None
-        old_cfg, old_backend = self.config, self.backend
+        old_cfg, old_backend, old_host = self.config, self.backend, self.host
         lease = self.leases.lease
-        keeps_lease = new.contains_subnet(lease.subnet) and new.contains_ipv6_subnet(
-            lease.ipv6_subnet)
-        # the same device name: vxlan's is flannel.<VNI>; udp's flannel0 and host-gw's routes on
-        # the interface do not depend on any option (a vxlan port change recreates flannel.<VNI>
-        # in prepare(), keeping its MAC)
-        same_device = old_cfg.backend.type == new.backend.type and (
-            new.backend.type != "vxlan" or old_cfg.backend.vni == new.backend.vni)
-        # the old entries belong to another network: the new backend's ownership rules would
-        # not recognise them, so the old backend removes them first (renumbering breaks the
-        # pods' traffic anyway). An address family turned on leaves the other family's entries
-        # as they are (the new backend owns them too); one turned off goes on its own, below.
-        families = ((4, old_cfg.network, new.network), (6, old_cfg.ipv6_network, new.ipv6_network))
-        dropped = [f for f, was, now in families if was is not None and now is None]
-        network_changed = any(was is not None and now is not None and was != now
-                              for _, was, now in families) or all(
-            now is None for _, was, now in families if was is not None)
-        old_host = self.host
-        log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live",
-                    old_cfg.backend.type, new.backend.type, old_cfg.network, new.network)
-        if same_device or network_changed:
-            # the new instance reuses the device; the old one must let go of it first (udp)
+        plan = plan_config_change(old_cfg, new, lease, self.host.public_ipv6)
+        log.warning("network config changed: backend %s -> %s, network %s -> %s; applying live "
+                    "(%s)", old_cfg.backend.type, new.backend.type, old_cfg.network,
+                    new.network, ", ".join(plan.steps))
+        if plan.release_old_first:
             old_backend.shutdown()
-        if network_changed:
+        if plan.teardown_old_first:
             self._teardown(old_backend, old_cfg.backend.type)
-        if ((new.enable_ipv6 and self.host.public_ipv6 is None)
-                or new.enable_ipv4 != old_cfg.enable_ipv4):
+        if plan.refresh_host:
             try:  # IPv6 turned on, or IPv4 on/off: the host's public addresses change
                 self.host = self.host_facts(new)
             except IfaceError as exc:
                 log.error("cannot enable IPv6 (%s); keeping the current config", exc)
-                if same_device or network_changed:
+                if plan.release_old_first:
                     old_backend.prepare()
                 return
-        backend = backend_class(new.backend.type)(new, self.host)
+        backend = self.make_backend(new, self.host)
         try:
             contribution = backend.prepare()
         except Exception as exc:  # noqa: BLE001 - keep running on the old config
             log.error("cannot set up backend %s (%s); keeping %s", new.backend.type, exc,
                       old_cfg.backend.type)
-            if same_device:
+            if plan.same_device:
                 old_backend.prepare()
             return
-        if not same_device and not network_changed:
+        if plan.teardown_old_after_prepare:
             # another backend: its device is ready; the old entries go now, just before the
             # new ones are programmed, because both may want the same route keys
             self._teardown(old_backend, old_cfg.backend.type)
             old_backend.shutdown()
-        elif dropped and not network_changed:
-            self._drop_families(old_cfg, old_host, dropped)
+        if plan.drop_families:
+            self._drop_families(old_cfg, old_host, list(plan.drop_families))
         self.config = new
         self.leases.config = new
         self.peers.set_network(new.primary_network, new.ipv6_network)
@@ -694,18 +699,16 @@ class Daemon:
                            backend_v6_data=contribution.backend_v6_data)
         self.backend, self.contribution = backend, contribution
         self.status.backend = new.backend.type
-        if keeps_lease:
+        if plan.keeps_lease:
             self.leases.update_attrs(attrs)
         else:
-            self._announce_relabel(lease, new)
+            renumbering, notice = relabel_notice(lease, new)
+            log.log(logging.ERROR if renumbering else logging.WARNING, "%s", notice)
             self.leases.attrs = attrs
             # the subnets that still fit are kept (an address family turned on or off changes
             # the key, not the other family's subnet); the old key goes once the new one exists
-            self.leases.previous_subnet = (lease.subnet if new.contains_subnet(lease.subnet)
-                                           else None)
-            self.leases.previous_subnet6 = (lease.ipv6_subnet if lease.ipv6_subnet is not None
-                                            and new.contains_ipv6_subnet(lease.ipv6_subnet)
-                                            else None)
+            self.leases.previous_subnet = plan.kept_subnet
+            self.leases.previous_subnet6 = plan.kept_subnet6
             try:
                 self._retry("leasing a subnet in the new network",
                             lambda: self.leases.acquire(replacing=lease))  # type: ignore[union-attr]
@@ -720,31 +723,6 @@ class Daemon:
         self.write_subnet_env()
         log.info("now running %s on %s", new.backend.type, self.leases.lease.label)
 
-    @staticmethod
-    def _announce_relabel(lease: Lease, new: NetworkConfig) -> None:
-        """Say what a lease change means for the pods: a renumbered family breaks them, an
-        added family reaches only pods attached from now on, a removed one stops working."""
-        lost4 = lease.subnet is not None and new.enable_ipv4 and not new.contains_subnet(
-            lease.subnet)
-        lost6 = lease.ipv6_subnet is not None and new.enable_ipv6 and \
-            not new.contains_ipv6_subnet(lease.ipv6_subnet)
-        nets = " + ".join(str(n) for n in (new.network, new.ipv6_network) if n)
-        if lost4 or lost6:
-            log.error("RENUMBERING: our subnet %s is outside the new network %s; leasing a new "
-                      "subnet. Pods on this host must be re-attached.", lease.label, nets)
-            return
-        notes = []
-        if lease.subnet is not None and not new.enable_ipv4:
-            notes.append(f"IPv4 is off: pods' IPv4 addresses in {lease.subnet} stop working")
-        if lease.ipv6_subnet is not None and not new.enable_ipv6:
-            notes.append(f"IPv6 is off: pods' IPv6 addresses in {lease.ipv6_subnet} stop working")
-        if lease.subnet is None and new.enable_ipv4:
-            notes.append("IPv4 is on: re-attach pods to give them an IPv4 address")
-        if lease.ipv6_subnet is None and new.enable_ipv6:
-            notes.append("IPv6 is on: re-attach pods to give them an IPv6 address")
-        log.warning("address families changed (%s); our lease key changes, subnets that still "
-                    "fit are kept. %s", nets, "; ".join(notes))
-
     def _drop_families(self, old: NetworkConfig, host: HostFacts, families: list[int]) -> None:
         """An address family turned off: its entries and device go, and only those. An
         instance of the old backend that knows that family alone sweeps what it owns, so the
@@ -752,7 +730,7 @@ class Daemon:
         for family in families:
             name = f"{old.backend.type} IPv{family}"
             try:
-                part = backend_class(old.backend.type)(old.only_family(family), host)
+                part = self.make_backend(old.only_family(family), host)
                 part.prepare_teardown()  # finds the devices as they are
             except Exception:  # noqa: BLE001 - the switch goes on; what is left stays, logged
                 log.exception("removing the %s entries failed", name)
@@ -816,8 +794,6 @@ class Daemon:
         self.status.peers = len(self.peers.peers)
         self.status.kernel_entries = dict(report.entries)
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
-        health = self.backend.health()
-        self.status.backend_health = {"ok": health.ok, "detail": health.detail, **health.info}
         self.status.invalid_leases = dict(self.peers.invalid)
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:
@@ -830,6 +806,7 @@ class Daemon:
         now = time.monotonic()
         if soon and now - self._status_written_at < 1.0:
             self._status_dirty = True
+            self._publish()
             return
         self._status_dirty = False
         # O(peers): rebuilt only when the peers or the probe results changed
@@ -838,7 +815,7 @@ class Daemon:
             self._peer_list_key = key
             self.status.peer_list = peer_list(self.peers.peers,
                                               self.prober.results if self.prober else None)
-        text = json.dumps(self.status.__dict__, sort_keys=True, indent=1)
+        text = json.dumps(self._publish().status_doc(), sort_keys=True, indent=1)
         if text == self._last_status:
             return
         self._last_status = text

@@ -6,7 +6,6 @@ and back, and decides which subnet to ask for.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import random
 import re
@@ -349,8 +348,3 @@ def plan_lease(
         reasons.append(f"allocated free subnet {subnets_label(fresh4, fresh6)}")
     return LeasePlan(subnet, delete=tuple(stale), reason="; ".join(reasons),
                      ipv6_subnet=subnet6)
-
-
-def gateway_address(subnet: IPv4Network | IPv6Network) -> Any:
-    """First address of a subnet (FLANNEL_SUBNET's address, the bridge gateway)."""
-    return ipaddress.ip_address(int(subnet.network_address) + 1)

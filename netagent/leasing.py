@@ -26,7 +26,7 @@ from netagent.lease import (
     subnet_key,
     subnets_label,
 )
-from netagent.registry import Registry, RegistryError
+from netagent.store import RegistryError, Store
 
 log = logging.getLogger("netagent.lease")
 
@@ -51,7 +51,7 @@ class LeaseState:
 class LeaseManager:
     def __init__(
         self,
-        registry: Registry,
+        registry: Store,
         config: NetworkConfig,
         attrs: LeaseAttrs,
         *,

@@ -21,9 +21,20 @@ import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
+
+from netagent.store import (  # noqa: E402 - re-exported: the registry's callers import them here
+    BACKOFF_MAX,
+    BACKOFF_START,
+    KeyValue,
+    RegistryError,
+    RegistryStats,
+    Store,
+    WatchEvent,
+    WatchResync,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -48,18 +59,10 @@ threading.excepthook = _quiet_closed_watch
 
 T = TypeVar("T")
 
+__all__ = ["BACKOFF_MAX", "BACKOFF_START", "KeyValue", "Registry", "RegistryConfigError",
+           "RegistryError", "RegistryStats", "Store", "WatchEvent", "WatchResync", "EtcdSettings"]
+
 DEFAULT_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
-BACKOFF_START = 0.1
-BACKOFF_MAX = 5.0
-
-
-class RegistryError(RuntimeError):
-    """etcd refused or failed a request; the message says what and why."""
-
-    def __init__(self, message: str, kind: str = "other") -> None:
-        super().__init__(message)
-        #: metric label: unavailable, timeout, auth, permission, compacted, other
-        self.kind = kind
 
 
 class RegistryConfigError(RegistryError):
@@ -67,12 +70,6 @@ class RegistryConfigError(RegistryError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, "config")
-
-
-class Compacted(RegistryError):
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"watch revision compacted (now at {revision})", "compacted")
-        self.revision = revision
 
 
 @dataclass(frozen=True)
@@ -114,44 +111,6 @@ class EtcdSettings:
                            ("keyfile", self.keyfile)):
             if path and not os.path.isfile(path):
                 raise RegistryConfigError(f"--etcd-{name} {path}: no such file")
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    key: str
-    value: bytes
-    lease_id: int
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """One change under a watched prefix (`value` is b"" for deletes)."""
-
-    kind: str  # "put" | "delete"
-    key: str
-    value: bytes
-    lease_id: int
-    revision: int
-    prev_value: bytes = b""
-
-
-@dataclass(frozen=True)
-class WatchResync:
-    """The watch lost its place (compaction): here is the whole prefix at `revision`."""
-
-    items: tuple[KeyValue, ...]
-    revision: int
-
-
-@dataclass
-class RegistryStats:
-    errors: dict[str, int] = field(default_factory=dict)
-    watch_reconnects: int = 0
-    failovers: int = 0
-
-    def count(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
 def _tls_problem(detail: str) -> str:
@@ -400,9 +359,6 @@ class Registry:
 
         return self.call(f"create {key}", op)
 
-    def grant(self, ttl: int) -> int:
-        return int(self.call("grant lease", lambda c: c.lease(ttl).id))
-
     def revoke(self, lease_id: int) -> None:
         self.call("revoke lease", lambda c: c.revoke_lease(lease_id))
 
@@ -452,7 +408,6 @@ class Registry:
         prefix: str,
         start_revision: int,
         stop: threading.Event,
-        on_reconnect: Callable[[], None] | None = None,
     ) -> Iterator[WatchEvent | WatchResync]:
         """Yield changes under `prefix` from `start_revision`, forever, until `stop` is set.
 
@@ -468,7 +423,7 @@ class Registry:
             try:
                 client = self.client()
                 watch_id = client.add_watch_prefix_callback(
-                    prefix, items.put, start_revision=rev, prev_kv=True
+                    prefix, items.put, start_revision=rev
                 )
                 backoff = BACKOFF_START
                 while not stop.is_set():
@@ -480,11 +435,8 @@ class Registry:
                         raise resp
                     for ev in resp.events:
                         kind = "put" if isinstance(ev, etcd3.events.PutEvent) else "delete"
-                        prev = b""
-                        if ev._event.HasField("prev_kv"):
-                            prev = ev._event.prev_kv.value
                         yield WatchEvent(kind, ev.key.decode(), ev.value if kind == "put" else b"",
-                                         int(ev._event.kv.lease), int(ev.mod_revision), prev)
+                                         int(ev._event.kv.lease), int(ev.mod_revision))
                         rev = max(rev, int(ev.mod_revision) + 1)
                     rev = max(rev, int(resp.header.revision) + 1)
             except etcd_exc.RevisionCompactedError as exc:
@@ -506,8 +458,6 @@ class Registry:
                 kind, msg = _classify(exc)
                 self.stats.count(kind)
                 self.stats.watch_reconnects += 1
-                if on_reconnect is not None:
-                    on_reconnect()
                 log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
                             prefix, msg, rev, backoff)
                 if kind in ("unavailable", "timeout", "tls", "other", "auth"):
@@ -520,3 +470,8 @@ class Registry:
                         client.cancel_watch(watch_id)
                     except Exception:  # noqa: BLE001 - channel may be gone already
                         pass
+
+
+def _registry_is_a_store(registry: Registry) -> Store:
+    """mypy checks here that Registry satisfies the Store protocol (never called)."""
+    return registry

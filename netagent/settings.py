@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +216,3 @@ def read_config_file(path: str | None) -> str | None:
         return Path(path).read_text()
     except OSError as exc:
         raise SettingsError(f"--config {path}: {exc.strerror or exc}") from None
-
-
-def settings_fields() -> Sequence[str]:
-    return [f.name for f in fields(AgentSettings)]

@@ -76,6 +76,14 @@ def health_from_protocols(rows: list[BirdProtocol], problem: str = "", socket: s
 class BgpBackend(Backend):
     type_name = "bgp"
 
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """IPv4 only for now: refused before anything runs (at start the agent waits and says
+        why; live, the running config stays)."""
+        if config.enable_ipv6 or not config.enable_ipv4:
+            return "Backend.Type: bgp carries IPv4 only for now; turn EnableIPv6 off"
+        return ""
+
     def __init__(self, config: NetworkConfig, host: HostFacts) -> None:
         super().__init__(config, host)
         opts = config.backend.options

@@ -325,23 +325,21 @@ class WireguardBackend(Backend):
                                   c.ipv6_network))
         return out
 
-    def _check_mode(self) -> None:
-        mode, c = self.opts.mode, self.config
-        if mode == "separate":
-            return
-        # with one address family there is one device either way: flannel's single-device
-        # modes and "separate" program the same thing
-        if mode in ("auto", "ipv4") and not c.enable_ipv6:
-            return
-        raise WireguardError(
-            f"Backend.Mode: {mode!r} (one flannel-wg device carrying both address families) is "
-            "not implemented by netagent for this network; use \"separate\" (flannel-wg and "
-            "flannel-wg-v6, flannel's default)")
+    @classmethod
+    def check_config(cls, config: NetworkConfig) -> str:
+        """Mode: flannel's single-device modes are not implemented with two families (with
+        one family there is one device either way, and "separate" programs the same)."""
+        opts = config.backend.options
+        mode = opts.mode if isinstance(opts, WireguardOptions) else "separate"
+        if mode == "separate" or (mode in ("auto", "ipv4") and not config.enable_ipv6):
+            return ""
+        return (f"Backend.Mode: {mode!r} (one flannel-wg device carrying both address families) "
+                "is not implemented by netagent for this network; use \"separate\" (flannel-wg "
+                "and flannel-wg-v6, flannel's default)")
 
     # -- lifecycle
 
     def prepare(self) -> LeaseContribution:
-        self._check_mode()
         if self.config.enable_ipv6 and self.host.public_ipv6 is None:
             raise WireguardError("wireguard: EnableIPv6 is set but this host has no PublicIPv6")
         try:

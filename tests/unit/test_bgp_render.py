@@ -202,12 +202,12 @@ def test_health_sessions_and_gauges() -> None:
 def test_ipv6_with_bgp_is_refused_before_anything_runs() -> None:
     """The backend is IPv4 only: the daemon's runnability check refuses it (at start: the
     agent waits and says why; live: the running config stays) instead of failing later."""
-    from netagent.daemon import unsupported
+    from netagent.backends import check_runnable
 
     doc = {"Network": str(NET), "EnableIPv6": True, "IPv6Network": "fd10::/48",
            "Backend": {"Type": "bgp"}}
-    assert "IPv4 only" in unsupported(parse_network_config(json.dumps(doc)))
-    assert unsupported(parse_network_config(json.dumps(
+    assert "IPv4 only" in check_runnable(parse_network_config(json.dumps(doc)))
+    assert check_runnable(parse_network_config(json.dumps(
         {"Network": str(NET), "Backend": {"Type": "bgp"}}))) == ""
 
 

@@ -3,16 +3,17 @@ fake daemon, the HTTP endpoints, watchdog timing rules, ICMP probe packets, the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,8 +22,10 @@ from support.harness import REPO, need
 
 from netagent.backends.base import BackendHealth
 from netagent.health import Heartbeat, Watchdog, start_servers, watchdog_interval
+from netagent.iptables import IptablesController, RulesState
 from netagent.masq import (
     Installed,
+    MasqError,
     Masquerade,
     missing,
     parse_save,
@@ -32,7 +35,15 @@ from netagent.masq import (
     supports_random_fully,
 )
 from netagent.metrics import Metrics
-from netagent.probe import _checksum, echo_request, parse_reply, peer_list, probe_targets
+from netagent.probe import (
+    PeerProbe,
+    _checksum,
+    echo_request,
+    parse_reply,
+    peer_list,
+    probe_targets,
+)
+from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot
 
 NET, SUB = IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24")
 NET6, SUB6 = IPv6Network("fd00:10:5::/48"), IPv6Network("fd00:10:5:72::/64")
@@ -260,6 +271,52 @@ def test_random_fully_is_probed_on_the_familys_own_binary() -> None:
     assert any("--random-fully" in r for r in kernel.ours("iptables"))
 
 
+def test_iptables_controller_follows_families_and_subnets() -> None:
+    """The daemon's rules controller: one rule set per family in use, retargeted on a new
+    subnet, a family the network drops removed (the other's rules untouched), problems
+    reported in the summary without raising."""
+    kernel = FakeIptables()
+
+    def make(network: Any, subnet: Any, **kw: Any) -> Masquerade:
+        m = Masquerade(network, subnet, **kw)
+        m._run = kernel.run  # type: ignore[method-assign]
+        return m
+
+    swept: list[int] = []
+    rules = IptablesController(enabled=True, ip_masq=True, forward=True, random_fully=True,
+                               sweep=lambda fam: bool(swept.append(fam)), make=make)
+    rules.reconcile(NET, SUB, NET6, SUB6)
+    assert rules.state() == RulesState("in place", True, 2, 0)
+    assert any(str(SUB) in r for r in kernel.ours("iptables"))
+    assert any(str(SUB6) in r for r in kernel.ours("ip6tables"))
+    v4 = kernel.ours("iptables")
+    rules.reconcile(NET, SUB, None, None)  # IPv6 turned off
+    assert kernel.ours("ip6tables") == [] and kernel.ours("iptables") == v4
+    assert rules.state().families == 1
+    new_sub = IPv4Network("10.5.99.0/24")
+    rules.reconcile(NET, new_sub, None, None)  # renumbered
+    assert any(str(new_sub) in r for r in kernel.ours("iptables"))
+    assert not any(str(SUB) in r for r in kernel.ours("iptables"))
+    assert swept == [], "rules wanted: nothing is swept"
+
+    def broken(cmd: list[str], stdin: str | None = None) -> str:
+        raise MasqError("iptables-restore: Resource temporarily unavailable")
+
+    rules.masqs[4]._run = broken  # type: ignore[method-assign]
+    rules.reconcile(NET, IPv4Network("10.5.98.0/24"), None, None)
+    assert "temporarily unavailable" in rules.state().summary
+    assert rules.state().in_place is False
+
+
+def test_iptables_controller_off_sweeps_our_old_chains_once() -> None:
+    swept: list[int] = []
+    rules = IptablesController(enabled=False, ip_masq=False, forward=False,
+                               random_fully=True, sweep=lambda fam: bool(swept.append(fam)))
+    for _ in range(3):
+        rules.reconcile(NET, SUB, None, None)
+    assert swept == [4, 6] and rules.state() == RulesState("off", False, 0, 0)
+
+
 def test_retarget_within_and_across_families() -> None:
     kernel = FakeIptables()
     m = kernel.masquerade(NET, SUB)
@@ -290,39 +347,25 @@ def test_retarget_within_and_across_families() -> None:
 # --------------------------------------------------------------------------- metrics
 
 
-@dataclass
-class FakeStatus:
-    backend: str = "vxlan"
-    public_ip: str = "192.0.2.10"
-    invalid_leases: dict[str, str] = field(default_factory=lambda: {"bad": "x"})
-    kernel_entries: dict[str, int] = field(default_factory=lambda: {"route": 2, "fdb": 2})
-    reconciles: int = 7
-    drift_repairs: int = 3
-    last_reconcile: float = 1700000000.0
-
-
-def fake_daemon() -> Any:
-    lease = SimpleNamespace(subnet=SUB, reserved=False, label=str(SUB))
-    peer = SimpleNamespace(attrs=SimpleNamespace(public_ip=IPv4Address("192.0.2.11"),
-                                                 backend_type="vxlan"))
-    d = SimpleNamespace(
-        status=FakeStatus(),
-        config=SimpleNamespace(network=NET),
-        leases=SimpleNamespace(state=SimpleNamespace(lease=lease, ttl=86400, renewals=5,
-                                                     renew_failures=1, reacquired=0),
-                               seconds_left=lambda: 86000.5),
-        registry=SimpleNamespace(stats=SimpleNamespace(errors={"unavailable": 4, "tls": 1},
-                                                       watch_reconnects=2, failovers=1)),
-        peers=SimpleNamespace(peers={IPv4Network("10.5.9.0/24"): peer}),
-        backend=SimpleNamespace(health=BackendHealth,
-                                stats={"rx_packets": 10, "tx_packets": 11, "rx_bytes": 1000,
-                                       "tx_bytes": 1100, "drops": {"no_route": 2}}),
-        prober=SimpleNamespace(results={"10.5.9.0/24": SimpleNamespace(
-            public_ip="192.0.2.11", reachable=True, rtt=0.0012)}),
-        masqs={4: SimpleNamespace(in_place=True, repairs=1)},
-        readiness=lambda: {"lease": True, "subnet_env": True, "backend": True},
+def fake_snapshot(**kw: Any) -> StatusSnapshot:
+    """What the daemon's main loop publishes for a host with one vxlan peer, udp counters and
+    masquerade rules (fields as the daemon fills them)."""
+    now = time.monotonic()
+    base: dict[str, Any] = dict(
+        built_at=now, backend="vxlan", public_ip="192.0.2.10", network=str(NET), peers=1,
+        checks=MappingProxyType({"lease": True, "subnet_env": True, "backend": True}),
+        invalid_leases=MappingProxyType({"bad": "x"}),
+        kernel_entries=MappingProxyType({"route": 2, "fdb": 2}), reconciles=7, drift_repairs=3,
+        last_reconcile=1700000000.0, backend_health=BackendHealth(),
+        lease=LeaseView(str(SUB), False, 86400, 5, 1, 0, now + 86000.5),
+        etcd=EtcdView(MappingProxyType({"unavailable": 4, "tls": 1}), 2, 1),
+        rules=RulesState("in place", True, 1, 1),
+        packet_counters=MappingProxyType({"rx_packets": 10, "tx_packets": 11, "rx_bytes": 1000,
+                                          "tx_bytes": 1100, "drops": {"no_route": 2}}),
+        probes=MappingProxyType({"10.5.9.0/24": PeerProbe("192.0.2.11", True, 0.0012, 0.0)}),
     )
-    return d
+    base.update(kw)
+    return StatusSnapshot(**base)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -334,15 +377,15 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_follow_daemon_state_and_parse() -> None:
-    d = fake_daemon()
-    m = Metrics(d)
+    current = [fake_snapshot()]
+    m = Metrics(lambda: current[0])
     m.observe_reconcile(0.004)
     got = samples(m.render().decode())
     assert got[("netagent_peers", ())] == 1
     assert got[("netagent_lease_info", (("backend", "vxlan"), ("network", "10.5.0.0/16"),
                                         ("public_ip", "192.0.2.10"), ("reserved", "false"),
                                         ("subnet", "10.5.72.0/24")))] == 1
-    assert got[("netagent_lease_expiry_seconds", ())] == 86000.5
+    assert 86000 < got[("netagent_lease_expiry_seconds", ())] <= 86000.5
     assert got[("netagent_lease_renewals_total", ())] == 5
     assert got[("netagent_lease_renewal_failures_total", ())] == 1
     assert got[("netagent_etcd_request_errors_total", (("kind", "unavailable"),))] == 4
@@ -356,19 +399,41 @@ def test_metrics_follow_daemon_state_and_parse() -> None:
                                             ("subnet", "10.5.9.0/24")))] == 1
     assert got[("netagent_ready", ())] == 1
     assert got[("netagent_masquerade_repairs_total", ())] == 1
-    # the state changes, the next scrape follows (pull, nothing cached)
-    d.peers.peers = {}
-    d.registry.stats.errors["unavailable"] = 9
+    # the loop publishes a new snapshot, the next scrape follows (nothing cached)
+    current[0] = fake_snapshot(peers=0, etcd=EtcdView(MappingProxyType({"unavailable": 9}), 2, 1))
     got = samples(m.render().decode())
     assert got[("netagent_peers", ())] == 0
     assert got[("netagent_etcd_request_errors_total", (("kind", "unavailable"),))] == 9
 
 
 def test_metrics_during_startup_have_no_lease_yet() -> None:
-    d = SimpleNamespace(status=FakeStatus(), config=None, leases=None, readiness=lambda: {})
-    got = samples(Metrics(d).render().decode())
+    got = samples(Metrics(StatusSnapshot).render().decode())
     assert got[("netagent_ready", ())] == 0
     assert not any(name == "netagent_lease_expiry_seconds" for name, _ in got)
+    assert not any(name.startswith("netagent_udp") for name, _ in got)
+
+
+def test_readiness_rechecks_the_lease_deadline_at_read_time() -> None:
+    """A main loop stuck in an etcd retry publishes nothing new; /readyz must still turn
+    false once our lease has run out."""
+    now = time.monotonic()
+    snap = fake_snapshot(lease=LeaseView(str(SUB), False, 60, 0, 0, 0, now + 5))
+    assert all(snap.readiness(now).values())
+    assert snap.readiness(now + 6)["lease"] is False
+    reserved = fake_snapshot(lease=LeaseView(str(SUB), True, -1, 0, 0, 0, None))
+    assert all(reserved.readiness(now + 10**6).values())
+
+
+def test_status_doc_keeps_the_status_json_keys() -> None:
+    """`netagent status` (and scripts) read these keys; the snapshot must write all of them."""
+    doc = fake_snapshot(backend_health=BackendHealth(False, "down", {"impl": "x"})).status_doc()
+    assert set(doc) == {
+        "phase", "ready", "subnet_file_written", "backend", "subnet", "lease_key",
+        "public_ip", "mtu", "peers", "last_reconcile", "reconciles", "drift_repairs",
+        "reacquired", "backend_programmed", "masquerade", "peer_list", "kernel_entries",
+        "skipped_peers", "invalid_leases", "config_error", "backend_health"}
+    assert doc["backend_health"] == {"ok": False, "detail": "down", "impl": "x"}
+    json.dumps(doc)  # plain JSON, no mapping proxies left
 
 
 # --------------------------------------------------------------------------- health
@@ -529,11 +594,7 @@ def test_backend_health_reaches_metrics_and_status_rows() -> None:
                            gauges=(BackendGauge("bgp_session_up", "h", 1.0, (("peer", "a"),)),
                                    BackendGauge("bgp_session_up", "h", 0.0, (("peer", "b"),))))
 
-    class _Backend:
-        def health(self) -> BackendHealth:
-            return health
-
-    fams = {m.name: m for m in DaemonCollector._backend(_Backend())}
+    fams = {m.name: m for m in DaemonCollector._backend(health)}
     assert fams["netagent_backend_healthy"].samples[0].value == 0.0
     assert [(s.labels, s.value) for s in fams["netagent_bgp_session_up"].samples] == [
         ({"peer": "a"}, 1.0), ({"peer": "b"}, 0.0)]

@@ -335,24 +335,22 @@ def test_health_reports_a_dead_wireguard_go(tmp_path: Path) -> None:
 ])
 def test_single_device_modes_are_refused_naming_the_field_before_anything_changes(
         tmp_path: Path, extra: dict[str, object], mode: str) -> None:
-    from netagent.backends.wireguard.backend import WireguardError
+    """The runnability check (start: wait and report; live: keep the running config) refuses
+    them before any backend object exists, so nothing is written."""
+    from netagent.backends import check_runnable
 
-    host = HostFacts("eth0", 2, 1500, IPv4Address("192.0.2.9"), IPv4Address("192.0.2.9"),
-                     tmp_path / "state", IPv6Address("2001:db8::9"))
-    be = WireguardBackend(parse_network_config(cfg({"Mode": mode}, **extra)), host,
-                          kernel=None)
-    with pytest.raises(WireguardError, match="Backend.Mode") as err:
-        be.prepare()
-    assert "separate" in str(err.value)
-    assert not (tmp_path / "state").exists()  # no key written, no device touched (no kernel)
+    why = check_runnable(parse_network_config(cfg({"Mode": mode}, **extra)))
+    assert why.startswith("Backend.Mode:") and "separate" in why
 
 
 def test_ipv4_and_auto_modes_on_an_ipv4_network_are_separate() -> None:
+    from netagent.backends import check_runnable
+
     for mode in ("auto", "ipv4"):
         c = parse_network_config(cfg({"Mode": mode}))
         be = WireguardBackend(c, HostFacts("eth0", 2, 1500, IPv4Address("192.0.2.9"),
                                            IPv4Address("192.0.2.9"), Path("/nonexistent")))
-        be._check_mode()  # no error
+        assert check_runnable(c) == ""
         assert [s.name for s in be._specs()] == ["flannel-wg"]
 
 

@@ -1,0 +1,206 @@
+"""LeaseManager on the in-memory store (tests/support/fakestore.py): acquisition, reuse by
+PublicIP, own-key loss, recovery after an etcd outage, TTL expiry and an exhausted network —
+the paths the real-etcd tests (tests/netns/test_leasing.py, tests/netns/test_registry.py) cover
+only in part, here in milliseconds and with failures injected where etcd cannot be made to
+fail on cue. The fake itself is checked first, against the etcd behaviour the agent relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from support.fakestore import FakeClock, FakeStore
+
+from netagent.config import parse_network_config
+from netagent.lease import LeaseAttrs, OutOfSubnets, decode_lease
+from netagent.leasing import LeaseLost, LeaseManager
+from netagent.store import RegistryError, WatchEvent, WatchResync
+
+SUBNETS = "/coreos.com/network/subnets/"
+NET = {"Network": "10.60.0.0/16", "Backend": {"Type": "host-gw"}}
+
+
+def attrs(i: int, backend: str = "host-gw") -> LeaseAttrs:
+    return LeaseAttrs(public_ip=IPv4Address(f"192.0.2.{i}"), backend_type=backend)
+
+
+def manager(store: FakeStore, i: int, doc: dict[str, object] | None = None,
+            backend: str = "host-gw", ttl: int = 60, **kw: object) -> LeaseManager:
+    cfg = parse_network_config(json.dumps(doc or NET))
+    return LeaseManager(store, cfg, attrs(i, backend), ttl=ttl, rng=random.Random(i),
+                        **kw)  # type: ignore[arg-type]
+
+
+def held_by(store: FakeStore) -> dict[str, str]:
+    """lease key -> PublicIP of its holder, as etcd has them."""
+    items, _ = store.list_prefix(SUBNETS)
+    return {kv.key[len(SUBNETS):]: str(decode_lease(kv.key[len(SUBNETS):], kv.value)
+                                       .attrs.public_ip) for kv in items}
+
+
+# --------------------------------------------------------------------------- the fake itself
+
+
+def test_fake_store_create_if_absent_ttl_expiry_and_watch_from_a_revision() -> None:
+    clock = FakeClock()
+    s = FakeStore(clock=clock)
+    ok, lid, _ = s.create(SUBNETS + "a", "1", ttl=10)
+    assert ok and lid
+    ok2, lid2, existing = s.create(SUBNETS + "a", "2", ttl=10)
+    assert not ok2 and lid2 == 0 and existing is not None and existing.value == b"1"
+    assert len(s.leases) == 1, "a failed create leaves no lease behind"
+    rev_after_create = s.revision
+    clock.advance(9)
+    assert s.keepalive(lid) == 10  # renewed: expires 10 s from now
+    clock.advance(9)
+    assert s.expire() == []
+    clock.advance(2)
+    assert s.expire() == [SUBNETS + "a"] and s.get(SUBNETS + "a") is None
+    assert s.keepalive(lid) == 0, "an expired lease answers TTL 0"
+    stop = threading.Event()
+    seen = []
+    for ev in s.watch_prefix(SUBNETS, rev_after_create, stop):
+        seen.append(ev)
+        if len(seen) == 2:
+            stop.set()
+    assert [(e.kind, e.key) for e in seen if isinstance(e, WatchEvent)] == [
+        ("put", SUBNETS + "a"), ("delete", SUBNETS + "a")]
+
+
+def test_fake_store_watch_from_a_compacted_revision_resyncs_and_failures_change_nothing() -> None:
+    s = FakeStore()
+    s.put(SUBNETS + "a", "1")
+    s.put(SUBNETS + "b", "2")
+    s.delete(SUBNETS + "a")
+    s.compact(s.revision)
+    with pytest.raises(RegistryError) as compacted:
+        s.events_since(SUBNETS, 2)
+    assert compacted.value.kind == "compacted"
+    assert s.events_since(SUBNETS, s.revision + 1) == []
+    stop = threading.Event()
+    first = next(iter(s.watch_prefix(SUBNETS, 2, stop)))
+    assert isinstance(first, WatchResync)
+    assert [kv.key for kv in first.items] == [SUBNETS + "b"] and first.revision == s.revision
+    s.fail("put", "timeout", times=1)
+    before = s.revision
+    with pytest.raises(RegistryError) as err:
+        s.put(SUBNETS + "c", "3")
+    assert err.value.kind == "timeout" and s.revision == before and s.get(SUBNETS + "c") is None
+    s.put(SUBNETS + "c", "3")  # the failure was for one call only
+    assert s.stats.errors == {"compacted": 2, "timeout": 1}
+
+
+# --------------------------------------------------------------------------- LeaseManager
+
+
+def test_acquire_creates_a_key_on_a_ttl_lease_and_hosts_get_distinct_subnets() -> None:
+    s = FakeStore()
+    a = manager(s, 1).acquire()
+    b = manager(s, 2).acquire()
+    assert a.subnet != b.subnet and a.lease_id and b.lease_id and a.lease_id != b.lease_id
+    assert held_by(s) == {a.key: "192.0.2.1", b.key: "192.0.2.2"}
+    assert s.leases[a.lease_id].ttl == 60
+
+
+def test_restart_reuses_the_key_found_by_public_ip_without_a_write() -> None:
+    """A restart (no subnet file) finds our lease by PublicIP: same key, same etcd lease, no
+    write, so peers see no watch event."""
+    s = FakeStore()
+    first = manager(s, 1).acquire()
+    writes = s.writes()
+    again = manager(s, 1).acquire()
+    assert (again.key, again.lease_id) == (first.key, first.lease_id)
+    assert s.writes() == writes
+
+
+def test_restart_with_new_backend_data_rewrites_the_value_on_the_same_lease() -> None:
+    s = FakeStore()
+    first = manager(s, 1).acquire()
+    again = manager(s, 1, backend="vxlan").acquire()
+    assert (again.key, again.lease_id) == (first.key, first.lease_id)
+    kv = s.get(SUBNETS + first.key)
+    assert kv is not None and json.loads(kv.value)["BackendType"] == "vxlan"
+    assert kv.lease_id == first.lease_id
+
+
+def test_previous_subnet_from_the_subnet_file_is_kept_when_free() -> None:
+    s = FakeStore()
+    want = IPv4Network("10.60.77.0/24")
+    got = manager(s, 1, previous_subnet=want).acquire()
+    assert got.subnet == want
+
+
+def test_own_key_deleted_recreates_the_same_subnet_on_the_same_etcd_lease() -> None:
+    s = FakeStore()
+    m = manager(s, 1)
+    lease = m.acquire()
+    s.delete(SUBNETS + lease.key)
+    again = m.reacquire()
+    assert (again.subnet, again.lease_id) == (lease.subnet, lease.lease_id)
+    assert m.state is not None and m.state.reacquired == 1
+    assert held_by(s) == {lease.key: "192.0.2.1"}
+
+
+def test_expired_etcd_lease_recreates_the_same_subnet_on_a_new_lease() -> None:
+    clock = FakeClock()
+    s = FakeStore(clock=clock)
+    m = manager(s, 1, ttl=30)
+    lease = m.acquire()
+    clock.advance(31)
+    assert s.expire() == [SUBNETS + lease.key]
+    assert m.renew() is False, "a keepalive answered with TTL 0 is lease loss"
+    again = m.reacquire()
+    assert again.subnet == lease.subnet and again.lease_id != lease.lease_id
+    assert again.lease_id in s.leases
+
+
+def test_subnet_taken_by_another_host_renumbers_loudly() -> None:
+    s = FakeStore()
+    m = manager(s, 1)
+    lease = m.acquire()
+    s.delete(SUBNETS + lease.key)
+    other = json.dumps({"PublicIP": "192.0.2.9", "BackendType": "host-gw"})
+    s.put(SUBNETS + lease.key, other)
+    with pytest.raises(LeaseLost):
+        m.reacquire()
+    assert m.lease.subnet != lease.subnet
+    assert held_by(s) == {lease.key: "192.0.2.9", m.lease.key: "192.0.2.1"}
+
+
+def test_keepalives_during_an_outage_count_failures_and_keep_the_lease() -> None:
+    s = FakeStore()
+    m = manager(s, 1)
+    lease = m.acquire()
+    s.fail("keepalive", "unavailable", times=3)
+    assert [m.renew() for _ in range(3)] == [True, True, True]
+    assert m.state is not None and m.state.renew_failures == 3 and m.state.renewals == 0
+    assert m.renew() is True and m.state.renewals == 1
+    assert m.lease.lease_id == lease.lease_id
+
+
+def test_acquire_during_an_outage_raises_and_succeeds_once_etcd_is_back() -> None:
+    """The daemon retries acquire() with backoff on RegistryError; nothing is half-written."""
+    s = FakeStore()
+    s.fail("create", "unavailable", times=1)
+    m = manager(s, 1)
+    with pytest.raises(RegistryError) as err:
+        m.acquire()
+    assert err.value.kind == "unavailable" and held_by(s) == {} and s.leases == {}
+    lease = m.acquire()
+    assert held_by(s) == {lease.key: "192.0.2.1"}
+
+
+def test_out_of_subnets_when_every_subnet_is_held_by_others() -> None:
+    small: dict[str, object] = {"Network": "10.61.0.0/16", "SubnetMin": "10.61.1.0", "SubnetMax": "10.61.2.0",
+             "Backend": {"Type": "host-gw"}}
+    s = FakeStore()
+    manager(s, 1, small).acquire()
+    manager(s, 2, small).acquire()
+    writes = s.writes()
+    with pytest.raises(OutOfSubnets):
+        manager(s, 3, small).acquire()
+    assert s.writes() == writes, "nothing is written when no subnet is free"
