@@ -348,10 +348,10 @@ class Masquerade:
         return out
 
     def ensure(self) -> bool:
-        """Re-check and re-apply when anything differs. True = rules in place; raises MasqError.
-
-        Returns without writing when everything is already in place (the periodic re-check).
-        """
+        """Re-check and re-apply when anything differs. True = rules were (re-)applied now,
+        False = they were already in place and nothing was written (the periodic re-check);
+        either way they are in place afterwards (``in_place``). Raises MasqError when they
+        still are not after applying."""
         self._drop_stale()
         self._resolve_random_fully()
         have = self.installed()
