@@ -32,11 +32,13 @@ from netagent.backends.base import (
     LeaseContribution,
     SyncReport,
 )
+from netagent.blackhole import BlackholeRoutes
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
 from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.iptables import IptablesController
+from netagent.kernel import Kernel, NetlinkKernel
 from netagent.lease import (
     NO_PUBLIC_IP,
     LeaseAttrs,
@@ -168,6 +170,8 @@ class Daemon:
             enabled=settings.iptables, ip_masq=settings.ip_masq,
             forward=settings.iptables_forward_rules,
             random_fully=not settings.ip_masq_fully_random_disable)
+        #: --ip-blackhole-route: re-checked with the iptables rules
+        self.blackholes = BlackholeRoutes(settings.ip_blackhole_route, self.make_kernel)
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
@@ -241,6 +245,10 @@ class Daemon:
     def make_backend(self, config: NetworkConfig, host: HostFacts) -> Backend:
         """A backend instance for `config` (the unit tests give theirs a fake kernel)."""
         return backend_class(config.backend.type)(config, host)
+
+    def make_kernel(self) -> Kernel:
+        """The kernel the blackhole routes are written through (the unit tests give a fake)."""
+        return NetlinkKernel()
 
     def make_prober(self, config: NetworkConfig) -> Prober | None:
         """The peer reachability prober (ICMP to each peer's overlay gateway), started; none
@@ -386,6 +394,7 @@ class Daemon:
         self.rules.reconcile(cfg.network, lease.subnet, cfg.ipv6_network, lease.ipv6_subnet)
         if self.rules.enabled:
             self.status.masquerade = self.rules.summary
+        self.blackholes.reconcile([lease.subnet, lease.ipv6_subnet])
 
     def run(self) -> int:
         try:

@@ -27,7 +27,7 @@ Public API (import from ``netagent.kernel``):
   ``VxlanSpec``, ``RouteLookup``, ``KernelError``, the ``Kernel`` protocol; type aliases
   ``IPAddress``, ``IPNetwork``, ``IPInterface``; constants ``RTPROT_NETAGENT``,
   ``RT_TABLE_MAIN``, ``RT_SCOPE_UNIVERSE``, ``RT_SCOPE_LINK``, ``IPV6_DEFAULT_METRIC``,
-  ``KINDS``.
+  ``RTN_UNICAST``, ``RTN_BLACKHOLE``, ``KINDS``.
 * reconciling: ``DeltaTracker``, ``Reconciler``, ``ApplyResult``, ``route_owner``,
   ``lookup_all``.
 * the kernel: ``NetlinkKernel(netns=None)``; ``encode_op`` (one op's rtnetlink message).
@@ -58,6 +58,8 @@ from netagent.kernel.entries import (
     RT_SCOPE_LINK,
     RT_SCOPE_UNIVERSE,
     RT_TABLE_MAIN,
+    RTN_BLACKHOLE,
+    RTN_UNICAST,
     RTPROT_NETAGENT,
     Entry,
     Fdb,
@@ -80,7 +82,8 @@ from netagent.kernel.reconciler import ApplyResult, Reconciler, lookup_all, rout
 from netagent.kernel.rtnetlink import encode_op
 
 __all__ = [
-    "IPV6_DEFAULT_METRIC", "KINDS", "RT_SCOPE_LINK", "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
+    "IPV6_DEFAULT_METRIC", "KINDS", "RTN_BLACKHOLE", "RTN_UNICAST", "RT_SCOPE_LINK",
+    "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
     "RTPROT_NETAGENT", "ApplyResult", "DeltaTracker", "Entry", "Fdb", "HostInterface",
     "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "Neigh",
     "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",

@@ -19,6 +19,7 @@ from netagent.kernel.entries import (
     AF_INET,
     AF_INET6,
     NUD_PERMANENT,
+    RTN_BLACKHOLE,
     RTNH_F_ONLINK,
     Entry,
     Fdb,
@@ -305,8 +306,8 @@ class NetlinkKernel:
                      ) -> Route | None:
         family, dst_len, _s, _tos, rtable, proto, scope, rtype, flags = \
             _RTMSG.unpack_from(data, off)
-        if family != af or rtype != _RTN_UNICAST:
-            return None  # unicast only; local/broadcast/blackhole are never ours
+        if family != af or rtype not in (_RTN_UNICAST, RTN_BLACKHOLE):
+            return None  # local/broadcast/unreachable/prohibit are never ours
         a = _attrs(data, off + _RTMSG.size, end)
         u32 = _U32.unpack
         if _RTA_TABLE in a:
@@ -314,6 +315,8 @@ class NetlinkKernel:
         if rtable != table or _RTA_MULTIPATH in a:
             return None
         gw, oif, prio = a.get(_RTA_GATEWAY), a.get(_RTA_OIF), a.get(_RTA_PRIORITY)
+        if rtype == RTN_BLACKHOLE:
+            oif = None  # IPv6 reports a blackhole route on "lo"; it is no device's route
         return Route(
             dst=self._interned.net(a.get(_RTA_DST, b""), dst_len, af == AF_INET6),
             gateway=self._interned.addr(gw) if gw else None,
@@ -323,6 +326,7 @@ class NetlinkKernel:
             metric=u32(prio)[0] if prio else 0,
             proto=proto,
             scope=scope,
+            rtype=rtype,
         )
 
     # lookups and writes

@@ -84,17 +84,20 @@ class UnitDaemon(Daemon):
     def make_prober(self, config: NetworkConfig) -> Prober | None:
         return None
 
+    def make_kernel(self) -> FakeKernel:  # type: ignore[override]
+        return self.kernel
+
 
 class Agent:
     """One UnitDaemon running in a thread, with helpers to look at what it did."""
 
     def __init__(self, tmp: Path, store: FakeStore, kernel: FakeKernel, ttl: int = 60,
-                 repair: float = 1.0) -> None:
+                 repair: float = 1.0, extra: tuple[str, ...] = ()) -> None:
         p = argparse.ArgumentParser()
         add_flags(p)
         args = p.parse_args(["--state-dir", str(tmp), "--subnet-file", str(tmp / "subnet.env"),
                              "--subnet-lease-ttl", str(ttl), "--repair-interval", str(repair),
-                             "--iptables-forward-rules=false"])
+                             "--iptables-forward-rules=false", *extra])
         self.settings = load_settings(args, {})
         self.store, self.kernel, self.tmp = store, kernel, tmp
         self.daemon = UnitDaemon(self.settings, store, kernel, tmp)
@@ -374,3 +377,37 @@ def test_backend_health_reaches_readiness_between_syncs(
         until(a.ready, "ready again", timeout=3)
     finally:
         FlakyAlloc.healthy = True
+
+
+# --------------------------------------------------------------------------- --ip-blackhole-route
+
+
+def test_blackhole_route_for_own_subnet_survives_repair_and_goes_when_turned_off(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """The real daemon installs it before subnet.env, the peer sweep and drift repair leave it
+    alone, the --iptables-resync re-check puts it back, and a restart without the flag
+    removes it (issue 19 item 6; flannel #2328 never installed it)."""
+    from netagent.blackhole import blackhole_route
+
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, extra=("--ip-blackhole-route", "--iptables-resync", "1"))
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    own = IPv4Network(a.env()["FLANNEL_SUBNET"], strict=False)
+    bh = blackhole_route(own)
+    assert kernel.routes.get(bh.key) == bh
+    assert peer_routes(kernel) == {"10.70.2.0/24", str(own)}
+    del kernel.routes[bh.key]  # `ip route del blackhole ...` by someone
+    until(lambda: kernel.routes.get(bh.key) == bh, "put back by the resync", timeout=5)
+    assert a.daemon.blackholes.repairs == 1
+    assert a.stop() == EXIT_OK
+    assert kernel.routes.get(bh.key) == bh, "a stop leaves kernel state in place"
+    store.reopen()
+    b = Agent(tmp_path, store, kernel).start()
+    agents.append(b)
+    until(b.ready, "restarted without the flag")
+    until(lambda: bh.key not in kernel.routes, "removed with the flag off")
+    assert peer_routes(kernel) == {"10.70.2.0/24"}
+    assert b.stop() == EXIT_OK
