@@ -34,7 +34,16 @@ from netagent.backends.base import (
 )
 from netagent.blackhole import BlackholeRoutes
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
-from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
+from netagent.files import (
+    RUN_LOCK,
+    FileError,
+    SubnetEnv,
+    previous_subnets,
+    render_subnet_env,
+    run_lock_holder,
+    take_run_lock,
+    write_atomic,
+)
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.iptables import IptablesController
@@ -70,6 +79,8 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FATAL = 1
+#: seconds a starting agent waits for the run lock (a previous agent still stopping)
+RUN_LOCK_WAIT = 10.0
 EXIT_OUT_OF_SUBNETS = 2
 
 
@@ -396,8 +407,30 @@ class Daemon:
             self.status.masquerade = self.rules.summary
         self.blackholes.reconcile([lease.subnet, lease.ipv6_subnet])
 
+    def _lock(self) -> int | None:
+        """Hold the state dir's run lock (``netagent cleanup`` refuses while it is held).
+        Another holder: an agent still stopping (a restart overlapping) or a cleanup running;
+        wait up to RUN_LOCK_WAIT seconds, then give up: two agents on one state dir would
+        fight over the same kernel entries."""
+        deadline = time.monotonic() + RUN_LOCK_WAIT
+        while not self.stop.is_set():
+            fd = take_run_lock(self.settings.state_dir)
+            if fd is not None:
+                return fd
+            if time.monotonic() >= deadline:
+                holder = run_lock_holder(self.settings.state_dir)
+                log.error("another netagent (agent or cleanup, PID %s) holds %s; not starting",
+                          holder or "unknown", Path(self.settings.state_dir) / RUN_LOCK)
+                return None
+            self.stop.wait(0.2)
+        return None
+
     def run(self) -> int:
+        lock: int | None = None
         try:
+            lock = self._lock()
+            if lock is None:
+                return EXIT_FATAL
             self._start_ops()
             return self._run()
         except OSError as exc:
@@ -419,6 +452,8 @@ class Daemon:
             self.registry.close()
             for srv in self._servers:
                 srv.stop()
+            if lock is not None:
+                os.close(lock)  # releases the run lock (the file stays: its PID is advisory)
 
     def _run(self) -> int:
         self._phase("waiting for network config")

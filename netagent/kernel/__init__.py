@@ -24,6 +24,7 @@ ours because they live on our own vxlan device. Nothing else is ever deleted.
 Public API (import from ``netagent.kernel``):
 
 * entries and facts: ``Neigh``, ``Fdb``, ``Route``, ``Entry``, ``Op``, ``LinkInfo``,
+  ``LinkSummary`` (``NetlinkKernel.links()``: the link table, for ``netagent cleanup``),
   ``VxlanSpec``, ``RouteLookup``, ``KernelError``, the ``Kernel`` protocol; type aliases
   ``IPAddress``, ``IPNetwork``, ``IPInterface``; constants ``RTPROT_NETAGENT``,
   ``RT_TABLE_MAIN``, ``RT_SCOPE_UNIVERSE``, ``RT_SCOPE_LINK``, ``IPV6_DEFAULT_METRIC``,
@@ -69,6 +70,7 @@ from netagent.kernel.entries import (
     Kernel,
     KernelError,
     LinkInfo,
+    LinkSummary,
     Neigh,
     Op,
     Route,
@@ -85,7 +87,7 @@ __all__ = [
     "IPV6_DEFAULT_METRIC", "KINDS", "RTN_BLACKHOLE", "RTN_UNICAST", "RT_SCOPE_LINK",
     "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
     "RTPROT_NETAGENT", "ApplyResult", "DeltaTracker", "Entry", "Fdb", "HostInterface",
-    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "Neigh",
+    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "LinkSummary", "Neigh",
     "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
     "disable_tx_checksum", "encode_op", "gateway_route_to", "host_interfaces",
     "kernel_needs_csum_workaround", "lookup_all", "route_get", "route_owner",

@@ -133,6 +133,17 @@ class Op:
 
 
 @dataclass(frozen=True)
+class LinkSummary:
+    """One line of the link table (``ip link``): enough to find our devices by name and to
+    tell whether a bridge still has ports (links whose ``master`` is its index)."""
+
+    index: int
+    name: str
+    kind: str
+    master: int | None
+
+
+@dataclass(frozen=True)
 class LinkInfo:
     """What we read back about a link (only the attributes the backends compare)."""
 

@@ -27,6 +27,7 @@ from netagent.kernel.entries import (
     IPInterface,
     KernelError,
     LinkInfo,
+    LinkSummary,
     Neigh,
     Op,
     Route,
@@ -45,6 +46,7 @@ from netagent.kernel.rtnetlink import (
     _IFLA_INFO_DATA,
     _IFLA_INFO_KIND,
     _IFLA_LINKINFO,
+    _IFLA_MASTER,
     _IFLA_MTU,
     _IFLA_VXLAN_GBP,
     _IFLA_VXLAN_ID,
@@ -162,6 +164,22 @@ class NetlinkKernel:
             mtu=_U32.unpack(mtu)[0] if mtu else 0, up=bool(flags & 1), addrs=tuple(addrs),
             **vx,  # type: ignore[arg-type]
         )
+
+    def links(self) -> list[LinkSummary]:
+        """Every link (one dump): ``netagent cleanup`` finds our devices and a bridge's
+        ports with it."""
+        out = []
+        for data, off, end in self.rt.dump(_RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
+            _fam, _type, index, _flags, _change = _IFINFO.unpack_from(data, off)
+            a = _attrs(data, off + _IFINFO.size, end)
+            kind = ""
+            info = a.get(_IFLA_LINKINFO)
+            if info is not None:
+                kind = _attrs(info, 0, len(info)).get(_IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+            master = a.get(_IFLA_MASTER)
+            out.append(LinkSummary(index, a.get(_IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+                                   kind, _U32.unpack(master)[0] if master else None))
+        return out
 
     def create_vxlan(self, spec: VxlanSpec, mac: str) -> None:
         data = (_rta(_IFLA_VXLAN_ID, _U32.pack(spec.vni))

@@ -411,3 +411,33 @@ def test_blackhole_route_for_own_subnet_survives_repair_and_goes_when_turned_off
     until(lambda: bh.key not in kernel.routes, "removed with the flag off")
     assert peer_routes(kernel) == {"10.70.2.0/24"}
     assert b.stop() == EXIT_OK
+
+
+def test_agent_refuses_to_start_while_another_holds_the_state_dir(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two agents on one state dir would fight over one kernel; `netagent cleanup` holds the
+    same lock while it works. The second waits RUN_LOCK_WAIT (a restart overlapping the old
+    agent's exit), then exits 1 naming the holder, having written nothing."""
+    import os
+
+    from netagent import daemon as daemon_mod
+    from netagent.files import take_run_lock
+
+    monkeypatch.setattr(daemon_mod, "RUN_LOCK_WAIT", 0.3)
+    store.put(CONFIG, net())
+    fd = take_run_lock(tmp_path)
+    assert fd is not None
+    try:
+        a = Agent(tmp_path, store, kernel).start()
+        agents.append(a)
+        a.thread.join(10)
+        assert a.rc == [1]
+        store.reopen()
+        assert store.list_prefix(SUBNETS)[0] == [] and kernel.log == []
+    finally:
+        os.close(fd)
+    b = Agent(tmp_path, store, kernel).start()  # released: starts normally
+    agents.append(b)
+    until(b.ready, "ready once the lock is free")
+    assert b.stop() == EXIT_OK
