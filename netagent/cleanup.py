@@ -121,20 +121,24 @@ def plan_cleanup(view: HostView) -> tuple[list[Step], list[str]]:
             continue  # survey() only reads ours; a foreign route is never touched
         steps.append(Step("route", describe_route(r, dev), r))
     for link in ours:
-        extra = f" and its {riding[link.index]} routes" if link.index in riding else ""
+        extra = _routes_note(riding.get(link.index, 0))
         steps.append(Step("link", f"device {link.name} ({link.kind or 'link'}){extra}", link))
     if bridge is not None:
         if ports:
             names = ", ".join(p.name for p in ports[:5]) + (" ..." if len(ports) > 5 else "")
             kept.append(f"bridge {bridge.name}: {len(ports)} pod interface(s) attached ({names})")
         else:
-            extra = f" and its {riding[bridge.index]} routes" if bridge.index in riding else ""
+            extra = _routes_note(riding.get(bridge.index, 0))
             steps.append(Step("link", f"CNI bridge {bridge.name} (no pod attached){extra}",
                               bridge))
     for fam in sorted(view.iptables):
         steps.append(Step("iptables", f"IPv{fam} iptables chains FLANNEL-POSTRTG/FLANNEL-FWD "
                           "and their hook rules", fam))
     return steps, kept
+
+
+def _routes_note(n: int) -> str:
+    return "" if not n else f" and its {n} route{'s' if n != 1 else ''}"
 
 
 def describe_route(r: Route, dev: LinkSummary | None) -> str:
