@@ -146,3 +146,58 @@ def test_release_lease_without_etcd_changes_nothing(lab: Lab, bad: str) -> None:
         capture_output=True, text=True, timeout=90, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert got.returncode == 1 and "--release-lease" in got.stderr, got
     assert state(h1) == before and "flannel.1" in before["links"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - one read
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def test_cleanup_stops_the_wireguard_go_the_agent_started(tmp_path: Any) -> None:
+    """A stopped agent leaves wireguard-go forwarding (by design); cleanup stops exactly that
+    PID (recorded in the state dir, checked against its command line) and the TUN goes."""
+    need(sh("which", "wireguard-go", check=False).returncode == 0, "needs wireguard-go")
+    from support.wireguard import WgLab
+
+    lab = WgLab(tmp_path)
+    try:
+        lab.start_etcd()
+        net = f"10.{lab.prefix.split('.')[1]}.0.0/16"
+        [h1] = lab.start_hosts(f'{{"Network":"{net}","Backend":{{"Type":"wireguard"}}}}', 1)
+        wait_for(lambda: lab.wg_pids(), 20, what="wireguard-go started")
+        [pid] = lab.wg_pids()
+        assert lab.stop_agent(h1) == 0
+        assert pid_alive(pid), "wireguard-go outlives the agent (so pods keep forwarding)"
+        got = cleanup(lab, h1, "--dry-run")
+        assert f"would remove: wireguard-go for flannel-wg (PID {pid})" in got.stdout, got
+        got = cleanup(lab, h1)
+        assert got.returncode == 0 and f"removed: wireguard-go for flannel-wg (PID {pid})" \
+            in got.stdout, got
+        wait_for(lambda: not pid_alive(pid), 5, what="wireguard-go gone")
+        assert "flannel-wg" not in h1.run("ip", "link", "show").stdout
+        got = cleanup(lab, h1)
+        assert got.returncode == 0 and "nothing to do" in got.stdout, got
+    finally:
+        lab.close()
+
+
+def test_cleanup_stops_our_bird(lab: Lab) -> None:
+    """The bgp backend's BIRD keeps routing after the agent stops; cleanup stops it (only a
+    BIRD whose command line names our bird.conf)."""
+    need(sh("which", "bird", check=False).returncode == 0, "needs BIRD 2")
+    net = f"10.{lab.prefix.split('.')[1]}.0.0/16"
+    [h1] = lab.start_hosts(f'{{"Network":"{net}","Backend":{{"Type":"bgp"}}}}', 1)
+    pidfile = h1.state_dir / "bird.pid"
+    wait_for(pidfile.exists, 20, what="BIRD started")
+    pid = int(pidfile.read_text().split()[0])
+    assert lab.stop_agent(h1) == 0
+    assert pid_alive(pid), "BIRD outlives the agent"
+    got = cleanup(lab, h1)
+    assert got.returncode == 0 and f"removed: BIRD (PID {pid}, our bird.conf)" in got.stdout, got
+    wait_for(lambda: not pid_alive(pid), 10, what="BIRD gone")
+    assert our_routes(h1) == []
+    got = cleanup(lab, h1)
+    assert got.returncode == 0 and "nothing to do" in got.stdout, got
