@@ -57,6 +57,7 @@ from netagent.lease import (
     decode_lease,
 )
 from netagent.leasing import LeaseLost, LeaseManager
+from netagent.lograte import LogLimiter
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
@@ -175,6 +176,8 @@ class Daemon:
         self._peer_list_key: tuple[int, int, int] = (0, -1, -1)
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
+        #: hostile-input lines (malformed leases): first at once, repeats summarised per 10 s
+        self.log_limiter = LogLimiter(log)
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
         self.rules = IptablesController(
@@ -563,6 +566,7 @@ class Daemon:
         next_rules = time.monotonic() + resync
         while not self.stop.is_set():
             self.heartbeat.beat()
+            self.log_limiter.flush()
             if self._status_dirty:
                 self._write_status(soon=True)
             checks = self.readiness()
@@ -811,8 +815,9 @@ class Daemon:
         return set()
 
     def _log_rejected(self, changes: PeerChanges) -> None:
-        for name, why in changes.rejected.items():
-            log.warning("skipping malformed lease subnets/%s: %s", name, why)
+        for name, why in changes.rejected.items():  # a peer may rewrite one every few ms
+            self.log_limiter.log(f"lease {name}", "skipping malformed lease subnets/%s: %s",
+                                 name, why)
 
     def _sync(self, changed: frozenset[PeerId] | None, repair: bool = False) -> None:
         """Program the peers: the ones in `changed`, or (None) a full compare against the

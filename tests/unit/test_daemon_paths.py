@@ -441,3 +441,45 @@ def test_agent_refuses_to_start_while_another_holds_the_state_dir(
     agents.append(b)
     until(b.ready, "ready once the lock is free")
     assert b.stop() == EXIT_OK
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_malformed_lease_flood_is_rate_limited_and_good_peers_still_programmed(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer rewriting a malformed value thousands of times (issue 19 item 7): a handful of
+    log lines with counts instead of one per write, and a good peer arriving mid-flood is
+    programmed at once."""
+    import logging
+    import time
+
+    from netagent.lograte import LogLimiter
+
+    caplog.set_level(logging.WARNING, logger="netagent")
+    store.put(CONFIG, net())
+    a = Agent(tmp_path, store, kernel)
+    a.daemon.log_limiter = LogLimiter(logging.getLogger("netagent"), window=0.5)
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    writes = 3000
+    for i in range(writes):
+        store.put(SUBNETS + "10.70.9.0-24", f"{{not json {i}")
+        if i == writes // 2:
+            peer(store, 2, "10.70.2.0/24")
+            t0 = time.monotonic()
+    until(lambda: "10.70.2.0/24" in peer_routes(kernel), "good peer programmed mid-flood")
+    latency = time.monotonic() - t0
+    until(lambda: sum(int(r.getMessage().split("(and ")[1].split()[0])
+                      for r in caplog.records if "more in the last" in r.getMessage())
+          + sum(1 for r in caplog.records if r.getMessage().startswith("skipping malformed")
+                and "more in the last" not in r.getMessage()) == writes,
+          "every malformed write accounted for in the log", timeout=10)
+    lines = [r for r in caplog.records if "skipping malformed lease" in r.getMessage()]
+    assert 2 <= len(lines) <= 20, [r.getMessage() for r in lines]
+    assert latency < 5.0
+    until(lambda: list(a.daemon.snapshot.invalid_leases) == ["10.70.9.0-24"],
+          "the malformed key shown once in the status (netagent_invalid_leases)")
+    assert a.stop() == EXIT_OK
