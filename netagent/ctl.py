@@ -676,8 +676,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from netagent.files import run_lock_holder, take_run_lock
     from netagent.kernel import NetlinkKernel
     from netagent.registry import RegistryError
+    from netagent.settings import SettingsError
 
-    s = settings(args)
+    try:
+        s = settings(args)
+    except SettingsError as exc:
+        err(f"{exc}; nothing removed")
+        return 1
     state = Path(s.state_dir)
     lock: int | None = None
     holder = run_lock_holder(state)

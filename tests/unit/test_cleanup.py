@@ -14,6 +14,8 @@ import sys
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
+import pytest
+
 from netagent.blackhole import blackhole_route
 from netagent.cleanup import RTPROT_CNI_POD, HostView, Step, plan_cleanup
 from netagent.cni.conf import POD_ROUTE_PROTO
@@ -119,3 +121,21 @@ def test_run_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         if child.poll() is None:
             child.kill()
             child.wait(5)
+
+
+def test_command_refuses_while_an_agent_holds_the_state_dir_and_on_bad_settings(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both refusals come before anything is read or removed (no root needed to see them)."""
+    from netagent.cli import main
+
+    fd = take_run_lock(tmp_path)
+    assert fd is not None
+    try:
+        for extra in ((), ("--dry-run",)):
+            assert main(["cleanup", "--state-dir", str(tmp_path), *extra]) == 1
+            err = capsys.readouterr().err
+            assert f"agent is running (PID {os.getpid()}" in err and "Nothing removed" in err
+    finally:
+        os.close(fd)
+    assert main(["cleanup", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err
