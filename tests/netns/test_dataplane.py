@@ -342,9 +342,22 @@ def test_blackhole_route_drops_unused_pod_addresses_under_the_bridge_route(ns: N
     assert f"dev {br}" in ns.ip("ip", "route", "get", probe).stdout
     ns.ip("ip", "link", "del", br)  # the last pod gone, the bridge deleted
     assert dropped()
-    # a foreign blackhole is never ours; turning the flag off removes only ours
+    # IPv6 (dual stack): the kernel reports a v6 blackhole on "lo"; it must still read back
+    # equal, or every re-check would rewrite it
+    from ipaddress import IPv6Network
+    own6 = IPv6Network("fd05:0:0:1::/64")
+    bh.reconcile([OWN.subnet, own6])
+    assert sorted(map(str, (r.dst for r in our_blackholes(k.inner)))) == [
+        "10.5.1.0/24", "fd05:0:0:1::/64"]
+    k.changes.clear()
+    bh.reconcile([OWN.subnet, own6])
+    assert k.changes == []
+    assert "blackhole fd05:0:0:1::/64 dev lo proto 111 metric 1000000" in ns.ip(
+        "ip", "-6", "route", "show", "type", "blackhole").stdout
+        # a foreign blackhole is never ours; turning the flag off removes only ours
     ns.ip("ip", "route", "add", "blackhole", "10.9.0.0/24")
     BlackholeRoutes(False, lambda: k).reconcile([OWN.subnet])  # type: ignore[arg-type, return-value]
     assert [r["dst"] for r in ns.json("ip", "-j", "route", "show", "type", "blackhole")] == [
         "10.9.0.0/24"]
+    assert "fd05" not in ns.ip("ip", "-6", "route", "show", "type", "blackhole").stdout
     b.shutdown()
