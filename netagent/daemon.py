@@ -178,6 +178,9 @@ class Daemon:
         self._warned: set[str] = set()
         #: hostile-input lines (malformed leases): first at once, repeats summarised per 10 s
         self.log_limiter = LogLimiter(log)
+        #: "reconciled: ..." lines: a peer rewriting valid values every few ms must not make
+        #: one line per sync either
+        self.sync_log = LogLimiter(log, logging.INFO)
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
         self.rules = IptablesController(
@@ -567,6 +570,7 @@ class Daemon:
         while not self.stop.is_set():
             self.heartbeat.beat()
             self.log_limiter.flush()
+            self.sync_log.flush()
             if self._status_dirty:
                 self._write_status(soon=True)
             checks = self.readiness()
@@ -838,7 +842,8 @@ class Daemon:
             log.warning("drift repair: %d kernel entries restored, %d removed", report.added,
                         report.removed)
         elif report.changes:
-            log.info("reconciled: %d added, %d removed", report.added, report.removed)
+            self.sync_log.log("reconciled", "reconciled: %d added, %d removed", report.added,
+                              report.removed)
         self.status.last_reconcile = time.time()
         self.status.peers = len(self.peers.peers)
         self.status.kernel_entries = dict(report.entries)

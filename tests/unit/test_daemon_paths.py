@@ -483,3 +483,33 @@ def test_malformed_lease_flood_is_rate_limited_and_good_peers_still_programmed(
     until(lambda: list(a.daemon.snapshot.invalid_leases) == ["10.70.9.0-24"],
           "the malformed key shown once in the status (netagent_invalid_leases)")
     assert a.stop() == EXIT_OK
+
+
+def test_valid_lease_flapping_is_programmed_but_not_logged_per_sync(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer rewriting *valid* values every few ms (its PublicIP flapping): the kernel
+    follows the last value, and "reconciled" lines are rate-limited like malformed ones."""
+    import logging
+
+    from netagent.lograte import LogLimiter
+
+    caplog.set_level(logging.INFO, logger="netagent")
+    store.put(CONFIG, net())
+    a = Agent(tmp_path, store, kernel)
+    a.daemon.sync_log = LogLimiter(logging.getLogger("netagent"), logging.INFO, window=60)
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    import time
+
+    for i in range(300):  # paced, so most writes reach the loop as syncs of their own
+        peer(store, 2 + i % 2, "10.70.2.0/24")
+        time.sleep(0.003)
+    peer(store, 4, "10.70.2.0/24")  # the last word
+    until(lambda: any(r.dst == IPv4Network("10.70.2.0/24") and r.gateway == pub(4)
+                      for r in kernel.routes.values()), "the route follows the last value")
+    reconciled = [r for r in caplog.records if r.getMessage().startswith("reconciled:")]
+    assert 1 <= len(reconciled) <= 2, len(reconciled)
+    assert a.daemon.sync_log.suppressed_total >= 50, "many syncs, each would have logged"
+    assert a.stop() == EXIT_OK
