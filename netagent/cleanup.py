@@ -39,7 +39,7 @@ import errno
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +70,7 @@ class Step:
 
     kind: StepKind
     desc: str
-    target: Any = field(compare=True)
+    target: Any = None
 
 
 @dataclass(frozen=True)
