@@ -37,6 +37,8 @@ EXAMPLES = {
               "  netagent doctor --json | jq '.checks[] | select(.ok == false)'",
     "migrate-v2": "example:\n  netagent migrate-v2 --etcd-endpoints http://10.0.0.1:2379\n"
                   "  netagent migrate-v2 --force   # replace a different v3 config",
+    "cleanup": "example:\n  netagent cleanup --dry-run           # what would be removed\n"
+               "  netagent cleanup --release-lease --etcd-endpoints http://10.0.0.1:2379",
     "install-cni": "example:\n  netagent install-cni --bin-dir /opt/cni/bin --conf-dir /etc/cni/net.d",
 }
 
@@ -219,6 +221,16 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
               "into v3", etcd, ctl.cmd_migrate_v2, False)
     mig.add_argument("--force", action="store_true",
                      help="overwrite a different config already in the v3 store")
+    clean = cmd(sub, "cleanup", "cleanup", "remove what netagent made on this host (its "
+                "devices, proto 111/112 routes, iptables chains, the CNI bridge when no pod "
+                "uses it, the wireguard-go/BIRD it started); refuses while an agent runs",
+                (*etcd, "state-dir", "subnet-file", "iface", "iface-regex", "iface-can-reach",
+                 "public-ip", "public-ipv6"), ctl.cmd_cleanup, False)
+    clean.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    clean.add_argument("--release-lease", action="store_true",
+                       help="also delete this host's lease in etcd and revoke its etcd lease")
+    clean.add_argument("--cni-bridge", default="cni0",
+                       help="the CNI plugin's bridge (removed only with no pod attached)")
     inst = add_install_parser(sub)
     inst.epilog = EXAMPLES["install-cni"]
     inst.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -664,3 +664,69 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         human += "\n\nhow to fix:\n" + "\n".join(f"  {c.name}: {c.fix}" for c in to_fix)
     emit(args, {"ok": not failed, "checks": [asdict(c) for c in checks]}, human)
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- cleanup
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove what netagent made on this host (see netagent/cleanup.py); refuses while an
+    agent runs on the state dir; a second run finds nothing to do."""
+    from netagent.cleanup import CleanupError, Step, apply_steps, lease_steps, plan_cleanup, survey
+    from netagent.files import run_lock_holder, take_run_lock
+    from netagent.kernel import NetlinkKernel
+    from netagent.registry import RegistryError
+    from netagent.settings import SettingsError
+
+    try:
+        s = settings(args)
+    except SettingsError as exc:
+        err(f"{exc}; nothing removed")
+        return 1
+    state = Path(s.state_dir)
+    lock: int | None = None
+    holder = run_lock_holder(state)
+    if holder is None and not args.dry_run and state.is_dir():
+        lock = take_run_lock(state)
+        if lock is None:
+            holder = run_lock_holder(state) or 0
+    if holder is not None:
+        err(f"a netagent agent is running (PID {holder or 'unknown'}, {state / 'netagent.pid'} "
+            "is locked); stop it first: it would put everything back. Nothing removed.")
+        return 1
+    kernel = NetlinkKernel()
+    reg: Any = None
+    try:
+        steps, kept = plan_cleanup(survey(kernel, state, args.cni_bridge))
+        if args.release_lease:
+            try:
+                reg = registry(args)
+                steps += lease_steps(reg, s)
+            except (CleanupError, RegistryError) as exc:
+                err(f"--release-lease: {exc}")
+                return 1
+            if Path(s.subnet_file).exists():
+                steps.append(Step("file", f"{s.subnet_file} (names the released subnet)",
+                                  s.subnet_file))
+        for note in kept:
+            print(f"kept: {note}")
+        if not steps:
+            print("nothing to do: nothing of netagent's is left on this host")
+            return 0
+        if args.dry_run:
+            for step in steps:
+                print(f"would remove: {step.desc}")
+            return 0
+        failed = dict((id(st), why) for st, why in apply_steps(steps, kernel, state, reg))
+        for step in steps:
+            if id(step) in failed:
+                err(f"could not remove {step.desc}: {failed[id(step)]}")
+            else:
+                print(f"removed: {step.desc}")
+        return 1 if failed else 0
+    finally:
+        kernel.close()
+        if reg is not None:
+            reg.close()
+        if lock is not None:
+            os.close(lock)

@@ -32,11 +32,22 @@ from netagent.backends.base import (
     LeaseContribution,
     SyncReport,
 )
+from netagent.blackhole import BlackholeRoutes
 from netagent.config import ConfigError, NetworkConfig, parse_network_config
-from netagent.files import FileError, SubnetEnv, previous_subnets, render_subnet_env, write_atomic
+from netagent.files import (
+    RUN_LOCK,
+    FileError,
+    SubnetEnv,
+    previous_subnets,
+    render_subnet_env,
+    run_lock_holder,
+    take_run_lock,
+    write_atomic,
+)
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.iptables import IptablesController
+from netagent.kernel import Kernel, NetlinkKernel
 from netagent.lease import (
     NO_PUBLIC_IP,
     LeaseAttrs,
@@ -46,6 +57,7 @@ from netagent.lease import (
     decode_lease,
 )
 from netagent.leasing import LeaseLost, LeaseManager
+from netagent.lograte import LogLimiter
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.plan import plan_config_change, relabel_notice
 from netagent.probe import Prober, peer_list, probe_targets
@@ -68,6 +80,8 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FATAL = 1
+#: seconds a starting agent waits for the run lock (a previous agent still stopping)
+RUN_LOCK_WAIT = 10.0
 EXIT_OUT_OF_SUBNETS = 2
 
 
@@ -162,12 +176,19 @@ class Daemon:
         self._peer_list_key: tuple[int, int, int] = (0, -1, -1)
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
+        #: hostile-input lines (malformed leases): first at once, repeats summarised per 10 s
+        self.log_limiter = LogLimiter(log)
+        #: "reconciled: ..." lines: a peer rewriting valid values every few ms must not make
+        #: one line per sync either
+        self.sync_log = LogLimiter(log, logging.INFO)
         self.last_sync_seconds = 0.0
         # operations wiring (health/metrics servers, masquerade, probe, watchdog)
         self.rules = IptablesController(
             enabled=settings.iptables, ip_masq=settings.ip_masq,
             forward=settings.iptables_forward_rules,
             random_fully=not settings.ip_masq_fully_random_disable)
+        #: --ip-blackhole-route: re-checked with the iptables rules
+        self.blackholes = BlackholeRoutes(settings.ip_blackhole_route, self.make_kernel)
         self.prober: Prober | None = None
         self.heartbeat = Heartbeat(limit=60.0)
         #: called with each sync's duration in seconds (the metrics histogram)
@@ -241,6 +262,10 @@ class Daemon:
     def make_backend(self, config: NetworkConfig, host: HostFacts) -> Backend:
         """A backend instance for `config` (the unit tests give theirs a fake kernel)."""
         return backend_class(config.backend.type)(config, host)
+
+    def make_kernel(self) -> Kernel:
+        """The kernel the blackhole routes are written through (the unit tests give a fake)."""
+        return NetlinkKernel()
 
     def make_prober(self, config: NetworkConfig) -> Prober | None:
         """The peer reachability prober (ICMP to each peer's overlay gateway), started; none
@@ -386,9 +411,32 @@ class Daemon:
         self.rules.reconcile(cfg.network, lease.subnet, cfg.ipv6_network, lease.ipv6_subnet)
         if self.rules.enabled:
             self.status.masquerade = self.rules.summary
+        self.blackholes.reconcile([lease.subnet, lease.ipv6_subnet])
+
+    def _lock(self) -> int | None:
+        """Hold the state dir's run lock (``netagent cleanup`` refuses while it is held).
+        Another holder: an agent still stopping (a restart overlapping) or a cleanup running;
+        wait up to RUN_LOCK_WAIT seconds, then give up: two agents on one state dir would
+        fight over the same kernel entries."""
+        deadline = time.monotonic() + RUN_LOCK_WAIT
+        while not self.stop.is_set():
+            fd = take_run_lock(self.settings.state_dir)
+            if fd is not None:
+                return fd
+            if time.monotonic() >= deadline:
+                holder = run_lock_holder(self.settings.state_dir)
+                log.error("another netagent (agent or cleanup, PID %s) holds %s; not starting",
+                          holder or "unknown", Path(self.settings.state_dir) / RUN_LOCK)
+                return None
+            self.stop.wait(0.2)
+        return None
 
     def run(self) -> int:
+        lock: int | None = None
         try:
+            lock = self._lock()
+            if lock is None:
+                return EXIT_FATAL
             self._start_ops()
             return self._run()
         except OSError as exc:
@@ -410,6 +458,8 @@ class Daemon:
             self.registry.close()
             for srv in self._servers:
                 srv.stop()
+            if lock is not None:
+                os.close(lock)  # releases the run lock (the file stays: its PID is advisory)
 
     def _run(self) -> int:
         self._phase("waiting for network config")
@@ -519,6 +569,8 @@ class Daemon:
         next_rules = time.monotonic() + resync
         while not self.stop.is_set():
             self.heartbeat.beat()
+            self.log_limiter.flush()
+            self.sync_log.flush()
             if self._status_dirty:
                 self._write_status(soon=True)
             checks = self.readiness()
@@ -767,8 +819,9 @@ class Daemon:
         return set()
 
     def _log_rejected(self, changes: PeerChanges) -> None:
-        for name, why in changes.rejected.items():
-            log.warning("skipping malformed lease subnets/%s: %s", name, why)
+        for name, why in changes.rejected.items():  # a peer may rewrite one every few ms
+            self.log_limiter.log(f"lease {name}", "skipping malformed lease subnets/%s: %s",
+                                 name, why)
 
     def _sync(self, changed: frozenset[PeerId] | None, repair: bool = False) -> None:
         """Program the peers: the ones in `changed`, or (None) a full compare against the
@@ -789,7 +842,8 @@ class Daemon:
             log.warning("drift repair: %d kernel entries restored, %d removed", report.added,
                         report.removed)
         elif report.changes:
-            log.info("reconciled: %d added, %d removed", report.added, report.removed)
+            self.sync_log.log("reconciled", "reconciled: %d added, %d removed", report.added,
+                              report.removed)
         self.status.last_reconcile = time.time()
         self.status.peers = len(self.peers.peers)
         self.status.kernel_entries = dict(report.entries)

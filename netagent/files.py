@@ -7,6 +7,7 @@ half-written file and a failed write leaves the previous file intact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Mapping
@@ -114,6 +115,55 @@ def write_atomic(path: str | Path, content: str, mode: int = 0o644, durable: boo
 
 def write_subnet_env(path: str | Path, env: SubnetEnv) -> None:
     write_atomic(path, render_subnet_env(env))
+
+
+# --------------------------------------------------------------------------- run lock
+
+#: in the state dir: the running agent's PID, under an exclusive flock held for its lifetime
+RUN_LOCK = "netagent.pid"
+
+
+def take_run_lock(state_dir: str | Path) -> int | None:
+    """Take the agent's run lock: an open fd (keep it open while running; the kernel drops
+    the lock when the process dies, even by SIGKILL, so a stale file never blocks), or None
+    when another process holds it. A flock rather than a bare PID file: a PID can be reused,
+    a lock cannot outlive its holder. FileError when the state dir cannot hold the file."""
+    path = Path(state_dir) / RUN_LOCK
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise FileError(exc.errno, f"cannot open {path}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def run_lock_holder(state_dir: str | Path) -> int | None:
+    """The PID of the agent running on ``state_dir`` (0 when its PID is unreadable), or None
+    when none runs. Only probes the lock: it is released again at once."""
+    path = Path(state_dir) / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.pread(fd, 32, 0).split()[0])
+            except (ValueError, IndexError):
+                return 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- docker opts

@@ -53,6 +53,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("iptables-forward-rules", True,
          "FORWARD ACCEPT rules for the overlay network (needed when the FORWARD policy is DROP, "
          "as Docker sets it)", bool),
+    Flag("ip-blackhole-route", False,
+         "a blackhole route for this host's subnet(s), so traffic to an address no pod holds "
+         "is dropped instead of leaving by the default route (flannel v0.27.1+)", bool),
     Flag("iptables-resync", 5, "seconds between checks of the iptables rules", int),
     Flag("healthz-ip", "0.0.0.0", "address of the health server"),
     Flag("healthz-port", 0, "port of the health server (0 = off)", int),
@@ -86,6 +89,7 @@ class AgentSettings:
     ip_masq: bool
     ip_masq_fully_random_disable: bool
     iptables_forward_rules: bool
+    ip_blackhole_route: bool
     iptables_resync: int
     healthz_ip: str
     healthz_port: int

@@ -24,10 +24,11 @@ ours because they live on our own vxlan device. Nothing else is ever deleted.
 Public API (import from ``netagent.kernel``):
 
 * entries and facts: ``Neigh``, ``Fdb``, ``Route``, ``Entry``, ``Op``, ``LinkInfo``,
+  ``LinkSummary`` (``NetlinkKernel.links()``: the link table, for ``netagent cleanup``),
   ``VxlanSpec``, ``RouteLookup``, ``KernelError``, the ``Kernel`` protocol; type aliases
   ``IPAddress``, ``IPNetwork``, ``IPInterface``; constants ``RTPROT_NETAGENT``,
   ``RT_TABLE_MAIN``, ``RT_SCOPE_UNIVERSE``, ``RT_SCOPE_LINK``, ``IPV6_DEFAULT_METRIC``,
-  ``KINDS``.
+  ``RTN_UNICAST``, ``RTN_BLACKHOLE``, ``KINDS``.
 * reconciling: ``DeltaTracker``, ``Reconciler``, ``ApplyResult``, ``route_owner``,
   ``lookup_all``.
 * the kernel: ``NetlinkKernel(netns=None)``; ``encode_op`` (one op's rtnetlink message).
@@ -58,6 +59,8 @@ from netagent.kernel.entries import (
     RT_SCOPE_LINK,
     RT_SCOPE_UNIVERSE,
     RT_TABLE_MAIN,
+    RTN_BLACKHOLE,
+    RTN_UNICAST,
     RTPROT_NETAGENT,
     Entry,
     Fdb,
@@ -67,6 +70,7 @@ from netagent.kernel.entries import (
     Kernel,
     KernelError,
     LinkInfo,
+    LinkSummary,
     Neigh,
     Op,
     Route,
@@ -80,9 +84,10 @@ from netagent.kernel.reconciler import ApplyResult, Reconciler, lookup_all, rout
 from netagent.kernel.rtnetlink import encode_op
 
 __all__ = [
-    "IPV6_DEFAULT_METRIC", "KINDS", "RT_SCOPE_LINK", "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
+    "IPV6_DEFAULT_METRIC", "KINDS", "RTN_BLACKHOLE", "RTN_UNICAST", "RT_SCOPE_LINK",
+    "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
     "RTPROT_NETAGENT", "ApplyResult", "DeltaTracker", "Entry", "Fdb", "HostInterface",
-    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "Neigh",
+    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "LinkSummary", "Neigh",
     "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
     "disable_tx_checksum", "encode_op", "gateway_route_to", "host_interfaces",
     "kernel_needs_csum_workaround", "lookup_all", "route_get", "route_owner",

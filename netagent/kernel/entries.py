@@ -35,6 +35,10 @@ RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
 #: the metric the kernel gives an IPv6 route added with none (IP6_RT_PRIO_USER)
 IPV6_DEFAULT_METRIC = 1024
+#: route types (``rtm_type``): every route of ours is unicast except the own-subnet blackhole
+#: route of ``--ip-blackhole-route`` (``ip route add blackhole X``)
+RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
 
 EntryKind = Literal["neigh", "fdb", "route"]
 #: kinds in apply order; deletes run in the reverse order
@@ -86,7 +90,9 @@ class Route:
     as 1024 here and a read-back compares equal. ``scope`` is universe for routes through a
     gateway (all of vxlan's and host-gw's); a device route (``gateway=None``) may ask for
     :data:`RT_SCOPE_LINK`, as ``ip route add X dev D`` does. IPv6 has no route scopes (the
-    kernel reports every IPv6 route as universe), so an IPv6 route is stored as universe."""
+    kernel reports every IPv6 route as universe), so an IPv6 route is stored as universe.
+    ``rtype`` is :data:`RTN_UNICAST` except for a blackhole route (:data:`RTN_BLACKHOLE`: no
+    gateway, no device), which the kernel keys like any other (table + dst + metric)."""
 
     dst: IPNetwork
     gateway: IPAddress | None
@@ -96,6 +102,7 @@ class Route:
     metric: int = 0
     proto: int = RTPROT_NETAGENT
     scope: int = RT_SCOPE_UNIVERSE
+    rtype: int = RTN_UNICAST
     _key: tuple[Any, ...] = field(init=False, repr=False, compare=False, hash=False)
     kind: ClassVar[EntryKind] = "route"
 
@@ -123,6 +130,17 @@ class Op:
 
     action: Literal["replace", "create", "delete"]
     entry: Entry
+
+
+@dataclass(frozen=True)
+class LinkSummary:
+    """One line of the link table (``ip link``): enough to find our devices by name and to
+    tell whether a bridge still has ports (links whose ``master`` is its index)."""
+
+    index: int
+    name: str
+    kind: str
+    master: int | None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from netagent.kernel.entries import (
     AF_INET,
     AF_INET6,
     NUD_PERMANENT,
+    RTN_BLACKHOLE,
     RTNH_F_ONLINK,
     Entry,
     Fdb,
@@ -26,6 +27,7 @@ from netagent.kernel.entries import (
     IPInterface,
     KernelError,
     LinkInfo,
+    LinkSummary,
     Neigh,
     Op,
     Route,
@@ -44,6 +46,7 @@ from netagent.kernel.rtnetlink import (
     _IFLA_INFO_DATA,
     _IFLA_INFO_KIND,
     _IFLA_LINKINFO,
+    _IFLA_MASTER,
     _IFLA_MTU,
     _IFLA_VXLAN_GBP,
     _IFLA_VXLAN_ID,
@@ -161,6 +164,22 @@ class NetlinkKernel:
             mtu=_U32.unpack(mtu)[0] if mtu else 0, up=bool(flags & 1), addrs=tuple(addrs),
             **vx,  # type: ignore[arg-type]
         )
+
+    def links(self) -> list[LinkSummary]:
+        """Every link (one dump): ``netagent cleanup`` finds our devices and a bridge's
+        ports with it."""
+        out = []
+        for data, off, end in self.rt.dump(_RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0)):
+            _fam, _type, index, _flags, _change = _IFINFO.unpack_from(data, off)
+            a = _attrs(data, off + _IFINFO.size, end)
+            kind = ""
+            info = a.get(_IFLA_LINKINFO)
+            if info is not None:
+                kind = _attrs(info, 0, len(info)).get(_IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+            master = a.get(_IFLA_MASTER)
+            out.append(LinkSummary(index, a.get(_IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+                                   kind, _U32.unpack(master)[0] if master else None))
+        return out
 
     def create_vxlan(self, spec: VxlanSpec, mac: str) -> None:
         data = (_rta(_IFLA_VXLAN_ID, _U32.pack(spec.vni))
@@ -305,8 +324,8 @@ class NetlinkKernel:
                      ) -> Route | None:
         family, dst_len, _s, _tos, rtable, proto, scope, rtype, flags = \
             _RTMSG.unpack_from(data, off)
-        if family != af or rtype != _RTN_UNICAST:
-            return None  # unicast only; local/broadcast/blackhole are never ours
+        if family != af or rtype not in (_RTN_UNICAST, RTN_BLACKHOLE):
+            return None  # local/broadcast/unreachable/prohibit are never ours
         a = _attrs(data, off + _RTMSG.size, end)
         u32 = _U32.unpack
         if _RTA_TABLE in a:
@@ -314,6 +333,8 @@ class NetlinkKernel:
         if rtable != table or _RTA_MULTIPATH in a:
             return None
         gw, oif, prio = a.get(_RTA_GATEWAY), a.get(_RTA_OIF), a.get(_RTA_PRIORITY)
+        if rtype == RTN_BLACKHOLE:
+            oif = None  # IPv6 reports a blackhole route on "lo"; it is no device's route
         return Route(
             dst=self._interned.net(a.get(_RTA_DST, b""), dst_len, af == AF_INET6),
             gateway=self._interned.addr(gw) if gw else None,
@@ -323,6 +344,7 @@ class NetlinkKernel:
             metric=u32(prio)[0] if prio else 0,
             proto=proto,
             scope=scope,
+            rtype=rtype,
         )
 
     # lookups and writes

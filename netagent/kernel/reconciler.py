@@ -21,6 +21,7 @@ from netagent.kernel.delta import DeltaTracker
 from netagent.kernel.entries import (
     KINDS,
     RT_TABLE_MAIN,
+    RTN_UNICAST,
     RTPROT_NETAGENT,
     Entry,
     IPAddress,
@@ -323,10 +324,12 @@ def route_owner(network: IPv4Network | None, own: Callable[[], IPv4Network | Non
                 ) -> Callable[[Route], bool]:
     """Our peer routes: our proto, a destination strictly inside the flannel Network (IPv6:
     IPv6Network), and not our own subnet (other parts of the agent may mark whole-Network or
-    own-subnet routes with the same proto; the peer sweep must not touch those)."""
+    own-subnet routes with the same proto; the peer sweep must not touch those). Only unicast
+    routes: the own-subnet blackhole route (``--ip-blackhole-route``) is never a peer route,
+    even one left over from an earlier subnet."""
 
     def is_ours(r: Route) -> bool:
-        if r.proto != RTPROT_NETAGENT:
+        if r.proto != RTPROT_NETAGENT or r.rtype != RTN_UNICAST:
             return False
         if r.dst.version == 6:
             net: IPNetwork | None = network6

@@ -53,6 +53,7 @@ _RTN_UNICAST = 1
 _RTM_NEWLINK, _RTM_DELLINK, _RTM_GETLINK = 16, 17, 18
 _RTM_NEWADDR, _RTM_DELADDR, _RTM_GETADDR = 20, 21, 22
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINKINFO = 1, 3, 4, 18
+_IFLA_MASTER = 10
 _IFLA_INFO_KIND, _IFLA_INFO_DATA = 1, 2
 _IFLA_VXLAN_ID, _IFLA_VXLAN_LINK, _IFLA_VXLAN_LOCAL, _IFLA_VXLAN_LEARNING = 1, 3, 4, 7
 _IFLA_VXLAN_PORT, _IFLA_VXLAN_LOCAL6, _IFLA_VXLAN_GBP = 15, 17, 23
@@ -122,7 +123,8 @@ def encode_op(op: Op, seq: int) -> bytes:
 
     Neighbour: RTM_NEWNEIGH/DELNEIGH, AF_INET(6), state PERMANENT. FDB: the same on AF_BRIDGE
     with flag NTF_SELF (the vxlan device's own table) and the remote as NDA_DST. Route: unicast,
-    the entry's scope (universe unless a device route asks for link) and proto; a delete names
+    the entry's type (unicast, or blackhole), scope (universe unless a device route asks for
+    link) and proto; a delete names
     the proto (the kernel then refuses to delete a route of another proto) and scope NOWHERE,
     as ``ip route del`` does. "replace" is CREATE|REPLACE, "create" is CREATE|EXCL. IPv4 messages of the
     common shapes are packed whole; IPv6 ones (rare) are assembled attribute by attribute.
@@ -154,7 +156,8 @@ def encode_op(op: Op, seq: int) -> bytes:
         return _HDR.pack(_HDR.size + len(body), mtype, flags, seq, 0) + body
     table = e.table if e.table < 256 else 0
     v6 = e.dst.version == 6
-    if not delete and not v6 and e.gateway is not None and e.oif is not None:
+    if (not delete and not v6 and e.gateway is not None and e.oif is not None
+            and e.rtype == _RTN_UNICAST):
         return _ROUTE_SET.pack(_ROUTE_SET.size, _RTM_NEWROUTE, flags, seq, 0,
                                AF_INET, e.dst.prefixlen, 0, 0, table, e.proto,
                                e.scope, _RTN_UNICAST, RTNH_F_ONLINK if e.onlink else 0,
@@ -169,7 +172,7 @@ def encode_op(op: Op, seq: int) -> bytes:
     else:
         mtype = _RTM_NEWROUTE
         head = _RTMSG.pack(family, e.dst.prefixlen, 0, 0, table, e.proto,
-                           e.scope, _RTN_UNICAST, RTNH_F_ONLINK if e.onlink else 0)
+                           e.scope, e.rtype, RTNH_F_ONLINK if e.onlink else 0)
     body = (head + _rta(_RTA_TABLE, _U32.pack(e.table))
             + _rta(_RTA_DST, e.dst.network_address.packed)
             + _rta(_RTA_PRIORITY, _U32.pack(e.metric)))

@@ -296,3 +296,68 @@ def test_checksum_workaround_applied_through_ethtool(ns: Ns) -> None:
     out = sh("env", f"PYTHONPATH={repo}", sys.executable, "-c", code, ns=ns.name).stdout
     assert out.strip() == "pyroute2 ethtool"
     assert "tx-checksum-ip-generic: off" in ns.ip("ethtool", "-k", "flannel.1").stdout
+
+
+def test_blackhole_route_drops_unused_pod_addresses_under_the_bridge_route(ns: Ns) -> None:
+    """--ip-blackhole-route through real netlink: written as type blackhole proto 111, read
+    back equal (no false repair), a vxlan peer sync leaves it alone, `ip route get` of an
+    unused address of our subnet says blackhole instead of the default route, and while a
+    bridge holds the subnet (cni0's kernel prefix route, metric 0) the bridge wins. flannel's
+    first versions never installed it (flannel #2328): this checks it is there."""
+    from netagent.blackhole import BlackholeRoutes, blackhole_route, our_blackholes
+
+    ns.ip("ip", "route", "add", "default", "via", f"{UNDERLAY}.254")
+    probe = "10.5.1.77"
+
+    def dropped() -> bool:
+        """The kernel answers a route lookup that hits a blackhole with EINVAL (and a local
+        sender's sendto() gets the same): nothing goes out by the default route."""
+        got = ns.ip("ip", "route", "get", probe, check=False)
+        return got.returncode != 0 and "Invalid argument" in got.stderr
+
+    assert f"via {UNDERLAY}.254" in ns.ip("ip", "route", "get", probe).stdout  # before: leaks
+    assert not dropped()
+    k = ns.kernel()
+    bh = BlackholeRoutes(True, lambda: k)  # type: ignore[arg-type, return-value]
+    bh.reconcile([OWN.subnet])
+    [r] = [r for r in ns.json("ip", "-j", "route", "show", "table", "main", "type", "blackhole")]
+    assert (r["dst"], r["protocol"], r["metric"]) == ("10.5.1.0/24", str(RTPROT_NETAGENT),
+                                                      1_000_000)
+    assert our_blackholes(k.inner) == [blackhole_route(OWN.subnet)], "read back equal"
+    assert dropped()
+    ping = sh("ping", "-c", "1", "-W", "1", probe, ns=ns.name, check=False)
+    assert ping.returncode != 0 and "Invalid argument" in ping.stderr + ping.stdout
+    b = vxlan_up(ns, k)  # the peer sweep must not take it for a stale peer route
+    b.sync({sub(2): vx(2)})  # a full compare: read-back and sweep of our stale routes
+    b.sync({sub(2): vx(2)})
+    k.changes.clear()
+    bh.reconcile([OWN.subnet])
+    assert k.changes == [], "in place: the re-check writes nothing"
+    assert our_blackholes(k.inner) == [blackhole_route(OWN.subnet)]
+    # a cni0 holding the subnet: its on-link route (metric 0) wins, pods stay reachable
+    br = f"b{RUN_ID}"[:15]
+    ns.ip("ip", "link", "add", br, "type", "bridge")
+    ns.ip("ip", "addr", "add", "10.5.1.1/24", "dev", br)
+    ns.ip("ip", "link", "set", br, "up")
+    assert f"dev {br}" in ns.ip("ip", "route", "get", probe).stdout
+    ns.ip("ip", "link", "del", br)  # the last pod gone, the bridge deleted
+    assert dropped()
+    # IPv6 (dual stack): the kernel reports a v6 blackhole on "lo"; it must still read back
+    # equal, or every re-check would rewrite it
+    from ipaddress import IPv6Network
+    own6 = IPv6Network("fd05:0:0:1::/64")
+    bh.reconcile([OWN.subnet, own6])
+    assert sorted(map(str, (r.dst for r in our_blackholes(k.inner)))) == [
+        "10.5.1.0/24", "fd05:0:0:1::/64"]
+    k.changes.clear()
+    bh.reconcile([OWN.subnet, own6])
+    assert k.changes == []
+    assert "blackhole fd05:0:0:1::/64 dev lo proto 111 metric 1000000" in ns.ip(
+        "ip", "-6", "route", "show", "type", "blackhole").stdout
+        # a foreign blackhole is never ours; turning the flag off removes only ours
+    ns.ip("ip", "route", "add", "blackhole", "10.9.0.0/24")
+    BlackholeRoutes(False, lambda: k).reconcile([OWN.subnet])  # type: ignore[arg-type, return-value]
+    assert [r["dst"] for r in ns.json("ip", "-j", "route", "show", "type", "blackhole")] == [
+        "10.9.0.0/24"]
+    assert "fd05" not in ns.ip("ip", "-6", "route", "show", "type", "blackhole").stdout
+    b.shutdown()

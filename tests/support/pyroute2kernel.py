@@ -177,8 +177,8 @@ class Pyroute2Kernel:
         out = []
         af = AF_INET6 if family == 6 else AF_INET
         for m in self._call(self._ipr.route, "dump", table=table, family=af):
-            if m["type"] != 1 or (m.get("RTA_TABLE") or m["table"]) != table:
-                continue  # unicast only; local/broadcast/blackhole are never ours
+            if m["type"] not in (1, 6) or (m.get("RTA_TABLE") or m["table"]) != table:
+                continue  # unicast and blackhole only; local/broadcast are never ours
             if m.get("RTA_MULTIPATH"):
                 continue
             gw = m.get("RTA_GATEWAY")
@@ -186,12 +186,13 @@ class Pyroute2Kernel:
             out.append(Route(
                 dst=ip_network(f"{m.get('RTA_DST') or zero}/{m['dst_len']}"),
                 gateway=ip_address(gw) if gw else None,
-                oif=m.get("RTA_OIF"),
+                oif=m.get("RTA_OIF") if m["type"] == 1 else None,
                 onlink=bool(m["flags"] & RTNH_F_ONLINK),
                 table=table,
                 metric=m.get("RTA_PRIORITY") or 0,
                 proto=m["proto"],
                 scope=m["scope"],
+                rtype=m["type"],
             ))
         return out
 
@@ -222,7 +223,8 @@ class Pyroute2Kernel:
         else:
             kw = dict(dst=str(e.dst), table=e.table, priority=e.metric)
             if cmd != "del":
-                kw.update(proto=e.proto, scope=e.scope, flags=RTNH_F_ONLINK if e.onlink else 0)
+                kw.update(proto=e.proto, scope=e.scope, flags=RTNH_F_ONLINK if e.onlink else 0,
+                          type=e.rtype)
                 if e.gateway is not None:
                     kw["gateway"] = str(e.gateway)
                 if e.oif is not None:

@@ -84,17 +84,20 @@ class UnitDaemon(Daemon):
     def make_prober(self, config: NetworkConfig) -> Prober | None:
         return None
 
+    def make_kernel(self) -> FakeKernel:  # type: ignore[override]
+        return self.kernel
+
 
 class Agent:
     """One UnitDaemon running in a thread, with helpers to look at what it did."""
 
     def __init__(self, tmp: Path, store: FakeStore, kernel: FakeKernel, ttl: int = 60,
-                 repair: float = 1.0) -> None:
+                 repair: float = 1.0, extra: tuple[str, ...] = ()) -> None:
         p = argparse.ArgumentParser()
         add_flags(p)
         args = p.parse_args(["--state-dir", str(tmp), "--subnet-file", str(tmp / "subnet.env"),
                              "--subnet-lease-ttl", str(ttl), "--repair-interval", str(repair),
-                             "--iptables-forward-rules=false"])
+                             "--iptables-forward-rules=false", *extra])
         self.settings = load_settings(args, {})
         self.store, self.kernel, self.tmp = store, kernel, tmp
         self.daemon = UnitDaemon(self.settings, store, kernel, tmp)
@@ -374,3 +377,139 @@ def test_backend_health_reaches_readiness_between_syncs(
         until(a.ready, "ready again", timeout=3)
     finally:
         FlakyAlloc.healthy = True
+
+
+# --------------------------------------------------------------------------- --ip-blackhole-route
+
+
+def test_blackhole_route_for_own_subnet_survives_repair_and_goes_when_turned_off(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """The real daemon installs it before subnet.env, the peer sweep and drift repair leave it
+    alone, the --iptables-resync re-check puts it back, and a restart without the flag
+    removes it (issue 19 item 6; flannel #2328 never installed it)."""
+    from netagent.blackhole import blackhole_route
+
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, extra=("--ip-blackhole-route", "--iptables-resync", "1"))
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    own = IPv4Network(a.env()["FLANNEL_SUBNET"], strict=False)
+    bh = blackhole_route(own)
+    assert kernel.routes.get(bh.key) == bh
+    assert peer_routes(kernel) == {"10.70.2.0/24", str(own)}
+    del kernel.routes[bh.key]  # `ip route del blackhole ...` by someone
+    until(lambda: kernel.routes.get(bh.key) == bh, "put back by the resync", timeout=5)
+    assert a.daemon.blackholes.repairs == 1
+    assert a.stop() == EXIT_OK
+    assert kernel.routes.get(bh.key) == bh, "a stop leaves kernel state in place"
+    store.reopen()
+    b = Agent(tmp_path, store, kernel).start()
+    agents.append(b)
+    until(b.ready, "restarted without the flag")
+    until(lambda: bh.key not in kernel.routes, "removed with the flag off")
+    assert peer_routes(kernel) == {"10.70.2.0/24"}
+    assert b.stop() == EXIT_OK
+
+
+def test_agent_refuses_to_start_while_another_holds_the_state_dir(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two agents on one state dir would fight over one kernel; `netagent cleanup` holds the
+    same lock while it works. The second waits RUN_LOCK_WAIT (a restart overlapping the old
+    agent's exit), then exits 1 naming the holder, having written nothing."""
+    import os
+
+    from netagent import daemon as daemon_mod
+    from netagent.files import take_run_lock
+
+    monkeypatch.setattr(daemon_mod, "RUN_LOCK_WAIT", 0.3)
+    store.put(CONFIG, net())
+    fd = take_run_lock(tmp_path)
+    assert fd is not None
+    try:
+        a = Agent(tmp_path, store, kernel).start()
+        agents.append(a)
+        a.thread.join(10)
+        assert a.rc == [1]
+        store.reopen()
+        assert store.list_prefix(SUBNETS)[0] == [] and kernel.log == []
+    finally:
+        os.close(fd)
+    b = Agent(tmp_path, store, kernel).start()  # released: starts normally
+    agents.append(b)
+    until(b.ready, "ready once the lock is free")
+    assert b.stop() == EXIT_OK
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_malformed_lease_flood_is_rate_limited_and_good_peers_still_programmed(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer rewriting a malformed value thousands of times (issue 19 item 7): a handful of
+    log lines with counts instead of one per write, and a good peer arriving mid-flood is
+    programmed at once."""
+    import logging
+    import time
+
+    from netagent.lograte import LogLimiter
+
+    caplog.set_level(logging.WARNING, logger="netagent")
+    store.put(CONFIG, net())
+    a = Agent(tmp_path, store, kernel)
+    a.daemon.log_limiter = LogLimiter(logging.getLogger("netagent"), window=0.5)
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    writes = 3000
+    for i in range(writes):
+        store.put(SUBNETS + "10.70.9.0-24", f"{{not json {i}")
+        if i == writes // 2:
+            peer(store, 2, "10.70.2.0/24")
+            t0 = time.monotonic()
+    until(lambda: "10.70.2.0/24" in peer_routes(kernel), "good peer programmed mid-flood")
+    latency = time.monotonic() - t0
+    until(lambda: sum(int(r.getMessage().split("(and ")[1].split()[0])
+                      for r in caplog.records if "more in the last" in r.getMessage())
+          + sum(1 for r in caplog.records if r.getMessage().startswith("skipping malformed")
+                and "more in the last" not in r.getMessage()) == writes,
+          "every malformed write accounted for in the log", timeout=10)
+    lines = [r for r in caplog.records if "skipping malformed lease" in r.getMessage()]
+    assert 2 <= len(lines) <= 20, [r.getMessage() for r in lines]
+    assert latency < 5.0
+    until(lambda: list(a.daemon.snapshot.invalid_leases) == ["10.70.9.0-24"],
+          "the malformed key shown once in the status (netagent_invalid_leases)")
+    assert a.stop() == EXIT_OK
+
+
+def test_valid_lease_flapping_is_programmed_but_not_logged_per_sync(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A peer rewriting *valid* values every few ms (its PublicIP flapping): the kernel
+    follows the last value, and "reconciled" lines are rate-limited like malformed ones."""
+    import logging
+
+    from netagent.lograte import LogLimiter
+
+    caplog.set_level(logging.INFO, logger="netagent")
+    store.put(CONFIG, net())
+    a = Agent(tmp_path, store, kernel)
+    a.daemon.sync_log = LogLimiter(logging.getLogger("netagent"), logging.INFO, window=60)
+    a.start()
+    agents.append(a)
+    until(a.ready, "ready")
+    import time
+
+    for i in range(300):  # paced, so most writes reach the loop as syncs of their own
+        peer(store, 2 + i % 2, "10.70.2.0/24")
+        time.sleep(0.003)
+    peer(store, 4, "10.70.2.0/24")  # the last word
+    until(lambda: any(r.dst == IPv4Network("10.70.2.0/24") and r.gateway == pub(4)
+                      for r in kernel.routes.values()), "the route follows the last value")
+    reconciled = [r for r in caplog.records if r.getMessage().startswith("reconciled:")]
+    assert 1 <= len(reconciled) <= 2, len(reconciled)
+    assert a.daemon.sync_log.suppressed_total >= 50, "many syncs, each would have logged"
+    assert a.stop() == EXIT_OK
