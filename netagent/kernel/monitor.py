@@ -6,8 +6,9 @@ kernel announces changes (links, IPv4/IPv6 routes, neighbours and FDB entries) a
 deletions that can concern us, keyed exactly as :mod:`netagent.kernel.entries` keys entries,
 so the main loop can repair the one entry (or device) that went away.
 
-Only deletions are reported: our own writes are replaces, whose echoes (``RTM_NEW*``) are
-dropped after reading the 16-byte header; the echo of our own deletes (a peer that left) is
+Only deletions are reported: our own writes are replaces, whose echoes (``RTM_NEW*``) a
+classic BPF filter on the socket drops in the kernel (:func:`deletions_filter`; the parser
+drops them again if the filter cannot be attached); the echo of our own deletes (a peer that left) is
 filtered by the caller, which finds the key no longer desired. Routes are filtered here by our
 ``proto`` (:data:`~netagent.kernel.entries.RTPROT_NETAGENT`): BIRD's (12) or anyone else's
 deletions are none of our business. Whether a neighbour/FDB entry or link is ours depends on
@@ -20,6 +21,7 @@ deleting one entry in a loop from making the agent spin.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import select
 import socket
@@ -57,6 +59,32 @@ GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
 #: overflow is survivable (reported as :data:`OVERFLOW`: one full compare) but costs a compare
 _RCVBUF = 4 * 1024 * 1024
 _RECV = 256 * 1024
+_SO_ATTACH_FILTER = 26
+
+
+def _be16(value: int) -> int:
+    """A host-order u16 as classic BPF's ``ldh`` (network order) reads it."""
+    return int(struct.unpack(">H", struct.pack("=H", value))[0])
+
+
+def deletions_filter() -> bytes:
+    """A classic BPF program (``struct sock_filter[]``) that keeps, in the kernel, only
+    ``RTM_DELLINK``, ``RTM_DELNEIGH`` and ``RTM_DELROUTE`` with our proto: every notification is
+    one message per skb, so its type is at offset 4 and a route's proto at 16 + 5. Without it the
+    echoes of a first sync (15,000 ``RTM_NEW*`` at 5,000 peers) would each cost a ``recv`` and a
+    parse in this process (measured: ~0.17 s of Python for 5,000 route echoes)."""
+    ld_h, ld_b, jeq, ret = 0x28, 0x30, 0x15, 0x06
+    prog = [
+        (ld_h, 0, 0, 4),                         # 0: A = nlmsg_type
+        (jeq, 5, 0, _be16(_RTM_DELLINK)),        # 1: → 7 accept
+        (jeq, 4, 0, _be16(_RTM_DELNEIGH)),       # 2: → 7 accept
+        (jeq, 0, 2, _be16(_RTM_DELROUTE)),       # 3: → 4, else → 6 drop
+        (ld_b, 0, 0, _HDR.size + 5),             # 4: A = rtm_protocol
+        (jeq, 1, 0, RTPROT_NETAGENT),            # 5: → 7 accept, else → 6 drop
+        (ret, 0, 0, 0),                          # 6: drop
+        (ret, 0, 0, 0xFFFF),                     # 7: accept (whole message)
+    ]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 ChangeKind = Literal["link", "route", "neigh", "fdb", "overflow"]
 
@@ -161,6 +189,13 @@ class KernelMonitor:
             self.sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
         except OSError:  # without CAP_NET_ADMIN: the default buffer, overflows reported
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        # the filter is an optimisation: without it parse_changes still drops what is not ours
+        self._filter = ctypes.create_string_buffer(deletions_filter())
+        fprog = struct.pack("HL", len(self._filter.raw) // 8, ctypes.addressof(self._filter))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        except OSError:
+            pass
         try:
             self.sock.bind((0, GROUPS))
         except OSError as exc:
