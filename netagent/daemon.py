@@ -581,7 +581,8 @@ class Daemon:
                     systemd.notify("READY=1")
                     log.info("ready: subnet %s, %d peers", self.leases.lease.label,
                              len(self.peers.peers))
-            timeout = max(0.0, min(next_repair, next_rules, self._deferred_at) - time.monotonic())
+            retry = self._deferred_at if self._deferred else math.inf
+            timeout = max(0.0, min(next_repair, next_rules, retry) - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
@@ -682,6 +683,8 @@ class Daemon:
                 continue
             self.backoff.repaired(key, now)
             self._deferred.pop(key, None)
+            if not self._deferred:
+                self._deferred_at = math.inf
             accepted.append(ch)
         if not accepted:
             return set()

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -434,6 +436,41 @@ def test_entry_deleted_in_a_loop_backs_off_and_comes_back_after(
     assert snap.kernel_repair_backoffs >= 40, snap.kernel_repair_backoffs
     # the deleter stopped: the deferred repair (or at worst the periodic one) puts it back
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "route back", timeout=4)
+
+
+def test_deferred_repair_overtaken_by_a_new_event_leaves_the_loop_idle(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """A deferred key whose next deletion event arrives after its due time is repaired by that
+    event; no retry time may stay behind (one in the past made the loop spin at 100 %)."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, repair=30).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
+    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    stall = threading.Event()
+    a.daemon.sync_hooks.append(lambda _s: stall.wait(0.5) if not stall.is_set() else None)
+    kernel.routes.pop(key)
+    # two deletion events in one burst: the first is repaired at once (and its sync holds the
+    # loop 0.5 s), the second deferred by 0.1 s; a third arrives while the loop is held
+    deleted(a, KernelChange("route", key))
+    deleted(a, KernelChange("route", key))
+    time.sleep(0.25)
+    deleted(a, KernelChange("route", key))
+    stall.set()
+    until(lambda: a.daemon.snapshot.kernel_repair_backoffs == 1, "one deferral")
+    until(lambda: "10.70.2.0/24" in peer_routes(kernel), "route back", timeout=4)
+    tid = a.thread.native_id
+    assert tid is not None
+    busy = thread_cpu(tid)
+    time.sleep(1.0)
+    assert thread_cpu(tid) - busy < 0.2, "the main loop spins while idle"
+
+
+def thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) one thread of this process has used."""
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_deleted_vxlan_device_is_recreated_and_reprogrammed_on_the_event(
