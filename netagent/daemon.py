@@ -2,9 +2,9 @@
 
 Threads: a watch thread, a keepalive thread and a kernel-event thread (netlink notifications of
 deleted devices and entries, netagent/kernel/monitor.py) only put items on one queue; the main
-thread is
-the single writer of state and the only caller of the backend, so the kernel is touched in one
-place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sync first").
+thread is the single writer of state and the only caller of the backend, so the kernel is
+touched in one place, in order, after the first full lease snapshot is loaded (DESIGN.md "In
+sync first").
 Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_config_change`,
 `backends.check_runnable`); the daemon executes them and publishes one frozen
 `StatusSnapshot` for status.json, /readyz and /metrics.
