@@ -15,13 +15,14 @@ reports it in :class:`SyncReport`, and retries next cycle.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any, ClassVar
 
 from netagent.config import NetworkConfig
+from netagent.kernel.monitor import KernelChange
 from netagent.lease import Lease, PeerId
 
 
@@ -131,6 +132,17 @@ class Backend(ABC):
         drift repair), sweeping our own entries that no lease justifies. A set names the only
         subnets whose leases changed since the last sync, so the backend may limit its work.
         """
+
+    def owns_change(self, change: KernelChange) -> bool:
+        """Whether a deletion the kernel announced (:mod:`netagent.kernel.monitor`) is of a
+        device or entry this backend wants, so the daemon should repair it now. Backends that
+        do not say (udp, wireguard, bgp, alloc) leave their state to the periodic repair."""
+        return False
+
+    def entries_gone(self, changes: Sequence[KernelChange]) -> bool:
+        """Mark these deleted entries (all owned, none a link) for re-writing by the next
+        ``sync(peers, frozenset())``; False when that cannot do it (a full sync is needed)."""
+        return False
 
     def health(self) -> BackendHealth:
         """Called from the ops threads (/readyz, /metrics) and by the main loop after each

@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netagent.backends.base import Backend, HostFacts, SyncReport
@@ -24,6 +24,7 @@ from netagent.kernel import (
     Entry,
     IPAddress,
     Kernel,
+    KernelChange,
     Reconciler,
     RouteLookup,
     lookup_all,
@@ -155,6 +156,28 @@ class ReconcilingBackend(Backend):
     def repair_devices(self) -> bool:
         """Full sync only: make devices right; True when every peer must be re-rendered."""
         return False
+
+    # kernel events (netagent.kernel.monitor)
+
+    def owns_change(self, change: KernelChange) -> bool:
+        rec = self.reconciler
+        if rec is None or not rec.synced:
+            return False  # the first full sync is still to come
+        if change.kind == "overflow":
+            return True
+        if change.kind == "link":
+            return change.key[0] in (rec.device, rec.device6)
+        return change.key in rec.desired_keys(change.kind)
+
+    def entries_gone(self, changes: Sequence[KernelChange]) -> bool:
+        rec = self.reconciler
+        if rec is None or not rec.synced:
+            return False
+        for change in changes:
+            if change.kind in ("link", "overflow"):
+                return False
+            rec.entry_gone(change.kind, change.key)
+        return True
 
     # the driver
 

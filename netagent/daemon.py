@@ -1,8 +1,10 @@
 """`netagent run`: compose config, store, lease, peer table and backend, then loop.
 
-Threads: a watch thread and a keepalive thread only put items on one queue; the main thread is
-the single writer of state and the only caller of the backend, so the kernel is touched in one
-place, in order, after the first full lease snapshot is loaded (DESIGN.md "In sync first").
+Threads: a watch thread, a keepalive thread and a kernel-event thread (netlink notifications of
+deleted devices and entries, netagent/kernel/monitor.py) only put items on one queue; the main
+thread is the single writer of state and the only caller of the backend, so the kernel is
+touched in one place, in order, after the first full lease snapshot is loaded (DESIGN.md "In
+sync first").
 Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_config_change`,
 `backends.check_runnable`); the daemon executes them and publishes one frozen
 `StatusSnapshot` for status.json, /readyz and /metrics.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -47,7 +50,7 @@ from netagent.files import (
 from netagent.health import HealthServer, Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iface import IfaceError, find_iface, find_iface6, public_ipv6_for
 from netagent.iptables import IptablesController
-from netagent.kernel import Kernel, NetlinkKernel
+from netagent.kernel import Kernel, KernelChange, KernelMonitor, NetlinkKernel, RepairBackoff
 from netagent.lease import (
     NO_PUBLIC_IP,
     LeaseAttrs,
@@ -95,8 +98,15 @@ class ProbeRound:
     """The prober finished a round: status.json should show its results."""
 
 
-#: what the watch, keepalive and probe threads put on the main loop's queue
-QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound
+@dataclass(frozen=True)
+class KernelChanges:
+    """The kernel announced deletions that may be of our devices or entries."""
+
+    changes: tuple[KernelChange, ...]
+
+
+#: what the watch, keepalive, probe and kernel-event threads put on the main loop's queue
+QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound | KernelChanges
 
 
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
@@ -138,6 +148,10 @@ class AgentStatus:
     last_reconcile: float = 0.0
     reconciles: int = 0
     drift_repairs: int = 0
+    #: entries restored (devices re-created count their entries) on a kernel deletion event
+    kernel_event_repairs: int = 0
+    #: kernel deletion events whose repair was deferred because the entry keeps going away
+    kernel_repair_backoffs: int = 0
     reacquired: int = 0
     backend_programmed: bool = False
     #: "off", "in place", or what is wrong with the --ip-masq rules
@@ -197,6 +211,12 @@ class Daemon:
         self._notified_ready = False
         #: our subnet was lost and no other was free: not ready until restarted
         self.out_of_subnets = False
+        # kernel events: per-entry back-off, repairs deferred by it, what the next sync is for
+        self.backoff = RepairBackoff(cap=settings.repair_interval)
+        self._deferred: dict[tuple[Any, ...], KernelChange] = {}
+        self._deferred_at = math.inf
+        self._event_apply = False
+        self._event_full = False
 
     # ------------------------------------------------------------------ start-up steps
 
@@ -372,6 +392,8 @@ class Daemon:
             if cfg is not None else "",
             mtu=st.mtu, peers=st.peers, last_reconcile=st.last_reconcile,
             reconciles=st.reconciles, drift_repairs=st.drift_repairs, reacquired=st.reacquired,
+            kernel_event_repairs=st.kernel_event_repairs,
+            kernel_repair_backoffs=st.kernel_repair_backoffs,
             backend_programmed=st.backend_programmed, masquerade=st.masquerade,
             # replaced, never mutated, by the loop: a view, not an O(peers) copy
             peer_list=MappingProxyType(st.peer_list), kernel_entries=frozen_map(st.kernel_entries),
@@ -556,10 +578,34 @@ class Daemon:
                 if not self.leases.renew():
                     self.events.put(LeaseGone())
 
-        for name, target in (("watch", watch), ("keepalive", keepalive)):
+        targets: list[tuple[str, Callable[[], None]]] = [("watch", watch),
+                                                         ("keepalive", keepalive)]
+        monitor = self.make_monitor()
+        if monitor is not None:
+            def kernel_events() -> None:
+                try:
+                    monitor.run(self.stop,
+                                lambda ch: self.events.put(KernelChanges(tuple(ch))))
+                except OSError as exc:  # the periodic repair still covers everything
+                    log.error("kernel change notifications stopped: %s", exc)
+                finally:
+                    monitor.close()
+
+            targets.append(("kernel-events", kernel_events))
+        for name, target in targets:
             t = threading.Thread(target=target, name=f"netagent-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def make_monitor(self) -> KernelMonitor | None:
+        """The kernel change notifications socket; None (the periodic repair alone) when the
+        kernel refuses it."""
+        try:
+            return KernelMonitor()
+        except OSError as exc:
+            log.warning("no kernel change notifications (%s): deleted entries come back with "
+                        "the periodic repair only", exc)
+            return None
 
     def _loop(self) -> None:
         assert self.leases is not None
@@ -586,7 +632,8 @@ class Daemon:
                     systemd.notify("READY=1")
                     log.info("ready: subnet %s, %d peers", self.leases.lease.label,
                              len(self.peers.peers))
-            timeout = max(0.0, min(next_repair, next_rules) - time.monotonic())
+            retry = self._deferred_at if self._deferred else math.inf
+            timeout = max(0.0, min(next_repair, next_rules, retry) - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
@@ -606,6 +653,14 @@ class Daemon:
                     item = None
             if self.stop.is_set():
                 break
+            if self._deferred and time.monotonic() >= self._deferred_at:
+                deferred = list(self._deferred.values())
+                self._deferred.clear()
+                self._deferred_at = math.inf
+                if self._kernel_event(deferred) is None:
+                    full = True
+            event, self._event_apply, self._event_full = (
+                self._event_apply or self._event_full, False, False)
             if time.monotonic() >= next_repair:
                 repair = not full  # what an event explains is not drift
                 full = True
@@ -617,9 +672,9 @@ class Daemon:
                 next_rules = time.monotonic() + resync
                 self._masquerade()
             if full:
-                self._sync(None, repair=repair)
-            elif changed:
-                self._sync(frozenset(changed))
+                self._sync(None, repair=repair, event=event)
+            elif changed or event:
+                self._sync(frozenset(changed), event=event)
 
     def _handle(self, item: QueueItem) -> set[PeerId] | None:
         """Apply one queued item to state; return changed subnets (None = needs a full sync)."""
@@ -629,6 +684,8 @@ class Daemon:
         if isinstance(item, ProbeRound):
             self._write_status()
             return set()
+        if isinstance(item, KernelChanges):
+            return self._kernel_event(item.changes)
         if isinstance(item, WatchResync):
             cfg_kv = next((kv for kv in item.items if kv.key == self._config_key), None)
             if cfg_kv is not None and cfg_kv.value != self._config_raw:
@@ -655,6 +712,38 @@ class Daemon:
                 changes = self.peers.delete(name)
             return set(changes.changed)
         return set()
+
+    def _kernel_event(self, changes: Iterable[KernelChange]) -> set[PeerId] | None:
+        """Deletions the kernel announced: the backend's own ones are repaired now (entries:
+        marked for the next apply; a device: a full sync re-creates it), unless the same entry
+        keeps going away, which backs off (DESIGN.md "Event-driven repair")."""
+        backend = self.backend
+        if backend is None:
+            return set()
+        now = time.monotonic()
+        accepted: list[KernelChange] = []
+        for ch in changes:
+            if not backend.owns_change(ch):
+                continue  # the echo of our own delete, a foreign route, another device
+            key = (ch.kind, ch.name or ch.key)  # a device by name: re-created, it has a new index
+            due = self.backoff.due(key, now)
+            if due > now:
+                self.status.kernel_repair_backoffs += 1
+                self._deferred[key] = ch
+                self._deferred_at = min(self._deferred_at, due)
+                continue
+            self.backoff.repaired(key, now)
+            self._deferred.pop(key, None)
+            if not self._deferred:
+                self._deferred_at = math.inf
+            accepted.append(ch)
+        if not accepted:
+            return set()
+        if backend.entries_gone(accepted):
+            self._event_apply = True
+            return set()
+        self._event_full = True
+        return None
 
     def _own_key_event(self, ev: WatchEvent) -> set[PeerId] | None:
         assert self.leases is not None
@@ -823,10 +912,12 @@ class Daemon:
             self.log_limiter.log(f"lease {name}", "skipping malformed lease subnets/%s: %s",
                                  name, why)
 
-    def _sync(self, changed: frozenset[PeerId] | None, repair: bool = False) -> None:
+    def _sync(self, changed: frozenset[PeerId] | None, repair: bool = False,
+              event: bool = False) -> None:
         """Program the peers: the ones in `changed`, or (None) a full compare against the
         kernel; `repair` marks the periodic drift repair, whose changes are drift (counted
-        and logged as such) — a full sync after a config change or a new listing is not."""
+        and logged as such) — a full sync after a config change or a new listing is not;
+        `event` marks a repair after a kernel deletion event (counted apart)."""
         assert self.backend is not None
         start = time.monotonic()
         try:
@@ -837,7 +928,10 @@ class Daemon:
             report = SyncReport(failed=1)
             self.status.backend_programmed = False
         self.status.reconciles += 1
-        if repair and report.changes:
+        if event and report.added:
+            self.status.kernel_event_repairs += report.added
+            log.warning("kernel event: %d deleted kernel entries restored", report.added)
+        elif repair and report.changes:
             self.status.drift_repairs += report.changes
             log.warning("drift repair: %d kernel entries restored, %d removed", report.added,
                         report.removed)

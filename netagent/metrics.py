@@ -120,6 +120,14 @@ class DaemonCollector(Collector):
                                   "Kernel entries restored or removed by the periodic full "
                                   "compare (someone changed our state)",
                                   value=snap.drift_repairs)
+        yield CounterMetricFamily("netagent_kernel_event_repairs",
+                                  "Kernel entries restored right after the kernel announced "
+                                  "their deletion (or their device's)",
+                                  value=snap.kernel_event_repairs)
+        yield CounterMetricFamily("netagent_kernel_repair_backoffs",
+                                  "Kernel deletion events whose repair was deferred because "
+                                  "the same entry keeps being deleted",
+                                  value=snap.kernel_repair_backoffs)
         if snap.last_reconcile:
             yield _gauge("netagent_last_reconcile_timestamp_seconds",
                          "Unix time of the last backend sync", snap.last_reconcile)

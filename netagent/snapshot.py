@@ -84,6 +84,8 @@ class StatusSnapshot:
     last_reconcile: float = 0.0
     reconciles: int = 0
     drift_repairs: int = 0
+    kernel_event_repairs: int = 0
+    kernel_repair_backoffs: int = 0
     reacquired: int = 0
     backend_programmed: bool = False
     masquerade: str = "off"

@@ -32,6 +32,8 @@ Public API (import from ``netagent.kernel``):
 * reconciling: ``DeltaTracker``, ``Reconciler``, ``ApplyResult``, ``route_owner``,
   ``lookup_all``.
 * the kernel: ``NetlinkKernel(netns=None)``; ``encode_op`` (one op's rtnetlink message).
+* kernel events: ``KernelMonitor`` (rtnetlink multicast), ``parse_changes``,
+  ``KernelChange``, ``RepairBackoff``.
 * host read-outs: ``HostInterface``, ``route_get``, ``host_interfaces``, ``gateway_route_to``;
   ``kernel_needs_csum_workaround``, ``disable_tx_checksum``.
 
@@ -79,6 +81,7 @@ from netagent.kernel.entries import (
 )
 from netagent.kernel.ethtool import disable_tx_checksum, kernel_needs_csum_workaround
 from netagent.kernel.host import HostInterface, gateway_route_to, host_interfaces, route_get
+from netagent.kernel.monitor import KernelChange, KernelMonitor, RepairBackoff, parse_changes
 from netagent.kernel.netlink import NetlinkKernel
 from netagent.kernel.reconciler import ApplyResult, Reconciler, lookup_all, route_owner
 from netagent.kernel.rtnetlink import encode_op
@@ -87,8 +90,9 @@ __all__ = [
     "IPV6_DEFAULT_METRIC", "KINDS", "RTN_BLACKHOLE", "RTN_UNICAST", "RT_SCOPE_LINK",
     "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
     "RTPROT_NETAGENT", "ApplyResult", "DeltaTracker", "Entry", "Fdb", "HostInterface",
-    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelError", "LinkInfo", "LinkSummary", "Neigh",
+    "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelChange", "KernelError",
+    "KernelMonitor", "LinkInfo", "LinkSummary", "Neigh", "RepairBackoff",
     "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
     "disable_tx_checksum", "encode_op", "gateway_route_to", "host_interfaces",
-    "kernel_needs_csum_workaround", "lookup_all", "route_get", "route_owner",
+    "kernel_needs_csum_workaround", "lookup_all", "parse_changes", "route_get", "route_owner",
 ]

@@ -208,6 +208,22 @@ class Reconciler:
         self._foreign = {k: r for k, r in foreign.items() if k in wanted_routes}
         self.synced = True
 
+    def desired_keys(self, kind: str) -> Mapping[Key, Entry]:
+        """The desired entries of one kind by key (a live view: read, never keep)."""
+        table = self._tables.get(kind)
+        return table.desired if table is not None else {}
+
+    def entry_gone(self, kind: str, key: Key) -> bool:
+        """The kernel announced that the entry at ``key`` was deleted: forget it on the actual
+        side, so the next :meth:`apply` writes it again. True when we want that key (the echo
+        of our own delete, or someone else's entry, is not ours to repair)."""
+        table = self._tables.get(kind)
+        if table is None or key not in table.desired:
+            return False
+        if key in table.actual:
+            table.delete_actual(key)
+        return True
+
     def forget_device(self, index: int | None = None) -> None:
         """Our device ``index`` (None: every device of ours) went away, and with it its
         neighbours and FDB entries."""

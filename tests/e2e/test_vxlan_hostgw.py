@@ -68,7 +68,8 @@ def test_mesh_ping_and_drift_repair(lab: Lab, backend: dict[str, Any],
     else:
         assert f"via {h2.ip} dev eth0" in route
     assert "proto 111" in route
-    # a hand-deleted route (and neighbour + FDB on vxlan) comes back with the repair timer
+    # a hand-deleted route (and neighbour + FDB on vxlan) comes back on the kernel's deletion
+    # event (tests/e2e/test_kernel_events.py times it)
     before = kernel_state(h1, "flannel.1" if via_overlay else None)
     h1.run("ip", "route", "del", str(s2))
     if via_overlay:
@@ -78,7 +79,17 @@ def test_mesh_ping_and_drift_repair(lab: Lab, backend: dict[str, Any],
         )["BackendData"]["VtepMAC"]
         h1.run("bridge", "fdb", "del", mac, "dev", "flannel.1", "dst", h2.ip)
     wait_for(lambda: kernel_state(h1, "flannel.1" if via_overlay else None) == before,
-             timeout=15, interval=0.2, what="drift repair to restore the entries")
+             timeout=15, interval=0.2, what="the entries restored")
+    assert "kernel event: 1 deleted kernel entries restored" in lab.log(h1)
+    assert pods[0].ping(pods[1].ip)
+    # a changed route (no deletion, so no event) comes back with the repair timer
+    dev, gw = ("flannel.1", hosts[2].subnet().network_address) if via_overlay else ("eth0",
+                                                                                  hosts[2].ip)
+    h1.run("ip", "route", "replace", str(s2), "via", str(gw), "dev", dev, "onlink", "proto",
+           "111")
+    assert kernel_state(h1, "flannel.1" if via_overlay else None) != before
+    wait_for(lambda: kernel_state(h1, "flannel.1" if via_overlay else None) == before,
+             timeout=15, interval=0.2, what="drift repair to restore the route")
     assert "drift repair" in lab.log(h1)
     assert pods[0].ping(pods[1].ip)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -29,9 +31,10 @@ from netagent.backends import backend_class
 from netagent.backends.alloc import AllocBackend
 from netagent.backends.base import Backend, BackendHealth, HostFacts
 from netagent.config import NetworkConfig
-from netagent.daemon import EXIT_OK, Daemon
+from netagent.daemon import EXIT_OK, Daemon, KernelChanges
 from netagent.files import read_env_file
 from netagent.iptables import IptablesController
+from netagent.kernel import KernelChange
 from netagent.lease import decode_lease
 from netagent.probe import Prober
 from netagent.settings import AgentSettings, add_flags, load_settings
@@ -86,6 +89,11 @@ class UnitDaemon(Daemon):
 
     def make_kernel(self) -> FakeKernel:  # type: ignore[override]
         return self.kernel
+
+    def make_monitor(self) -> None:
+        """No netlink socket: the host's real events are not the fake kernel's; the tests put
+        `KernelChanges` on the queue themselves."""
+        return None
 
 
 class Agent:
@@ -513,3 +521,115 @@ def test_valid_lease_flapping_is_programmed_but_not_logged_per_sync(
     assert 1 <= len(reconciled) <= 2, len(reconciled)
     assert a.daemon.sync_log.suppressed_total >= 50, "many syncs, each would have logged"
     assert a.stop() == EXIT_OK
+
+
+# --------------------------------------------------------------------------- kernel events
+
+
+def deleted(a: Agent, *changes: KernelChange) -> None:
+    """What the kernel-event thread does when the kernel announces these deletions."""
+    a.daemon.events.put(KernelChanges(tuple(changes)))
+
+
+def test_deleted_peer_route_is_restored_on_the_event_not_the_timer(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, repair=60).start()  # the timer cannot be what repairs
+    agents.append(a)
+    until(a.ready, "ready")
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
+    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    del kernel.routes[key]  # `ip route del`
+    deleted(a, KernelChange("route", key))
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "route restored", timeout=2)
+    until(lambda: a.daemon.snapshot.kernel_event_repairs == 1, "repair counted")
+    assert a.daemon.snapshot.drift_repairs == 0 and a.daemon.snapshot.kernel_repair_backoffs == 0
+    # echoes and foreign deletions change nothing: a key we do not want, a route of BIRD's
+    writes = kernel.writes()
+    other = (254, IPv4Network("10.70.9.0/24"), 0)
+    deleted(a, KernelChange("route", other), KernelChange("neigh", (99, ME)),
+            KernelChange("link", (99,), "eth7"))
+    peer(store, 3, "10.70.3.0/24")  # a later event proves the loop went past those items
+    until(lambda: "10.70.3.0/24" in peer_routes(kernel), "next peer")
+    assert kernel.writes() == writes + 1, "only the new peer's route was written"
+    assert a.daemon.snapshot.kernel_event_repairs == 1
+
+
+def test_entry_deleted_in_a_loop_backs_off_and_comes_back_after(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, repair=3).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
+    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    before = kernel.writes()
+    for _ in range(50):  # 50 deletions in ~1 s
+        kernel.routes.pop(key, None)
+        deleted(a, KernelChange("route", key))
+        a.daemon.stop.wait(0.02)
+    rewrites = kernel.writes() - before
+    snap = a.daemon.snapshot
+    assert 2 <= rewrites <= 8, f"{rewrites} re-writes for 50 deletions: no back-off"
+    assert snap.kernel_repair_backoffs >= 40, snap.kernel_repair_backoffs
+    # the deleter stopped: the deferred repair (or at worst the periodic one) puts it back
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "route back", timeout=4)
+
+
+def test_deferred_repair_overtaken_by_a_new_event_leaves_the_loop_idle(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """A deferred key whose next deletion event arrives after its due time is repaired by that
+    event; no retry time may stay behind (one in the past made the loop spin at 100 %)."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    a = Agent(tmp_path, store, kernel, repair=30).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
+    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    stall = threading.Event()
+    a.daemon.sync_hooks.append(lambda _s: stall.wait(0.5) if not stall.is_set() else None)
+    kernel.routes.pop(key)
+    # two deletion events in one burst: the first is repaired at once (and its sync holds the
+    # loop 0.5 s), the second deferred by 0.1 s; a third arrives while the loop is held
+    deleted(a, KernelChange("route", key))
+    deleted(a, KernelChange("route", key))
+    time.sleep(0.25)
+    deleted(a, KernelChange("route", key))
+    stall.set()
+    until(lambda: a.daemon.snapshot.kernel_repair_backoffs == 1, "one deferral")
+    until(lambda: "10.70.2.0/24" in peer_routes(kernel), "route back", timeout=4)
+    tid = a.thread.native_id
+    assert tid is not None
+    busy = thread_cpu(tid)
+    time.sleep(1.0)
+    assert thread_cpu(tid) - busy < 0.2, "the main loop spins while idle"
+
+
+def thread_cpu(tid: int) -> float:
+    """CPU seconds (user + system) one thread of this process has used."""
+    fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_deleted_vxlan_device_is_recreated_and_reprogrammed_on_the_event(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    store.put(CONFIG, net("vxlan"))
+    store.put(SUBNETS + "10.70.2.0-24", json.dumps({
+        "PublicIP": str(pub(2)), "BackendType": "vxlan",
+        "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:02"}}))
+    a = Agent(tmp_path, store, kernel, repair=60).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"} and kernel.neighs and kernel.fdb,
+          "vxlan peer programmed")
+    old = kernel.links["flannel.1"].index
+    kernel.delete_link(old)  # `ip link del flannel.1`: its routes, neighbours, FDB go too
+    assert not peer_routes(kernel)
+    deleted(a, KernelChange("link", (old,), "flannel.1"))
+    until(lambda: "flannel.1" in kernel.links and peer_routes(kernel) == {"10.70.2.0/24"}
+          and kernel.neighs and kernel.fdb, "device and entries back", timeout=3)
+    new = kernel.links["flannel.1"].index
+    assert new != old
+    assert {n.ifindex for n in kernel.neighs.values()} == {new}
+    until(lambda: a.daemon.snapshot.kernel_event_repairs >= 3, "route, neighbour, FDB counted")
+    assert a.daemon.snapshot.drift_repairs == 0

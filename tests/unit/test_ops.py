@@ -356,7 +356,8 @@ def fake_snapshot(**kw: Any) -> StatusSnapshot:
         checks=MappingProxyType({"lease": True, "subnet_env": True, "backend": True}),
         invalid_leases=MappingProxyType({"bad": "x"}),
         kernel_entries=MappingProxyType({"route": 2, "fdb": 2}), reconciles=7, drift_repairs=3,
-        last_reconcile=1700000000.0, backend_health=BackendHealth(),
+        kernel_event_repairs=4, kernel_repair_backoffs=5, last_reconcile=1700000000.0,
+        backend_health=BackendHealth(),
         lease=LeaseView(str(SUB), False, 86400, 5, 1, 0, now + 86000.5),
         etcd=EtcdView(MappingProxyType({"unavailable": 4, "tls": 1}), 2, 1),
         rules=RulesState("in place", True, 1, 1),
@@ -392,6 +393,8 @@ def test_metrics_follow_daemon_state_and_parse() -> None:
     assert got[("netagent_etcd_watch_reconnects_total", ())] == 2
     assert got[("netagent_kernel_entries", (("kind", "fdb"),))] == 2
     assert got[("netagent_drift_repairs_total", ())] == 3
+    assert got[("netagent_kernel_event_repairs_total", ())] == 4
+    assert got[("netagent_kernel_repair_backoffs_total", ())] == 5
     assert got[("netagent_reconcile_duration_seconds_count", ())] == 1
     assert got[("netagent_udp_packets_total", (("direction", "tx"),))] == 11
     assert got[("netagent_udp_drops_total", (("reason", "no_route"),))] == 2
