@@ -439,7 +439,8 @@ class Daemon:
                            backend_v6_data=self.contribution.backend_v6_data)
         previous, previous6 = previous_subnets(self.settings.subnet_file)
         self.leases = LeaseManager(self.registry, cfg, attrs, ttl=self.settings.subnet_lease_ttl,
-                                   previous_subnet=previous, previous_subnet6=previous6)
+                                   previous_subnet=previous, previous_subnet6=previous6,
+                                   lease_file=Path(self.settings.state_dir) / "etcd-leases")
         self._phase("acquiring lease")
         try:
             lease = self._retry("acquiring a subnet lease", self.leases.acquire)
