@@ -412,6 +412,11 @@ class Registry:
 
         return self.call("keepalive", op)
 
+    def revision(self) -> int:
+        """etcd's current revision (the header of a one-key read)."""
+        return int(self.call("revision", lambda c: c.get_response(self.prefix + "/config")
+                             .header.revision))
+
     def lease_ttl(self, lease_id: int) -> int:
         """Seconds left on an etcd lease (-1 when it no longer exists)."""
         return int(self.call("lease ttl", lambda c: c.get_lease_info(lease_id).TTL))
@@ -457,12 +462,26 @@ class Registry:
         """
         rev = start_revision
         backoff = BACKOFF_START
+        check_revision = False
         while not stop.is_set():
             items: queue.Queue[Any] = queue.Queue()
             watch_id = None
             client = None
             try:
                 client = self.client()
+                if check_revision:
+                    # etcd restored from an older snapshot (or a new data dir) answers a watch
+                    # from a revision in its future by waiting for it: every change until then
+                    # would be missed. Seen after reconnecting: re-list instead (issue 19 item 2a)
+                    check_revision = False
+                    now = self.revision()
+                    if now < rev - 1:
+                        log.warning("etcd's revision went back from %d to %d (restored from a "
+                                    "backup or a new data dir?): re-listing %s", rev - 1, now,
+                                    prefix)
+                        listed, at = self.list_prefix(prefix)
+                        yield WatchResync(tuple(listed), at)
+                        rev = at + 1
                 watch_id = client.add_watch_prefix_callback(
                     prefix, items.put, start_revision=rev
                 )
@@ -501,6 +520,7 @@ class Registry:
                 self.stats.watch_reconnects += 1
                 log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
                             prefix, msg, rev, backoff)
+                check_revision = True
                 if kind in ("unavailable", "timeout", "tls", "other", "auth"):
                     self._drop(rotate=kind in ("unavailable", "timeout", "tls"))
                 stop.wait(backoff)
