@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
 import time
 
 import pytest
-from support.harness import RUN_ID, Lab, PingRun, ping_all, sh, wait_for
+from support.harness import RUN_ID, Lab, PingRun, kernel_state, ping_all, sh, wait_for
 
 pytestmark = pytest.mark.privileged
 
@@ -79,3 +80,50 @@ def test_etcd_restored_from_an_older_snapshot(lab: Lab) -> None:
           f"etcd started, on every host {converged:.2f} s; pings (0.1 s) h1->h3, h3->h2, "
           f"h1->h2 {results}, lost {lost}")
     assert lost[2] == 0, "hosts whose leases survived the restore keep forwarding"
+
+
+def test_whole_prefix_deleted_then_config_put_back(lab: Lab) -> None:
+    """(b) `etcdctl del --prefix /coreos.com/network`: config and every lease gone at once.
+    Pods keep working on the last known good state (no kernel entry removed while the config
+    is missing, status.json says why); with the config back every live host holds its old
+    subnet, the peer that really left (its agent killed before the wipe) is removed then, and
+    it gets its old subnet back when it restarts."""
+    etcd = lab.etcd
+    assert etcd is not None
+    hosts = lab.mesh(VXLAN, 3)
+    h1, h2, h3 = hosts
+    pods = list(lab.pods)
+    before = {h.name: key_of(lab, h.ip) for h in hosts}
+    lab.stop_agent(h3, signal.SIGKILL)  # its key goes with the wipe and nobody re-puts it
+    p1, p2, p3 = pods
+    pings = [PingRun(p1, p2.ip, 20, interval=0.1), PingRun(p2, p1.ip, 20, interval=0.1)]
+    time.sleep(2)
+    kernel = {h.name: kernel_state(h.name, ["flannel.1"]) for h in (h1, h2)}
+    etcd.ctl("del", "--prefix", PREFIX)
+    t0 = time.monotonic()
+    time.sleep(6)
+    for h in (h1, h2):
+        assert h.agent is not None and h.agent.poll() is None, lab.log(h)[-2000:]
+        assert kernel_state(h.name, ["flannel.1"]) == kernel[h.name], "last known good state"
+        assert "deleted from etcd" in h.status().get("config_error", ""), h.status()
+        assert key_of(lab, h.ip) == before[h.name], "own lease re-published, same subnet"
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    t1 = time.monotonic()
+    gone = before[h3.name]
+    assert gone is not None
+    for h in (h1, h2):
+        wait_for(lambda h=h: gone.replace("-", "/") not in h.run("ip", "-4", "route").stdout, 15,
+                 interval=0.1, what=f"{h.name} to drop the peer that left while the config was "
+                 "missing")
+        wait_for(lambda h=h: h.status().get("config_error", "x") == "", 10,
+                 what=f"{h.name} status clear")
+    dropped = time.monotonic() - t1
+    lab.start_agent(h3)
+    wait_for(lambda: key_of(lab, h3.ip) == before[h3.name], 30, what="h3's old subnet back")
+    results = [p.result() for p in pings]
+    lost = [tx - rx for tx, rx in results]
+    ping_all(pods, timeout=30)
+    print(f"\nwhole prefix deleted, config put back {t1 - t0:.1f} s later: left peer removed "
+          f"{dropped:.2f} s after the config; pings (0.1 s) p1<->p2 {results}, lost {lost}; "
+          f"every host kept its subnet")
+    assert sum(lost) == 0, "pods keep working on the last known good state"
