@@ -14,6 +14,7 @@ import shutil
 import signal
 import tempfile
 import time
+from ipaddress import IPv4Network
 
 import pytest
 from support.harness import RUN_ID, Lab, PingRun, kernel_state, ping_all, sh, wait_for
@@ -127,3 +128,58 @@ def test_whole_prefix_deleted_then_config_put_back(lab: Lab) -> None:
           f"{dropped:.2f} s after the config; pings (0.1 s) p1<->p2 {results}, lost {lost}; "
           f"every host kept its subnet")
     assert sum(lost) == 0, "pods keep working on the last known good state"
+
+
+def partition(lab: Lab, host_ns: str, on: bool) -> None:
+    """Drop every packet between `host_ns` and etcd (iptables in the host's namespace)."""
+    op = "-A" if on else "-D"
+    sh("iptables", op, "OUTPUT", "-d", lab.etcd_ip, "-j", "DROP", ns=host_ns)
+    sh("iptables", op, "INPUT", "-s", lab.etcd_ip, "-j", "DROP", ns=host_ns)
+
+
+@pytest.mark.parametrize("taken", [False, True], ids=["subnet-free", "subnet-taken"])
+def test_partitioned_longer_than_the_lease_ttl(lab: Lab, taken: bool) -> None:
+    """(c) A host cut off from etcd (packets dropped) for longer than its 4 s lease TTL: its
+    lease expires and the others drop its routes. Back, it keeps its subnet when still free,
+    else (another host's lease on it meanwhile) renumbers loudly; never two holders of one
+    subnet."""
+    etcd = lab.etcd
+    assert etcd is not None
+    hosts = lab.mesh(VXLAN, 3, "--subnet-lease-ttl", "4")
+    h1, h2, h3 = hosts
+    pods = list(lab.pods)
+    mine = key_of(lab, h3.ip)
+    assert mine is not None
+    partition(lab, h3.name, True)
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: key_of(lab, h3.ip) is None, 20, what="h3's lease to expire")
+        expired = time.monotonic() - t0
+        if taken:  # another host leases h3's subnet meanwhile
+            etcd.put(f"{PREFIX}/subnets/{mine}",
+                     '{"PublicIP":"192.0.2.99","BackendType":"vxlan","BackendData":'
+                     '{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}}')
+        time.sleep(4)
+        assert h3.agent is not None and h3.agent.poll() is None, lab.log(h3)[-2000:]
+    finally:
+        partition(lab, h3.name, False)
+    t1 = time.monotonic()
+    wait_for(lambda: key_of(lab, h3.ip) is not None, 30, interval=0.1,
+             what="h3 to hold a lease again")
+    back = time.monotonic() - t1
+    now = key_of(lab, h3.ip)
+    holders = [json.loads(v).get("PublicIP") for k, v in lab.leases().items() if k == now]
+    assert len(holders) == 1
+    if taken:
+        assert now != mine, "the subnet was taken: h3 must renumber"
+        wait_for(lambda: "SUBNET LOST" in lab.log(h3), 10, what="a loud renumbering")
+        assert json.loads(lab.leases()[mine])["PublicIP"] == "192.0.2.99"
+        wait_for(lambda: h3.subnet() == IPv4Network(now.replace("-", "/")), 10,
+                 what="h3's subnet.env to name its new subnet")
+    else:
+        assert now == mine, "still free: h3 keeps its subnet"
+        ping_all(pods, timeout=30)
+    converged = time.monotonic() - t1
+    print(f"\npartitioned h3 ({'subnet taken' if taken else 'subnet free'}): lease expired "
+          f"{expired:.1f} s after the cut (TTL 4 s); {back:.2f} s after the heal h3 held "
+          f"{now} (was {mine}); converged in {converged:.2f} s")
