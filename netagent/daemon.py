@@ -586,10 +586,21 @@ class Daemon:
             cfg_kv = next((kv for kv in item.items if kv.key == self._config_key), None)
             if cfg_kv is not None and cfg_kv.value != self._config_raw:
                 self._config_event(cfg_kv.value)
+            elif cfg_kv is not None:
+                self._release_held_deletes()
+            elif not self._config_missing:
+                self._config_event(None)
             raws = self._raw(item.items)
             own_name = self.leases.key[len(self._subnets_prefix):]
             if not any(r.name == own_name for r in raws):
                 self._recover("our lease key is missing after a re-list")
+            if self._config_missing:  # no config (a wiped or new etcd): add, never remove
+                listed = {r.name for r in raws}
+                for raw in raws:
+                    self._log_rejected(self.peers.put(raw))
+                self._held_deletes = {lease.key for lease in self.peers.peers.values()
+                                      if lease.key not in listed} | (self._held_deletes - listed)
+                return None
             changes = self.peers.reset(raws)
             self._log_rejected(changes)
             return None
