@@ -183,6 +183,10 @@ class Daemon:
         self._subnets_prefix = self.registry.key("subnets/")
         self._config_key = self.registry.key("config")
         self._config_raw = b""
+        #: the config key was deleted (e.g. the whole prefix wiped): peers' lease deletions are
+        #: held, not programmed, until a config is back (issue 19 item 2b)
+        self._config_missing = False
+        self._held_deletes: set[str] = set()
         self.host: HostFacts | None = None
         self._last_status = ""
         self._status_dirty = False
@@ -511,7 +515,8 @@ class Daemon:
                            backend_v6_data=self.contribution.backend_v6_data)
         previous, previous6 = previous_subnets(self.settings.subnet_file)
         self.leases = LeaseManager(self.registry, cfg, attrs, ttl=self.settings.subnet_lease_ttl,
-                                   previous_subnet=previous, previous_subnet6=previous6)
+                                   previous_subnet=previous, previous_subnet6=previous6,
+                                   lease_file=Path(self.settings.state_dir) / "etcd-leases")
         self._phase("acquiring lease")
         try:
             lease = self._retry("acquiring a subnet lease", self.leases.acquire)
@@ -690,10 +695,21 @@ class Daemon:
             cfg_kv = next((kv for kv in item.items if kv.key == self._config_key), None)
             if cfg_kv is not None and cfg_kv.value != self._config_raw:
                 self._config_event(cfg_kv.value)
+            elif cfg_kv is not None:
+                self._release_held_deletes()
+            elif not self._config_missing:
+                self._config_event(None)
             raws = self._raw(item.items)
             own_name = self.leases.key[len(self._subnets_prefix):]
             if not any(r.name == own_name for r in raws):
                 self._recover("our lease key is missing after a re-list")
+            if self._config_missing:  # no config (a wiped or new etcd): add, never remove
+                listed = {r.name for r in raws}
+                for raw in raws:
+                    self._log_rejected(self.peers.put(raw))
+                self._held_deletes = {lease.key for lease in self.peers.peers.values()
+                                      if lease.key not in listed} | (self._held_deletes - listed)
+                return None
             changes = self.peers.reset(raws)
             self._log_rejected(changes)
             return None
@@ -706,8 +722,12 @@ class Daemon:
             if item.key == self.leases.key:
                 return self._own_key_event(item)
             if item.kind == "put":
+                self._held_deletes.discard(name)
                 changes = self.peers.put(RawLease(name, item.value, item.lease_id, item.revision))
                 self._log_rejected(changes)
+            elif self._config_missing:
+                self._held_deletes.add(name)
+                return set()
             else:
                 changes = self.peers.delete(name)
             return set(changes.changed)
@@ -769,11 +789,16 @@ class Daemon:
     def _config_event(self, raw: bytes | None) -> set[PeerId] | None:
         """A new <prefix>/config: validate it, then apply it live (None = full sync needed)."""
         if raw is None:
-            log.warning("network config %s was deleted; keeping the running configuration",
+            log.warning("network config %s was deleted; keeping the running configuration and "
+                        "the peers we know (their lease deletions wait for a config)",
                         self._config_key)
+            self._config_missing = True
+            self._set_config_error(f"{self._config_key} deleted from etcd: running on the last "
+                                   "known good configuration and peers until it is back")
             return set()
+        released = self._release_held_deletes()
         if raw == self._config_raw:
-            return set()
+            return None if released else set()
         try:
             new = parse_network_config(raw)
             why = check_runnable(new)
@@ -787,9 +812,23 @@ class Daemon:
         self._set_config_error("")
         self._config_raw = raw
         if new == self.config:
-            return set()
+            return None if released else set()
         self._apply_config(new)
         return None
+
+    def _release_held_deletes(self) -> bool:
+        """A config is back: apply the peer deletions held meanwhile (the keys not re-put)."""
+        if not self._config_missing:
+            return False
+        self._config_missing = False
+        if self.status.config_error.endswith("until it is back"):
+            self._set_config_error("")
+        held, self._held_deletes = self._held_deletes, set()
+        for name in sorted(held):
+            self.peers.delete(name)
+        if held:
+            log.info("network config is back: %d peer lease(s) deleted meanwhile removed", len(held))
+        return bool(held)
 
     def _apply_config(self, new: NetworkConfig) -> None:
         """Switch to `new` without a restart, executing `plan_config_change`'s steps (DESIGN.md

@@ -216,3 +216,33 @@ def render_docker_opts(
 
 def write_docker_opts(path: str | Path, content: str) -> None:
     write_atomic(path, content)
+
+
+def read_lease_ids(path: str | Path) -> set[int]:
+    """The etcd lease IDs in `path` (one hex ID a line, `#` comments); a missing file is empty.
+
+    Bad lines are skipped (a torn file cannot happen: it is written with `write_atomic`)."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise FileError(exc.errno, f"cannot read {path}: {exc.strerror or exc}") from exc
+    ids: set[int] = set()
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        try:
+            lease_id = int(line, 16) if line else 0
+        except ValueError:
+            continue
+        if 0 < lease_id < 1 << 63:
+            ids.add(lease_id)
+    return ids
+
+
+def write_lease_ids(path: str | Path, lease_ids: set[int]) -> None:
+    """Record the etcd leases this host granted and has not revoked (durably: it must survive
+    a crash between a grant and its transaction)."""
+    lines = ["# etcd leases granted by this host and not yet revoked (netagent; do not edit)"]
+    lines += [f"{lid:016x}" for lid in sorted(lease_ids)]
+    write_atomic(path, "\n".join(lines) + "\n", mode=0o600)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
+import threading
 import time
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from pathlib import Path
 
 from netagent.config import NetworkConfig
+from netagent.files import FileError, read_lease_ids, write_lease_ids
 from netagent.lease import (
     Lease,
     LeaseAttrs,
@@ -26,7 +30,7 @@ from netagent.lease import (
     subnet_key,
     subnets_label,
 )
-from netagent.store import RegistryError, Store
+from netagent.store import KeyValue, RegistryError, Store
 
 log = logging.getLogger("netagent.lease")
 
@@ -59,6 +63,7 @@ class LeaseManager:
         previous_subnet: IPv4Network | None = None,
         rng: random.Random | None = None,
         previous_subnet6: IPv6Network | None = None,
+        lease_file: Path | None = None,
     ) -> None:
         self.registry = registry
         self.config = config
@@ -68,6 +73,24 @@ class LeaseManager:
         self.previous_subnet6 = previous_subnet6
         self.rng = rng or random.Random()
         self.state: LeaseState | None = None
+        #: every etcd lease this host granted and has not seen revoked, the held one included;
+        #: written to `lease_file` *before* each transaction that may attach a key to a new one,
+        #: so a lease whose transaction failed, lost its answer or was cut by kill -9 is
+        #: revoked once etcd answers (or by the next process): no orphan lease (issue 19 item 8)
+        self.lease_file = lease_file
+        self.granted: set[int] = set()
+        #: leases found unused after we held ours but not yet revoked (etcd did not answer);
+        #: the keepalive thread retries only these, never a lease a create is still using
+        self.unused: set[int] = set()
+        self._ids = threading.Lock()
+        if lease_file is not None:
+            try:
+                self.granted = read_lease_ids(lease_file)
+            except FileError as exc:
+                log.warning("%s; etcd leases a crashed run granted may stay until their TTL", exc)
+            if self.granted:
+                log.info("etcd leases from an earlier run: %s (the unused ones are revoked once "
+                         "we hold our lease)", ", ".join(f"{lid:016x}" for lid in sorted(self.granted)))
 
     @property
     def subnets_prefix(self) -> str:
@@ -117,15 +140,17 @@ class LeaseManager:
                 if lease is not None:
                     log.info("%s", plan.reason)
                     self._drop_old(plan.delete, replacing)
+                    self.revoke_unused()
                     return lease
                 continue
-            created, lease_id, holder = self.registry.create(key, value, self.ttl)
+            created, lease_id, holder = self._create_on_new_lease(key, value)
             if created:
                 log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason,
                          subnets_label(plan.subnet, plan.ipv6_subnet), lease_id, self.ttl)
                 lease = self._hold(Lease(plan.subnet, self.attrs, plan.ipv6_subnet, lease_id),
                                    self.ttl)
                 self._drop_old(plan.delete, replacing)
+                self.revoke_unused()
                 return lease
             log.info("subnet %s was taken by another host meanwhile (attempt %d)",
                      subnets_label(plan.subnet, plan.ipv6_subnet), attempt)
@@ -162,10 +187,66 @@ class LeaseManager:
             return self._hold(replace(old, attrs=self.attrs), ttl)
         # the etcd lease is gone (the key will vanish with it): create the key afresh
         self.registry.delete(key)
-        created, lease_id, _ = self.registry.create(key, value, self.ttl)
+        created, lease_id, _ = self._create_on_new_lease(key, value)
         if not created:
             return None
         return self._hold(Lease(old.subnet, self.attrs, old.ipv6_subnet, lease_id), self.ttl)
+
+    def _create_on_new_lease(self, key: str, value: str) -> tuple[bool, int, KeyValue | None]:
+        """Create `key` on a new etcd lease whose ID we pick and write down first.
+
+        The order is the point: ID chosen (63 random bits) → recorded in memory and in
+        `lease_file` → granted → transaction. Whatever fails or is lost after the record, the
+        ID is known and `revoke_unused` ends it; a retried grant of the same ID is harmless."""
+        lease_id = secrets.randbits(63) or 1
+        self._remember(lease_id)
+        self.registry.grant(self.ttl, lease_id)
+        created, _, holder = self.registry.create(key, value, None, lease_id=lease_id)
+        if not created and holder is not None and holder.lease_id == lease_id:
+            created, holder = True, None  # the transaction landed; its answer was lost
+        if not created:
+            self.revoke_unused()
+        return created, lease_id if created else 0, holder
+
+    def _remember(self, lease_id: int) -> None:
+        with self._ids:
+            if lease_id in self.granted:
+                return
+            self.granted.add(lease_id)
+            self._save()
+
+    def _save(self) -> None:
+        """Write `granted` (the caller holds `_ids`)."""
+        if self.lease_file is None:
+            return
+        try:
+            write_lease_ids(self.lease_file, self.granted)
+        except FileError as exc:  # memory still has them: only a crash now could leak one
+            log.warning("%s", exc)
+
+    def revoke_unused(self) -> int:
+        """Revoke every etcd lease we granted except the one we hold (call it only right after
+        holding a lease); returns how many are left for `renew` to retry. Never raises."""
+        held = self.state.lease.lease_id if self.state is not None else 0
+        if held:  # adopted, or from before lease_file existed: ours to revoke when replaced
+            self._remember(held)
+        with self._ids:
+            self.unused = self.granted - {held}
+        return self._revoke(sorted(self.unused))
+
+    def _revoke(self, lease_ids: list[int]) -> int:
+        for lid in lease_ids:
+            try:
+                self.registry.revoke(lid)
+            except RegistryError as exc:
+                log.warning("revoking unused etcd lease %016x failed (will retry): %s", lid, exc)
+                continue
+            log.info("revoked unused etcd lease %016x", lid)
+            with self._ids:
+                self.granted.discard(lid)
+                self.unused.discard(lid)
+                self._save()
+        return len(self.unused)
 
     def _hold(self, lease: Lease, ttl: int) -> Lease:
         prev = self.state
@@ -223,6 +304,8 @@ class LeaseManager:
         state.ttl = ttl
         state.renewals += 1
         state.last_renew = time.monotonic()
+        if self.unused:  # etcd answers again: end what a failed revoke left behind
+            self._revoke(sorted(self.unused))
         return True
 
     def seconds_left(self) -> float | None:
@@ -253,7 +336,7 @@ class LeaseManager:
             created, _, holder = self.registry.create(key, value, None, lease_id=lease_id)
             ttl = state.ttl
         else:
-            created, lease_id, holder = self.registry.create(key, value, self.ttl)
+            created, lease_id, holder = self._create_on_new_lease(key, value)
             ttl = self.ttl
         if created:
             state.reacquired += 1
@@ -261,15 +344,18 @@ class LeaseManager:
             self._hold(Lease(old.subnet, self.attrs, old.ipv6_subnet, lease_id), ttl)
             assert self.state is not None
             self.state.reacquired = state.reacquired
+            self.revoke_unused()
             return self.lease
         if holder is not None:
             try:
                 other = decode_lease(key[len(self.subnets_prefix):], holder.value)
                 if other.attrs.host_ip == self.public_ip:
                     # ours after all (e.g. written back by an operator): adopt it
-                    return self._hold(
+                    adopted = self._hold(
                         Lease(old.subnet, other.attrs, old.ipv6_subnet, holder.lease_id), state.ttl
                     )
+                    self.revoke_unused()
+                    return adopted
             except LeaseError:
                 pass
         log.error("SUBNET LOST: %s is now held by another host; acquiring a new subnet. Pods on "

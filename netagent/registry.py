@@ -154,6 +154,11 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "tls", tls
         last = detail.rsplit("last error: ", 1)[-1] if detail else ""
         return "unavailable", f"cannot reach etcd ({last})" if last else "cannot reach etcd"
+    if isinstance(exc, etcd_exc.PreconditionFailedError):  # etcd3 hides the gRPC detail here
+        detail = _grpc_detail(exc)
+        if "lease already exists" in detail:
+            return "exists", f"etcd: {detail}"
+        return "other", f"etcd refused a precondition: {detail}"
     if isinstance(exc, etcd_exc.RevisionCompactedError):
         return "compacted", "revision compacted"
     if isinstance(exc, grpc.RpcError):
@@ -173,6 +178,10 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             return "unavailable", f"cannot reach etcd: {detail}"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return "timeout", "etcd did not answer in time"
+        if code == grpc.StatusCode.NOT_FOUND:
+            return "notfound", f"etcd: {detail}"
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "lease already exists" in str(detail):
+            return "exists", f"etcd: {detail}"
         return "other", f"etcd error {code}: {detail}"
     if isinstance(exc, ValueError) and "closed channel" in str(exc):
         return "unavailable", "connection closed"
@@ -326,41 +335,73 @@ class Registry:
         (ttl None and no lease_id = a reservation).
 
         Returns (created, lease_id, existing). On failure a lease granted here is revoked so
-        no orphan lease is left behind.
+        no orphan lease is left behind (the lease manager grants its own, with an ID it writes
+        down first, so even a crash here leaves nothing it cannot revoke later).
         """
         given = lease_id
+        # granted outside the retried transaction: `call` re-runs `op` after a lost answer, and
+        # a grant inside it leaked one etcd lease per retry (issue 19 item 8)
+        fresh = self.grant(ttl) if not given and ttl is not None else 0
 
         def op(c: Any) -> tuple[bool, int, KeyValue | None]:
-            lease_id = given
-            if not lease_id and ttl is not None:
-                lease_id = int(c.lease(ttl).id)
-            try:
-                ok, responses = c.transaction(
-                    compare=[c.transactions.version(key) == 0],
-                    success=[c.transactions.put(key, value, lease=lease_id or None)],
-                    failure=[c.transactions.get(key)],
-                )
-            except Exception:
-                if lease_id and not given:
-                    try:
-                        c.revoke_lease(lease_id)
-                    except Exception:  # noqa: BLE001 - best effort, the TTL will end it
-                        pass
-                raise
+            lease_id = given or fresh
+            ok, responses = c.transaction(
+                compare=[c.transactions.version(key) == 0],
+                success=[c.transactions.put(key, value, lease=lease_id or None)],
+                failure=[c.transactions.get(key)],
+            )
             if ok:
                 return True, lease_id, None
-            if lease_id and not given:
-                c.revoke_lease(lease_id)
             existing = None
             if responses and responses[0]:
                 v, meta = responses[0][0]
                 existing = KeyValue(key, v, meta.lease_id, meta.mod_revision)
+            if lease_id and existing is not None and existing.lease_id == lease_id:
+                # our first transaction landed and only its answer was lost: the retry sees our put
+                return True, lease_id, None
+            if lease_id and not given:
+                c.revoke_lease(lease_id)
             return False, 0, existing
 
-        return self.call(f"create {key}", op)
+        try:
+            return self.call(f"create {key}", op)
+        except RegistryError:
+            if fresh:  # the caller learns of no lease: none may stay behind (best effort)
+                try:
+                    self.revoke(fresh)
+                except RegistryError:
+                    log.warning("could not revoke etcd lease %016x after a failed create; it "
+                                "expires in %s s", fresh, ttl)
+            raise
+
+    def grant(self, ttl: int, lease_id: int = 0) -> int:
+        """A new etcd lease of `ttl` seconds, with the ID `lease_id` when given (0: etcd picks).
+
+        With a chosen ID a retried grant whose first answer was lost is recognised ("lease
+        already exists" can only be our own earlier attempt: IDs are 63 random bits), so no
+        lease is granted that we do not know the ID of."""
+
+        def op(c: Any) -> int:
+            try:
+                return int(c.lease(ttl, lease_id=lease_id or None).id)
+            except Exception as exc:
+                if lease_id and _classify(exc)[0] == "exists":
+                    return lease_id
+                raise
+
+        return self.call("grant lease", op)
 
     def revoke(self, lease_id: int) -> None:
-        self.call("revoke lease", lambda c: c.revoke_lease(lease_id))
+        """Revoke an etcd lease (and delete its keys); a lease already gone is not an error."""
+
+        def op(c: Any) -> None:
+            try:
+                c.revoke_lease(lease_id)
+            except Exception as exc:
+                if _classify(exc)[0] != "notfound":
+                    raise
+
+        self.call("revoke lease", op)
 
     def keepalive(self, lease_id: int) -> int:
         """Send one keepalive; returns the new TTL (0 means the lease is gone)."""
@@ -370,6 +411,11 @@ class Registry:
             return int(responses[0].TTL) if responses else 0
 
         return self.call("keepalive", op)
+
+    def revision(self) -> int:
+        """etcd's current revision (the header of a one-key read)."""
+        return int(self.call("revision", lambda c: c.get_response(self.prefix + "/config")
+                             .header.revision))
 
     def lease_ttl(self, lease_id: int) -> int:
         """Seconds left on an etcd lease (-1 when it no longer exists)."""
@@ -416,12 +462,26 @@ class Registry:
         """
         rev = start_revision
         backoff = BACKOFF_START
+        check_revision = False
         while not stop.is_set():
             items: queue.Queue[Any] = queue.Queue()
             watch_id = None
             client = None
             try:
                 client = self.client()
+                if check_revision:
+                    # etcd restored from an older snapshot (or a new data dir) answers a watch
+                    # from a revision in its future by waiting for it: every change until then
+                    # would be missed. Seen after reconnecting: re-list instead (issue 19 item 2a)
+                    check_revision = False
+                    now = self.revision()
+                    if now < rev - 1:
+                        log.warning("etcd's revision went back from %d to %d (restored from a "
+                                    "backup or a new data dir?): re-listing %s", rev - 1, now,
+                                    prefix)
+                        listed, at = self.list_prefix(prefix)
+                        yield WatchResync(tuple(listed), at)
+                        rev = at + 1
                 watch_id = client.add_watch_prefix_callback(
                     prefix, items.put, start_revision=rev
                 )
@@ -460,6 +520,7 @@ class Registry:
                 self.stats.watch_reconnects += 1
                 log.warning("watch on %s broke (%s); resuming at revision %d in %.1f s",
                             prefix, msg, rev, backoff)
+                check_revision = True
                 if kind in ("unavailable", "timeout", "tls", "other", "auth"):
                     self._drop(rotate=kind in ("unavailable", "timeout", "tls"))
                 stop.wait(backoff)

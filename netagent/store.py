@@ -69,7 +69,7 @@ class RegistryStats:
 class Store(Protocol):
     """A flannel etcd v3 key space, as the agent uses it. Errors are `RegistryError` with a
     `kind` (unavailable, timeout, auth, permission, compacted, config, other); "config" means
-    retrying cannot help."""
+    retrying cannot help; "notfound" a lease etcd does not know."""
 
     prefix: str
     stats: RegistryStats
@@ -99,7 +99,13 @@ class Store(Protocol):
         lease granted here for a create that failed is revoked."""
         ...
 
+    def grant(self, ttl: int, lease_id: int = 0) -> int:
+        """A new etcd lease of `ttl` seconds with the ID `lease_id` (0: the store picks one);
+        a grant of an ID that already exists answers that ID (our own retried grant)."""
+        ...
+
     def revoke(self, lease_id: int) -> None:
+        """Revoke a lease and delete its keys; a lease already gone is not an error."""
         ...
 
     def keepalive(self, lease_id: int) -> int:

@@ -71,6 +71,7 @@ class FakeStore:
         self.closed = False
         self._next_lease = 0x7000
         self._fail: list[_Failure] = []
+        self._lose: list[_Failure] = []
         self._cond = threading.Condition()
 
     # ------------------------------------------------------------------ test controls
@@ -79,6 +80,17 @@ class FakeStore:
         """The next `times` calls of `operation` ("get", "put", "create", "keepalive", "list",
         "delete", "revoke", "watch" or "*") raise RegistryError(kind) and change nothing."""
         self._fail.append(_Failure(operation, kind, times))
+
+    def lose_answer(self, operation: str, times: int = 1) -> None:
+        """The next `times` calls of `operation` take effect, then raise RegistryError
+        ("unavailable"): etcd applied the request but its answer was lost (etcd killed, the
+        connection cut), the sequence that leaked etcd leases in issue 19 item 8."""
+        self._lose.append(_Failure(operation, "unavailable", times))
+
+    def live_leases(self) -> dict[int, set[str]]:
+        """Every etcd lease and the keys attached to it (`etcdctl lease list` + timetolive)."""
+        with self._cond:
+            return {lid: set(lease.keys) for lid, lease in self.leases.items()}
 
     def expire(self) -> list[str]:
         """Delete every lease whose TTL ran out on the fake clock, and its keys (with delete
@@ -122,6 +134,14 @@ class FakeStore:
                 self.stats.count(rule.kind)
                 raise RegistryError(f"{operation} {key}: injected {rule.kind}", rule.kind)
 
+    def _answer(self, operation: str, key: str = "") -> None:
+        """After a request took effect: raise if its answer is to be lost."""
+        for rule in self._lose:
+            if rule.left and rule.operation in (operation, "*"):
+                rule.left -= 1
+                self.stats.count(rule.kind)
+                raise RegistryError(f"{operation} {key}: answer lost (injected)", rule.kind)
+
     def _emit(self, kind: str, key: str, value: bytes, lease_id: int) -> None:
         self.history.append(WatchEvent(kind, key, value, lease_id, self.revision))
         self._cond.notify_all()
@@ -158,10 +178,13 @@ class FakeStore:
             self._delete_locked(key)
         return keys
 
-    def _grant_locked(self, ttl: int) -> int:
-        self._next_lease += 1
-        self.leases[self._next_lease] = _Lease(ttl, self.clock.now + ttl)
-        return self._next_lease
+    def _grant_locked(self, ttl: int, lease_id: int = 0) -> int:
+        if not lease_id:
+            self._next_lease += 1
+            lease_id = self._next_lease
+        if lease_id not in self.leases:  # an existing ID: etcd says "lease already exists"
+            self.leases[lease_id] = _Lease(ttl, self.clock.now + ttl)
+        return lease_id
 
     @staticmethod
     def _bytes(value: bytes | str) -> bytes:
@@ -208,12 +231,21 @@ class FakeStore:
             if not lease_id and ttl is not None:
                 lease_id = self._grant_locked(ttl)
             self._put_locked(key, self._bytes(value), lease_id)
+            self._answer("create", key)
             return True, lease_id, None
+
+    def grant(self, ttl: int, lease_id: int = 0) -> int:
+        with self._cond:
+            self._check("grant")
+            lease_id = self._grant_locked(ttl, lease_id)
+            self._answer("grant")
+            return lease_id
 
     def revoke(self, lease_id: int) -> None:
         with self._cond:
             self._check("revoke")
-            self._revoke_locked(lease_id)
+            self._revoke_locked(lease_id)  # an unknown lease: nothing to do, as Registry.revoke
+            self._answer("revoke")
 
     def keepalive(self, lease_id: int) -> int:
         with self._cond:

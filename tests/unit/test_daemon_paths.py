@@ -633,3 +633,31 @@ def test_deleted_vxlan_device_is_recreated_and_reprogrammed_on_the_event(
     assert {n.ifindex for n in kernel.neighs.values()} == {new}
     until(lambda: a.daemon.snapshot.kernel_event_repairs >= 3, "route, neighbour, FDB counted")
     assert a.daemon.snapshot.drift_repairs == 0
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["events", "re-list"])
+def test_wiped_prefix_holds_peer_deletions_until_the_config_is_back(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        compacted: bool) -> None:
+    """Config and every lease deleted (issue 19 item 2b), seen as delete events or as a re-list
+    after compaction: the kernel keeps the last known good peers, status.json says why; with
+    the config back a peer whose key was re-put stays and the one that really left is removed."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    peer(store, 3, "10.70.3.0/24")
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(a.ready, "ready")
+    until(lambda: len(peer_routes(kernel)) == 2, "both peers programmed")
+    mine = dict(a.my_keys())
+    with store.atomically():  # one `etcdctl del --prefix`
+        for key in sorted(k for k in store.data if k.startswith("/coreos.com/network/")):
+            store.delete(key)
+        if compacted:  # the watch sees a listing without config or peers, not the deletes
+            store.compact(store.revision)
+    until(lambda: "deleted from etcd" in str(a.status().get("config_error", "")), "reported")
+    until(lambda: a.my_keys() == mine, "own key re-published on the same subnet")
+    assert peer_routes(kernel) == {"10.70.2.0/24", "10.70.3.0/24"}, "nothing removed"
+    peer(store, 2, "10.70.2.0/24")  # host 2 re-publishes; host 3 is gone for good
+    store.put(CONFIG, net())
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "the peer that left is removed")
+    until(lambda: a.status().get("config_error") == "", "status clear")
