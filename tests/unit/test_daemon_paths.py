@@ -35,6 +35,7 @@ from netagent.iptables import IptablesController
 from netagent.lease import decode_lease
 from netagent.probe import Prober
 from netagent.settings import AgentSettings, add_flags, load_settings
+from netagent.store import KeyValue
 
 PREFIX = "/coreos.com/network"
 SUBNETS = f"{PREFIX}/subnets/"
@@ -217,6 +218,41 @@ def test_start_leases_programs_peers_and_reports_in_one_snapshot(
     # a peer arriving later is programmed from the watch
     peer(store, 3, "10.70.3.0/24")
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24", "10.70.3.0/24"}, "second peer")
+    assert a.stop() == EXIT_OK
+
+
+def test_start_lists_once_and_what_changes_after_the_listing_comes_by_the_watch(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """One listing serves the lease choice and the peer table (issue 18's cold start); the
+    watch resumes right after its revision, so a peer that appears after the listing still
+    gets its route, and our own stale key (deleted by the lease choice after the listing) is
+    never programmed as a peer."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    # ours from an old run, on a TTL lease, below SubnetMin: stale, deleted by the lease choice
+    store.create(SUBNETS + "10.70.0.0-24",
+                 json.dumps({"PublicIP": str(ME), "BackendType": "host-gw"}), ttl=60)
+    lists: list[str] = []
+    real = store.list_prefix
+
+    def list_prefix(prefix: str) -> tuple[list[KeyValue], int]:
+        out = real(prefix)
+        lists.append(prefix)
+        if len(lists) == 1:
+            peer(store, 3, "10.70.3.0/24")  # lands right after the listing
+        return out
+
+    monkeypatch.setattr(store, "list_prefix", list_prefix)
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24", "10.70.3.0/24"}, "both peers")
+    until(a.ready, "ready")
+    assert lists == [PREFIX + "/"], "one listing at start-up"
+    assert len(a.my_keys()) == 1 and "10.70.0.0-24" not in a.my_keys()
+    assert not any("10.70.0.0/24" in str(entry) for entry in kernel.log)
+    assert not any("10.70.0.0/24" in r.getMessage() for r in caplog.records), \
+        "our own stale key was never taken for a peer"
     assert a.stop() == EXIT_OK
 
 
