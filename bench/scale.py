@@ -39,6 +39,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -570,7 +571,8 @@ def bench_agent(n: int, events: int, idle: float, tmp: Path,
         assert host.agent is not None
         pid = host.agent.pid
         if profile:  # the agent ran under py-spy: the rest would measure py-spy too
-            lab.stop_agent(host)
+            time.sleep(2)
+            lab.stop_agent(host, signal.SIGINT)  # py-spy writes its output on SIGINT
             return out
         pid = agent_pid(pid)
         cpu_start, _, _ = proc_cpu_rss(pid)
@@ -725,7 +727,10 @@ def summary(results: dict[str, Any]) -> str:
         cells = []
         for n in sizes:
             r = results.get(part, {}).get(n) or results.get(part, {}).get(str(n))
-            cells.append(fmt(r) if r and "error" not in r else "–")
+            try:
+                cells.append(fmt(r) if r and "error" not in r else "–")
+            except KeyError:  # a partial figure (--profile)
+                cells.append("–")
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {goal} |")
 
     row("program from scratch: ours / ip+bridge -batch", "program",

@@ -86,6 +86,14 @@ class ProbeRound:
 QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound
 
 
+def status_json(doc: dict[str, Any]) -> str:
+    """status.json's text: one top-level key a line, sorted, each value compact. Any
+    ``indent`` makes the json module fall back from its C encoder to pure Python, ~3.5× slower:
+    at 5,000 peers the peer list took ~27 ms a write instead of ~8 ms."""
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(doc[k], sort_keys=True)}"
+                               for k in sorted(doc)) + "\n}\n"
+
+
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
     return EtcdSettings(
         endpoints=s.etcd_endpoints, prefix=s.etcd_prefix, cafile=s.etcd_cafile,
@@ -465,11 +473,13 @@ class Daemon:
         for kv in items:  # the config may have changed since we read it: handle it in the loop
             if kv.key == self._config_key and kv.value != self._config_raw:
                 self.events.put(WatchEvent("put", kv.key, kv.value, 0, kv.mod_revision))
+        # before the peer table fills: this phase's status.json write then carries no O(peers)
+        # peer list ahead of the first kernel write (~30 ms at 5,000 peers)
+        self._phase("programming backend")
         self.peers = PeerTable(lease.ident, cfg.primary_network, own_ipv6=lease.ipv6_subnet,
                                network6=cfg.ipv6_network)
         self._log_rejected(self.peers.reset(self._raw(items)))
         del listed, items  # ~2.5 MB at 5,000 peers, otherwise held for the agent's lifetime
-        self._phase("programming backend")
         self._sync(None)
         self._masquerade()
         self.write_subnet_env()
@@ -821,7 +831,7 @@ class Daemon:
             self._peer_list_key = key
             self.status.peer_list = peer_list(self.peers.peers,
                                               self.prober.results if self.prober else None)
-        text = json.dumps(self._publish().status_doc(), sort_keys=True, indent=1)
+        text = status_json(self._publish().status_doc())
         if text == self._last_status:
             return
         self._last_status = text
