@@ -478,7 +478,8 @@ class Daemon:
         self._phase("programming backend")
         self.peers = PeerTable(lease.ident, cfg.primary_network, own_ipv6=lease.ipv6_subnet,
                                network6=cfg.ipv6_network)
-        self._log_rejected(self.peers.reset(self._raw(items)))
+        self._log_rejected(self.peers.reset(self._raw(items), decoded=self.leases.listed))
+        self.leases.listed = {}
         del listed, items  # ~2.5 MB at 5,000 peers, otherwise held for the agent's lifetime
         self._sync(None)
         self._masquerade()

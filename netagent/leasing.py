@@ -71,6 +71,9 @@ class LeaseManager:
         #: key names (under subnets/) the last :meth:`acquire` deleted: a caller that lists
         #: before acquiring drops them from its listing (their delete events follow in the watch)
         self.dropped: list[str] = []
+        #: name -> Lease as decoded from the ``listing`` given to the last :meth:`acquire`
+        #: (empty without one): the caller builds its peer table from the same listing
+        self.listed: dict[str, Lease] = {}
 
     @property
     def subnets_prefix(self) -> str:
@@ -121,12 +124,14 @@ class LeaseManager:
         call deleted are in :attr:`dropped`."""
         value = encode_attrs(self.attrs)
         self.dropped = []
+        self.listed = {}
         # Each lost create race means another host got a subnet, so retrying while subnets are
         # free always ends; flannel's fixed 10 tries can fail a host in a thundering herd.
         attempts = MAX_ATTEMPTS + self.config.candidate_count
         for attempt in range(1, attempts + 1):
             if attempt == 1 and listing is not None:
-                existing = self.parse_leases(listing)
+                self.listed = self.parse_leases(listing)
+                existing = dict(self.listed)
             else:
                 existing, _ = self.list_leases()
             if replacing is not None:

@@ -156,9 +156,10 @@ def test_acquire_reports_the_stale_own_keys_it_deleted() -> None:
     listing, _ = s.list_prefix(SUBNETS)
     lease = m.acquire(listing=listing)
     assert m.dropped == ["10.60.0.0-24"]
+    assert list(m.listed) == ["10.60.0.0-24"], "the listing as decoded, for the peer table"
     assert list(held_by(s)) == [lease.key]
     assert manager(s, 1).acquire() == lease and m.acquire().key == lease.key
-    assert m.dropped == [], "reset on every call"
+    assert m.dropped == [] and m.listed == {}, "reset on every call"
 
 
 def test_previous_subnet_from_the_subnet_file_is_kept_when_free() -> None:
