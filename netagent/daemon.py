@@ -10,7 +10,6 @@ Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_c
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import logging
@@ -458,9 +457,13 @@ class Daemon:
             return EXIT_OK
         items, revision = listed
         self._phase("acquiring lease")
+        # the listing serves the first try only: a retry after an error lists afresh (a create
+        # whose answer was lost may have made our key, and only a new listing shows it)
+        first: list[list[KeyValue]] = [items]
+        leases = self.leases
         try:
             lease = self._retry("acquiring a subnet lease",
-                                functools.partial(self.leases.acquire, listing=items))
+                                lambda: leases.acquire(listing=first.pop() if first else None))
         except OutOfSubnets as exc:
             log.error("%s; not writing %s", exc, self.settings.subnet_file)
             return EXIT_OUT_OF_SUBNETS

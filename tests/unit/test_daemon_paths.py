@@ -35,7 +35,7 @@ from netagent.iptables import IptablesController
 from netagent.lease import decode_lease
 from netagent.probe import Prober
 from netagent.settings import AgentSettings, add_flags, load_settings
-from netagent.store import KeyValue
+from netagent.store import KeyValue, RegistryError
 
 PREFIX = "/coreos.com/network"
 SUBNETS = f"{PREFIX}/subnets/"
@@ -253,6 +253,33 @@ def test_start_lists_once_and_what_changes_after_the_listing_comes_by_the_watch(
     assert not any("10.70.0.0/24" in str(entry) for entry in kernel.log)
     assert not any("10.70.0.0/24" in r.getMessage() for r in caplog.records), \
         "our own stale key was never taken for a peer"
+    assert a.stop() == EXIT_OK
+
+
+def test_a_create_whose_answer_was_lost_is_found_by_a_fresh_listing_on_retry(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up listing serves the first lease attempt only: when etcd made our key but
+    the answer was lost (an error after the write), the retry lists afresh, finds the key by
+    our PublicIP and reuses it; planning again from the old listing would lease a second
+    subnet and leave the first key orphaned until its TTL."""
+    store.put(CONFIG, net())
+    real = store.create
+    lost: list[str] = []
+
+    def create(key: str, value: str, ttl: int | None, lease_id: int = 0
+               ) -> tuple[bool, int, KeyValue | None]:
+        out = real(key, value, ttl, lease_id=lease_id)
+        if not lost:
+            lost.append(key)
+            raise RegistryError(f"create {key}: connection reset after the write", "unavailable")
+        return out
+
+    monkeypatch.setattr(store, "create", create)
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(a.ready, "ready")
+    assert lost and list(a.my_keys()) == [lost[0][len(SUBNETS):]], "one key: the lost create's"
     assert a.stop() == EXIT_OK
 
 
