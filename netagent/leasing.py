@@ -91,6 +91,12 @@ class LeaseManager:
             if self.granted:
                 log.info("etcd leases from an earlier run: %s (the unused ones are revoked once "
                          "we hold our lease)", ", ".join(f"{lid:016x}" for lid in sorted(self.granted)))
+        #: key names (under subnets/) the last :meth:`acquire` deleted: a caller that lists
+        #: before acquiring drops them from its listing (their delete events follow in the watch)
+        self.dropped: list[str] = []
+        #: name -> Lease as decoded from the ``listing`` given to the last :meth:`acquire`
+        #: (empty without one): the caller builds its peer table from the same listing
+        self.listed: dict[str, Lease] = {}
 
     @property
     def subnets_prefix(self) -> str:
@@ -106,29 +112,51 @@ class LeaseManager:
 
     def list_leases(self) -> tuple[dict[str, Lease], int]:
         items, revision = self.registry.list_prefix(self.subnets_prefix)
+        return self.parse_leases(items), revision
+
+    def parse_leases(self, items: list[KeyValue]) -> dict[str, Lease]:
+        """name -> Lease for the keys under subnets/ in `items` (others, e.g. the config, are
+        skipped; unreadable values are logged and skipped)."""
         leases: dict[str, Lease] = {}
+        prefix = self.subnets_prefix
         for kv in items:
-            name = kv.key[len(self.subnets_prefix):]
+            if not kv.key.startswith(prefix):
+                continue
+            name = kv.key[len(prefix):]
             try:
                 leases[name] = decode_lease(name, kv.value, kv.lease_id, kv.mod_revision)
             except LeaseError as exc:
                 log.warning("ignoring subnets/%s: %s", name, exc)
-        return leases, revision
+        return leases
 
-    def acquire(self, replacing: Lease | None = None) -> Lease:
+    def acquire(self, replacing: Lease | None = None,
+                listing: list[KeyValue] | None = None) -> Lease:
         """Get a lease (reuse, previous subnet, or a free one). Raises OutOfSubnets.
 
         ``replacing`` is our current lease when a live config change needs another key (an
         address family turned on or off): its subnets count as free, so the previous-subnet
         hints can keep them, and its key is deleted only after the new one exists, so peers
         never see this host without a lease. Stale own keys likewise go after the new key is
-        in place."""
+        in place.
+
+        ``listing`` is a listing the caller already holds (at one etcd revision; keys outside
+        subnets/ are ignored): the first attempt plans from it instead of listing again, so at
+        start-up one listing serves both the lease choice and the peer table (at 5,000 leases
+        a listing costs ~0.3 s). A stale listing is safe: the create is create-if-absent, a
+        lost race lists afresh, and a reused key is checked with a keepalive. The names this
+        call deleted are in :attr:`dropped`."""
         value = encode_attrs(self.attrs)
+        self.dropped = []
+        self.listed = {}
         # Each lost create race means another host got a subnet, so retrying while subnets are
         # free always ends; flannel's fixed 10 tries can fail a host in a thundering herd.
         attempts = MAX_ATTEMPTS + self.config.candidate_count
         for attempt in range(1, attempts + 1):
-            existing, _ = self.list_leases()
+            if attempt == 1 and listing is not None:
+                self.listed = self.parse_leases(listing)
+                existing = dict(self.listed)
+            else:
+                existing, _ = self.list_leases()
             if replacing is not None:
                 existing.pop(replacing.key, None)
             assert self.public_ip is not None
@@ -163,11 +191,13 @@ class LeaseManager:
         for old in stale:
             log.info("deleting our old lease %s: it no longer fits the network config", old.key)
             self.registry.delete(self.subnets_prefix + old.key)
+            self.dropped.append(old.key)
         held = self.state.lease if self.state is not None else None
         if replacing is None or held is None or replacing.key == held.key:
             return
         log.info("deleting our previous lease key %s (now %s)", replacing.key, held.key)
         self.registry.delete(self.subnets_prefix + replacing.key)
+        self.dropped.append(replacing.key)
         if replacing.lease_id and replacing.lease_id != held.lease_id:
             try:
                 self.registry.revoke(replacing.lease_id)

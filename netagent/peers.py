@@ -10,7 +10,7 @@ before (its kernel entries keep serving traffic until a valid value or a delete 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Network
 
@@ -99,14 +99,20 @@ class PeerTable:
             changes.rejected[raw.name] = str(exc)
             return None
 
-    def reset(self, snapshot: Iterable[RawLease]) -> PeerChanges:
-        """Replace the table with a full listing; report what was added and removed."""
+    def reset(self, snapshot: Iterable[RawLease],
+              decoded: Mapping[str, Lease] | None = None) -> PeerChanges:
+        """Replace the table with a full listing; report what was added and removed.
+
+        ``decoded``: key name -> Lease already decoded from these very values (the start-up
+        listing the lease choice parsed), so 5,000 leases are not decoded twice (~50 ms)."""
         changes = PeerChanges()
         new: dict[PeerId, Lease] = {}
         self.invalid = {}
         self.outside = {}
         for raw in snapshot:
-            lease = self._decode(raw, changes)
+            lease = decoded.get(raw.name) if decoded else None
+            if lease is None:
+                lease = self._decode(raw, changes)
             if lease is None:
                 continue
             if self._is_own(lease):

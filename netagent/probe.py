@@ -287,6 +287,11 @@ class Prober:
                 best[(ident, family)] = min(rtt, best.get((ident, family), rtt))
 
 
+def _order(item: tuple[PeerId, Any]) -> tuple[int, int, int]:
+    net = item[0]
+    return (net.version, int(net.network_address), net.prefixlen)
+
+
 def peer_list(peers: Mapping[PeerId, Any], results: Mapping[str, PeerProbe] | None
               ) -> dict[str, dict[str, Any]]:
     """The peer table for status.json: lease facts plus the last probe result (pure).
@@ -295,9 +300,13 @@ def peer_list(peers: Mapping[PeerId, Any], results: Mapping[str, PeerProbe] | No
     true when any address of any family answered; "reachable_v4"/"reachable_v6" tell the
     families apart (None: no subnet of that family, or not probed)."""
     out: dict[str, dict[str, Any]] = {}
-    for ident, lease in sorted(peers.items(), key=lambda kv: (kv[0].version, kv[0])):
-        r = (results or {}).get(str(ident))
-        out[str(ident)] = {
+    results = results or {}
+    # the order of (version, subnet) by plain ints: IPv4Network's own comparisons and str()
+    # made this ~50 ms at 5,000 peers, and it runs after every probe round
+    for ident, lease in sorted(peers.items(), key=_order):
+        name = str(ident)
+        r = results.get(name)
+        out[name] = {
             "public_ip": _host_ip(lease.attrs),
             "backend": lease.attrs.backend_type,
             "reachable": None if r is None else r.reachable,

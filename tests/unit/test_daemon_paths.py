@@ -38,6 +38,7 @@ from netagent.kernel import KernelChange
 from netagent.lease import decode_lease
 from netagent.probe import Prober
 from netagent.settings import AgentSettings, add_flags, load_settings
+from netagent.store import KeyValue, RegistryError
 
 PREFIX = "/coreos.com/network"
 SUBNETS = f"{PREFIX}/subnets/"
@@ -230,6 +231,68 @@ def test_start_leases_programs_peers_and_reports_in_one_snapshot(
     later = next(s for s in ("10.70.3.0/24", "10.70.4.0/24") if IPv4Network(s) != own)
     peer(store, 3, later)
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24", later}, "second peer")
+    assert a.stop() == EXIT_OK
+
+
+def test_start_lists_once_and_what_changes_after_the_listing_comes_by_the_watch(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """One listing serves the lease choice and the peer table (issue 18's cold start); the
+    watch resumes right after its revision, so a peer that appears after the listing still
+    gets its route, and our own stale key (deleted by the lease choice after the listing) is
+    never programmed as a peer."""
+    store.put(CONFIG, net())
+    peer(store, 2, "10.70.2.0/24")
+    # ours from an old run, on a TTL lease, below SubnetMin: stale, deleted by the lease choice
+    store.create(SUBNETS + "10.70.0.0-24",
+                 json.dumps({"PublicIP": str(ME), "BackendType": "host-gw"}), ttl=60)
+    lists: list[str] = []
+    real = store.list_prefix
+
+    def list_prefix(prefix: str) -> tuple[list[KeyValue], int]:
+        out = real(prefix)
+        lists.append(prefix)
+        if len(lists) == 1:
+            peer(store, 3, "10.70.3.0/24")  # lands right after the listing
+        return out
+
+    monkeypatch.setattr(store, "list_prefix", list_prefix)
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(lambda: peer_routes(kernel) == {"10.70.2.0/24", "10.70.3.0/24"}, "both peers")
+    until(a.ready, "ready")
+    assert lists == [PREFIX + "/"], "one listing at start-up"
+    assert len(a.my_keys()) == 1 and "10.70.0.0-24" not in a.my_keys()
+    assert not any("10.70.0.0/24" in str(entry) for entry in kernel.log)
+    assert not any("10.70.0.0/24" in r.getMessage() for r in caplog.records), \
+        "our own stale key was never taken for a peer"
+    assert a.stop() == EXIT_OK
+
+
+def test_a_create_whose_answer_was_lost_is_found_by_a_fresh_listing_on_retry(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up listing serves the first lease attempt only: when etcd made our key but
+    the answer was lost (an error after the write), the retry lists afresh, finds the key by
+    our PublicIP and reuses it; planning again from the old listing would lease a second
+    subnet and leave the first key orphaned until its TTL."""
+    store.put(CONFIG, net())
+    real = store.create
+    lost: list[str] = []
+
+    def create(key: str, value: str, ttl: int | None, lease_id: int = 0
+               ) -> tuple[bool, int, KeyValue | None]:
+        out = real(key, value, ttl, lease_id=lease_id)
+        if not lost:
+            lost.append(key)
+            raise RegistryError(f"create {key}: connection reset after the write", "unavailable")
+        return out
+
+    monkeypatch.setattr(store, "create", create)
+    a = Agent(tmp_path, store, kernel).start()
+    agents.append(a)
+    until(a.ready, "ready")
+    assert lost and list(a.my_keys()) == [lost[0][len(SUBNETS):]], "one key: the lost create's"
     assert a.stop() == EXIT_OK
 
 

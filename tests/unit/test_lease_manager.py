@@ -127,6 +127,41 @@ def test_restart_with_new_backend_data_rewrites_the_value_on_the_same_lease() ->
     assert kv.lease_id == first.lease_id
 
 
+def test_acquire_plans_from_a_given_listing_and_lists_again_only_after_a_lost_race(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start-up the daemon's one listing serves the lease choice (issue 18: a second listing
+    of 5,000 leases cost ~0.3 s). A stale listing is safe: the subnet it planned was taken
+    meanwhile, so the create-if-absent loses and the next attempt lists afresh."""
+    s = FakeStore()
+    lists: list[str] = []
+    real = s.list_prefix
+    monkeypatch.setattr(s, "list_prefix", lambda prefix: (lists.append(prefix), real(prefix))[1])
+    listing, _ = real("/coreos.com/network/")
+    got = manager(s, 1, previous_subnet=IPv4Network("10.60.9.0/24")).acquire(listing=listing)
+    assert got.subnet == IPv4Network("10.60.9.0/24") and lists == [], "no second listing"
+    # the listing is stale: host 3 took 10.60.7.0/24 after it was made
+    listing, _ = real("/coreos.com/network/")
+    s.put(SUBNETS + "10.60.7.0-24", json.dumps({"PublicIP": "192.0.2.3"}))
+    late = manager(s, 2, previous_subnet=IPv4Network("10.60.7.0/24")).acquire(listing=listing)
+    assert late.subnet not in (IPv4Network("10.60.7.0/24"), got.subnet)
+    assert lists == [SUBNETS], "the lost race listed once, afresh"
+    assert held_by(s)["10.60.7.0-24"] == "192.0.2.3", "the other host's key is untouched"
+
+
+def test_acquire_reports_the_stale_own_keys_it_deleted() -> None:
+    """A caller that listed before acquiring must not take our own deleted key for a peer."""
+    s = FakeStore()
+    s.create(SUBNETS + "10.60.0.0-24", json.dumps({"PublicIP": "192.0.2.1"}), ttl=60)  # < SubnetMin
+    m = manager(s, 1)
+    listing, _ = s.list_prefix(SUBNETS)
+    lease = m.acquire(listing=listing)
+    assert m.dropped == ["10.60.0.0-24"]
+    assert list(m.listed) == ["10.60.0.0-24"], "the listing as decoded, for the peer table"
+    assert list(held_by(s)) == [lease.key]
+    assert manager(s, 1).acquire() == lease and m.acquire().key == lease.key
+    assert m.dropped == [] and m.listed == {}, "reset on every call"
+
+
 def test_previous_subnet_from_the_subnet_file_is_kept_when_free() -> None:
     s = FakeStore()
     want = IPv4Network("10.60.77.0/24")

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.harness import REPO, need
 
 from netagent.backends.base import BackendHealth
+from netagent.daemon import status_json
 from netagent.health import Heartbeat, Watchdog, start_servers, watchdog_interval
 from netagent.iptables import IptablesController, RulesState
 from netagent.masq import (
@@ -516,6 +517,31 @@ def test_echo_packets_and_targets() -> None:
     peers = {IPv4Network("10.5.3.0/24"): lease}
     assert probe_targets(peers) == {"10.5.3.0/24": ("192.0.2.5", ("10.5.3.1", "10.5.3.0"))}
     assert peer_list(peers, None)["10.5.3.0/24"]["reachable"] is None
+
+
+def test_peer_list_orders_by_family_then_address_and_status_json_round_trips() -> None:
+    """peer_list sorts by plain ints (IPv4 before IPv6, then address, then prefix length: the
+    order IPv4Network's own comparisons gave); status.json's text is valid JSON with one
+    sorted top-level key a line, written with the json module's C encoder."""
+    def lease(ip: str) -> SimpleNamespace:
+        return SimpleNamespace(attrs=SimpleNamespace(public_ip=IPv4Address(ip),
+                                                     backend_type="vxlan"))
+    idents = [IPv6Network("fd00:1::/64"), IPv4Network("10.5.10.0/24"),
+              IPv4Network("10.5.9.0/24"), IPv4Network("10.5.9.0/25"),
+              IPv4Network("9.0.0.0/24")]
+    peers = {ident: lease("192.0.2.5") for ident in idents}
+    got = list(peer_list(peers, {"10.5.9.0/24": PeerProbe("192.0.2.5", True, 0.0012, 1.0,
+                                                           True, None)}))
+    assert got == [str(n) for n in sorted(idents, key=lambda n: (n.version, n))]
+    assert got[0] == "9.0.0.0/24" and got[-1] == "fd00:1::/64"
+    doc = {"ready": True, "peer_list": peer_list(peers, None), "phase": "running",
+           "checks": {"lease": True}}
+    text = status_json(doc)
+    assert json.loads(text) == doc
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}" and len(lines) == len(doc) + 2
+    assert [ln.split(":", 1)[0].strip() for ln in lines[1:-1]] == [
+        '"checks"', '"peer_list"', '"phase"', '"ready"']
 
 
 # --------------------------------------------------------------------------- systemd units

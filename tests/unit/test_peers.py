@@ -6,6 +6,7 @@ import itertools
 import random
 from ipaddress import IPv4Network
 
+from netagent.lease import decode_lease
 from netagent.peers import PeerTable, RawLease
 
 OWN = IPv4Network("10.5.1.0/24")
@@ -77,6 +78,20 @@ def test_reset_reports_the_difference() -> None:
     ch = t.reset([put(3)[1], put(4)[1]])
     assert ch.added == {IPv4Network("10.5.4.0/24")}
     assert ch.removed == {IPv4Network("10.5.2.0/24")}
+
+
+def test_reset_takes_already_decoded_leases_and_decodes_only_the_rest() -> None:
+    """At start-up the lease choice already decoded the listing: reset reuses those Lease
+    objects (no second decode of 5,000 values) and still decodes, and rejects, the others."""
+    raws = [put(2)[1], put(3)[1], RawLease("10.5.4.0-24", b"{garbage", 7, 4)]
+    pre = {raws[0].name: decode_lease(raws[0].name, raws[0].value, 7, 2)}
+    t = PeerTable(OWN)
+    ch = t.reset(raws, decoded=pre)
+    assert t.peers[IPv4Network("10.5.2.0/24")] is pre["10.5.2.0-24"]
+    assert t.peers[IPv4Network("10.5.3.0/24")] == decode_lease("10.5.3.0-24", raws[1].value, 7, 3)
+    assert ch.added == {IPv4Network("10.5.2.0/24"), IPv4Network("10.5.3.0/24")}
+    assert set(ch.rejected) == {"10.5.4.0-24"} and set(t.invalid) == {"10.5.4.0-24"}
+    assert fold([put(2), put(3)]).peers == t.peers, "the same table as decoding everything"
 
 
 def test_malformed_value_is_rejected_and_keeps_last_good() -> None:
