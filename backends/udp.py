@@ -49,7 +49,7 @@ from netagent.backends.udptrust import (
 )
 from netagent.backends.udptun import open_tun, tun_txqueuelen
 from netagent.config import NetworkConfig
-from netagent.kernel import Kernel, KernelError, Op, Route
+from netagent.kernel import Kernel, KernelError, Op, Route, address_device
 from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
@@ -305,18 +305,7 @@ class UdpBackend(Backend):
             return 0
         assert self.own.subnet is not None, "udp runs IPv4 networks only"
         want = IPv4Interface(f"{self.own.subnet.network_address}/32")
-        net = self.config.network
-        for addr in link.addrs:
-            if addr != want and net is not None and addr.ip in net:
-                log.info("removing stale address %s from %s", addr, DEVICE)
-                k.del_addr(link.index, addr)
-                writes += 1
-        if want not in link.addrs:
-            k.add_addr(link.index, want)
-            writes += 1
-        if not link.up:
-            k.set_link(link.index, up=True)
-            writes += 1
+        writes += address_device(k, link, want, self.config.network)
         if link.mtu != self.mtu:
             k.set_link(link.index, mtu=self.mtu)
             writes += 1

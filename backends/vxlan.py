@@ -36,6 +36,7 @@ from netagent.kernel import (
     Route,
     RouteLookup,
     VxlanSpec,
+    address_device,
     kernel_needs_csum_workaround,
 )
 from netagent.lease import Lease, PeerId, canonical_json
@@ -246,19 +247,10 @@ class VxlanDevice:
     def ensure_address(self, want: IPInterface, network: IPNetwork | None) -> None:
         """``want`` (our subnet's network address as /32 or /128: no connected route) and no
         other address from ``network``; link up."""
-        k = self.kernel
-        link = k.link(self.spec.name)
+        link = self.kernel.link(self.spec.name)
         if link is None:
             return  # the next full sync recreates it
-        for addr in link.addrs:
-            if (addr != want and network is not None and addr.version == network.version
-                    and addr.ip in network):
-                log.info("removing stale address %s from %s", addr, self.spec.name)
-                k.del_addr(link.index, addr)
-        if want not in link.addrs:
-            k.add_addr(link.index, want)
-        if not link.up:
-            k.set_link(link.index, up=True)
+        address_device(self.kernel, link, want, network)
 
     def delete(self) -> None:
         link = self.kernel.link(self.spec.name)

@@ -49,7 +49,7 @@ from netagent.backends.wireguard.model import (
 )
 from netagent.backends.wireguard.wggo import SOCKET_DIR, WireguardGo
 from netagent.config import NetworkConfig, WireguardOptions
-from netagent.kernel import RT_SCOPE_LINK, Kernel, KernelError, Op, Route
+from netagent.kernel import RT_SCOPE_LINK, Kernel, KernelError, Op, Route, address_device
 from netagent.lease import Lease, PeerId
 
 log = logging.getLogger(__name__)
@@ -235,19 +235,7 @@ class WgLink:
             return 0
         want = (IPv4Interface(f"{subnet.network_address}/32") if subnet.version == 4
                 else IPv6Interface(f"{subnet.network_address}/128"))
-        writes = 0
-        for addr in link.addrs:
-            if addr != want and addr.version == want.version and addr.ip in self.spec.network:
-                log.info("removing stale address %s from %s", addr, self.spec.name)
-                k.del_addr(link.index, addr)
-                writes += 1
-        if want not in link.addrs:
-            k.add_addr(link.index, want)
-            writes += 1
-        if not link.up:
-            k.set_link(link.index, up=True)
-            writes += 1
-        return writes
+        return address_device(k, link, want, self.spec.network)
 
     def ensure_route(self) -> int:
         """The whole Network on the device. A route at that key through another device is

@@ -29,6 +29,7 @@ Public API (import from ``netagent.kernel``):
   ``IPAddress``, ``IPNetwork``, ``IPInterface``; constants ``RTPROT_NETAGENT``,
   ``RT_TABLE_MAIN``, ``RT_SCOPE_UNIVERSE``, ``RT_SCOPE_LINK``, ``IPV6_DEFAULT_METRIC``,
   ``RTN_UNICAST``, ``RTN_BLACKHOLE``, ``KINDS``.
+* devices: ``address_device`` (our overlay address on a device we own, link up).
 * reconciling: ``DeltaTracker``, ``Reconciler``, ``ApplyResult``, ``route_owner``,
   ``lookup_all``.
 * the kernel: ``NetlinkKernel(netns=None)``; ``encode_op`` (one op's rtnetlink message).
@@ -55,6 +56,7 @@ inside the Network, not a whole-Network route.)
 """
 
 from netagent.kernel.delta import DeltaTracker
+from netagent.kernel.device import address_device
 from netagent.kernel.entries import (
     IPV6_DEFAULT_METRIC,
     KINDS,
@@ -89,7 +91,7 @@ from netagent.kernel.rtnetlink import encode_op
 __all__ = [
     "IPV6_DEFAULT_METRIC", "KINDS", "RTN_BLACKHOLE", "RTN_UNICAST", "RT_SCOPE_LINK",
     "RT_SCOPE_UNIVERSE", "RT_TABLE_MAIN",
-    "RTPROT_NETAGENT", "ApplyResult", "DeltaTracker", "Entry", "Fdb", "HostInterface",
+    "RTPROT_NETAGENT", "ApplyResult", "address_device", "DeltaTracker", "Entry", "Fdb", "HostInterface",
     "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelChange", "KernelError",
     "KernelMonitor", "LinkInfo", "LinkSummary", "Neigh", "RepairBackoff",
     "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
