@@ -237,7 +237,7 @@ def _add_ops_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from netagent.settings import long_dash
+    from netagent.settings import SettingsError, long_dash
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,7 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:  # a bad --config file, flag or environment value: no traceback
+        print(f"netagent {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

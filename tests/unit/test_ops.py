@@ -630,3 +630,16 @@ def test_backend_health_reaches_metrics_and_status_rows() -> None:
     rows = backend_health_rows({"ok": health.ok, "detail": health.detail, **health.info})
     assert rows == [["backend health", "NOT OK: bird is not running"], ["implementation", "x"]]
     assert backend_health_rows({}) == []
+
+
+@pytest.mark.parametrize("command", [["status"], ["leases"], ["doctor"], ["config", "get"],
+                                     ["cleanup", "--dry-run"]])
+def test_operator_commands_report_a_bad_config_file_without_a_traceback(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from netagent.cli import main
+
+    missing = tmp_path / "nope.yaml"
+    assert main([*command, "--config", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"--config {missing}: No such file or directory" in err
+    assert "Traceback" not in err
