@@ -28,7 +28,9 @@ OVERFLOW = "*"
 class _Window:
     start: float
     suppressed: int
+    #: the latest message and its arguments, formatted only if a summary shows it
     last: str
+    last_args: tuple[object, ...] = ()
 
 
 class LogLimiter:
@@ -55,7 +57,7 @@ class LogLimiter:
         w = self._windows.get(key)
         if w is not None and now - w.start < self.window:
             w.suppressed += 1
-            w.last = msg % args if args else msg
+            w.last, w.last_args = msg, args
             self.suppressed_total += 1
             return False
         if w is not None:
@@ -74,6 +76,7 @@ class LogLimiter:
 
     def _summary(self, w: _Window) -> None:
         if w.suppressed:
-            self.logger.log(self.level, "%s (and %d more in the last %g s)", w.last,
+            last = w.last % w.last_args if w.last_args else w.last
+            self.logger.log(self.level, "%s (and %d more in the last %g s)", last,
                             w.suppressed, self.window)
             w.suppressed = 0
