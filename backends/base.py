@@ -100,6 +100,9 @@ class Backend(ABC):
     #: reason), updated in place by its packet loop and exported as netagent_udp_*; None for
     #: backends whose packets the kernel forwards
     stats: dict[str, Any] | None = None
+    #: deletions of this backend's kernel entries are repaired from kernel events
+    #: (`owns_change`), so the daemon may run its periodic full compare less often
+    repairs_from_events: ClassVar[bool] = False
 
     def __init__(self, config: NetworkConfig, host: HostFacts) -> None:
         self.config = config

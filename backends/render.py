@@ -102,6 +102,8 @@ def is_direct(lookup: RouteLookup | None, iface_index: int | None = None) -> boo
 class ReconcilingBackend(Backend):
     """sync() for backends whose per-peer state is rendered by a pure function."""
 
+    repairs_from_events = True
+
     def __init__(self, config: NetworkConfig, host: HostFacts, *,
                  kernel: Kernel | None = None) -> None:
         super().__init__(config, host)

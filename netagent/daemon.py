@@ -86,6 +86,20 @@ EXIT_FATAL = 1
 #: seconds a starting agent waits for the run lock (a previous agent still stopping)
 RUN_LOCK_WAIT = 10.0
 EXIT_OUT_OF_SUBNETS = 2
+#: seconds between full kernel compares when kernel change notifications are running and the
+#: operator left --repair-interval at its default: deletions are repaired from the events, the
+#: full compare only catches what no event announces (a link set down, a modified entry)
+SAFETY_NET_INTERVAL = 60.0
+
+
+def full_compare_interval(repair_interval: float, interval_set: bool,
+                          events_running: bool) -> float:
+    """Seconds between periodic full compares. An interval the operator set is kept as is; the
+    default one is stretched to SAFETY_NET_INTERVAL while kernel events repair deletions, since
+    each full compare costs O(peers) (a dump of every table, ~0.1 s at 5,000 peers)."""
+    if interval_set or not events_running:
+        return repair_interval
+    return max(repair_interval, SAFETY_NET_INTERVAL)
 
 
 @dataclass(frozen=True)
@@ -229,6 +243,8 @@ class Daemon:
         self._deferred_at = math.inf
         self._event_apply = False
         self._event_full = False
+        #: the kernel-event thread is reading notifications (else deletions wait for the timer)
+        self.events_running = False
 
     # ------------------------------------------------------------------ start-up steps
 
@@ -609,11 +625,13 @@ class Daemon:
         if monitor is not None:
             def kernel_events() -> None:
                 try:
+                    self.events_running = True
                     monitor.run(self.stop,
                                 lambda ch: self.events.put(KernelChanges(tuple(ch))))
                 except OSError as exc:  # the periodic repair still covers everything
                     log.error("kernel change notifications stopped: %s", exc)
                 finally:
+                    self.events_running = False
                     monitor.close()
 
             targets.append(("kernel-events", kernel_events))
@@ -634,8 +652,9 @@ class Daemon:
 
     def _loop(self) -> None:
         assert self.leases is not None
-        interval = self.settings.repair_interval
+        interval = self._full_compare_interval()
         next_repair = time.monotonic() + interval
+        next_file_check = time.monotonic() + self.settings.repair_interval
         resync = float(self.settings.iptables_resync)
         next_rules = time.monotonic() + resync
         while not self.stop.is_set():
@@ -657,8 +676,13 @@ class Daemon:
                     systemd.notify("READY=1")
                     log.info("ready: subnet %s, %d peers", self.leases.lease.label,
                              len(self.peers.peers))
+            if self._full_compare_interval() != interval:  # the event thread started or stopped
+                last = next_repair - interval
+                interval = self._full_compare_interval()
+                next_repair = last + interval
             retry = self._deferred_at if self._deferred else math.inf
-            timeout = max(0.0, min(next_repair, next_rules, retry) - time.monotonic())
+            timeout = max(0.0, min(next_repair, next_file_check, next_rules, retry)
+                          - time.monotonic())
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
@@ -690,6 +714,8 @@ class Daemon:
                 repair = not full  # what an event explains is not drift
                 full = True
                 next_repair = time.monotonic() + interval
+            if time.monotonic() >= next_file_check:  # a stat: on --repair-interval as before
+                next_file_check = time.monotonic() + self.settings.repair_interval
                 if not self.status.subnet_file_written or not Path(self.settings.subnet_file).exists():
                     self.status.subnet_file_written = False
                     self.write_subnet_env()
@@ -700,6 +726,12 @@ class Daemon:
                 self._sync(None, repair=repair, event=event)
             elif changed or event:
                 self._sync(frozenset(changed), event=event)
+
+    def _full_compare_interval(self) -> float:
+        events = self.events_running and self.backend is not None \
+            and self.backend.repairs_from_events
+        return full_compare_interval(self.settings.repair_interval,
+                                     self.settings.repair_interval_set, events)
 
     def _handle(self, item: QueueItem) -> set[PeerId] | None:
         """Apply one queued item to state; return changed subnets (None = needs a full sync)."""

@@ -61,7 +61,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("healthz-port", 0, "port of the health server (0 = off)", int),
     Flag("metrics-port", 0, "port of the Prometheus metrics server (0 = off)", int),
     Flag("state-dir", "/var/lib/netagent", "where netagent keeps its own state (VTEP MAC, status)"),
-    Flag("repair-interval", 10.0, "seconds between full kernel compares (drift repair)", float),
+    Flag("repair-interval", 10.0,
+         "seconds between full kernel compares (drift repair); when not set and kernel change "
+         "notifications work, the full compare is a safety net run every 60 s", float),
     Flag("log-level", "info", "debug, info, warning or error"),
     Flag("v", 0, "flannel's log verbosity: 1 or more logs at debug level", int),
 )
@@ -98,6 +100,9 @@ class AgentSettings:
     repair_interval: float
     log_level: str
     v: int
+    # whether --repair-interval came from a flag, the environment or the config file (not the
+    # default): an operator's interval is kept as is, the default one may be stretched
+    repair_interval_set: bool = False
 
     @property
     def effective_log_level(self) -> str:
@@ -171,6 +176,7 @@ def load_settings(
                 raise SettingsError(f"--config: unknown setting {key!r}")
             file_values[dest] = value
     values: dict[str, Any] = {}
+    given: set[str] = set()
     for dest, flag in _BY_DEST.items():
         env_name = dest.upper()
         cli = getattr(args, dest, None)
@@ -184,7 +190,9 @@ def load_settings(
             values[dest] = _coerce(flag, file_values[dest], f"--config {flag.name}")
         else:
             values[dest] = _coerce(flag, flag.default, flag.name)
-    settings = AgentSettings(**values)
+            continue
+        given.add(dest)
+    settings = AgentSettings(**values, repair_interval_set="repair_interval" in given)
     if not 1 <= settings.subnet_lease_renew_margin <= 1439:
         raise SettingsError(
             "Invalid subnet-lease-renew-margin option, out of acceptable range (1-1439 minutes)"

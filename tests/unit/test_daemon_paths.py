@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from netagent.backends import backend_class
 from netagent.backends.alloc import AllocBackend
 from netagent.backends.base import Backend, BackendHealth, HostFacts
 from netagent.config import NetworkConfig
-from netagent.daemon import EXIT_OK, Daemon, KernelChanges
+from netagent.daemon import EXIT_OK, SAFETY_NET_INTERVAL, Daemon, KernelChanges
 from netagent.files import read_env_file
 from netagent.iptables import IptablesController
 from netagent.kernel import KernelChange
@@ -726,3 +727,67 @@ def test_wiped_prefix_holds_peer_deletions_until_the_config_is_back(
     store.put(CONFIG, net())
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "the peer that left is removed")
     until(lambda: a.status().get("config_error") == "", "status clear")
+
+
+# --------------------------------------------------------------------------- full-compare schedule
+
+
+class BlockingMonitor:
+    """Stands in for the netlink monitor thread: reads nothing, returns when stopped, or fails
+    at once (a kernel refusing the socket later) when `fail` is set."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.closed = threading.Event()
+
+    def run(self, stop: threading.Event, sink: Callable[[object], None]) -> None:
+        if self.fail:
+            raise OSError("netlink receive failed")
+        stop.wait(30)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize(("interval_set", "events", "backend", "want"), [
+    (False, True, "host-gw", SAFETY_NET_INTERVAL),  # deletions come back on the event
+    (True, True, "host-gw", 1.0),  # the operator's --repair-interval is kept
+    (False, False, "host-gw", 1.0),  # no event thread: the timer is the only repair
+    (False, True, "alloc", 1.0),  # a backend that claims no events keeps the timer
+], ids=["stretched", "operator-set", "monitor-failed", "backend-without-events"])
+def test_full_compare_is_a_rare_safety_net_only_while_kernel_events_repair(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+        interval_set: bool, events: bool, backend: str, want: float) -> None:
+    store.put(CONFIG, net(backend))
+    a = Agent(tmp_path, store, kernel, repair=1.0)
+    a.daemon.settings = replace(a.daemon.settings, repair_interval_set=interval_set)
+    monitor = BlockingMonitor(fail=not events)
+    a.daemon.make_monitor = lambda: monitor  # type: ignore[assignment,return-value]
+    agents.append(a.start())
+    until(a.ready, "ready")
+    if not events:
+        until(monitor.closed.is_set, "the failed monitor closed")
+    until(lambda: a.daemon._full_compare_interval() == want, f"interval {want}", timeout=2)
+    if want == SAFETY_NET_INTERVAL:  # no full compare in 2.5 default intervals
+        reconciles = a.daemon.status.reconciles
+        time.sleep(2.5)
+        assert a.daemon.status.reconciles == reconciles
+    else:  # a full compare every second, as the operator asked
+        reconciles = a.daemon.status.reconciles
+        until(lambda: a.daemon.status.reconciles >= reconciles + 2, "two full compares",
+              timeout=4)
+
+
+def test_deleted_subnet_file_comes_back_on_the_repair_interval_not_the_safety_net(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    """Stretching the full compare must not stretch the (cheap) subnet.env check with it."""
+    store.put(CONFIG, net())
+    a = Agent(tmp_path, store, kernel, repair=1.0)
+    a.daemon.settings = replace(a.daemon.settings, repair_interval_set=False)
+    a.daemon.make_monitor = lambda: BlockingMonitor()  # type: ignore[assignment,return-value]
+    agents.append(a.start())
+    until(a.ready, "ready")
+    until(lambda: a.daemon._full_compare_interval() == SAFETY_NET_INTERVAL, "stretched")
+    (tmp_path / "subnet.env").unlink()
+    until(lambda: (tmp_path / "subnet.env").exists(), "subnet.env rewritten", timeout=3)
+    assert a.env()["FLANNEL_NETWORK"] == "10.70.0.0/16"

@@ -11,6 +11,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from netagent.cli import build_parser
+from netagent.daemon import SAFETY_NET_INTERVAL, full_compare_interval
 from netagent.masq import FWD_HOOK, NAT_HOOK, Installed, missing, render_rules, restore_text
 from netagent.settings import SettingsError, add_flags, load_settings, long_dash
 
@@ -95,3 +96,22 @@ def test_a_chain_no_longer_wanted_is_deleted_in_the_same_batch() -> None:
 def test_fully_random_disable_drops_the_option() -> None:
     assert all("--random-fully" not in r for r in render_rules(NET, SUB, random_fully=False).nat)
     assert sum("--random-fully" in r for r in render_rules(NET, SUB).nat) == 2
+
+
+def test_repair_interval_set_tells_an_operators_value_from_the_default() -> None:
+    """The daemon stretches only a default --repair-interval (see daemon.full_compare_interval);
+    a value from the flag, the environment or the config file is the operator's and is kept."""
+    assert load_settings(parse(), {}).repair_interval_set is False
+    assert load_settings(parse(), {}).repair_interval == 10.0
+    s = load_settings(parse("--repair-interval", "2"), {})
+    assert s.repair_interval_set is True and s.repair_interval == 2.0
+    assert load_settings(parse(), {"NETAGENT_REPAIR_INTERVAL": "3"}).repair_interval_set is True
+    assert load_settings(parse(), {}, "repair-interval: 4\n").repair_interval_set is True
+    assert load_settings(parse("--ip-masq"), {}, "ip-masq: true\n").repair_interval_set is False
+
+
+def test_full_compare_interval_keeps_operator_values_and_stretches_only_the_default() -> None:
+    assert full_compare_interval(10.0, False, True) == SAFETY_NET_INTERVAL
+    assert full_compare_interval(10.0, False, False) == 10.0
+    assert full_compare_interval(2.0, True, True) == 2.0
+    assert full_compare_interval(600.0, False, True) == 600.0  # never shortened
