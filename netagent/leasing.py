@@ -172,6 +172,18 @@ class LeaseManager:
                     return lease
                 continue
             created, lease_id, holder = self._create_on_new_lease(key, value)
+            lost = self._lost_subnet_race(key, plan.subnet, plan.ipv6_subnet) if created else ""
+            if lost:
+                log.warning("%s subnet %s was leased by another host at the same moment (its "
+                            "key came first); letting our key %s go and choosing again", lost,
+                            plan.ipv6_subnet if lost == "IPv6" else plan.subnet, key)
+                self.registry.delete(key)
+                self.revoke_unused()  # the etcd lease of the key we let go
+                if lost == "IPv6":
+                    self.previous_subnet6 = None
+                else:
+                    self.previous_subnet = None
+                continue
             if created:
                 log.info("%s; leased %s (etcd lease %016x, TTL %d s)", plan.reason,
                          subnets_label(plan.subnet, plan.ipv6_subnet), lease_id, self.ttl)
@@ -221,6 +233,29 @@ class LeaseManager:
         if not created:
             return None
         return self._hold(Lease(old.subnet, self.attrs, old.ipv6_subnet, lease_id), self.ttl)
+
+    def _lost_subnet_race(self, key: str, subnet: IPv4Network | None,
+                          subnet6: IPv6Network | None) -> str:
+        """A dual-stack key names two subnets, so create-if-absent on it cannot see another
+        host's key that holds one of them: two hosts turning IPv6 on at once can pick the same
+        free IPv6 subnet, each beside its own IPv4 subnet, and both creates succeed. A listing
+        right after the create settles it the same way on both hosts: the key etcd wrote first
+        (lower revision) keeps the subnet. Returns the family we lost ("IPv4"/"IPv6"), or ""."""
+        if subnet is None or subnet6 is None:
+            return ""  # a single-family key is the subnet itself: create-if-absent decided
+        leases, _ = self.list_leases()
+        mine = leases.get(key[len(self.subnets_prefix):])
+        if mine is None:
+            return ""  # gone already (deleted or expired): the own-key handling takes over
+        for other in leases.values():
+            if (other.key == mine.key or other.attrs.host_ip == self.public_ip
+                    or other.mod_revision >= mine.mod_revision):
+                continue  # ourselves (old keys included), or created after ours
+            if other.ipv6_subnet == subnet6:
+                return "IPv6"
+            if other.subnet == subnet:
+                return "IPv4"
+        return ""
 
     def _create_on_new_lease(self, key: str, value: str) -> tuple[bool, int, KeyValue | None]:
         """Create `key` on a new etcd lease whose ID we pick and write down first.

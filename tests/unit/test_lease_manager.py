@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import threading
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 from support.fakestore import FakeClock, FakeStore
@@ -242,3 +242,28 @@ def test_out_of_subnets_when_every_subnet_is_held_by_others() -> None:
     with pytest.raises(OutOfSubnets):
         manager(s, 3, small).acquire()
     assert s.writes() == writes, "nothing is written when no subnet is free"
+
+
+def test_two_hosts_picking_one_ipv6_subnet_at_once_end_with_distinct_subnets() -> None:
+    """Dual-stack keys name both subnets, so two hosts that choose the same free IPv6 subnet
+    beside different IPv4 subnets both pass create-if-absent (seen in CI when three hosts
+    turned IPv6 on at once). The later key lets go, chooses again, and its etcd lease goes."""
+    store = FakeStore()
+    cfg = parse_network_config(json.dumps({**NET, "EnableIPv6": True,
+                                           "IPv6Network": "fd60::/48"}))
+
+    def host(i: int) -> LeaseManager:
+        dual = LeaseAttrs(public_ip=IPv4Address(f"192.0.2.{i}"),
+                          public_ipv6=IPv6Address(f"fd00::{i}"), backend_type="host-gw")
+        # the same draws on both hosts: the same free IPv6 subnet comes first for each
+        return LeaseManager(store, cfg, dual, ttl=60, rng=random.Random(7),
+                            previous_subnet=IPv4Network(f"10.60.{i}.0/24"))
+
+    a, b = host(1), host(2)
+    before, _ = store.list_prefix(SUBNETS)  # b plans from a listing taken before a's create
+    la = a.acquire()
+    lb = b.acquire(listing=before)
+    assert (la.subnet, lb.subnet) == (IPv4Network("10.60.1.0/24"), IPv4Network("10.60.2.0/24"))
+    assert la.ipv6_subnet != lb.ipv6_subnet, "two hosts hold one IPv6 subnet"
+    assert set(held_by(store)) == {la.key, lb.key}
+    assert set(store.live_leases()) == {la.lease_id, lb.lease_id}, "the let-go lease is revoked"
