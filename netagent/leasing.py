@@ -20,6 +20,7 @@ from pathlib import Path
 from netagent.config import NetworkConfig
 from netagent.files import FileError, read_lease_ids, write_lease_ids
 from netagent.lease import (
+    NO_PUBLIC_IP,
     Lease,
     LeaseAttrs,
     LeaseError,
@@ -248,14 +249,21 @@ class LeaseManager:
         if mine is None:
             return ""  # gone already (deleted or expired): the own-key handling takes over
         for other in leases.values():
-            if (other.key == mine.key or other.attrs.host_ip == self.public_ip
+            if (other.key == mine.key or self._is_ours(other)
                     or other.mod_revision >= mine.mod_revision):
-                continue  # ourselves (old keys included), or created after ours
+                continue  # ourselves (old keys of either family included), or created after
             if other.ipv6_subnet == subnet6:
                 return "IPv6"
             if other.subnet == subnet:
                 return "IPv4"
         return ""
+
+    def _is_ours(self, lease: Lease) -> bool:
+        """A key of this host under any key form: by PublicIP, or by PublicIPv6 (an
+        IPv6-only key of ours, "0.0.0.0-0&...", during a switch to dual stack)."""
+        a, o = self.attrs, lease.attrs
+        return ((a.public_ip != NO_PUBLIC_IP and o.public_ip == a.public_ip)
+                or (a.public_ipv6 is not None and o.public_ipv6 == a.public_ipv6))
 
     def _create_on_new_lease(self, key: str, value: str) -> tuple[bool, int, KeyValue | None]:
         """Create `key` on a new etcd lease whose ID we pick and write down first.

@@ -267,3 +267,28 @@ def test_two_hosts_picking_one_ipv6_subnet_at_once_end_with_distinct_subnets() -
     assert la.ipv6_subnet != lb.ipv6_subnet, "two hosts hold one IPv6 subnet"
     assert set(held_by(store)) == {la.key, lb.key}
     assert set(store.live_leases()) == {la.lease_id, lb.lease_id}, "the let-go lease is revoked"
+
+
+def test_ipv6_only_host_turning_ipv4_on_keeps_its_ipv6_subnet() -> None:
+    """Its old key (0.0.0.0-0&X, found by PublicIPv6) holds the same IPv6 subnet with a lower
+    revision: that is itself, not a clash, so the new dual-stack key keeps X."""
+    store = FakeStore()
+    v6 = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd60::/48",
+          "Backend": {"Type": "host-gw"}}
+    six = LeaseAttrs(public_ip=IPv4Address("0.0.0.0"), public_ipv6=IPv6Address("fd00::1"),
+                     backend_type="host-gw")
+    old = LeaseManager(store, parse_network_config(json.dumps(v6)), six, ttl=60,
+                       rng=random.Random(3)).acquire()
+    dual = LeaseManager(store, parse_network_config(json.dumps(
+        {**v6, "EnableIPv4": True, "Network": "10.60.0.0/16"})),
+        LeaseAttrs(public_ip=IPv4Address("192.0.2.1"), public_ipv6=IPv6Address("fd00::1"),
+                   backend_type="host-gw"), ttl=60, rng=random.Random(3),
+        previous_subnet6=old.ipv6_subnet)
+    new = dual.acquire(replacing=old)
+    assert new.ipv6_subnet == old.ipv6_subnet and new.subnet is not None
+    assert set(held_by_any(store)) == {new.key}, "the old key goes once the new one exists"
+
+
+def held_by_any(store: FakeStore) -> list[str]:
+    items, _ = store.list_prefix(SUBNETS)
+    return [kv.key[len(SUBNETS):] for kv in items]
