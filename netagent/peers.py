@@ -69,6 +69,11 @@ class PeerTable:
         self.network6 = network6
         self.peers: dict[PeerId, Lease] = {}
         self.outside: dict[PeerId, Lease] = {}
+        #: other keys naming a peer's ident (key name -> lease), displaced by a later put: a
+        #: host's old key during an address-family switch, or the short-lived key of a host
+        #: that lost a subnet clash. When the key in `peers` goes, one of these takes over,
+        #: so a key's delete never hides another live key of the same subnet.
+        self.shadowed: dict[PeerId, dict[str, Lease]] = {}
         #: key name -> reason, for keys currently holding an unusable value
         self.invalid: dict[str, str] = {}
         #: bumped whenever `peers` changes, so readers can cache what they derive from it
@@ -109,6 +114,7 @@ class PeerTable:
         new: dict[PeerId, Lease] = {}
         self.invalid = {}
         self.outside = {}
+        self.shadowed = {}
         for raw in snapshot:
             lease = decoded.get(raw.name) if decoded else None
             if lease is None:
@@ -120,6 +126,9 @@ class PeerTable:
             if not self._inside(lease):
                 self.outside[lease.ident] = lease
                 continue
+            other = new.get(lease.ident)
+            if other is not None and other.key != lease.key:
+                self.shadowed.setdefault(lease.ident, {})[other.key] = other
             new[lease.ident] = lease
         # a key whose value is now malformed keeps its last good lease
         for subnet, old in self.peers.items():
@@ -145,7 +154,13 @@ class PeerTable:
                 changes.removed.add(lease.ident)
                 self.version += 1
             return changes
-        if self.peers.get(lease.ident) != lease:
+        current = self.peers.get(lease.ident)
+        shadow = self.shadowed.get(lease.ident)
+        if shadow is not None:
+            shadow.pop(lease.key, None)
+        if current is not None and current.key != lease.key:
+            self.shadowed.setdefault(lease.ident, {})[current.key] = current
+        if current != lease:
             self.peers[lease.ident] = lease
             changes.added.add(lease.ident)
             self.version += 1
@@ -162,10 +177,19 @@ class PeerTable:
         except LeaseError:  # never stored under this name, but look everywhere to be sure
             candidates = [*self.peers, *self.outside]
         for subnet in candidates:
+            shadow = self.shadowed.get(subnet)
+            if shadow is not None:
+                shadow.pop(name, None)
             lease = self.peers.get(subnet)
             if lease is not None and lease.key == name:
                 del self.peers[subnet]
-                changes.removed.add(subnet)
+                if shadow:  # another live key names this subnet: it serves on
+                    _, self.peers[subnet] = shadow.popitem()
+                    changes.added.add(subnet)
+                else:
+                    changes.removed.add(subnet)
+            if shadow == {}:
+                del self.shadowed[subnet]
             lease = self.outside.get(subnet)
             if lease is not None and lease.key == name:
                 del self.outside[subnet]

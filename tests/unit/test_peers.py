@@ -126,3 +126,24 @@ def test_leases_outside_the_network_step_aside_and_come_back() -> None:
     assert not ch and IPv4Network("10.5.4.0/24") in t.outside
     t.delete("10.5.4.0-24")
     assert IPv4Network("10.5.4.0/24") not in t.outside
+
+
+def test_a_short_lived_key_naming_a_peers_subnet_does_not_hide_it_when_it_goes() -> None:
+    """Two dual-stack hosts drew one IPv4 subnet at once: the later key (another IPv6 subnet)
+    is put, then deleted when its host lets it go. The first host's key must stay a peer."""
+    t = PeerTable(IPv4Network("10.5.9.0/24"))
+    v = b'{"PublicIP":"192.0.2.1","BackendType":"host-gw"}'
+    w = b'{"PublicIP":"192.0.2.3","BackendType":"host-gw"}'
+    t.put(RawLease("10.5.1.0-24&fd00:0:0:1::-64", v, 7, 1))
+    t.put(RawLease("10.5.1.0-24&fd00:0:0:2::-64", w, 8, 2))  # the loser's key, for a moment
+    changes = t.delete("10.5.1.0-24&fd00:0:0:2::-64")
+    lease = t.peers[IPv4Network("10.5.1.0/24")]
+    assert lease.key == "10.5.1.0-24&fd00:0:0:1::-64" and str(lease.attrs.public_ip) == "192.0.2.1"
+    assert IPv4Network("10.5.1.0/24") in changes.added and not changes.removed
+    # the usual family switch still ends on the new key: old key put first, deleted last
+    t.put(RawLease("10.5.4.0-24", v, 9, 3))
+    t.put(RawLease("10.5.4.0-24&fd00:0:0:4::-64", v, 9, 4))
+    t.delete("10.5.4.0-24")
+    assert t.peers[IPv4Network("10.5.4.0/24")].key == "10.5.4.0-24&fd00:0:0:4::-64"
+    t.delete("10.5.4.0-24&fd00:0:0:4::-64")
+    assert IPv4Network("10.5.4.0/24") not in t.peers and not t.shadowed
