@@ -37,7 +37,8 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any, cast
 
-from netagent.backends.base import Backend, HostFacts, LeaseContribution, SyncReport
+from netagent.backends.base import Backend, BackendHealth, HostFacts, LeaseContribution, SyncReport
+from netagent.backends.udpfast import FastForwarder, fast_path_binary
 from netagent.backends.udpfwd import Forwarder
 from netagent.backends.udprun import numpy_payload_sums, payload_sums_python
 from netagent.backends.udpstats import new_stats
@@ -109,7 +110,9 @@ class UdpBackend(Backend):
         self.ifindex = 0
         self.tun_fd = -1
         self.sock: socket.socket | None = None
-        self.forwarder: Forwarder | None = None
+        self.forwarder: Forwarder | FastForwarder | None = None
+        #: which loop forwards: "c" (the compiled child, backends/udpfast.py) or "python (why)"
+        self.data_path = ""
         self._skipped: dict[IPv4Network, str] = {}
         self._route_ok = False
         self._peers: Mapping[IPv4Network, Lease] = {}
@@ -130,15 +133,17 @@ class UdpBackend(Backend):
         self._open_device()
         self._open_socket()
         assert self.sock is not None
-        self.forwarder = self._new_forwarder()
-        self.forwarder.start()
+        self.forwarder = self._start_forwarder()
         fwd = self.forwarder
-        sums = "numpy" if fwd.payload_sums is not payload_sums_python else "python"
+        if isinstance(fwd, FastForwarder):
+            how = f"compiled loop, pid {fwd.pid}"
+        else:
+            sums = "numpy" if fwd.payload_sums is not payload_sums_python else "python"
+            how = (f"Python loop{f' with {sums} checksums' if fwd.tso else ''}, "
+                   + ("one thread" if fwd.threads == 1 else "a thread per direction"))
         log.info("udp: %s (index %d, MTU %d), listening on %s:%d/udp (offloads: gro %s, "
-                 "udp gso %s, udp gro %s, tso %s%s; %s)", DEVICE, self.ifindex, self.mtu,
-                 self.host.iface_addr, self.port, fwd.gro, fwd.gso, fwd.udp_gro, fwd.tso,
-                 f" with {sums} checksums" if fwd.tso else "",
-                 "one thread" if fwd.threads == 1 else "a thread per direction")
+                 "udp gso %s, udp gro %s, tso %s; %s)", DEVICE, self.ifindex, self.mtu,
+                 self.host.iface_addr, self.port, fwd.gro, fwd.gso, fwd.udp_gro, fwd.tso, how)
         return LeaseContribution(backend_type="", backend_data="", mtu=self.mtu)
 
     def activate(self, own: Lease) -> None:
@@ -201,8 +206,47 @@ class UdpBackend(Backend):
                 os.close(self.tun_fd)
             self.tun_fd = -1
 
+    def _offloads(self) -> set[str]:
+        return set(os.environ.get("NETAGENT_UDP_OFFLOAD", OFFLOADS).replace(" ", "").split(","))
+
+    def _start_forwarder(self) -> Forwarder | FastForwarder:
+        """The compiled loop (:mod:`backends.udpfast`) when it can be built and started, else
+        the Python loop; ``NETAGENT_UDP_FASTPATH`` = ``python`` forces the Python loop (a bench
+        and fallback knob; ``auto``, the default, and ``c`` try the compiled one). Started."""
+        assert self.sock is not None
+        choice = os.environ.get("NETAGENT_UDP_FASTPATH", "auto").strip().lower()
+        why = "NETAGENT_UDP_FASTPATH=python"
+        if choice != "python":
+            binary, why = fast_path_binary()
+            if binary is not None:
+                want = self._offloads()
+                fast = FastForwarder(binary, self.tun_fd, self.sock, gro="gro" in want,
+                                     tso="tso" in want or "tsopy" in want, gso="gso" in want,
+                                     udp_gro="udpgro" in want, stats=self.stats,
+                                     fallback=self._new_forwarder)
+                try:
+                    fast.start()
+                except OSError as exc:
+                    why = f"the compiled loop did not start: {exc}"
+                else:
+                    self.data_path = "c"
+                    return fast
+            log.warning("udp: compiled fast path unavailable (%s); using the Python packet "
+                        "loop (slower)", why)
+        fwd = self._new_forwarder()
+        fwd.start()
+        self.data_path = f"python ({why})"
+        return fwd
+
+    def health(self) -> BackendHealth:
+        """Which packet loop forwards (status.json's ``backend_health``); the compiled one may
+        have fallen back to Python since start."""
+        fwd = self.forwarder
+        path = fwd.data_path if isinstance(fwd, FastForwarder) else self.data_path
+        return BackendHealth(info={"data_path": path} if path else {})
+
     def _new_forwarder(self) -> Forwarder:
-        """The loop, with the offloads ``NETAGENT_UDP_OFFLOAD`` lists (a bench knob; the
+        """The Python loop, with the offloads ``NETAGENT_UDP_OFFLOAD`` lists (a bench knob; the
         default :data:`OFFLOADS`; any subset, or ``none``, measures one step back):
 
         * ``tso``: flannel0 hands over TCP super-packets, segmented here in whole-packet steps
@@ -213,10 +257,10 @@ class UdpBackend(Backend):
           threads cost more than their overlap gains (bench/README.md, udp section).
 
         What the kernel cannot do is switched off by the Forwarder (and logged by prepare).
+        Not started.
         """
         assert self.sock is not None
-        knob = os.environ.get("NETAGENT_UDP_OFFLOAD", OFFLOADS).replace(" ", "")
-        want = set(knob.split(","))
+        want = self._offloads()
         sums = numpy_payload_sums() if "tso" in want else None
         if "tso" in want and sums is None:
             log.info("udp: TSO off: numpy is not installed (segmenting with pure-Python "
@@ -355,6 +399,5 @@ class UdpBackend(Backend):
         with contextlib.suppress(OSError):
             os.close(old_fd)
         if self.forwarder is not None and self.sock is not None:
-            self.forwarder = self._new_forwarder()
+            self.forwarder = self._start_forwarder()
             self._install(self._peers)
-            self.forwarder.start()

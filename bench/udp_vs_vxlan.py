@@ -10,9 +10,12 @@ lower wherever GRO/GSO carries several segments per skb), retransmits, kernel dr
 CPU time of both agents per second of test (100 % = one core). The result line is the
 udp/vxlan ratio (goal ≥ 0.30).
 
-``--udp-offload`` passes ``NETAGENT_UDP_OFFLOAD`` to the udp agents to measure one step (see
-``UdpBackend._new_forwarder``: a subset of ``gro,gso,udpgro,tso``, ``tsopy``, ``threads2``, or
-``none``); without it the agents run their defaults. The path each agent chose (offloads the
+``--udp-path python`` runs the udp agents with ``NETAGENT_UDP_FASTPATH=python`` (the Python
+packet loop) instead of their default, the compiled loop (``backends/udpfast.c``); the agents'
+CPU includes that child process. ``--udp-offload`` passes ``NETAGENT_UDP_OFFLOAD`` to the udp
+agents to measure one step (see ``UdpBackend._new_forwarder``: a subset of
+``gro,gso,udpgro,tso``, ``tsopy``, ``threads2``, or ``none``; the compiled loop reads
+``gro,gso,udpgro,tso``); without it the agents run their defaults. The path each agent chose (offloads the
 kernel has, numpy or not) is printed from its log. Needs root, etcd and iperf3; everything
 lives in run-unique namespaces and is removed at the end.
 
@@ -48,10 +51,32 @@ DEVICES = {"udp": "flannel0", "vxlan": "flannel.1"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and the processes below it (the udp agent's compiled packet loop is a child)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo.extend(int(c) for c in task.read_text().split())
+            except OSError:
+                pass
+    return out
+
+
 def cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of one process (`ip netns exec` execs the agent in place)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(user, system) CPU seconds of one agent (`ip netns exec` execs it in place) and its live
+    children (the compiled udp loop runs as one)."""
+    user = system = 0.0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def cpu_seconds(pid: int) -> float:
@@ -175,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp-offload", default=None,
                     help="NETAGENT_UDP_OFFLOAD for the udp agents (default: theirs): a subset "
                          "of gro,gso,udpgro,tso, tsopy, threads2, or none")
+    ap.add_argument("--udp-path", choices=("auto", "c", "python"), default=None,
+                    help="NETAGENT_UDP_FASTPATH for the udp agents (default: theirs, auto: the "
+                         "compiled loop when it builds)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     for tool in ("iperf3", "etcd", "etcdctl", "ip"):
@@ -187,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         labs: list[BackendLab] = []
         try:
             for b in backends:
-                env = {"NETAGENT_UDP_OFFLOAD": args.udp_offload} \
-                    if b == "udp" and args.udp_offload is not None else {}
+                env = {}
+                if b == "udp" and args.udp_offload is not None:
+                    env["NETAGENT_UDP_OFFLOAD"] = args.udp_offload
+                if b == "udp" and args.udp_path is not None:
+                    env["NETAGENT_UDP_FASTPATH"] = args.udp_path
                 labs.append(BackendLab(b, Path(tmp), env))
                 if b == "udp":
                     for line in labs[-1].lab.log(labs[-1].hosts[0]).splitlines():
@@ -224,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = ratio >= GOAL
         print(f"\nudp / vxlan = {ratio:.3f} (goal ≥ {GOAL:.2f}){'' if ok else '  (below goal)'}")
         results["ratio"] = {"udp_over_vxlan": ratio, "goal": GOAL}
-    print(f"udp offloads: {args.udp_offload or 'the agent defaults'}; {args.repeat} × "
+    print(f"udp offloads: {args.udp_offload or 'the agent defaults'}; udp path: "
+          f"{args.udp_path or 'the agent default'}; {args.repeat} × "
           f"{args.seconds:g} s, {args.streams} stream(s)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -21,6 +21,7 @@ import pytest
 from support.harness import wait_for
 
 from netagent.backends.udp import render_udp_peers
+from netagent.backends.udpfast import FastForwarder, fast_path_binary
 from netagent.backends.udpfwd import Forwarder
 from netagent.backends.udpoffload import Coalescer, complete_checksum
 from netagent.backends.udprun import SliceCache, numpy_payload_sums, payload_sums_python, segment_tso
@@ -151,10 +152,20 @@ def test_lease_value_is_flannels_udp_value() -> None:
 # --------------------------------------------------------------------------- the loop
 
 
+def fast_binary() -> Any:
+    """The compiled loop (backends/udpfast.c), built as the backend builds it."""
+    binary, why = fast_path_binary()
+    if binary is None:
+        pytest.skip(f"compiled udp loop unavailable: {why}")
+    return binary
+
+
 class LoopRig:
     """A Forwarder on a socketpair "TUN" and 127.0.0.1:<port>, with peer sockets around it.
 
     With ``vnet`` every TUN read/write carries the 10-byte virtio header, as on flannel0.
+    ``threads`` 0: the compiled loop (:class:`~backends.udpfast.FastForwarder`, always vnet)
+    instead of the Python one, so every loop test checks both against the same verdicts.
     """
 
     def __init__(self, vnet: bool, threads: int = 1) -> None:
@@ -170,8 +181,13 @@ class LoopRig:
         self.peer.settimeout(5)
         self.stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.stranger.bind(("127.0.0.3", 0))
-        self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, vnet=vnet, gro=vnet, tso=False,
-                             threads=threads)
+        self.fwd: Forwarder | FastForwarder
+        if threads == 0:
+            assert vnet
+            self.fwd = FastForwarder(fast_binary(), self.tun_agent.fileno(), self.sock, tso=False)
+        else:
+            self.fwd = Forwarder(self.tun_agent.fileno(), self.sock, vnet=vnet, gro=vnet,
+                                 tso=False, threads=threads)
         self.fwd.table = build_forwarding_table([(PEER, IPv4Address("127.0.0.2"))],
                                                 own_subnet=OWN, port=self.port, subnet_len=24)
         self.fwd.start()
@@ -208,8 +224,8 @@ def drain(sock: socket.socket) -> None:
         sock.settimeout(timeout)
 
 
-@pytest.fixture(params=[(True, 1), (True, 2), (False, 1), (False, 2)],
-                ids=["vnet", "vnet-2threads", "plain", "plain-2threads"])
+@pytest.fixture(params=[(True, 1), (True, 2), (False, 1), (False, 2), (True, 0)],
+                ids=["vnet", "vnet-2threads", "plain", "plain-2threads", "c"])
 def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
     r = LoopRig(*request.param)
     try:

@@ -232,9 +232,9 @@ def test_super_header_decrements_ttl_once_and_sets_push() -> None:
 # --------------------------------------------------------------------------- through the loop
 
 
-@pytest.fixture
-def rig() -> Iterator[LoopRig]:
-    r = LoopRig(True)
+@pytest.fixture(params=[1, 0], ids=["python", "c"])
+def rig(request: pytest.FixtureRequest) -> Iterator[LoopRig]:
+    r = LoopRig(True, request.param)
     try:
         yield r
     finally:
@@ -298,7 +298,7 @@ def test_loop_joins_a_tso_packet_split_over_two_datagrams(rig: LoopRig) -> None:
     wait_for(lambda: rig.fwd.stats["rx_packets"] == 45, what="rx counter")
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 0], ids=["1", "2", "c"])
 def test_loop_sends_a_tso_packet_as_single_valid_datagrams(threads: int) -> None:
     """A TCP super-packet from the TUN (virtio GSO header, partial checksum) leaves as one
     complete IPv4 packet per datagram, as a flannel peer must receive it."""
@@ -364,7 +364,7 @@ def test_a_kernel_without_udp_gso_or_gro_gets_the_plain_path(
         r.close()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 0], ids=["1", "2", "c"])
 def test_stop_is_prompt_while_the_loop_never_idles(threads: int) -> None:
     import threading
     import time
