@@ -237,6 +237,7 @@ class FastForwarder:
         self._generation = 0
         self._acked = 0
         self._cond = threading.Condition()
+        self._send_lock = threading.Lock()
         self._child: _Child | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -265,12 +266,14 @@ class FastForwarder:
             self._generation += 1
             gen = self._generation
             child = self._child
-            if child is None:
-                return
+        if child is None:
+            return  # between two children: the next one is started with this table
+        with self._send_lock:  # not under _cond: the supervisor takes it to record the ACK
             try:
                 child.sock.sendall(encode_table(table, gen))
             except OSError:
                 return  # the supervisor sees the child die and pushes the table to the next
+        with self._cond:
             self._cond.wait_for(lambda: self._acked >= gen or self._child is not child,
                                 timeout=REPLY_TIMEOUT)
 
@@ -327,10 +330,8 @@ class FastForwarder:
             self._generation += 1
             gen = self._generation
             table = self._table
-        try:
+        with self._send_lock, contextlib.suppress(OSError):  # dead already: the supervisor sees
             child.sock.sendall(encode_table(table, gen))
-        except OSError:
-            pass  # dead already: the supervisor finds out
 
     def _supervise(self) -> None:
         while not self._stop.is_set():

@@ -67,13 +67,15 @@ else:
 """
 
 
-def start_udp_hosts(lab: Lab, n: int) -> list[Host]:
+def start_udp_hosts(lab: Lab, n: int, *extra: str,
+                    env: list[dict[str, str]] | None = None) -> list[Host]:
+    """`n` hosts on a udp network, each agent with `extra` arguments and its own `env`."""
     assert lab.etcd is not None
     lab.etcd.put(f"{PREFIX}/config",
                  json.dumps({"Network": NETWORK, "Backend": {"Type": "udp"}}))
     hosts = [lab.add_host() for _ in range(n)]
-    for h in hosts:
-        lab.start_agent(h, "--repair-interval", "2")
+    for i, h in enumerate(hosts):
+        lab.start_agent(h, "--repair-interval", "2", *extra, env=env[i] if env else None)
     for h in hosts:
         wait_for(lambda h=h: h.subnet_file.exists() or h.agent.poll() is not None,  # type: ignore[union-attr]
                  timeout=60, what=f"{h.name} subnet.env")
