@@ -5,8 +5,11 @@ underlay − 28), our subnet's network address as /32 on it, and one route for t
 Network through it (``proto`` :data:`~netagent.kernel.RTPROT_NETAGENT`; ``route_owner``
 never sweeps it because it is not *inside* the Network). Peers are not kernel entries at all:
 ``sync`` renders them (pure, :func:`render_udp_peers`) into a
-:class:`~backends.udptrust.ForwardingTable` and swaps it into the running packet loop
-(:mod:`backends.udpfwd`) without stopping it.
+:class:`~backends.udptrust.ForwardingTable` and swaps it into the running packet loop without
+stopping it: the compiled loop (:mod:`backends.udpfast`, a child process built from
+``udpfast.c`` with ``cc``) or, without a compiler or after it crashed repeatedly, the Python
+loop (:mod:`backends.udpfwd`). Which one runs is logged and shown as ``data_path`` in
+status.json's ``backend_health``.
 
 **Which leases are peers.** flannel's udp backend accepts every lease. netagent accepts leases
 with no ``BackendType`` (what flannel's udp and ours write) and ``"udp"``, and skips leases of
@@ -243,6 +246,9 @@ class UdpBackend(Backend):
         have fallen back to Python since start."""
         fwd = self.forwarder
         path = fwd.data_path if isinstance(fwd, FastForwarder) else self.data_path
+        if path.startswith("none"):  # neither loop runs: nothing forwards, so not ready
+            return BackendHealth(ok=False, detail=f"udp packet loop: {path}",
+                                 info={"data_path": path})
         return BackendHealth(info={"data_path": path} if path else {})
 
     def _new_forwarder(self) -> Forwarder:

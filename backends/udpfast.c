@@ -11,11 +11,12 @@
  *
  * Control stream (native byte order, every message: u32 type, u32 payload length):
  *   agent -> loop  1 TABLE: u32 generation, own_net, own_mask, subnet_mask, own_address,
- *                           count, then count x (u32 net, u32 mask, u32 peer ip, u32 port)
+ *                           count, then count x u32 net, count x u32 mask, and count x
+ *                           struct sockaddr_in (the peer, as the Python table holds it)
  *   loop -> agent  2 HELLO: u32 features on (the FLAGS bits the kernel allows), u32 pid
  *                  3 ACK:   u32 generation (the table is in use)
  *                  4 STATS: NCOUNT x u64, cumulative since this process started
- * End of file on the control socket means stop. Addresses are host-order integers.
+ * The loop forwards nothing before the first TABLE. End of file on the control socket: stop. Addresses are host-order integers.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -100,11 +101,11 @@ static int cmp_source(const void *a, const void *b) {
     return x->ip < y->ip ? -1 : x->ip > y->ip;
 }
 
-/* payload: 6 words, then count x 4 words (net, mask, ip, port); NULL on bad input */
+/* payload: 6 words, nets, masks, sockaddrs (see the top of this file); NULL on bad input */
 static struct table *parse_table(const uint32_t *w, uint32_t nwords, uint32_t *gen) {
     if (nwords < 6) return NULL;
     uint32_t count = w[5];
-    if ((uint64_t)count * 4 + 6 != nwords) return NULL;
+    if ((uint64_t)count * 6 + 6 != nwords) return NULL;
     struct table *t = calloc(1, sizeof *t);
     uint32_t (*ent)[4] = malloc(((size_t)count + 1) * sizeof *ent);
     if (!t || !ent) { free(t); free(ent); return NULL; }
@@ -117,9 +118,13 @@ static struct table *parse_table(const uint32_t *w, uint32_t nwords, uint32_t *g
     if (!t->routes || !t->peers || !t->sources || !t->groups) {
         free(ent); free_table(t); return NULL;
     }
+    const uint32_t *nets = w + 6, *masks = w + 6 + count;
+    const uint8_t *addrs = (const uint8_t *)(w + 6 + 2 * (size_t)count);
     for (uint32_t i = 0; i < count; i++) {
-        const uint32_t *e = w + 6 + 4 * i;
-        ent[i][0] = e[0] & e[1]; ent[i][1] = e[1]; ent[i][2] = e[2]; ent[i][3] = e[3];
+        struct sockaddr_in sa;
+        memcpy(&sa, addrs + 16 * (size_t)i, sizeof sa);
+        ent[i][0] = nets[i] & masks[i]; ent[i][1] = masks[i];
+        ent[i][2] = ntohl(sa.sin_addr.s_addr); ent[i][3] = ntohs(sa.sin_port);
     }
     qsort(ent, count, sizeof *ent, cmp_route_entry);
     uint32_t n = 0;
@@ -555,6 +560,7 @@ static int udp_to_tun(void) {
 /* ------------------------------------------------------------------ control */
 
 static uint8_t *ctl_in;
+static int have_table;  /* nothing is forwarded before the agent's first table */
 static size_t ctl_len, ctl_cap;
 
 static int ctl_send(uint32_t type, const void *data, uint32_t len) {
@@ -602,6 +608,7 @@ static int ctl_read(void) {
             }
             struct table *old = tbl;
             tbl = nt;
+            have_table = 1;
             free_table(old);
             if (ctl_send(M_ACK, &gen, 4) < 0) return -1;
         } else {
@@ -680,6 +687,8 @@ int main(int argc, char **argv) {
     }
     uint32_t hello[2] = {(uint32_t)features, (uint32_t)getpid()};
     if (ctl_send(M_HELLO, hello, sizeof hello) < 0) return 1;
+    while (!have_table)  /* blocking: the control socket is */
+        if (ctl_read() < 0) return 0;
 
     struct pollfd pfd[3] = {{tun_fd, POLLIN, 0}, {sock_fd, POLLIN, 0}, {ctl_fd, POLLIN, 0}};
     int tun_busy = 1, udp_busy = 1;
