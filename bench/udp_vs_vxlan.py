@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from support.harness import RUN_ID, Host, Lab, Pod, sh, wait_for  # noqa: E402
+from support.harness import RUN_ID, Host, Lab, PingRun, Pod, sh, wait_for  # noqa: E402
 
 GOAL = 0.30
 NETWORK = "10.43.0.0/16"
@@ -180,6 +180,21 @@ class BackendLab:
         self.runs.append(run)
         return run
 
+    def restart_gap(self, rounds: int, env: dict[str, str]) -> tuple[int, int]:
+        """Pings pod 0 → pod 1 every 10 ms while the receiving host's agent is restarted
+        `rounds` times (SIGTERM, start, wait until ready, 1 s of traffic); (sent, lost)."""
+        host = self.hosts[1]
+        ping = PingRun(self.pods[0], self.pods[1].ip, rounds * 6 + 2, interval=0.01)
+        time.sleep(1)
+        for _ in range(rounds):
+            self.lab.stop_agent(host)
+            (host.state_dir / "status.json").unlink(missing_ok=True)
+            self.lab.start_agent(host, env=env)
+            wait_for(lambda: host.status().get("ready"), timeout=30, what="agent ready again")
+            time.sleep(1)
+        sent, got = ping.result()
+        return sent, sent - got
+
     def summary(self) -> dict[str, Any]:
         med = {k: statistics.median(r[k] for r in self.runs)
                for k in ("bps", "pps", "dev_pps", "agent_cpu", "sender_cpu", "receiver_cpu")}
@@ -203,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--udp-path", choices=("auto", "c", "python"), default=None,
                     help="NETAGENT_UDP_FASTPATH for the udp agents (default: theirs, auto: the "
                          "compiled loop when it builds)")
+    ap.add_argument("--restarts", type=int, default=0, metavar="N",
+                    help="after the runs, restart the receiving udp agent N times under a 10 ms "
+                         "ping and report the pings lost")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
     for tool in ("iperf3", "etcd", "etcdctl", "ip"):
@@ -211,15 +229,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     backends = args.backend or ["udp", "vxlan"]
     results: dict[str, dict[str, Any]] = {}
+    udp_env: dict[str, str] = {}
+    if args.udp_offload is not None:
+        udp_env["NETAGENT_UDP_OFFLOAD"] = args.udp_offload
+    if args.udp_path is not None:
+        udp_env["NETAGENT_UDP_FASTPATH"] = args.udp_path
     with tempfile.TemporaryDirectory(prefix=f"na-bench-udp-{RUN_ID}-") as tmp:
         labs: list[BackendLab] = []
         try:
             for b in backends:
-                env = {}
-                if b == "udp" and args.udp_offload is not None:
-                    env["NETAGENT_UDP_OFFLOAD"] = args.udp_offload
-                if b == "udp" and args.udp_path is not None:
-                    env["NETAGENT_UDP_FASTPATH"] = args.udp_path
+                env = udp_env if b == "udp" else {}
                 labs.append(BackendLab(b, Path(tmp), env))
                 if b == "udp":
                     for line in labs[-1].lab.log(labs[-1].hosts[0]).splitlines():
@@ -240,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
             for bl in labs:
                 results[bl.backend] = bl.summary()
+            for bl in labs:
+                if bl.backend == "udp" and args.restarts:
+                    sent, lost = bl.restart_gap(args.restarts, udp_env)
+                    results["udp"]["restart_pings"] = {"sent": sent, "lost": lost,
+                                                       "restarts": args.restarts}
+                    print(f"udp agent restarts: {lost} of {sent} pings (10 ms apart) lost over "
+                          f"{args.restarts} restarts, ≈ {10 * lost / args.restarts:.0f} ms "
+                          "each", flush=True)
         finally:
             for bl in labs:
                 bl.close()
