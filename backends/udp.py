@@ -218,6 +218,8 @@ class UdpBackend(Backend):
         and fallback knob; ``auto``, the default, and ``c`` try the compiled one). Started."""
         assert self.sock is not None
         choice = os.environ.get("NETAGENT_UDP_FASTPATH", "auto").strip().lower()
+        if choice not in ("auto", "c", "python"):
+            log.warning("NETAGENT_UDP_FASTPATH=%r is not auto, c or python; using auto", choice)
         why = "NETAGENT_UDP_FASTPATH=python"
         if choice != "python":
             binary, why = fast_path_binary()
