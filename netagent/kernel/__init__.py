@@ -85,7 +85,7 @@ from netagent.kernel.ethtool import disable_tx_checksum, kernel_needs_csum_worka
 from netagent.kernel.host import HostInterface, gateway_route_to, host_interfaces, route_get
 from netagent.kernel.monitor import KernelChange, KernelMonitor, RepairBackoff, parse_changes
 from netagent.kernel.netlink import NetlinkKernel
-from netagent.kernel.reconciler import ApplyResult, Reconciler, lookup_all, route_owner
+from netagent.kernel.reconciler import ApplyResult, Dumps, Reconciler, lookup_all, route_owner
 from netagent.kernel.rtnetlink import encode_op
 
 __all__ = [
@@ -94,7 +94,7 @@ __all__ = [
     "RTPROT_NETAGENT", "ApplyResult", "address_device", "DeltaTracker", "Entry", "Fdb", "HostInterface",
     "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelChange", "KernelError",
     "KernelMonitor", "LinkInfo", "LinkSummary", "Neigh", "RepairBackoff",
-    "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
+    "NetlinkKernel", "Dumps", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
     "disable_tx_checksum", "encode_op", "gateway_route_to", "host_interfaces",
     "kernel_needs_csum_workaround", "lookup_all", "parse_changes", "route_get", "route_owner",
 ]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any
+from typing import Any, Protocol
 
 from netagent.kernel.delta import DeltaTracker
 from netagent.kernel.entries import (
@@ -40,6 +40,23 @@ _SORT_LIMIT = 256
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 
 Key = tuple[Any, ...]
+
+#: dumped entries handled per slice of a sliced read-back (~1 ms of the loop's time each)
+SLICE_ENTRIES = 400
+
+
+class Dumps(Protocol):
+    """The three dumps a read-back needs; the sliced read-back may be given generators (a
+    :class:`~netagent.kernel.netlink.SlicedDumps` on a netlink socket of its own)."""
+
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterable[Entry]: ...
+
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None
+                 ) -> Iterable[Entry]: ...
+
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterable[Route]: ...
 
 
 @dataclass
@@ -77,8 +94,10 @@ class Reconciler:
 
     def __init__(self, kernel: Kernel, route_is_ours: Callable[[Route], bool],
                  device: int | None = None, *, device6: int | None = None,
-                 ipv6: bool = False) -> None:
+                 ipv6: bool = False, dumps: Dumps | None = None) -> None:
         self.kernel = kernel
+        #: what :meth:`read_back_steps` dumps with (default: ``kernel``)
+        self.dumps: Dumps = dumps if dumps is not None else kernel
         self.route_is_ours = route_is_ours
         self.device = device
         self.device6 = device6
@@ -197,6 +216,88 @@ class Reconciler:
         tables["route"].replace_actual(ours())
         self._read = foreign
         self.underlay = frozenset(foreign.values())
+
+    def read_back_steps(self, per_slice: int | None = None) -> Generator[None, None, None]:
+        """The drift repair's read-back in slices: yields after every ``per_slice`` dumped
+        entries, so the caller can handle events between slices; the trackers are changed only
+        by the last step, by what the dumps show that the trackers did not know.
+
+        The caller may write in between (events: an apply, a kernel deletion). A key whose
+        actual side changed after the read-back began is left as the loop knows it, whatever
+        the (possibly older) dump said: the write or the event is newer than what was read, so
+        a stale read never undoes it. Everything else is compared as :meth:`read_back` does,
+        key by key: a dumped entry unlike what we believe is held is taken in, a held key the
+        dumps did not show is forgotten (and so written again), routes someone else owns are
+        noted. Closing the generator half-way changes nothing."""
+        if not self.synced:  # the first read-back is the start-up one: whole
+            self.read_back()
+            return
+        per_slice = per_slice or SLICE_ENTRIES
+        tables, dumps = self._tables, self.dumps
+        devices = [(d, f) for d, f in ((self.device, 4), (self.device6, 6)) if d is not None]
+        for t in tables.values():
+            t.touched = set()
+        done = False
+        try:
+            seen: dict[str, set[Key]] = {k: set() for k in KINDS}
+            #: key -> the dumped entry, where it differs from what the tracker held then
+            found: dict[str, dict[Key, Entry]] = {k: {} for k in KINDS}
+            foreign: dict[Key, Route] = {}
+            n = 0
+
+            def note(kind: str, e: Entry) -> None:
+                k = e.key
+                seen[kind].add(k)
+                have = tables[kind].actual.get(k)
+                if have is e or have == e:
+                    found[kind].pop(k, None)  # a key seen twice: the last answer stands
+                else:
+                    found[kind][k] = e
+
+            for d, f in devices:
+                for e in dumps.dump_neighs(d, tables["neigh"].desired, f):
+                    note("neigh", e)
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            for d, _f in devices:
+                for e in dumps.dump_fdb(d, tables["fdb"].desired):
+                    note("fdb", e)
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            for fam in (4, 6) if self.ipv6 else (4,):
+                for r in dumps.dump_routes(RT_TABLE_MAIN, tables["route"].desired, fam):
+                    if self.route_is_ours(r):
+                        note("route", r)
+                    else:
+                        foreign[r.key] = r
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            # the last step: what changed meanwhile is newer than the dumps
+            touched = {kind: t.touched or set() for kind, t in tables.items()}
+            for t in tables.values():
+                t.touched = None
+            for kind in KINDS:
+                t, skip = tables[kind], touched[kind]
+                for k, e in found[kind].items():
+                    if k not in skip:
+                        t.set_actual(k, e)
+                for k in t.actual.keys() - seen[kind] - skip:
+                    t.delete_actual(k)
+            touched_routes = touched["route"]
+            self._read = {k: r for k, r in foreign.items() if k not in touched_routes}
+            self._read.update((k, r) for k, r in self._foreign.items() if k in touched_routes)
+            self.underlay = frozenset(foreign.values())
+            done = True
+        finally:
+            for t in tables.values():
+                t.touched = None
+            if not done:
+                reset = getattr(dumps, "reset", None)
+                if reset is not None:
+                    reset()  # a dump left half-read: its socket goes
 
     def compare(self) -> None:
         """After :meth:`read_back` (and the desired side is set): note the foreign routes at
