@@ -141,9 +141,8 @@ class ReconcilingBackend(Backend):
         return self.config.enable_ipv6
 
     def _new_reconciler(self, device: int | None, device6: int | None = None) -> Reconciler:
-        sliced = getattr(self.kernel, "sliced_dumps", None)  # NetlinkKernel's; fakes have none
-        if self._dumps is None and sliced is not None:
-            self._dumps = sliced()  # the repair's read-back: a netlink socket of its own
+        if self._dumps is None:
+            self._dumps = self.kernel.sliced_dumps()  # the repair's read-back: its own socket
         return Reconciler(
             self.kernel,
             route_owner(self.config.network, lambda: self.own.subnet if self.own else None,

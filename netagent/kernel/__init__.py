@@ -66,6 +66,7 @@ from netagent.kernel.entries import (
     RTN_BLACKHOLE,
     RTN_UNICAST,
     RTPROT_NETAGENT,
+    Dumps,
     Entry,
     Fdb,
     IPAddress,
@@ -85,7 +86,7 @@ from netagent.kernel.ethtool import disable_tx_checksum, kernel_needs_csum_worka
 from netagent.kernel.host import HostInterface, gateway_route_to, host_interfaces, route_get
 from netagent.kernel.monitor import KernelChange, KernelMonitor, RepairBackoff, parse_changes
 from netagent.kernel.netlink import NetlinkKernel
-from netagent.kernel.reconciler import ApplyResult, Dumps, Reconciler, lookup_all, route_owner
+from netagent.kernel.reconciler import ApplyResult, Reconciler, lookup_all, route_owner
 from netagent.kernel.rtnetlink import encode_op
 
 __all__ = [

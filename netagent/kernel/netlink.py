@@ -397,7 +397,7 @@ class SlicedDumps:
     events and writes on the agent's own socket, so a dump left half-read must not sit on that
     socket (a request there would meet the dump's remaining answers, and the kernel refuses a
     second dump on a socket whose first one is still running). A dump abandoned half-way
-    (:meth:`reset`) closes the socket for the same reason; the next one opens a new one. The
+    (:meth:`abandon`) closes the socket for the same reason; the next one opens a new one. The
     parse caches are the agent kernel's, so a repair that finds the kernel unchanged still
     parses nothing."""
 
@@ -418,7 +418,7 @@ class SlicedDumps:
                     family: int = 4) -> Iterator[Route]:
         return self._own.iter_routes(table, want, family)
 
-    def reset(self) -> None:
+    def abandon(self) -> None:
         """A read-back was abandoned half-way: drop the socket with its unread answers."""
         self._own.close()
 

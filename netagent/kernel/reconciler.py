@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Any, Protocol
+from typing import Any
 
 from netagent.kernel.delta import DeltaTracker
 from netagent.kernel.entries import (
@@ -23,6 +23,7 @@ from netagent.kernel.entries import (
     RT_TABLE_MAIN,
     RTN_UNICAST,
     RTPROT_NETAGENT,
+    Dumps,
     Entry,
     IPAddress,
     IPNetwork,
@@ -43,20 +44,6 @@ Key = tuple[Any, ...]
 
 #: dumped entries handled per slice of a sliced read-back (~1 ms of the loop's time each)
 SLICE_ENTRIES = 400
-
-
-class Dumps(Protocol):
-    """The three dumps a read-back needs; the sliced read-back may be given generators (a
-    :class:`~netagent.kernel.netlink.SlicedDumps` on a netlink socket of its own)."""
-
-    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
-                    family: int = 4) -> Iterable[Entry]: ...
-
-    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None
-                 ) -> Iterable[Entry]: ...
-
-    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
-                    family: int = 4) -> Iterable[Route]: ...
 
 
 @dataclass
@@ -96,8 +83,8 @@ class Reconciler:
                  device: int | None = None, *, device6: int | None = None,
                  ipv6: bool = False, dumps: Dumps | None = None) -> None:
         self.kernel = kernel
-        #: what :meth:`read_back_steps` dumps with (default: ``kernel``)
-        self.dumps: Dumps = dumps if dumps is not None else kernel
+        #: what :meth:`read_back_steps` dumps with (default: ``kernel.sliced_dumps()``)
+        self.dumps: Dumps = dumps if dumps is not None else kernel.sliced_dumps()
         self.route_is_ours = route_is_ours
         self.device = device
         self.device6 = device6
@@ -255,14 +242,14 @@ class Reconciler:
                     found[kind][k] = e
 
             for d, f in devices:
-                for e in dumps.dump_neighs(d, tables["neigh"].desired, f):
-                    note("neigh", e)
+                for nb in dumps.dump_neighs(d, tables["neigh"].desired, f):
+                    note("neigh", nb)
                     n += 1
                     if n % per_slice == 0:
                         yield
             for d, _f in devices:
-                for e in dumps.dump_fdb(d, tables["fdb"].desired):
-                    note("fdb", e)
+                for fd in dumps.dump_fdb(d, tables["fdb"].desired):
+                    note("fdb", fd)
                     n += 1
                     if n % per_slice == 0:
                         yield
@@ -281,9 +268,9 @@ class Reconciler:
                 t.touched = None
             for kind in KINDS:
                 t, skip = tables[kind], touched[kind]
-                for k, e in found[kind].items():
+                for k, got in found[kind].items():
                     if k not in skip:
-                        t.set_actual(k, e)
+                        t.set_actual(k, got)
                 for k in t.actual.keys() - seen[kind] - skip:
                     t.delete_actual(k)
             touched_routes = touched["route"]
@@ -295,9 +282,7 @@ class Reconciler:
             for t in tables.values():
                 t.touched = None
             if not done:
-                reset = getattr(dumps, "reset", None)
-                if reset is not None:
-                    reset()  # a dump left half-read: its socket goes
+                dumps.abandon()  # a dump left half-read: its socket goes
 
     def compare(self) -> None:
         """After :meth:`read_back` (and the desired side is set): note the foreign routes at
