@@ -1095,9 +1095,11 @@ class Daemon:
         self.status.kernel_entries = dict(report.entries)
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
         self.status.invalid_leases = dict(self.peers.invalid)
+        # the rows of the peers this sync was for (a drift repair changes no peer: none)
+        rows: Iterable[PeerId] | None = () if repair else changed
         if id(self.peers) != self._rows_of:  # a new table: every row
-            self._rows_of, changed = id(self.peers), None
-        self._rows.update(self.peers.peers, changed)
+            self._rows_of, rows = id(self.peers), None
+        self._rows.update(self.peers.peers, rows)
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:
             hook(self.last_sync_seconds)
