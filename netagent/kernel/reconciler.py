@@ -215,7 +215,8 @@ class Reconciler:
         a stale read never undoes it. Everything else is compared as :meth:`read_back` does,
         key by key: a dumped entry unlike what we believe is held is taken in, a held key the
         dumps did not show is forgotten (and so written again), routes someone else owns are
-        noted. Closing the generator half-way changes nothing."""
+        noted. Closing the generator while it reads changes nothing; in its last steps (one per
+        kind) each kind is taken in whole or not at all."""
         if not self.synced:  # the first read-back is the start-up one: whole
             self.read_back()
             return
@@ -262,22 +263,22 @@ class Reconciler:
                     n += 1
                     if n % per_slice == 0:
                         yield
-            # the last step: what changed meanwhile is newer than the dumps
-            touched = {kind: t.touched or set() for kind, t in tables.items()}
-            for t in tables.values():
-                t.touched = None
-            for kind in KINDS:
-                t, skip = tables[kind], touched[kind]
+            done = True  # every dump read to its end
+            # the last steps, a kind each: what changed meanwhile is newer than the dumps
+            for i, kind in enumerate(KINDS):
+                if i:
+                    yield
+                t = tables[kind]
+                skip, t.touched = t.touched or set(), None
                 for k, got in found[kind].items():
                     if k not in skip:
                         t.set_actual(k, got)
                 for k in t.actual.keys() - seen[kind] - skip:
                     t.delete_actual(k)
-            touched_routes = touched["route"]
-            self._read = {k: r for k, r in foreign.items() if k not in touched_routes}
-            self._read.update((k, r) for k, r in self._foreign.items() if k in touched_routes)
-            self.underlay = frozenset(foreign.values())
-            done = True
+                if kind == "route":
+                    self._read = {k: r for k, r in foreign.items() if k not in skip}
+                    self._read.update((k, r) for k, r in self._foreign.items() if k in skip)
+                    self.underlay = frozenset(foreign.values())
         finally:
             for t in tables.values():
                 t.touched = None
