@@ -141,8 +141,8 @@ class ReconcilingBackend(Backend):
         return self.config.enable_ipv6
 
     def _new_reconciler(self, device: int | None, device6: int | None = None) -> Reconciler:
-        if self._dumps is None:
-            self._dumps = self.kernel.sliced_dumps()  # the repair's read-back: its own socket
+        if self._dumps is None:  # the repair's read-back: its own socket, kept across devices
+            self._dumps = self.kernel.sliced_dumps()
         return Reconciler(
             self.kernel,
             route_owner(self.config.network, lambda: self.own.subnet if self.own else None,

@@ -83,8 +83,9 @@ class Reconciler:
                  device: int | None = None, *, device6: int | None = None,
                  ipv6: bool = False, dumps: Dumps | None = None) -> None:
         self.kernel = kernel
-        #: what :meth:`read_back_steps` dumps with (default: ``kernel.sliced_dumps()``)
-        self.dumps: Dumps = dumps if dumps is not None else kernel.sliced_dumps()
+        #: what :meth:`read_back_steps` dumps with (None: ``kernel.sliced_dumps()``, asked
+        #: for at the first sliced read-back)
+        self.dumps: Dumps | None = dumps
         self.route_is_ours = route_is_ours
         self.device = device
         self.device6 = device6
@@ -221,6 +222,8 @@ class Reconciler:
             self.read_back()
             return
         per_slice = per_slice or SLICE_ENTRIES
+        if self.dumps is None:
+            self.dumps = self.kernel.sliced_dumps()
         tables, dumps = self._tables, self.dumps
         devices = [(d, f) for d, f in ((self.device, 4), (self.device6, 6)) if d is not None]
         for t in tables.values():
