@@ -249,7 +249,10 @@ class ReconcilingBackend(Backend):
         yield from rec.read_back_steps()
         rec.compare()
         self._expire_lookups(rec.underlay)
-        todo = list(set(peers) | set(rec.peers()) | set(self._skipped))
+        # every peer of the table, of the reconciler and skipped, duplicates and all: lists of
+        # keys cost no hashing (a set of 20,000 IPv4Network keys is ~20 ms of Python hashes);
+        # a peer met twice is skipped by its basis the second time
+        todo = [*peers, *rec.peer_keys(), *self._skipped]
         for i in range(0, len(todo), RENDER_SLICE):
             yield
             # the peers may have changed meanwhile: what is gone now is dropped, what changed
