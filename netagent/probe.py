@@ -53,6 +53,9 @@ ICMP6_ECHO_REQUEST = 128
 ICMP6_ECHO_REPLY = 129
 #: setsockopt(IPPROTO_ICMPV6, ICMP6_FILTER) (linux/icmpv6.h); Python has no constant for it
 ICMP6_FILTER = 1
+#: setsockopt(SOL_RAW, ICMP_FILTER) (linux/icmp.h, linux/socket.h): no Python constants either
+SOL_RAW = 255
+ICMP_FILTER = 1
 
 
 @dataclass(frozen=True)
@@ -180,15 +183,21 @@ def open_icmp_socket(family: int) -> IcmpSocket:
         sock = socket.socket(family, socket.SOCK_RAW, proto)
     except PermissionError:
         return IcmpSocket(socket.socket(family, socket.SOCK_DGRAM, proto), family, False)
-    if family == socket.AF_INET6:
-        # a raw ICMPv6 socket also gets every neighbour/router message: let only replies in
-        # (a set bit blocks a type)
-        words = [0xFFFFFFFF] * 8
-        words[ICMP6_ECHO_REPLY >> 5] &= ~(1 << (ICMP6_ECHO_REPLY & 31))
-        try:
+    try:
+        if family == socket.AF_INET6:
+            # a raw ICMPv6 socket also gets every neighbour/router message: let only replies
+            # in (a set bit blocks a type)
+            words = [0xFFFFFFFF] * 8
+            words[ICMP6_ECHO_REPLY >> 5] &= ~(1 << (ICMP6_ECHO_REPLY & 31))
             sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("=8I", *words))
-        except OSError:
-            pass  # only an optimisation: parse_reply filters by type anyway
+        else:
+            # a raw ICMP socket gets every ICMP message the host receives, among them the
+            # "host unreachable" the kernel sends itself for each echo to a peer that is down:
+            # let only echo replies wake the prober (linux/icmp.h ICMP_FILTER on SOL_RAW)
+            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("=I", ~(1 << ICMP_ECHO_REPLY)
+                                                              & 0xFFFFFFFF))
+    except OSError:
+        pass  # only an optimisation: parse_reply filters by type anyway
     return IcmpSocket(sock, family, True)
 
 
