@@ -682,7 +682,10 @@ class Daemon:
                 self._phase("running" if ready else "not ready: " + ", ".join(
                     k for k, ok in checks.items() if not ok))
             else:
-                self._publish()  # at least once a second: backend health, counters
+                if time.monotonic() - self.snapshot.built_at >= 0.5:
+                    # at least once a second (the loop turns that often when idle): backend
+                    # health, counters; not at every turn of a drift repair in slices
+                    self._publish()
                 if ready and not self._notified_ready:
                     self._notified_ready = True
                     systemd.notify("READY=1")
@@ -768,7 +771,8 @@ class Daemon:
         assert self._repair is not None
         until = time.monotonic() + budget
         try:
-            while time.monotonic() < until:
+            # an event that arrives meanwhile waits for one step (~1 ms), not the whole slice
+            while time.monotonic() < until and self.events.empty():
                 next(self._repair)
             return
         except StopIteration as done:
