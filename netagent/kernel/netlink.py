@@ -395,11 +395,10 @@ class SlicedDumps:
 
     For the drift repair's read-back in slices: between two slices the main loop handles
     events and writes on the agent's own socket, so a dump left half-read must not sit on that
-    socket (a request there would meet the dump's remaining answers, and the kernel refuses a
-    second dump on a socket whose first one is still running). A dump abandoned half-way
-    (:meth:`abandon`) closes the socket for the same reason; the next one opens a new one. The
-    parse caches are the agent kernel's, so a repair that finds the kernel unchanged still
-    parses nothing."""
+    socket (a write's acknowledgement would queue behind the dump's remaining answers). A dump
+    abandoned half-way (:meth:`abandon`) closes this socket too, so its unread answers are not
+    left for the next dump to wade through; the next dump opens a new one. The parse caches
+    are the agent kernel's, so a repair that finds the kernel unchanged still parses nothing."""
 
     def __init__(self, kernel: NetlinkKernel) -> None:
         self._kernel = kernel
