@@ -133,3 +133,23 @@ def test_a_repair_dropped_half_way_changes_nothing(kern: FakeKernel, tmp_path: P
     rec = b.reconciler
     assert rec is not None and all(t.touched is None for t in rec._tables.values())
     assert finish(b.repair_steps(peers)).added == 1  # the next repair finds it
+
+
+def test_backends_without_slices_repair_in_one_step(kern: FakeKernel, tmp_path: Path) -> None:
+    """udp, wireguard, bgp and alloc inherit repair_steps: their whole sync, in one step."""
+    from netagent.backends.alloc import AllocBackend
+
+    cfg = parse_network_config('{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}')
+    calls: list[object] = []
+
+    class Counting(AllocBackend):
+        def sync(self, peers, changed=None):  # type: ignore[no-untyped-def]
+            calls.append(changed)
+            return SyncReport(added=3)
+
+    eth = kern.links["eth0"]
+    b = Counting(cfg, HostFacts("eth0", eth.index, 1500, pub(1), pub(1), tmp_path))
+    gen = b.repair_steps({})
+    with pytest.raises(StopIteration) as done:
+        next(gen)
+    assert done.value.value == SyncReport(added=3) and calls == [None]
