@@ -15,7 +15,7 @@ enough: to the address that answered last, or, while none does, to the next addr
 (so a peer that is down costs one echo per round, and one that answers again is found within a
 round or two). Echoes are paced at `rate` per second (default 50), so a large cluster is probed
 at a low, flat rate (a round over 5,000 peers takes ~100 s) instead of in bursts: the rate is
-the prober's CPU (each echo costs ~20 µs of the agent's time, kernel encapsulation included;
+the prober's CPU (each echo costs ~30 µs of the agent's time, kernel encapsulation included;
 at the earlier 200 echoes a second with both addresses every round the prober was ~0.45 % of
 a core, most of the agent's idle CPU at 5,000 peers, issue 18).
 Each family has its own socket (raw, else the unprivileged ping socket), opened the first time
