@@ -15,7 +15,7 @@ reports it in :class:`SyncReport`, and retries next cycle.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -135,6 +135,14 @@ class Backend(ABC):
         drift repair), sweeping our own entries that no lease justifies. A set names the only
         subnets whose leases changed since the last sync, so the backend may limit its work.
         """
+
+    def repair_steps(self, peers: Mapping[PeerId, Lease]) -> Generator[None, None, SyncReport]:
+        """The periodic full compare (drift repair) in slices: the daemon handles events
+        between two steps, calling ``sync(peers, changed)`` for them, and gets the report as
+        the generator's return value. Closing it half-way must leave the backend as if it had
+        not begun. This default does the whole ``sync(peers, None)`` in its one step."""
+        return self.sync(peers, None)
+        yield  # makes this a generator; never reached
 
     def owns_change(self, change: KernelChange) -> bool:
         """Whether a deletion the kernel announced (:mod:`netagent.kernel.monitor`) is of a

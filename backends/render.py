@@ -15,12 +15,13 @@ import logging
 import re
 import secrets
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netagent.backends.base import Backend, HostFacts, SyncReport
 from netagent.config import NetworkConfig
 from netagent.kernel import (
+    Dumps,
     Entry,
     IPAddress,
     Kernel,
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: full syncs a cached route lookup may serve before it is asked again even if nothing changed
 #: (a safety net for changes the underlay-route comparison cannot see, e.g. policy routing)
 LOOKUP_REFRESH = 6
+
+#: peers a drift repair's step re-renders (when their lookups went stale), ~1-2 ms
+RENDER_SLICE = 250
 
 #: after a sync that changed this many entries, hand freed heap back to the system
 TRIM_AFTER = 1000
@@ -121,6 +125,7 @@ class ReconcilingBackend(Backend):
         self._lookups: dict[IPAddress, RouteLookup | None] = {}
         self._lookups_basis: frozenset[object] | None = None
         self._lookups_age = 0
+        self._dumps: Dumps | None = None
 
     @property
     def kernel(self) -> Kernel:
@@ -136,12 +141,14 @@ class ReconcilingBackend(Backend):
         return self.config.enable_ipv6
 
     def _new_reconciler(self, device: int | None, device6: int | None = None) -> Reconciler:
+        if self._dumps is None:  # the repair's read-back: its own socket, kept across devices
+            self._dumps = self.kernel.sliced_dumps()
         return Reconciler(
             self.kernel,
             route_owner(self.config.network, lambda: self.own.subnet if self.own else None,
                         self.config.ipv6_network,
                         lambda: self.own.ipv6_subnet if self.own else None),
-            device=device, device6=device6, ipv6=self.ipv6,
+            device=device, device6=device6, ipv6=self.ipv6, dumps=self._dumps,
         )
 
     # hooks for the concrete backends
@@ -223,6 +230,41 @@ class ReconcilingBackend(Backend):
                 if lz is not None:
                     for ip in (lz.attrs.public_ip, lz.attrs.public_ipv6):
                         self._lookups.pop(ip, None)  # type: ignore[arg-type]
+        self._render_some(peers, todo)
+        if full:
+            rec.compare()
+        return self._apply(rec)
+
+    def repair_steps(self, peers: Mapping[PeerId, Lease]) -> Generator[None, None, SyncReport]:
+        """The drift repair in slices of ~1 ms: the read-back (``Reconciler.read_back_steps``,
+        whose last step lets what the loop wrote meanwhile stand over older dumps), then the
+        re-render of peers whose lookups went stale, ``RENDER_SLICE`` peers a step, then one
+        apply. A device that had to be made again (or a first sync) takes the whole sync."""
+        rec = self.reconciler
+        if rec is None or not rec.synced:
+            return self.sync(peers, None)
+        if self.repair_devices():  # made again: every entry is to be written, in one go
+            self._rendered_from.clear()
+            return self.sync(peers, None)
+        yield from rec.read_back_steps()
+        rec.compare()
+        self._expire_lookups(rec.underlay)
+        # every peer of the table, of the reconciler and skipped, duplicates and all: lists of
+        # keys cost no hashing (a set of 20,000 IPv4Network keys is ~20 ms of Python hashes);
+        # a peer met twice is skipped by its basis the second time
+        todo = [*peers, *rec.peer_keys(), *self._skipped]
+        for i in range(0, len(todo), RENDER_SLICE):
+            yield
+            # the peers may have changed meanwhile: what is gone now is dropped, what changed
+            # was synced by its event and renders the same (skipped by its basis)
+            self._render_some(peers, todo[i:i + RENDER_SLICE])
+        return self._apply(rec)
+
+    def _render_some(self, peers: Mapping[PeerId, Lease], todo: Iterable[PeerId]) -> None:
+        """Render the peers of ``todo`` whose lease or lookups changed; forget those gone."""
+        rec = self.reconciler
+        assert rec is not None
+        todo = set(todo)
         if self.own is not None:
             todo.discard(self.own.ident)
         present = {s: peers[s] for s in todo if s in peers}
@@ -243,8 +285,8 @@ class ReconcilingBackend(Backend):
             self._rendered_from.pop(subnet, None)
             self._skipped.pop(subnet, None)
             self._blocked.pop(subnet, None)
-        if full:
-            rec.compare()
+
+    def _apply(self, rec: Reconciler) -> SyncReport:
         result = rec.apply()
         # held-back routes stay pending, so every apply re-evaluates all of them
         for subnet in set(self._blocked) | set(result.blocked):

@@ -538,8 +538,47 @@ def all_routes_at(evs: list[tuple[float, str, str]], n: int) -> float | None:
     return None
 
 
+def fire_events(etcd: Etcd, mon: KernelMonitor, n: int, events: int, first: int
+                ) -> dict[str, Any]:
+    """``events`` leases added and removed one at a time (peers ``first``...): put → route
+    seen by the netlink listener, against put → etcd watch delivery."""
+    add: list[float] = []
+    rem: list[float] = []
+    w_add: list[float] = []
+    w_rem: list[float] = []
+    rtt: list[float] = []
+    for j in range(events):
+        i = first + j
+        key, dst = peer_key(i), str(peer_subnet(i))
+        for kind, lat, wlat in (("put", add, w_add), ("delete", rem, w_rem)):
+            mark = mon.mark()
+            if kind == "put":
+                t, acked = etcd.put(key, peer_value(i))
+            else:
+                t, acked = etcd.delete(key)
+            seen = mon.wait("route+" if kind == "put" else "route-", dst, mark, 10)
+            w = etcd.watch_time(kind, key)
+            rtt.append((acked - t) * 1e3)
+            if seen is not None:
+                lat.append((seen - t) * 1e3)
+            if w is not None:
+                wlat.append((w - t) * 1e3)
+            time.sleep(0.05)
+    both = add + rem
+    return dict(
+        event_add_p50_ms=pct(add, 50), event_add_p99_ms=pct(add, 99),
+        event_del_p50_ms=pct(rem, 50), event_del_p99_ms=pct(rem, 99),
+        event_p50_ms=pct(both, 50), event_p90_ms=pct(both, 90),
+        events_over_10ms=sum(1 for x in both if x > 10),
+        events=len(both), put_rtt_p50_ms=pct(rtt, 50),
+        watch_p50_ms=pct(w_add + w_rem, 50), watch_p99_ms=pct(w_add + w_rem, 99),
+        events_missed=2 * events - len(add) - len(rem), event_max_ms=max(both, default=0.0),
+    )
+
+
 def bench_agent(n: int, events: int, idle: float, tmp: Path,
-                profile: str | None = None) -> dict[str, Any]:
+                profile: str | None = None, repair_events: int = 0,
+                repair_interval: float = 1.0) -> dict[str, Any]:
     lab = BenchLab(tmp / f"agent{n}", tag=f"s{n % 100}")
     lab.profile = profile
     mon: KernelMonitor | None = None
@@ -588,35 +627,9 @@ def bench_agent(n: int, events: int, idle: float, tmp: Path,
         out["rss_mb"], out["rss_peak_mb"] = rss, hwm
         # one peer added / removed while n are programmed
         etcd.start_watch()
-        add, rem, w_add, w_rem, rtt = [], [], [], [], []
-        for j in range(events):
-            i = n + 100 + j
-            key, dst = peer_key(i), str(peer_subnet(i))
-            for kind, lat, wlat in (("put", add, w_add), ("delete", rem, w_rem)):
-                mark = mon.mark()
-                if kind == "put":
-                    t, acked = etcd.put(key, peer_value(i))
-                else:
-                    t, acked = etcd.delete(key)
-                seen = mon.wait("route+" if kind == "put" else "route-", dst, mark, 10)
-                w = etcd.watch_time(kind, key)
-                rtt.append((acked - t) * 1e3)
-                if seen is not None:
-                    lat.append((seen - t) * 1e3)
-                if w is not None:
-                    wlat.append((w - t) * 1e3)
-                time.sleep(0.05)
-        both = add + rem
-        out.update(
-            event_add_p50_ms=pct(add, 50), event_add_p99_ms=pct(add, 99),
-            event_del_p50_ms=pct(rem, 50), event_del_p99_ms=pct(rem, 99),
-            event_p90_ms=pct(both, 90), events_over_10ms=sum(1 for x in both if x > 10),
-            events=len(both), put_rtt_p50_ms=pct(rtt, 50),
-            watch_p50_ms=pct(w_add + w_rem, 50), watch_p99_ms=pct(w_add + w_rem, 99),
-            events_missed=2 * events - len(add) - len(rem),
-        )
+        out.update(fire_events(etcd, mon, n, events, n + 100))
         # the agent's own share: put→kernel minus put→watch delivery, at the median
-        out["agent_share_p50_ms"] = pct(both, 50) - out["watch_p50_ms"]
+        out["agent_share_p50_ms"] = out["event_p50_ms"] - out["watch_p50_ms"]
         # restart with n programmed
         lab.stop_agent(host)
         (host.state_dir / "status.json").unlink(missing_ok=True)  # it still says "ready"
@@ -628,6 +641,19 @@ def bench_agent(n: int, events: int, idle: float, tmp: Path,
         out["restart_writes"] = len(mon.since(mark))
         out["monitor_overruns"] = mon.overruns
         lab.stop_agent(host)
+        if repair_events:
+            # events while drift repairs run: the agent compares everything against the
+            # kernel every `repair_interval` s (a full compare at 20,000 peers takes ~0.5 s),
+            # so many of these events arrive while one is under way
+            lab.start_agent(host, "--repair-interval", f"{repair_interval:g}")
+            wait_ready(lab, host, 120)
+            time.sleep(2 * repair_interval)
+            rep = fire_events(etcd, mon, n, repair_events, n + 100 + events)
+            st = status(host)
+            out.update({f"repair_{k}": v for k, v in rep.items()})
+            out["repair_interval_s"] = repair_interval
+            out["repair_reconciles"] = st.get("reconciles")
+            lab.stop_agent(host)
         return out
     finally:
         if mon is not None:
@@ -706,7 +732,9 @@ def run_child(args: argparse.Namespace, figure: str, n: int, tmp: Path) -> dict[
     """Each lab figure runs in a child process: it enters a namespace, which we must not."""
     out = tmp / f"{figure}-{n}.json"
     cmd = [sys.executable, __file__, "--child", figure, "--n", str(n), "--out", str(out),
-           "--events", str(args.events), "--idle", str(args.idle), "--tmp", str(tmp)]
+           "--events", str(args.events), "--idle", str(args.idle), "--tmp", str(tmp),
+           "--repair-events", str(args.repair_events),
+           "--repair-interval", str(args.repair_interval)]
     if args.profile:
         cmd += ["--profile", args.profile]
     proc = subprocess.run(cmd, timeout=1800)
@@ -785,6 +813,11 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--profile", help="agent figure: run the agent under py-spy, write this "
                     "flame graph (the figures are then py-spy's, not the agent's)")
+    ap.add_argument("--repair-events", type=int, default=0,
+                    help="agent figure: also this many events with the agent restarted with "
+                         "--repair-interval (events during drift repairs)")
+    ap.add_argument("--repair-interval", type=float, default=1.0,
+                    help="the agent's --repair-interval for --repair-events (seconds)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -798,7 +831,8 @@ def main() -> int:
     if args.child:
         tmp = Path(args.tmp)
         if args.child == "agent":
-            res = bench_agent(args.n, args.events, args.idle, tmp, args.profile)
+            res = bench_agent(args.n, args.events, args.idle, tmp, args.profile,
+                              args.repair_events, args.repair_interval)
         else:
             res = bench_cluster(args.n, args.events, tmp)
         Path(args.out).write_text(json.dumps(res))

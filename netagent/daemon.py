@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -63,7 +63,7 @@ from netagent.leasing import LeaseLost, LeaseManager
 from netagent.lograte import LogLimiter
 from netagent.peers import PeerChanges, PeerTable, RawLease
 from netagent.plan import plan_config_change, relabel_notice
-from netagent.probe import Prober, peer_list, probe_targets
+from netagent.probe import PeerRows, Prober, probe_targets
 from netagent.registry import EtcdSettings, Registry
 from netagent.settings import AgentSettings
 from netagent.snapshot import EtcdView, LeaseView, StatusSnapshot, frozen_map
@@ -86,6 +86,9 @@ EXIT_FATAL = 1
 #: seconds a starting agent waits for the run lock (a previous agent still stopping)
 RUN_LOCK_WAIT = 10.0
 EXIT_OUT_OF_SUBNETS = 2
+#: seconds of drift repair per turn of the main loop, between looks at the event queue
+REPAIR_SLICE = 0.002
+
 #: seconds between full kernel compares when kernel change notifications are running and the
 #: operator left --repair-interval at its default: deletions are repaired from the events, the
 #: full compare only catches what no event announces (a link set down, a modified entry)
@@ -123,12 +126,14 @@ class KernelChanges:
 QueueItem = WatchEvent | WatchResync | LeaseGone | ProbeRound | KernelChanges
 
 
-def status_json(doc: dict[str, Any]) -> str:
+def status_json(doc: dict[str, Any], encoded: Mapping[str, str] | None = None) -> str:
     """status.json's text: one top-level key a line, sorted, each value compact. Any
     ``indent`` makes the json module fall back from its C encoder to pure Python, ~3.5× slower:
-    at 5,000 peers the peer list took ~27 ms a write instead of ~8 ms."""
-    return "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(doc[k], sort_keys=True)}"
-                               for k in sorted(doc)) + "\n}\n"
+    at 5,000 peers the peer list took ~27 ms a write instead of ~8 ms. ``encoded``: values
+    already in JSON text (the peer list, kept encoded row by row: ``PeerRows``)."""
+    text = {k: json.dumps(v, sort_keys=True) for k, v in doc.items()}
+    text.update(encoded or {})
+    return "{\n" + ",\n".join(f" {json.dumps(k)}: {text[k]}" for k in sorted(text)) + "\n}\n"
 
 
 def etcd_settings(s: AgentSettings) -> EtcdSettings:
@@ -213,7 +218,10 @@ class Daemon:
         self._last_status = ""
         self._status_dirty = False
         self._status_written_at = 0.0
-        self._peer_list_key: tuple[int, int, int] = (0, -1, -1)
+        #: status.json's peer list, row by row (O(changed rows) per write)
+        self._rows = PeerRows()
+        self._rows_of = 0  # id() of the PeerTable the rows were made from
+        self.status.peer_list = self._rows.rows
         #: problems already logged, so a retry loop logs each once
         self._warned: set[str] = set()
         #: hostile-input lines (malformed leases): first at once, repeats summarised per 10 s
@@ -245,6 +253,9 @@ class Daemon:
         self._event_full = False
         #: the kernel-event thread is reading notifications (else deletions wait for the timer)
         self.events_running = False
+        #: the drift repair under way in slices (Backend.repair_steps), and when it began
+        self._repair: Generator[None, None, SyncReport] | None = None
+        self._repair_began = 0.0
 
     # ------------------------------------------------------------------ start-up steps
 
@@ -423,7 +434,8 @@ class Daemon:
             kernel_event_repairs=st.kernel_event_repairs,
             kernel_repair_backoffs=st.kernel_repair_backoffs,
             backend_programmed=st.backend_programmed, masquerade=st.masquerade,
-            # replaced, never mutated, by the loop: a view, not an O(peers) copy
+            # the loop's live rows (PeerRows, updated row by row): only the loop's own
+            # status write reads them, so a view and not an O(peers) copy
             peer_list=MappingProxyType(st.peer_list), kernel_entries=frozen_map(st.kernel_entries),
             skipped_peers=frozen_map(st.skipped_peers),
             invalid_leases=frozen_map(st.invalid_leases), config_error=st.config_error,
@@ -670,7 +682,10 @@ class Daemon:
                 self._phase("running" if ready else "not ready: " + ", ".join(
                     k for k, ok in checks.items() if not ok))
             else:
-                self._publish()  # at least once a second: backend health, counters
+                if time.monotonic() - self.snapshot.built_at >= 0.5:
+                    # at least once a second (the loop turns that often when idle): backend
+                    # health, counters; not at every turn of a drift repair in slices
+                    self._publish()
                 if ready and not self._notified_ready:
                     self._notified_ready = True
                     systemd.notify("READY=1")
@@ -683,6 +698,8 @@ class Daemon:
             retry = self._deferred_at if self._deferred else math.inf
             timeout = max(0.0, min(next_repair, next_file_check, next_rules, retry)
                           - time.monotonic())
+            if self._repair is not None or self._rows.pending:  # work in slices: only look
+                timeout = 0.0
             try:
                 item = self.events.get(timeout=min(timeout, 1.0))
             except queue.Empty:
@@ -712,7 +729,6 @@ class Daemon:
                 self._event_apply or self._event_full, False, False)
             if time.monotonic() >= next_repair:
                 repair = not full  # what an event explains is not drift
-                full = True
                 next_repair = time.monotonic() + interval
             if time.monotonic() >= next_file_check:  # a stat: on --repair-interval as before
                 next_file_check = time.monotonic() + self.settings.repair_interval
@@ -722,10 +738,52 @@ class Daemon:
             if time.monotonic() >= next_rules:  # --iptables-resync
                 next_rules = time.monotonic() + resync
                 self._masquerade()
-            if full:
-                self._sync(None, repair=repair, event=event)
-            elif changed or event:
-                self._sync(frozenset(changed), event=event)
+            if full:  # a config change, a new listing: one whole sync, any repair dropped
+                self._drop_repair()
+                self._sync(None, event=event)
+            else:
+                if changed or event:
+                    self._sync(frozenset(changed), event=event)
+                if repair and self._repair is None:
+                    self._start_repair()
+                if self._repair is not None:
+                    self._repair_slice()
+            if self._rows.pending:  # a probe round's rows, a slice a turn
+                self._rows.refresh(self.peers.peers)
+                if not self._rows.pending:
+                    self._write_status(soon=True)
+
+    def _start_repair(self) -> None:
+        """The periodic full compare, run in slices between events (DESIGN.md "No stall
+        during drift repair")."""
+        assert self.backend is not None
+        self._repair = self.backend.repair_steps(self.peers.peers)
+        self._repair_began = time.monotonic()
+
+    def _drop_repair(self) -> None:
+        if self._repair is not None:
+            self._repair.close()
+            self._repair = None
+
+    def _repair_slice(self, budget: float = REPAIR_SLICE) -> None:
+        """Run the drift repair for about ``budget`` seconds (whole steps); its sync report
+        is booked when it ends."""
+        assert self._repair is not None
+        until = time.monotonic() + budget
+        try:
+            # an event that arrives meanwhile waits for one step (~1 ms), not the whole slice
+            while time.monotonic() < until and self.events.empty():
+                next(self._repair)
+            return
+        except StopIteration as done:
+            report: SyncReport = done.value
+            self.status.backend_programmed = True
+        except Exception:  # a backend bug must not kill the agent; retried next cycle
+            log.exception("drift repair failed")
+            report = SyncReport(failed=1)
+            self.status.backend_programmed = False
+        self._repair = None
+        self._booked(report, self._repair_began, repair=True)
 
     def _full_compare_interval(self) -> float:
         events = self.events_running and self.backend is not None \
@@ -738,8 +796,9 @@ class Daemon:
         assert self.leases is not None
         if isinstance(item, LeaseGone):
             return self._recover("our etcd lease expired or was revoked")
-        if isinstance(item, ProbeRound):
-            self._write_status()
+        if isinstance(item, ProbeRound):  # every row changes: redone in slices, then written
+            if self.prober is not None:
+                self._rows.new_round(self.peers.peers, self.prober.results)
             return set()
         if isinstance(item, KernelChanges):
             return self._kernel_event(item.changes)
@@ -1018,6 +1077,12 @@ class Daemon:
             log.exception("backend sync failed")
             report = SyncReport(failed=1)
             self.status.backend_programmed = False
+        self._booked(report, start, changed, repair, event)
+
+    def _booked(self, report: SyncReport, start: float,
+                changed: frozenset[PeerId] | None = None, repair: bool = False,
+                event: bool = False) -> None:
+        """A sync's (or a sliced drift repair's) outcome into the status and logs."""
         self.status.reconciles += 1
         if event and report.added:
             self.status.kernel_event_repairs += report.added
@@ -1034,6 +1099,11 @@ class Daemon:
         self.status.kernel_entries = dict(report.entries)
         self.status.skipped_peers = {str(k): v for k, v in report.skipped.items()}
         self.status.invalid_leases = dict(self.peers.invalid)
+        # the rows of the peers this sync was for (a drift repair changes no peer: none)
+        rows: Iterable[PeerId] | None = () if repair else changed
+        if id(self.peers) != self._rows_of:  # a new table: every row
+            self._rows_of, rows = id(self.peers), None
+        self._rows.update(self.peers.peers, rows)
         self.last_sync_seconds = time.monotonic() - start
         for hook in self.sync_hooks:
             hook(self.last_sync_seconds)
@@ -1047,14 +1117,13 @@ class Daemon:
             self._status_dirty = True
             self._publish()
             return
+        if self._rows.pending:  # a probe round's rows are being redone: written after
+            self._status_dirty = True
+            self._publish()
+            return
         self._status_dirty = False
-        # O(peers): rebuilt only when the peers or the probe results changed
-        key = (id(self.peers), self.peers.version, self.prober.rounds if self.prober else 0)
-        if key != self._peer_list_key:
-            self._peer_list_key = key
-            self.status.peer_list = peer_list(self.peers.peers,
-                                              self.prober.results if self.prober else None)
-        text = status_json(self._publish().status_doc())
+        doc = self._publish().status_doc(peer_list=False)
+        text = status_json(doc, {"peer_list": self._rows.text()})
         if text == self._last_status:
             return
         self._last_status = text

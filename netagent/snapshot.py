@@ -113,10 +113,11 @@ class StatusSnapshot:
             checks["lease"] = checks["lease"] and left != 0.0
         return checks
 
-    def status_doc(self) -> dict[str, Any]:
-        """status.json, the document `netagent status` reads (keys unchanged since 0.1)."""
+    def status_doc(self, peer_list: bool = True) -> dict[str, Any]:
+        """status.json, the document `netagent status` reads (keys unchanged since 0.1);
+        without ``peer_list`` for a writer that has it encoded already."""
         h = self.backend_health
-        return {
+        doc = {
             "phase": self.phase, "ready": self.ready,
             "subnet_file_written": self.subnet_file_written, "backend": self.backend,
             "subnet": self.subnet, "lease_key": self.lease_key, "public_ip": self.public_ip,
@@ -125,9 +126,12 @@ class StatusSnapshot:
             "reacquired": self.reacquired, "backend_programmed": self.backend_programmed,
             "masquerade": self.masquerade,
             # a shallow copy: the entries are the loop's own dicts, never mutated once built
-            "peer_list": dict(self.peer_list),
+            "peer_list": dict(self.peer_list) if peer_list else {},
             "kernel_entries": dict(self.kernel_entries),
             "skipped_peers": dict(self.skipped_peers),
             "invalid_leases": dict(self.invalid_leases), "config_error": self.config_error,
             "backend_health": {} if h is None else {"ok": h.ok, "detail": h.detail, **h.info},
         }
+        if not peer_list:
+            del doc["peer_list"]
+        return doc

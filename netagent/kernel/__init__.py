@@ -66,6 +66,7 @@ from netagent.kernel.entries import (
     RTN_BLACKHOLE,
     RTN_UNICAST,
     RTPROT_NETAGENT,
+    Dumps,
     Entry,
     Fdb,
     IPAddress,
@@ -94,7 +95,7 @@ __all__ = [
     "RTPROT_NETAGENT", "ApplyResult", "address_device", "DeltaTracker", "Entry", "Fdb", "HostInterface",
     "IPAddress", "IPInterface", "IPNetwork", "Kernel", "KernelChange", "KernelError",
     "KernelMonitor", "LinkInfo", "LinkSummary", "Neigh", "RepairBackoff",
-    "NetlinkKernel", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
+    "NetlinkKernel", "Dumps", "Op", "Reconciler", "Route", "RouteLookup", "VxlanSpec",
     "disable_tx_checksum", "encode_op", "gateway_route_to", "host_interfaces",
     "kernel_needs_csum_workaround", "lookup_all", "parse_changes", "route_get", "route_owner",
 ]

@@ -25,7 +25,7 @@ class DeltaTracker(Generic[K, V]):
     """Desired and actual values by key, and the keys where they differ (values are never
     None: None is how a lookup says "no value")."""
 
-    __slots__ = ("_desired", "_actual", "_updates", "_deletes")
+    __slots__ = ("_desired", "_actual", "_updates", "_deletes", "touched")
 
     def __init__(self) -> None:
         self._desired: dict[K, V] = {}
@@ -34,6 +34,9 @@ class DeltaTracker(Generic[K, V]):
         self._updates: set[K] = set()
         #: keys held that nothing wants
         self._deletes: set[K] = set()
+        #: while a read-back runs in slices: the keys whose actual side changed meanwhile
+        #: (a write, a kernel event), which the read-back may have seen before the change
+        self.touched: set[K] | None = None
 
     # -- read-only views
 
@@ -91,6 +94,8 @@ class DeltaTracker(Generic[K, V]):
 
     def set_actual(self, key: K, value: V) -> None:
         """The kernel holds ``value`` at ``key`` (a write succeeded, or a read-back saw it)."""
+        if self.touched is not None:
+            self.touched.add(key)
         want = self._desired.get(key)
         if want is None:
             self._actual[key] = value
@@ -107,11 +112,15 @@ class DeltaTracker(Generic[K, V]):
     def mark_written(self, key: K, value: V) -> None:
         """A write of the desired ``value`` at ``key`` succeeded: the cheap form of
         :meth:`set_actual` for the writer's hot path (``value`` must be ``desired[key]``)."""
+        if self.touched is not None:
+            self.touched.add(key)
         self._actual[key] = value
         self._updates.discard(key)
 
     def delete_actual(self, key: K) -> None:
         """The kernel holds nothing at ``key`` (a delete succeeded, or the device went away)."""
+        if self.touched is not None:
+            self.touched.add(key)
         self._actual.pop(key, None)
         self._deletes.discard(key)
         if key in self._desired:

@@ -189,6 +189,22 @@ class KernelError(OSError):
     """A kernel request failed; ``errno`` is the netlink error code when there is one."""
 
 
+class Dumps(Protocol):
+    """The three dumps of a drift repair's read-back in slices (``Kernel.sliced_dumps``): they
+    may be generators, read a slice at a time while the main loop writes in between."""
+
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterable[Neigh]: ...
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None
+                 ) -> Iterable[Fdb]: ...
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterable[Route]: ...
+
+    def abandon(self) -> None:
+        """A read-back stopped half-way: drop what its dumps left unread."""
+        ...
+
+
 class Kernel(Protocol):
     """Everything the reconciler and the backends ask of the kernel; dumps return only what we
     could own. Implementations: :class:`~netagent.kernel.netlink.NetlinkKernel` (raw rtnetlink,
@@ -226,6 +242,11 @@ class Kernel(Protocol):
     def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]: ...
     def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
                     family: int = 4) -> list[Route]: ...
+
+    def sliced_dumps(self) -> Dumps:
+        """The dumps for a read-back in slices, on a channel of their own if the kernel's
+        requests share one (a dump left half-read must not sit where writes go)."""
+        ...
 
     def lookup_routes(self, dsts: Iterable[IPAddress]) -> dict[IPAddress, RouteLookup | None]:
         """``ip route get`` for each distinct address (None: unreachable)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Any
 
@@ -240,38 +240,57 @@ class NetlinkKernel:
 
     def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
                     family: int = 4) -> list[Neigh]:
+        return list(self.iter_neighs(ifindex, want, family))
+
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]:
+        return list(self.iter_fdb(ifindex, want))
+
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> list[Route]:
+        return list(self.iter_routes(table, want, family))
+
+    # the same dumps as generators: the drift repair reads back in slices between events
+    # (netagent.kernel.reconciler.Reconciler.read_back_steps), on a socket of its own
+
+    def iter_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterator[Neigh]:
         af = AF_INET6 if family == 6 else AF_INET
         body = _NDMSG.pack(af, 0, 0, 0, 0) + _rta(_NDA_IFINDEX, _U32.pack(ifindex))
         return self._dump_remembered(("neigh", ifindex, af), _RTM_GETNEIGH, body, _NEIGH_SIGS,
                                      lambda d, o, e: self._parse_neigh(ifindex, af, d, o, e),
                                      want)
 
-    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> list[Fdb]:
+    def iter_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> Iterator[Fdb]:
         # an ifinfomsg (not an ndmsg) is what makes the kernel filter by bridge port/device
         body = _IFINFO.pack(AF_BRIDGE, 0, ifindex, 0, 0)
         return self._dump_remembered(("fdb", ifindex, AF_BRIDGE), _RTM_GETNEIGH, body, _FDB_SIGS,
                                      lambda d, o, e: self._parse_fdb(ifindex, d, o, e), want)
 
-    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
-                    family: int = 4) -> list[Route]:
+    def iter_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterator[Route]:
         af = AF_INET6 if family == 6 else AF_INET
         body = _RTMSG.pack(af, 0, 0, 0, 0, 0, 0, 0, 0)
         return self._dump_remembered(("route", table, af), _RTM_GETROUTE, body, (),
                                      lambda d, o, e: self._parse_route(table, af, d, o, e), want)
 
+    def sliced_dumps(self) -> SlicedDumps:
+        """The three dumps as generators on a netlink socket of their own (the main loop keeps
+        writing on this one between two slices), sharing this kernel's parse caches."""
+        return SlicedDumps(self)
+
     def _dump_remembered(self, what: tuple[Any, ...], mtype: int, body: bytes,
                          sigs: tuple[_Sig, ...],
                          parse: Callable[[bytes, int, int], Any],
-                         want: Mapping[Any, Entry] | None) -> list[Any]:
+                         want: Mapping[Any, Entry] | None) -> Iterator[Any]:
         """One dump; answers seen in the previous dump of ``what`` are not parsed again.
 
         ``sigs``: (offset, attribute header, offset, attribute header, length) alternatives:
         when both headers of one are where the kernel puts them, the first ``length`` bytes are
         the message's identity; otherwise the message is parsed afresh. Without ``sigs``
-        (routes) the whole message is the identity."""
+        (routes) the whole message is the identity. The remembered answers are replaced only
+        when the dump ran to its end."""
         before = self._remembered.get(what, {})
         now: dict[bytes, Any] = {}
-        out = []
         for data, off, end in self.rt.dump(mtype, body):
             if not sigs:
                 key = data[off:end]
@@ -284,7 +303,7 @@ class NetlinkKernel:
                 else:
                     e = parse(data, off, end)
                     if e is not None:
-                        out.append(e)
+                        yield e
                     continue
             e = before.get(key, _UNSEEN)
             if e is _UNSEEN:
@@ -295,9 +314,8 @@ class NetlinkKernel:
                         e = w
             now[key] = e
             if e is not None:
-                out.append(e)
+                yield e
         self._remembered[what] = now
-        return out
 
     def _parse_neigh(self, ifindex: int, af: int, data: bytes, off: int, end: int
                      ) -> Neigh | None:
@@ -370,3 +388,38 @@ class NetlinkKernel:
     def disable_tx_checksum(self, ifname: str) -> str:
         """See :func:`netagent.kernel.ethtool.disable_tx_checksum`."""
         return ethtool.disable_tx_checksum(ifname, self.netns)
+
+
+class SlicedDumps:
+    """Neighbour, FDB and route dumps as generators, on a netlink socket of their own.
+
+    For the drift repair's read-back in slices: between two slices the main loop handles
+    events and writes on the agent's own socket, so a dump left half-read must not sit on that
+    socket (a write's acknowledgement would queue behind the dump's remaining answers). A dump
+    abandoned half-way (:meth:`abandon`) closes this socket too, so its unread answers are not
+    left for the next dump to wade through; the next dump opens a new one. The parse caches
+    are the agent kernel's, so a repair that finds the kernel unchanged still parses nothing."""
+
+    def __init__(self, kernel: NetlinkKernel) -> None:
+        self._kernel = kernel
+        self._own = NetlinkKernel(kernel.netns)
+        self._own._interned = kernel._interned
+        self._own._remembered = kernel._remembered
+
+    def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterator[Neigh]:
+        return self._own.iter_neighs(ifindex, want, family)
+
+    def dump_fdb(self, ifindex: int, want: Mapping[Any, Entry] | None = None) -> Iterator[Fdb]:
+        return self._own.iter_fdb(ifindex, want)
+
+    def dump_routes(self, table: int, want: Mapping[Any, Entry] | None = None,
+                    family: int = 4) -> Iterator[Route]:
+        return self._own.iter_routes(table, want, family)
+
+    def abandon(self) -> None:
+        """A read-back was abandoned half-way: drop the socket with its unread answers."""
+        self._own.close()
+
+    def close(self) -> None:
+        self._own.close()

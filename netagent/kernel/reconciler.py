@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -23,6 +23,7 @@ from netagent.kernel.entries import (
     RT_TABLE_MAIN,
     RTN_UNICAST,
     RTPROT_NETAGENT,
+    Dumps,
     Entry,
     IPAddress,
     IPNetwork,
@@ -40,6 +41,9 @@ _SORT_LIMIT = 256
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 
 Key = tuple[Any, ...]
+
+#: dumped entries handled per slice of a sliced read-back (~1 ms of the loop's time each)
+SLICE_ENTRIES = 400
 
 
 @dataclass
@@ -77,8 +81,11 @@ class Reconciler:
 
     def __init__(self, kernel: Kernel, route_is_ours: Callable[[Route], bool],
                  device: int | None = None, *, device6: int | None = None,
-                 ipv6: bool = False) -> None:
+                 ipv6: bool = False, dumps: Dumps | None = None) -> None:
         self.kernel = kernel
+        #: what :meth:`read_back_steps` dumps with (None: ``kernel.sliced_dumps()``, asked
+        #: for at the first sliced read-back)
+        self.dumps: Dumps | None = dumps
         self.route_is_ours = route_is_ours
         self.device = device
         self.device6 = device6
@@ -159,6 +166,10 @@ class Reconciler:
     def peers(self) -> frozenset[IPNetwork]:
         return frozenset(self._by_peer)
 
+    def peer_keys(self) -> list[IPNetwork]:
+        """The peers with entries, as a list (no hashing: cheap at any size)."""
+        return list(self._by_peer)
+
     def desired(self) -> dict[str, dict[Key, Entry]]:
         """The effective desired entries by kind and key (lowest subnet wins a key)."""
         return {kind: dict(t.desired) for kind, t in self._tables.items()}
@@ -197,6 +208,99 @@ class Reconciler:
         tables["route"].replace_actual(ours())
         self._read = foreign
         self.underlay = frozenset(foreign.values())
+
+    def read_back_steps(self, per_slice: int | None = None) -> Generator[None, None, None]:
+        """The drift repair's read-back in slices: yields after every ``per_slice`` dumped
+        entries, so the caller can handle events between slices; the trackers are changed only
+        by the last step, by what the dumps show that the trackers did not know.
+
+        The caller may write in between (events: an apply, a kernel deletion). A key whose
+        actual side changed after the read-back began is left as the loop knows it, whatever
+        the (possibly older) dump said: the write or the event is newer than what was read, so
+        a stale read never undoes it. Everything else is compared as :meth:`read_back` does,
+        key by key: a dumped entry unlike what we believe is held is taken in, a held key the
+        dumps did not show is forgotten (and so written again), routes someone else owns are
+        noted. Closing the generator while it reads changes nothing; in its last steps (one per
+        kind) each kind is taken in whole or not at all."""
+        if not self.synced:  # the first read-back is the start-up one: whole
+            self.read_back()
+            return
+        per_slice = per_slice or SLICE_ENTRIES
+        if self.dumps is None:
+            self.dumps = self.kernel.sliced_dumps()
+        tables, dumps = self._tables, self.dumps
+        devices = [(d, f) for d, f in ((self.device, 4), (self.device6, 6)) if d is not None]
+        for t in tables.values():
+            t.touched = set()
+        done = False
+        try:
+            seen: dict[str, set[Key]] = {k: set() for k in KINDS}
+            #: key -> the dumped entry, where it differs from what the tracker held then
+            found: dict[str, dict[Key, Entry]] = {k: {} for k in KINDS}
+            foreign: dict[Key, Route] = {}
+            n = 0
+
+            def note(kind: str, e: Entry) -> None:
+                k = e.key
+                seen[kind].add(k)
+                have = tables[kind].actual.get(k)
+                if have is e or have == e:
+                    if found[kind]:
+                        found[kind].pop(k, None)  # a key seen twice: the last answer stands
+                else:
+                    found[kind][k] = e
+
+            for d, f in devices:
+                for nb in dumps.dump_neighs(d, tables["neigh"].desired, f):
+                    note("neigh", nb)
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            for d, _f in devices:
+                for fd in dumps.dump_fdb(d, tables["fdb"].desired):
+                    note("fdb", fd)
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            for fam in (4, 6) if self.ipv6 else (4,):
+                for r in dumps.dump_routes(RT_TABLE_MAIN, tables["route"].desired, fam):
+                    if self.route_is_ours(r):
+                        note("route", r)
+                    else:
+                        foreign[r.key] = r
+                    n += 1
+                    if n % per_slice == 0:
+                        yield
+            done = True  # every dump read to its end
+            # the held keys the dumps did not show, also in slices (each check hashes a key:
+            # ~1 µs, the addresses' hashes are Python code; 60,000 keys at 20,000 peers)
+            gone: dict[str, list[Key]] = {k: [] for k in KINDS}
+            for kind in KINDS:
+                held, shown, out = list(tables[kind].actual), seen[kind], gone[kind]
+                for i in range(0, len(held), per_slice):
+                    yield
+                    out += (k for k in held[i:i + per_slice] if k not in shown)
+            # the last steps, a kind each: what changed meanwhile is newer than the dumps
+            for i, kind in enumerate(KINDS):
+                if i:
+                    yield
+                t = tables[kind]
+                skip, t.touched = t.touched or set(), None
+                for k, got in found[kind].items():
+                    if k not in skip:
+                        t.set_actual(k, got)
+                for k in gone[kind]:
+                    if k not in skip:
+                        t.delete_actual(k)
+                if kind == "route":
+                    self._read = {k: r for k, r in foreign.items() if k not in skip}
+                    self._read.update((k, r) for k, r in self._foreign.items() if k in skip)
+                    self.underlay = frozenset(foreign.values())
+        finally:
+            for t in tables.values():
+                t.touched = None
+            if not done:
+                dumps.abandon()  # a dump left half-read: its socket goes
 
     def compare(self) -> None:
         """After :meth:`read_back` (and the desired side is set): note the foreign routes at

@@ -136,6 +136,14 @@ class FakeKernel:
 
     # -- dumps
 
+    def sliced_dumps(self) -> FakeKernel:
+        """The dumps of a sliced read-back: the same lists (a slice boundary falls between
+        their items, so a test can change the kernel between two slices)."""
+        return self
+
+    def abandon(self) -> None:
+        pass
+
     def dump_neighs(self, ifindex: int, want: object = None, family: int = 4) -> list[Neigh]:
         self.dumps.append("neigh" if family == 4 else "neigh6")
         return [n for k, n in self.neighs.items() if k[0] == ifindex and n.dst.version == family]

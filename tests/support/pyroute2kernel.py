@@ -62,6 +62,12 @@ class Pyroute2Kernel:
         kw: dict[str, Any] = {"mtu": mtu} if mtu is not None else {}
         self._call(self._ipr.link, "add", ifname=name, kind=kind, **kw)
 
+    def sliced_dumps(self) -> Pyroute2Kernel:
+        return self  # pyroute2 reads a whole dump per call: nothing is left half-read
+
+    def abandon(self) -> None:
+        pass
+
     def lookup_routes(self, dsts: Iterable[IPAddress]) -> dict[IPAddress, RouteLookup | None]:
         return {ip: self.lookup_route(ip) for ip in dict.fromkeys(dsts)}
 
