@@ -434,6 +434,30 @@ def test_remembered_dumps_still_see_every_change(twins: tuple[Twin, Twin]) -> No
         batched.close()
 
 
+def test_dumps_without_want_keep_nothing(twins: tuple[Twin, Twin]) -> None:
+    """Only a dump given ``want`` (the reconciler's read-back) is remembered; one without (the
+    blackhole check, host facts) keeps no parsed copy of the table, and no dump keeps the
+    address objects it interned (issue 18: ~10 MB at 20,000 peers)."""
+    a, _ = twins
+    k = NetlinkKernel(a.name)
+    try:
+        ops = peer_ops(a.dev, a.ua, 20)
+        assert k.write(ops) == [None] * len(ops)
+        routes = k.dump_routes(254)
+        assert len(routes) >= 20
+        assert k._remembered == {}
+        assert k._interned.addrs == {} and k._interned.nets == {}
+        want = {op.entry.key: op.entry for op in ops if op.entry.kind == "route"}
+        got = {r.key: r for r in k.dump_routes(254, want)}
+        assert all(got[key] is r for key, r in want.items())
+        assert len(k._remembered[("route", 254, 2)]) >= 20
+        assert k._interned.nets == {}
+        again = {r.key: r for r in k.dump_routes(254, want)}  # from memory: the same objects
+        assert all(again[key] is r for key, r in got.items())
+    finally:
+        k.close()
+
+
 def test_ipv6_entries_same_either_path(twins: tuple[Twin, Twin]) -> None:
     """Dual stack: IPv6 neighbours and FDB entries on an IPv6-underlay vxlan device and IPv6
     routes, raw vs pyroute2: same kernel, same per-op results, same dumps and lookups."""
