@@ -13,6 +13,7 @@ Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_c
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -210,7 +211,8 @@ class Daemon:
         self._config_missing = False
         self._held_deletes: set[str] = set()
         self.host: HostFacts | None = None
-        self._last_status = ""
+        #: digest of the last status.json written (the text itself is ~3 MB at 20,000 peers)
+        self._last_status = b""
         self._status_dirty = False
         self._status_written_at = 0.0
         self._peer_list_key: tuple[int, int, int] = (0, -1, -1)
@@ -1055,9 +1057,10 @@ class Daemon:
             self.status.peer_list = peer_list(self.peers.peers,
                                               self.prober.results if self.prober else None)
         text = status_json(self._publish().status_doc())
-        if text == self._last_status:
+        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        if digest == self._last_status:
             return
-        self._last_status = text
+        self._last_status = digest
         self._status_written_at = now
         try:
             write_atomic(Path(self.settings.state_dir) / "status.json", text, durable=False)
