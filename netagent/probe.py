@@ -28,9 +28,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: no import of the lease codec at run time
@@ -221,35 +222,47 @@ class Prober:
 
     def round(self) -> None:
         targets = dict(self.targets())
-        # (ident, family) pairs with a socket to probe them; a peer with none stays unprobed
-        pending: list[tuple[str, str, IcmpSocket]] = []
-        probed: set[tuple[str, int]] = set()
-        for ident, (_pub, addrs) in targets.items():
-            for addr in addrs:
-                s = self._socket(_family(addr))
-                if s is not None:
-                    pending.append((ident, addr, s))
-                    probed.add((ident, s.family))
+        # (ident, family) pairs with a socket to probe them; a peer with none stays unprobed.
+        # The echoes are generated chunk by chunk, not listed up front: at 20,000 peers a list
+        # of every (peer, address) and a set of every (peer, family) held ~6 MB for the whole
+        # round (rounds are paced, so that is most of the time).
+        wanted = 0
+        for _pub, addrs in targets.values():
+            wanted += len({s.family for s in map(self._socket, map(_family, addrs))
+                           if s is not None})
+        open_families = {f for f, s in self._sockets.items() if s is not None}
+
+        def echoes() -> Iterator[tuple[str, str, IcmpSocket]]:
+            for ident, (_pub, addrs) in targets.items():
+                for addr in addrs:
+                    s = self._sockets.get(_family(addr))
+                    if s is not None:
+                        yield ident, addr, s
+
         sent: dict[int, tuple[str, int, float]] = {}
         best: dict[tuple[str, int], float] = {}
         chunk = 20
-        for i in range(0, len(pending), chunk):
-            for ident, addr, s in pending[i:i + chunk]:
+        todo = echoes()
+        batch = list(islice(todo, chunk))
+        while batch:
+            for ident, addr, s in batch:
                 self._seq = (self._seq + 1) & 0xFFFF
                 try:
                     s.sock.sendto(echo_request(self._ident, self._seq, s.family), (addr, 0))
                     sent[self._seq] = (ident, s.family, time.monotonic())
                 except OSError:
                     pass  # no route: counts as unreachable
-            if i + chunk < len(pending):  # pace: read answers while the next chunk waits
-                self._collect(sent, best, len(probed), time.monotonic() + chunk / self.rate)
+            batch = list(islice(todo, chunk))
+            if batch:  # pace: read answers while the next chunk waits
+                self._collect(sent, best, wanted, time.monotonic() + chunk / self.rate)
             if self.stop.is_set():
                 return
-        self._collect(sent, best, len(probed), time.monotonic() + self.timeout)
+        self._collect(sent, best, wanted, time.monotonic() + self.timeout)
         now = time.time()
         results: dict[str, PeerProbe] = {}
-        for ident, (pub, _addrs) in targets.items():
-            fams = {f: (ident, f) in best if (ident, f) in probed else None
+        for ident, (pub, addrs) in targets.items():
+            probed = {f for f in map(_family, addrs) if f in open_families}
+            fams = {f: (ident, f) in best if f in probed else None
                     for f in (socket.AF_INET, socket.AF_INET6)}
             if fams[socket.AF_INET] is None and fams[socket.AF_INET6] is None:
                 continue
