@@ -236,10 +236,9 @@ class NetlinkKernel:
     # kernel as it was parses nothing and returns the very objects the reconciler wants, so its
     # compare is an identity check (at 5,000 peers ~130 ms → ~40 ms per repair). Only the last
     # dump's answers are remembered, so the memory is bounded by the table, and it holds the
-    # wanted objects rather than copies. A dump with no ``want`` (the blackhole check, host
-    # facts, tools) remembers nothing: it would keep its own parsed copy of every peer route
-    # for the agent's lifetime (~10 MB at 20,000 peers). The address objects a dump interned
-    # are let go after it: what stays in use is held by the entries themselves.
+    # wanted objects rather than copies (a dump with no ``want`` keeps its own parsed copies:
+    # a kernel that dumps peer routes without one should not live long). The address objects
+    # a dump interned are let go after it: what stays in use is held by the entries themselves.
 
     def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
                     family: int = 4) -> list[Neigh]:
@@ -299,8 +298,7 @@ class NetlinkKernel:
             now[key] = e
             if e is not None:
                 out.append(e)
-        if want is not None:
-            self._remembered[what] = now
+        self._remembered[what] = now
         self._interned.clear()
         return out
 
