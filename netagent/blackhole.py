@@ -109,6 +109,8 @@ class BlackholeRoutes:
             ops = plan_blackholes(our_blackholes(kernel), wanted)
             if not ops:
                 self._placed = bool(wanted)
+                if not self.enabled:
+                    self._drop_kernel()  # the sweep found nothing: done (see below)
                 return
             errors: list[tuple[Op | None, Exception]] = [
                 (op, e) for op, e in zip(ops, kernel.write(ops), strict=True) if e]
