@@ -1057,7 +1057,11 @@ class Daemon:
             self.status.peer_list = peer_list(self.peers.peers,
                                               self.prober.results if self.prober else None)
         text = status_json(self._publish().status_doc())
-        digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        # digested in slices: one encode() of the whole text would be another ~3 MB at once
+        h = hashlib.blake2b(digest_size=16)
+        for i in range(0, len(text), 1 << 16):
+            h.update(text[i:i + (1 << 16)].encode())
+        digest = h.digest()
         if digest == self._last_status:
             return
         self._last_status = digest
