@@ -789,6 +789,27 @@ def summary(results: dict[str, Any]) -> str:
         lambda r: f"{r['restart_ready_s']:.2f} s", "≤ 3 s")
     row("kernel writes during restart", "agent", lambda r: str(r["restart_writes"]), "0")
     row("RSS", "agent", lambda r: f"{r['rss_mb']:.0f} MB", "≤ 80 MB (≤ 120 MB at 20,000)")
+    # memory per peer: RSS / N, and what each peer added over the next smaller N of this run
+    # (RSS / N is mostly the interpreter and its libraries at small N)
+    rss_at: dict[int, float] = {}
+    for n in sizes:
+        r = results.get("agent", {}).get(n) or results.get("agent", {}).get(str(n)) or {}
+        if "rss_mb" in r:
+            rss_at[n] = r["rss_mb"]
+    if rss_at:
+        cells = []
+        for n in sizes:
+            if n not in rss_at:
+                cells.append("–")
+                continue
+            cell = f"{rss_at[n] * 1024 / n:.1f} KB"
+            below = [k for k in rss_at if k < n]
+            if below:
+                m = max(below)
+                cell += f" ({(rss_at[n] - rss_at[m]) * 1024 / (n - m):.1f} KB over N={m})"
+            cells.append(cell)
+        rows.append("| RSS per peer (per added peer over the smaller N) | " + " | ".join(cells)
+                    + " | — |")
     row("CPU while nothing changes", "agent", lambda r: f"{r['idle_cpu_pct']:.2f} %",
         "≤ 0.3 % at 5,000")
     c = results.get("cluster")

@@ -86,6 +86,12 @@ class BlackholeRoutes:
         self._swept = False
         self._warned: set[str] = set()
 
+    def _drop_kernel(self) -> None:
+        kernel, self._kernel = self._kernel, None
+        close = getattr(kernel, "close", None)
+        if close is not None:
+            close()
+
     def reconcile(self, subnets: Iterable[IPNetwork | None]) -> None:
         """Install or re-check the routes for ``subnets`` (None entries: that family is off);
         with the flag off, delete ours left from an earlier run, once."""
@@ -103,6 +109,8 @@ class BlackholeRoutes:
             ops = plan_blackholes(our_blackholes(kernel), wanted)
             if not ops:
                 self._placed = bool(wanted)
+                if not self.enabled:
+                    self._drop_kernel()  # the sweep found nothing: done (see below)
                 return
             errors: list[tuple[Op | None, Exception]] = [
                 (op, e) for op, e in zip(ops, kernel.write(ops), strict=True) if e]
@@ -117,6 +125,10 @@ class BlackholeRoutes:
             if not self.enabled:
                 self._swept = False  # try again next time
             return
+        if not self.enabled:
+            # the one-off sweep is done: its kernel remembered the whole main table it dumped
+            # (every peer route, ~10 MB at 20,000 peers), so it goes now
+            self._drop_kernel()
         adds = [str(op.entry.dst) for op in ops if op.action == "replace"]
         dels = [str(op.entry.dst) for op in ops if op.action == "delete"]
         if adds:

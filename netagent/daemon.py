@@ -13,6 +13,7 @@ Decisions are made by pure functions elsewhere (`lease.plan_lease`, `plan.plan_c
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -215,7 +216,8 @@ class Daemon:
         self._config_missing = False
         self._held_deletes: set[str] = set()
         self.host: HostFacts | None = None
-        self._last_status = ""
+        #: digest of the last status.json written (the text itself is ~3 MB at 20,000 peers)
+        self._last_status = b""
         self._status_dirty = False
         self._status_written_at = 0.0
         #: status.json's peer list, row by row (O(changed rows) per write)
@@ -1124,9 +1126,14 @@ class Daemon:
         self._status_dirty = False
         doc = self._publish().status_doc(peer_list=False)
         text = status_json(doc, {"peer_list": self._rows.text()})
-        if text == self._last_status:
+        # digested in slices: one encode() of the whole text would be another ~3 MB at once
+        h = hashlib.blake2b(digest_size=16)
+        for i in range(0, len(text), 1 << 16):
+            h.update(text[i:i + (1 << 16)].encode())
+        digest = h.digest()
+        if digest == self._last_status:
             return
-        self._last_status = text
+        self._last_status = digest
         self._status_written_at = now
         try:
             write_atomic(Path(self.settings.state_dir) / "status.json", text, durable=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -36,6 +37,27 @@ _KEY_RE = re.compile(
 PeerId = IPv4Network | IPv6Network
 
 
+def _span(net: IPv4Network | IPv6Network) -> tuple[int, int, int]:
+    first = int(net.network_address)
+    return net.version, first, first | ((1 << (net.max_prefixlen - net.prefixlen)) - 1)
+
+
+def subnet_within(sub: IPv4Network | IPv6Network, net: IPv4Network | IPv6Network) -> bool:
+    """``sub.subnet_of(net)`` by plain ints (False across families). The ipaddress methods
+    cache ``broadcast_address`` on both networks: a ``__dict__`` and an address object more per
+    lease subnet, ~190 bytes each, ~3.8 MB held at 20,000 peers."""
+    v1, a1, b1 = _span(sub)
+    v2, a2, b2 = _span(net)
+    return v1 == v2 and a2 <= a1 and b1 <= b2
+
+
+def subnets_overlap(a: IPv4Network | IPv6Network, b: IPv4Network | IPv6Network) -> bool:
+    """``a.overlaps(b)`` by plain ints (False across families), for the same reason."""
+    v1, a1, b1 = _span(a)
+    v2, a2, b2 = _span(b)
+    return v1 == v2 and a1 <= b2 and a2 <= b1
+
+
 class LeaseError(ValueError):
     """A lease key or value could not be understood."""
 
@@ -44,7 +66,7 @@ class OutOfSubnets(RuntimeError):
     """No free subnet is left between SubnetMin and SubnetMax."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     """The lease value (flannel's LeaseAttrs). An IPv6-only lease has PublicIP 0.0.0.0
     (:data:`NO_PUBLIC_IP`): the host is known by its PublicIPv6."""
@@ -69,7 +91,7 @@ class LeaseAttrs:
         return json.loads(self.backend_v6_data) if self.backend_v6_data else {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     #: None for a lease of an IPv6-only network (key ``0.0.0.0-0&<ipv6>-<len>``)
     subnet: IPv4Network | None
@@ -190,6 +212,7 @@ def decode_attrs(raw: str | bytes) -> LeaseAttrs:
     btype = low.get("backendtype") or ""
     if not isinstance(btype, str):
         raise LeaseError("lease BackendType is not a string")
+    btype = sys.intern(btype)  # "vxlan" once, not once per lease
 
     def data(name: str) -> str:
         value = low.get(name.lower())
@@ -235,7 +258,8 @@ def _choose(candidates: Iterable[Any], sublen: int, taken: Iterable[Any],
             odd.append(t)
     free: list[Any] = []
     for cand in candidates:
-        if int(cand.network_address) in same or (odd and any(cand.overlaps(t) for t in odd)):
+        if int(cand.network_address) in same or (
+                odd and any(subnets_overlap(cand, t) for t in odd)):
             continue
         free.append(cand)
         if len(free) >= pool:
@@ -327,11 +351,11 @@ def plan_lease(
 
     def free4(want: IPv4Network | None) -> bool:
         return want is not None and config.contains_subnet(want) and not any(
-            want.overlaps(t) for t in taken)
+            subnets_overlap(want, t) for t in taken)
 
     def free6(want: IPv6Network | None) -> bool:
         return want is not None and config.contains_ipv6_subnet(want) and not any(
-            want.overlaps(t) for t in taken6)
+            subnets_overlap(want, t) for t in taken6)
 
     # each family's subnet from the subnet file is kept when it is still free and fits, so
     # turning IPv6 on or off (or IPv4 off) keeps the other family's pods where they are

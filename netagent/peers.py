@@ -14,7 +14,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Network
 
-from netagent.lease import Lease, LeaseError, PeerId, decode_lease, lease_ident, parse_subnet_key
+from netagent.lease import (
+    Lease,
+    LeaseError,
+    PeerId,
+    decode_lease,
+    lease_ident,
+    parse_subnet_key,
+    subnet_within,
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +93,11 @@ class PeerTable:
             return True
         if net.version == 6:
             sub6 = lease.ipv6_subnet
-            return sub6 is not None and sub6.subnet_of(net)  # type: ignore[arg-type]
+            return sub6 is not None and subnet_within(sub6, net)
         if lease.subnet is not None:
-            return lease.subnet.subnet_of(net)  # type: ignore[arg-type]
+            return subnet_within(lease.subnet, net)
         net6, sub6 = self.network6, lease.ipv6_subnet
-        return net6 is not None and sub6 is not None and sub6.subnet_of(net6)
+        return net6 is not None and sub6 is not None and subnet_within(sub6, net6)
 
     def _is_own(self, lease: Lease) -> bool:
         own = (self.own_subnet, self.own_ipv6)

@@ -58,8 +58,10 @@ SOL_RAW = 255
 ICMP_FILTER = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerProbe:
+    """One peer's last probe result (slots: one per peer lives between rounds)."""
+
     public_ip: str
     reachable: bool  # any address of any family answered
     rtt: float | None  # seconds, of the fastest answer

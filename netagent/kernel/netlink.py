@@ -236,7 +236,9 @@ class NetlinkKernel:
     # kernel as it was parses nothing and returns the very objects the reconciler wants, so its
     # compare is an identity check (at 5,000 peers ~130 ms → ~40 ms per repair). Only the last
     # dump's answers are remembered, so the memory is bounded by the table, and it holds the
-    # wanted objects rather than copies.
+    # wanted objects rather than copies (a dump with no ``want`` keeps its own parsed copies:
+    # a kernel that dumps peer routes without one should not live long). The address objects
+    # a dump interned are let go after it: what stays in use is held by the entries themselves.
 
     def dump_neighs(self, ifindex: int, want: Mapping[Any, Entry] | None = None,
                     family: int = 4) -> list[Neigh]:
@@ -316,6 +318,7 @@ class NetlinkKernel:
             if e is not None:
                 yield e
         self._remembered[what] = now
+        self._interned.clear()
 
     def _parse_neigh(self, ifindex: int, af: int, data: bytes, off: int, end: int
                      ) -> Neigh | None:

@@ -32,6 +32,7 @@ from netagent.kernel.entries import (
     Route,
     RouteLookup,
 )
+from netagent.lease import subnet_within, subnets_overlap
 
 log = logging.getLogger(__name__)
 
@@ -458,9 +459,11 @@ def route_owner(network: IPv4Network | None, own: Callable[[], IPv4Network | Non
             net, mine = network, own()
         if net is None:
             return False
-        if not r.dst.subnet_of(net) or r.dst.prefixlen <= net.prefixlen:  # type: ignore[arg-type]
+        # by ints: ipaddress's own methods would cache an address and a __dict__ on each
+        # peer subnet (the routes' dst are the leases' own objects)
+        if not subnet_within(r.dst, net) or r.dst.prefixlen <= net.prefixlen:
             return False
-        return mine is None or not r.dst.overlaps(mine)  # type: ignore[arg-type]
+        return mine is None or not subnets_overlap(r.dst, mine)
 
     return is_ours
 

@@ -387,11 +387,16 @@ class RtNetlink:
 class _Interned:
     """Address objects by their packed bytes, so a dump of 5,000 routes does not parse 5,000
     strings (``IPv4Network("a.b.c.d/n")`` costs ~4 µs; a dict hit ~0.1 µs). 16-byte values
-    are IPv6; ``v6`` says which family a network of a short (or empty) prefix belongs to."""
+    are IPv6; ``v6`` says which family a network of a short (or empty) prefix belongs to.
+    Cleared after each dump (a peer's gateway is shared by its neighbour and route within one)."""
 
     def __init__(self) -> None:
         self.addrs: dict[bytes, IPAddress] = {}
         self.nets: dict[tuple[bytes, int, bool], IPNetwork] = {}
+
+    def clear(self) -> None:
+        """Forget every object (new dicts: a cleared dict keeps its grown table)."""
+        self.addrs, self.nets = {}, {}
 
     def addr(self, raw: bytes) -> IPAddress:
         a = self.addrs.get(raw)

@@ -434,6 +434,26 @@ def test_remembered_dumps_still_see_every_change(twins: tuple[Twin, Twin]) -> No
         batched.close()
 
 
+def test_dumps_keep_no_interned_addresses(twins: tuple[Twin, Twin]) -> None:
+    """The address objects a dump interned are let go after it (issue 18: a copy of every
+    peer subnet and gateway at 20,000 peers); a remembered dump still answers with the very
+    objects wanted."""
+    a, _ = twins
+    k = NetlinkKernel(a.name)
+    try:
+        ops = peer_ops(a.dev, a.ua, 20)
+        assert k.write(ops) == [None] * len(ops)
+        want = {op.entry.key: op.entry for op in ops if op.entry.kind == "route"}
+        assert len(k.dump_neighs(a.dev)) == 20 and len(k.dump_fdb(a.dev)) == 20
+        assert k._interned.addrs == {} and k._interned.nets == {}
+        for _ in range(2):  # parsed, then from memory
+            got = {r.key: r for r in k.dump_routes(254, want)}
+            assert all(got[key] is r for key, r in want.items())
+            assert k._interned.nets == {}
+    finally:
+        k.close()
+
+
 def test_ipv6_entries_same_either_path(twins: tuple[Twin, Twin]) -> None:
     """Dual stack: IPv6 neighbours and FDB entries on an IPv6-underlay vxlan device and IPv6
     routes, raw vs pyroute2: same kernel, same per-op results, same dumps and lookups."""

@@ -117,7 +117,7 @@ def test_peer_list_orders_a_table_of_both_families_without_comparing_across_them
 # --------------------------------------------------------------------------- privileged
 
 ROUND = """
-import json, socket, sys, threading
+import dataclasses, json, socket, sys, threading
 from netagent.lease import decode_lease
 from netagent.probe import Prober, probe_targets
 
@@ -137,7 +137,7 @@ try:
     kinds = {socket.AddressFamily(f).name: s.raw for f, s in p._sockets.items() if s}
 finally:
     p.close()
-print(json.dumps({"kinds": kinds, "results": {k: r.__dict__ for k, r in p.results.items()}}))
+print(json.dumps({"kinds": kinds, "results": {k: dataclasses.asdict(r) for k, r in p.results.items()}}))
 """
 
 

@@ -84,6 +84,12 @@ def test_controller_installs_repairs_follows_the_lease_and_removes_when_off() ->
     off = BlackholeRoutes(False, lambda: k)  # the agent restarted without the flag
     off.reconcile([new, OWN6])
     assert k.routes == {}
+    # its kernel (which remembers the main table it dumped, every peer route) is let go,
+    # whether the sweep deleted something or found nothing
+    assert off._kernel is None
+    clean = BlackholeRoutes(False, lambda: k)
+    clean.reconcile([new, OWN6])
+    assert clean._kernel is None
     k.routes[blackhole_route(new).key] = blackhole_route(new)
     off.reconcile([new, OWN6])
     assert len(k.routes) == 1, "with the flag off the sweep runs once, at start"
