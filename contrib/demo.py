@@ -23,7 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 
 from support.docker import Dockerd, busybox_tar, docker_opts, docker_unavailable  # noqa: E402
 from support.harness import RUN_ID, Host, Lab, Pod, read_env_file, wait_for  # noqa: E402

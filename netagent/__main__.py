@@ -1,8 +1,5 @@
-import os
 import sys
 
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-
-from netagent.cli import main  # noqa: E402
+from netagent.cli import main
 
 sys.exit(main())

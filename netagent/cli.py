@@ -1,23 +1,20 @@
 """The `netagent` command. `main` only parses and composes; each command lives in one function.
 
-Heavy imports (etcd3/grpc, pyroute2) happen inside the commands that need them, so `--help`,
-`docker-opts` and `config validate FILE` start fast.
+Heavy imports (the etcd client/grpc, pyroute2) happen inside the commands that need them, so
+`--help`, `docker-opts` and `config validate FILE` start fast.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from netagent import __version__  # noqa: E402
+from netagent import __version__
 
 EXAMPLES = {
     "run": "example:\n  netagent run --etcd-endpoints http://10.0.0.1:2379 --iface eth0",

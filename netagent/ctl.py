@@ -1,7 +1,7 @@
 """Operator commands (calicoctl-like): status, leases, config get/set, doctor, migrate-v2.
 
 Human tables by default, ``--json`` for scripts. Each command returns an exit code and prints
-its result to stdout, problems to stderr. Heavy imports (etcd3/grpc, pyroute2) stay inside the
+its result to stdout, problems to stderr. Heavy imports (the etcd client/grpc, pyroute2) stay inside the
 functions that need them so ``--help`` is fast.
 
 Where the facts come from: `status` reads the agent's own ``<state-dir>/status.json`` (the

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class SettingsError(ValueError):
     pass
@@ -164,6 +162,8 @@ def load_settings(
     """Merge the sources; raise SettingsError naming the source of a bad value."""
     file_values: dict[str, Any] = {}
     if config_text is not None:
+        import yaml  # only with --config: PyYAML costs ~25 ms of every agent start-up
+
         try:
             doc = yaml.safe_load(config_text) or {}
         except yaml.YAMLError as exc:

@@ -1,6 +1,6 @@
 """The etcd seam: what the daemon and the lease manager need from a key-value store.
 
-`netagent.registry.Registry` (etcd3 + gRPC) is the one production implementation;
+`netagent.registry.Registry` (pyetcd + gRPC) is the one production implementation;
 `tests/support/fakestore.py` is an in-memory one with revisions, TTL leases on a fake clock,
 compaction and injected failures, so the lease and daemon logic is tested without etcd or root
 (flannel's `mock_registry.go` and CNI host-local's fake store are the models). This module

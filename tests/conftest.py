@@ -1,18 +1,16 @@
-"""Shared fixtures. The protobuf backend must be chosen before anything imports protobuf."""
+"""Shared fixtures."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pytest  # noqa: E402
-from support.harness import Etcd, Lab  # noqa: E402
+import pytest
+from support.harness import Etcd, Lab
 
 
 @pytest.fixture

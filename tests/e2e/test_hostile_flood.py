@@ -1,6 +1,6 @@
 """Log hygiene under attack (issue 19 item 7), measured with real agents, etcd and netlink.
 
-A "peer" rewrites one lease key with a malformed value every ~2 ms (an etcd3 client in the
+A "peer" rewrites one lease key with a malformed value every ~2 ms (an etcd client in the
 underlay namespace, as fast as one client can write) while a pod pings across hosts at 20/s
 and a good peer's lease arrives mid-flood. Asserted: the agent's log holds a few rate-limited
 lines with counts instead of one line per write, no ping is lost, the good peer is programmed
@@ -23,9 +23,9 @@ PREFIX = "/coreos.com/network"
 FLOOD_SECONDS = float(os.environ.get("NETAGENT_TEST_FLOOD_SECONDS", "12"))
 
 WRITER = r"""
-import sys, time, etcd3
+import sys, time, pyetcd
 host, port, key, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-c = etcd3.client(host=host, port=port)
+c = pyetcd.client(host=host, port=port)
 n, end = 0, time.monotonic() + seconds
 while time.monotonic() < end:
     c.put(key, '{"PublicIP": "not-an-ip", "n": %d' % n)

@@ -22,6 +22,7 @@ from netagent.lease import (
     plan_lease,
     subnet_key,
 )
+from netagent.lease import _ipv4 as _ipv4  # the C fast path, tested against ipaddress
 
 CFG = parse_network_config('{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
 
@@ -92,6 +93,35 @@ def test_key_grammar() -> None:
                 "../10.5.52.0-24"):
         with pytest.raises(LeaseError):
             parse_subnet_key(bad)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.9", "0.0.0.0", "255.255.255.255", "010.0.0.9",
+                                  "10.0.0.09", "10.0.0", "10.0.0.256", " 10.0.0.9", "10.0.0.9\n",
+                                  "10.0.0.9\x00", "1e1.0.0.1", "١٠.0.0.1", ""])
+def test_fast_ipv4_parser_agrees_with_ipaddress(text: str) -> None:
+    """The start-up's C parser of PublicIP and key addresses accepts exactly what ipaddress
+    accepts, with the same value, and refuses the rest with ipaddress's own error."""
+    try:
+        want: IPv4Address | str = IPv4Address(text)
+    except ValueError as exc:
+        want = str(exc)
+    try:
+        got: IPv4Address | str = _ipv4(text)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == want
+
+
+def test_key_and_value_decode_to_the_same_objects() -> None:
+    lease = decode_lease("10.12.13.0-24", '{"PublicIP":"172.20.0.10"}', 7, 9)
+    assert lease.subnet == IPv4Network("10.12.13.0/24")
+    assert str(lease.subnet) == "10.12.13.0/24" and lease.subnet.prefixlen == 24
+    assert lease.attrs.public_ip == IPv4Address("172.20.0.10")
+    assert hash(lease.subnet) == hash(IPv4Network("10.12.13.0/24"))
+    with pytest.raises(LeaseError, match="host bits"):
+        parse_subnet_key("10.12.13.1-24")
+    with pytest.raises(LeaseError, match="Leading zeros"):
+        parse_subnet_key("010.12.13.0-24")
 
 
 def _lease(subnet: str, ip: str, lease_id: int = 5) -> Lease:
