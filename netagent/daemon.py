@@ -753,7 +753,9 @@ class Daemon:
             if self._rows.pending:  # a probe round's rows, a slice a turn
                 self._rows.refresh(self.peers.peers)
                 if not self._rows.pending:
-                    self._write_status(soon=True)
+                    # at once, as before the rows were kept: a round's results reach
+                    # status.json no later than the events queued after the round
+                    self._write_status()
 
     def _start_repair(self) -> None:
         """The periodic full compare, run in slices between events (DESIGN.md "No stall
