@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -597,15 +598,25 @@ def deleted(a: Agent, *changes: KernelChange) -> None:
     a.daemon.events.put(KernelChanges(tuple(changes)))
 
 
-def test_deleted_peer_route_is_restored_on_the_event_not_the_timer(
-        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+def one_peer_route(tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent],
+                   repair: float, ready: bool = False) -> tuple[Agent, Any]:
+    """An agent with one peer (10.70.2.0/24) whose route is in the fake kernel: the agent and
+    that route's kernel key."""
     store.put(CONFIG, net())
     peer(store, 2, "10.70.2.0/24")
-    a = Agent(tmp_path, store, kernel, repair=60).start()  # the timer cannot be what repairs
+    a = Agent(tmp_path, store, kernel, repair=repair).start()
     agents.append(a)
-    until(a.ready, "ready")
+    if ready:
+        until(a.ready, "ready")
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
     [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    return a, key
+
+
+def test_deleted_peer_route_is_restored_on_the_event_not_the_timer(
+        tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
+    # repair=60: the timer cannot be what repairs
+    a, key = one_peer_route(tmp_path, store, kernel, agents, repair=60, ready=True)
     del kernel.routes[key]  # `ip route del`
     deleted(a, KernelChange("route", key))
     until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "route restored", timeout=2)
@@ -624,12 +635,7 @@ def test_deleted_peer_route_is_restored_on_the_event_not_the_timer(
 
 def test_entry_deleted_in_a_loop_backs_off_and_comes_back_after(
         tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
-    store.put(CONFIG, net())
-    peer(store, 2, "10.70.2.0/24")
-    a = Agent(tmp_path, store, kernel, repair=3).start()
-    agents.append(a)
-    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
-    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    a, key = one_peer_route(tmp_path, store, kernel, agents, repair=3)
     before = kernel.writes()
     for _ in range(50):  # 50 deletions in ~1 s
         kernel.routes.pop(key, None)
@@ -647,12 +653,7 @@ def test_deferred_repair_overtaken_by_a_new_event_leaves_the_loop_idle(
         tmp_path: Path, store: FakeStore, kernel: FakeKernel, agents: list[Agent]) -> None:
     """A deferred key whose next deletion event arrives after its due time is repaired by that
     event; no retry time may stay behind (one in the past made the loop spin at 100 %)."""
-    store.put(CONFIG, net())
-    peer(store, 2, "10.70.2.0/24")
-    a = Agent(tmp_path, store, kernel, repair=30).start()
-    agents.append(a)
-    until(lambda: peer_routes(kernel) == {"10.70.2.0/24"}, "peer route")
-    [key] = [k for k, r in kernel.routes.items() if r.proto == 111]
+    a, key = one_peer_route(tmp_path, store, kernel, agents, repair=30)
     stall = threading.Event()
     a.daemon.sync_hooks.append(lambda _s: stall.wait(0.5) if not stall.is_set() else None)
     kernel.routes.pop(key)
