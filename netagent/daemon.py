@@ -1117,11 +1117,8 @@ class Daemon:
         """Write status.json; with `soon`, at most once a second (the loop flushes the rest),
         so a burst of watch events does not turn into a burst of file writes."""
         now = time.monotonic()
-        if soon and now - self._status_written_at < 1.0:
-            self._status_dirty = True
-            self._publish()
-            return
-        if self._rows.pending:  # a probe round's rows are being redone: written after
+        # rate-limited, or a probe round's rows are being redone (written after them)
+        if (soon and now - self._status_written_at < 1.0) or self._rows.pending:
             self._status_dirty = True
             self._publish()
             return

@@ -84,8 +84,6 @@ class PeerTable:
         self.shadowed: dict[PeerId, dict[str, Lease]] = {}
         #: key name -> reason, for keys currently holding an unusable value
         self.invalid: dict[str, str] = {}
-        #: bumped whenever `peers` changes, so readers can cache what they derive from it
-        self.version = 0
 
     def _inside(self, lease: Lease) -> bool:
         net = self.network
@@ -147,7 +145,6 @@ class PeerTable:
                 changes.added.add(subnet)
         changes.removed = set(self.peers) - set(new)
         self.peers = new
-        self.version += 1
         return changes
 
     def put(self, raw: RawLease) -> PeerChanges:
@@ -160,7 +157,6 @@ class PeerTable:
             self.outside[lease.ident] = lease
             if self.peers.pop(lease.ident, None) is not None:
                 changes.removed.add(lease.ident)
-                self.version += 1
             return changes
         current = self.peers.get(lease.ident)
         shadow = self.shadowed.get(lease.ident)
@@ -171,7 +167,6 @@ class PeerTable:
         if current != lease:
             self.peers[lease.ident] = lease
             changes.added.add(lease.ident)
-            self.version += 1
         return changes
 
     def delete(self, name: str) -> PeerChanges:
@@ -201,8 +196,6 @@ class PeerTable:
             lease = self.outside.get(subnet)
             if lease is not None and lease.key == name:
                 del self.outside[subnet]
-        if changes:
-            self.version += 1
         return changes
 
     def set_network(self, network: PeerId | None,
@@ -219,8 +212,6 @@ class PeerTable:
             if self._inside(lease) and not self._is_own(lease):
                 self.peers[subnet] = self.outside.pop(subnet)
                 changes.added.add(subnet)
-        if changes:
-            self.version += 1
         return changes
 
     def set_own(self, subnet: PeerId | None, ipv6: IPv6Network | None = None) -> PeerChanges:
@@ -231,6 +222,4 @@ class PeerTable:
         for ident in [i for i, lease in self.peers.items() if self._is_own(lease)]:
             del self.peers[ident]
             changes.removed.add(ident)
-        if changes:
-            self.version += 1
         return changes
